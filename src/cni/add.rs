@@ -1,0 +1,53 @@
+//! ADD: clamp the pod's MTU to the encryption bound and pass the result on.
+
+use serde_json::Value;
+
+use super::error::{code, CniError};
+use super::result::{self, MtuChange};
+use super::Request;
+use crate::attachment::StateDir;
+use crate::podmtu::{self, PodNet};
+
+/// Runs ADD and returns the result to print.
+pub fn exec(req: &Request) -> Result<Value, CniError> {
+    let prev = req.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "prevResult is missing: calico-ipsec is a chained plugin and must be listed after calico in the conflist",
+            "",
+        )
+    })?;
+    let netns = req.netns()?;
+    let bound = super::encryption_bound(&req.config)?;
+
+    let mut net = PodNet::open(netns)?;
+    let links = net.find(req.ifname())?;
+    let state = StateDir::new(&req.config.state_dir);
+    let lowered = podmtu::clamp(
+        &mut net,
+        &links,
+        bound,
+        &state,
+        req.container_id(),
+        req.ifname(),
+    )?;
+    super::warn_tunnel_above(bound);
+
+    let sandbox = netns.to_string_lossy().into_owned();
+    let changes: Vec<MtuChange> = lowered
+        .into_iter()
+        .map(|l| MtuChange {
+            sandbox: l.in_pod.then(|| sandbox.clone()),
+            name: l.name,
+            mtu: l.mtu,
+        })
+        .collect();
+    tracing::info!(
+        container = req.container_id(),
+        ifname = req.ifname(),
+        bound,
+        lowered = changes.len(),
+        "ADD done"
+    );
+    Ok(result::render(prev, req.version, &changes))
+}

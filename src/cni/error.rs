@@ -1,0 +1,102 @@
+//! The CNI error a verb returns, with the spec's codes and ours.
+//!
+//! Only this module decides codes. Lower layers return their own error types;
+//! `From` impls here map each to a code and an operator-facing message.
+
+use serde_json::{json, Value};
+
+/// CNI error codes: 1–11 from the spec, 100 and up our own.
+pub mod code {
+    /// Incompatible CNI version.
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// Invalid or missing environment variable.
+    pub const BAD_ENVIRONMENT: u32 = 4;
+    /// Input that cannot be decoded.
+    pub const UNDECODABLE: u32 = 6;
+    /// Invalid network configuration.
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later (a dependency such as etcd is unreachable).
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS: the plugin cannot serve ADD right now.
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// No up interface carries node traffic, so EXTMTU is unknown.
+    pub const NO_UNDERLAY: u32 = 100;
+    /// The pod interface named by CNI_IFNAME, or its host peer, is not usable.
+    pub const POD_INTERFACE: u32 = 101;
+    /// CHECK found an MTU above the encryption bound.
+    pub const MTU_ABOVE_BOUND: u32 = 102;
+    /// The kernel refused a netlink request.
+    pub const KERNEL: u32 = 103;
+    /// The per-attachment state directory could not be read or written.
+    pub const STATE: u32 = 104;
+    /// A bug: the plugin panicked.
+    pub const INTERNAL: u32 = 199;
+}
+
+/// A CNI error as printed on stdout: `{"cniVersion","code","msg","details"}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CNI error {code}: {msg}")]
+pub struct CniError {
+    /// The spec's or our code.
+    pub code: u32,
+    /// One sentence that tells the operator what is wrong and what to fix.
+    pub msg: String,
+    /// Longer context: the underlying cause.
+    pub details: String,
+}
+
+impl CniError {
+    /// Builds an error with a code, message and details.
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+
+    /// The JSON object the spec prints for an error at `version`.
+    pub fn to_json(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "code": self.code,
+            "msg": self.msg,
+            "details": self.details,
+        })
+    }
+}
+
+impl From<crate::podmtu::PodMtuError> for CniError {
+    fn from(e: crate::podmtu::PodMtuError) -> Self {
+        use crate::netns::NetnsError;
+        use crate::podmtu::PodMtuError as E;
+        let details = e.to_string();
+        match e {
+            E::Netns(NetnsError::Thread(_)) => CniError::new(
+                code::INTERNAL,
+                "a worker thread failed while entering the pod network namespace",
+                details,
+            ),
+            E::Netns(_) => CniError::new(
+                code::BAD_ENVIRONMENT,
+                format!("CNI_NETNS is not usable: {details}"),
+                "the runtime passed a network namespace that does not exist or cannot be entered",
+            ),
+            E::NoInterface { .. } => CniError::new(
+                code::POD_INTERFACE,
+                format!("{details}; calico-ipsec must come after the plugin that creates the pod interface (calico) in the conflist"),
+                "",
+            ),
+            E::Link(_) => CniError::new(
+                code::KERNEL,
+                format!("the kernel refused a link change: {details}"),
+                "",
+            ),
+            E::State(_) => CniError::new(
+                code::STATE,
+                format!("per-attachment state: {details}"),
+                "check that state_dir is on a writable local filesystem",
+            ),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! calico-ipsec: encrypts Calico pod traffic between nodes with kernel IPsec.
+//!
+//! One binary: a chained CNI plugin (`cni`), and a CLI (`cli`). Each module
+//! owns one concern; data flows from configuration and the datastore to a
+//! desired state, and only the kernel-facing modules write to the kernel.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod attachment;
+pub mod cli;
+pub mod cni;
+pub mod config;
+pub mod link;
+pub mod logging;
+pub mod mtu;
+pub mod netlink;
+pub mod netns;
+pub mod podmtu;

@@ -1,0 +1,76 @@
+//! Logging with `tracing`, to a file and never to stdout (stdout carries the CNI result).
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+use tracing_subscriber::filter::LevelFilter;
+
+use crate::config::{LogLevel, DEFAULT_LOG_FILE};
+
+fn level_filter(level: LogLevel) -> LevelFilter {
+    match level {
+        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Warn => LevelFilter::WARN,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Debug => LevelFilter::DEBUG,
+    }
+}
+
+/// Sends logs to `path` (appending, created 0640 with its directory), or to
+/// stderr when the file cannot be opened. Only the first call takes effect.
+pub fn init_file(path: &Path, level: LogLevel) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level_filter(level))
+        .with_ansi(false)
+        .with_target(false);
+    let result = match file {
+        Ok(f) => builder.with_writer(Mutex::new(f)).try_init(),
+        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+    };
+    // Already initialised (tests run many requests in one process): keep it.
+    let _ = result;
+}
+
+/// Sends logs to stderr, for CLI commands.
+pub fn init_stderr(level: LogLevel) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level_filter(level))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Initialises logging from a raw plugin config before it is validated, so
+/// that even an invalid config is logged; bad values fall back to defaults.
+pub fn init_from_raw(raw: &Map<String, Value>) {
+    let path = raw
+        .get("log_file_path")
+        .and_then(Value::as_str)
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(DEFAULT_LOG_FILE);
+    let level = match raw
+        .get("log_level")
+        .and_then(Value::as_str)
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("debug") | Some("trace") => LogLevel::Debug,
+        Some("warn") | Some("warning") => LogLevel::Warn,
+        Some("error") | Some("fatal") | Some("panic") => LogLevel::Error,
+        _ => LogLevel::Info,
+    };
+    init_file(Path::new(path), level);
+}

@@ -1,0 +1,301 @@
+#!/bin/bash
+# Helpers for the end-to-end suites (tests/e2e/test_*.sh). Source it:
+#
+#   . "$(dirname "$0")/lib.sh"
+#   e2e_init
+#   ... check / check_eq / pass / fail ...
+#   e2e_finish            # prints "N passed, N failed", non-zero on failure
+#
+# All network objects live in network namespaces named "e2e-*" inside the VM
+# (vm.sh); addresses are documentation / pod-style ranges only.
+# shellcheck disable=SC2034   # globals are meant for the sourcing suite
+
+E2E_NS_PREFIX=e2e-
+E2E_PASS=0
+E2E_FAIL=0
+E2E_CAP_PIDS=()
+
+# ---------------------------------------------------------------- tally
+
+pass() { E2E_PASS=$((E2E_PASS + 1)); echo "ok   - $*"; }
+fail() { E2E_FAIL=$((E2E_FAIL + 1)); echo "FAIL - $*"; }
+info() { echo "#      $*"; }
+# indent: quote a command's output under a result line.
+indent() {
+    local line
+    while IFS= read -r line; do echo "#      | $line"; done
+}
+
+# check DESC CMD...: pass if CMD succeeds; its output is shown on failure.
+check() {
+    local desc=$1 output
+    shift
+    if output=$("$@" 2>&1); then
+        pass "$desc"
+    else
+        fail "$desc (exit $?: $*)"
+        [[ -z $output ]] || indent <<<"$output"
+    fi
+}
+
+# check_fails DESC CMD...: pass if CMD fails.
+check_fails() {
+    local desc=$1
+    shift
+    if "$@" >/dev/null 2>&1; then fail "$desc (unexpectedly succeeded: $*)"; else pass "$desc"; fi
+}
+
+# check_eq DESC GOT WANT
+check_eq() {
+    if [[ $2 == "$3" ]]; then pass "$1"; else fail "$1 (got '$2', want '$3')"; fi
+}
+
+# check_match DESC TEXT ERE: pass if TEXT matches the extended regex.
+check_match() {
+    if grep -Eq -- "$3" <<<"$2"; then
+        pass "$1"
+    else
+        fail "$1 (no match for /$3/ in:)"
+        indent <<<"$2"
+    fi
+}
+
+# check_ge DESC GOT MIN (integers)
+check_ge() {
+    if [[ $2 =~ ^-?[0-9]+$ ]] && (($2 >= $3)); then pass "$1"; else fail "$1 (got '$2', want >= $3)"; fi
+}
+
+# Print the tally line and leave with 0 only when nothing failed.
+e2e_finish() {
+    e2e_cleanup
+    trap - EXIT
+    echo "$E2E_PASS passed, $E2E_FAIL failed"
+    ((E2E_FAIL == 0 && E2E_PASS > 0))
+    exit
+}
+
+# -------------------------------------------------------------- set-up
+
+# Kernel modules the suites use; all are loaded from the 9p root.
+E2E_MODULES=(esp4 xfrm_user xfrm4_tunnel ipip tunnel4 gcm ghash_generic aesni_intel
+             ghash_clmulni_intel seqiv veth bridge)
+
+# Refuse to run outside the VM (the host kernel lacks ESP/GCM/IPIP and we
+# do not want to touch its network), load modules, clean up on exit.
+e2e_init() {
+    if [[ ${E2E_IN_VM:-} != 1 && ${E2E_ALLOW_HOST:-} != 1 ]]; then
+        echo "$0: run inside the test VM: tests/e2e/vm.sh $0 (or set E2E_ALLOW_HOST=1)" >&2
+        exit 2
+    fi
+    [[ $(id -u) == 0 ]] || { echo "$0: must run as root" >&2; exit 2; }
+    local m missing=()
+    for m in "${E2E_MODULES[@]}"; do
+        modprobe -q "$m" 2>/dev/null || missing+=("$m")
+    done
+    # Only the crypto accelerators are optional.
+    for m in "${missing[@]}"; do
+        case $m in
+            aesni_intel | ghash_clmulni_intel | ghash_generic) ;;
+            *) echo "$0: cannot load kernel module $m" >&2; exit 2 ;;
+        esac
+    done
+    e2e_cleanup
+    trap 'e2e_cleanup' EXIT
+}
+
+# Remove every e2e-* namespace and stop captures.
+e2e_cleanup() {
+    local pid ns
+    for pid in "${E2E_CAP_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    E2E_CAP_PIDS=()
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
+        [[ $ns == "$E2E_NS_PREFIX"* ]] && ip netns del "$ns" 2>/dev/null
+    done
+    return 0
+}
+
+# nsx NS CMD...: run CMD in namespace e2e-NS.
+nsx() {
+    local ns=$1
+    shift
+    ip netns exec "$E2E_NS_PREFIX$ns" "$@"
+}
+
+# ---------------------------------------------------------------- topology
+
+# wire_up: namespace e2e-wire holding bridge br0, the nodes' shared L2 "wire".
+wire_up() {
+    ip netns add "${E2E_NS_PREFIX}wire"
+    nsx wire ip link set lo up
+    nsx wire ip link add br0 type bridge
+    nsx wire ip link set br0 up
+}
+
+# node_add NODE ADDR/PLEN MTU: namespace e2e-NODE with eth0 on the wire
+# bridge at ADDR, link MTU MTU on every hop of the wire.
+node_add() {
+    local node=$1 addr=$2 mtu=$3
+    ip netns add "$E2E_NS_PREFIX$node"
+    nsx "$node" ip link set lo up
+    nsx "$node" ip link add eth0 mtu "$mtu" type veth peer name "w-$node" mtu "$mtu"
+    nsx "$node" ip link set "w-$node" netns "${E2E_NS_PREFIX}wire"
+    nsx wire ip link set "w-$node" master br0 up
+    nsx wire ip link set br0 mtu "$mtu" 2>/dev/null || true
+    nsx "$node" ip addr add "$addr" dev eth0
+    nsx "$node" ip link set eth0 up
+    nsx "$node" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
+        net.ipv4.conf.default.rp_filter=0
+}
+
+# node_mtu NODE MTU: change the underlay MTU of NODE (both veth ends).
+node_mtu() {
+    nsx wire ip link set "w-$1" mtu "$2"
+    nsx "$1" ip link set eth0 mtu "$2"
+}
+
+# node_ipip NODE TUNNEL_ADDR MTU: bring up tunl0 the way Calico's felix does
+# (the ipip fallback device, a /32 tunnel address, Calico's MTU).
+node_ipip() {
+    local node=$1 addr=$2 mtu=$3
+    nsx "$node" ip link show tunl0 >/dev/null 2>&1 \
+        || nsx "$node" ip tunnel add tunl0 mode ipip
+    nsx "$node" ip link set tunl0 mtu "$mtu" up
+    nsx "$node" ip addr add "$addr/32" dev tunl0
+    nsx "$node" sysctl -qw net.ipv4.conf.tunl0.rp_filter=0
+}
+
+# node_route_ipip NODE CIDR PEER_UNDERLAY_IP: route a peer's pod block
+# through tunl0, as bird does ("via PEER dev tunl0 onlink").
+node_route_ipip() {
+    nsx "$1" ip route replace "$2" via "$3" dev tunl0 onlink
+}
+
+# pod_add NODE POD ADDR MTU: namespace e2e-POD with eth0 at ADDR/32 behind a
+# host-side "cali" + 11 hex veth in NODE, wired like Calico (169.254.1.1
+# gateway answered by proxy ARP, /32 host route). Sets POD_HOST_IF.
+pod_add() {
+    local node=$1 pod=$2 addr=$3 mtu=$4 hif
+    hif=cali$(printf '%s' "$pod" | sha1sum | cut -c1-11)
+    ip netns add "$E2E_NS_PREFIX$pod"
+    nsx "$pod" ip link set lo up
+    nsx "$node" ip link add "$hif" mtu "$mtu" type veth peer name eth0 mtu "$mtu" \
+        netns "$E2E_NS_PREFIX$pod"
+    nsx "$node" sysctl -qw "net.ipv4.conf.$hif.proxy_arp=1" "net.ipv4.conf.$hif.rp_filter=0"
+    nsx "$node" ip link set "$hif" up
+    nsx "$node" ip route replace "$addr/32" dev "$hif" scope link
+    nsx "$pod" ip addr add "$addr/32" dev eth0
+    nsx "$pod" ip link set eth0 up
+    nsx "$pod" ip route add 169.254.1.1 dev eth0 scope link
+    nsx "$pod" ip route add default via 169.254.1.1 dev eth0
+    POD_HOST_IF=$hif
+}
+
+# -------------------------------------------------------------------- XFRM
+
+E2E_AEAD='rfc4106(gcm(aes))'
+
+# xfrm_key: 20 random bytes (16 AES-128 key + 4 salt) as 0x-hex.
+xfrm_key() {
+    printf '0x%s\n' "$(od -An -tx1 -N20 /dev/urandom | tr -d ' \n')"
+}
+
+# xfrm_sa NODE SRC DST SPI KEY ICV REQID: one ESP transport-mode SA.
+xfrm_sa() {
+    local node=$1 src=$2 dst=$3 spi=$4 key=$5 icv=$6 reqid=$7
+    nsx "$node" ip xfrm state add src "$src" dst "$dst" proto esp spi "$spi" \
+        reqid "$reqid" mode transport replay-window 32 \
+        aead "$E2E_AEAD" "$key" "$icv"
+}
+
+# xfrm_policy_out NODE SRC DST REQID [CMD]: IPIP (proto 4) from SRC to DST
+# must leave in ESP with the SA of REQID. CMD is add (default) or update.
+xfrm_policy_out() {
+    nsx "$1" ip xfrm policy "${5:-add}" src "$2/32" dst "$3/32" proto 4 dir out \
+        tmpl src "$2" dst "$3" proto esp reqid "$4" mode transport
+}
+
+# xfrm_policy_in NODE SRC DST: IPIP from SRC to DST must have arrived in ESP
+# (any SA: template reqid 0).
+xfrm_policy_in() {
+    nsx "$1" ip xfrm policy add src "$2/32" dst "$3/32" proto 4 dir in \
+        tmpl src "$2" dst "$3" proto esp reqid 0 mode transport
+}
+
+# esp_pair NODE_A IP_A NODE_B IP_B ICV [REQID] [ENFORCE]: SAs both ways with
+# fresh keys, outbound policies on both nodes and, unless ENFORCE=0, inbound
+# policies too. Sets ESP_SPI_AB and ESP_SPI_BA.
+esp_pair() {
+    local a=$1 ipa=$2 b=$3 ipb=$4 icv=$5 reqid=${6:-1} enforce=${7:-1} kab kba
+    ESP_SPI_AB=$(printf '0x%08x' $(((reqid << 16) | 0xa)))
+    ESP_SPI_BA=$(printf '0x%08x' $(((reqid << 16) | 0xb)))
+    kab=$(xfrm_key)
+    kba=$(xfrm_key)
+    xfrm_sa "$a" "$ipa" "$ipb" "$ESP_SPI_AB" "$kab" "$icv" "$reqid"
+    xfrm_sa "$b" "$ipa" "$ipb" "$ESP_SPI_AB" "$kab" "$icv" "$reqid"
+    xfrm_sa "$b" "$ipb" "$ipa" "$ESP_SPI_BA" "$kba" "$icv" "$reqid"
+    xfrm_sa "$a" "$ipb" "$ipa" "$ESP_SPI_BA" "$kba" "$icv" "$reqid"
+    xfrm_policy_out "$a" "$ipa" "$ipb" "$reqid"
+    xfrm_policy_out "$b" "$ipb" "$ipa" "$reqid"
+    if [[ $enforce != 0 ]]; then
+        xfrm_policy_in "$b" "$ipa" "$ipb"
+        xfrm_policy_in "$a" "$ipb" "$ipa"
+    fi
+}
+
+# xfrm_packets NODE SRC DST SPI: packets counted by that SA ("lifetime current").
+xfrm_packets() {
+    nsx "$1" ip -s xfrm state get src "$2" dst "$3" proto esp spi "$4" \
+        | awk '/lifetime current:/ { getline; sub(/.*, */, ""); sub(/\(packets\).*/, ""); print; exit }'
+}
+
+# xfrm_errors NODE: the non-zero counters of /proc/net/xfrm_stat ("" if none).
+xfrm_errors() {
+    # shellcheck disable=SC2016   # awk program
+    nsx "$1" awk '$2 != 0 { printf "%s=%s ", $1, $2 }' /proc/net/xfrm_stat
+}
+
+# ----------------------------------------------------------------- capture
+
+# cap_start NS IFACE FILE: tcpdump on IFACE in e2e-NS into FILE (pcap);
+# returns once tcpdump is listening. Sets CAP_PID.
+cap_start() {
+    local ns=$1 ifc=$2 file=$3 i
+    nsx "$ns" tcpdump -i "$ifc" -n -U -s 256 -Z root -w "$file" 2>"$file.err" &
+    CAP_PID=$!
+    E2E_CAP_PIDS+=("$CAP_PID")
+    for ((i = 0; i < 200; i++)); do
+        grep -q 'listening on' "$file.err" 2>/dev/null && return 0
+        kill -0 "$CAP_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "tcpdump did not start:" >&2
+    cat "$file.err" >&2
+    return 1
+}
+
+# cap_stop: stop the capture started last (flushes the file).
+cap_stop() {
+    kill -INT "$CAP_PID" 2>/dev/null || true
+    wait "$CAP_PID" 2>/dev/null || true
+}
+
+# cap_ipv4 FILE: one line per IPv4 packet: "PROTO LENGTH SRC DST" with
+# PROTO as tcpdump names it (ESP, IPIP, ICMP, UDP, ...) and the IP length.
+cap_ipv4() {
+    tcpdump -r "$1" -nn -v ip 2>/dev/null | awk '
+        /proto [^ ]+ \([0-9]+\), length [0-9]+/ {
+            match($0, /proto [^ ]+ \(/); proto = substr($0, RSTART + 6, RLENGTH - 8)
+            match($0, /length [0-9]+\)/); len = substr($0, RSTART + 7, RLENGTH - 8)
+            getline; src = $1; dst = $3; sub(/:$/, "", dst)
+            print proto, len, src, dst
+        }'
+}
+
+# ------------------------------------------------------------------ misc
+
+# mtu_formula EXTMTU ICV_BITS: DESIGN §4 bound for ESP transport over IPIP,
+# outer IPv4. For information only: the suites compare the binary with the kernel.
+mtu_formula() {
+    local x=$(($1 - 20 - 8 - 8 - $2 / 8))
+    echo $((x - x % 4 - 2))
+}

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Run every tests/e2e/test_*.sh (inside one VM boot: tests/e2e/vm.sh
+# tests/e2e/run-all.sh) and add up their "N passed, N failed" lines.
+# A suite that exits non-zero without failures of its own counts one failure.
+#   run-all.sh [PATTERN]   only suites whose file name matches the glob PATTERN
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+pattern=${1:-*}
+
+total_pass=0 total_fail=0 suites=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+for suite in "$here"/test_*.sh; do
+    name=$(basename "$suite")
+    # shellcheck disable=SC2053   # glob match intended
+    [[ $name == $pattern ]] || continue
+    suites=$((suites + 1))
+    echo "=== $name"
+    start=$SECONDS
+    rc=0
+    "$suite" 2>&1 | tee "$log" || rc=$?
+    tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 || true)
+    p=0 f=0
+    if [[ -n $tally ]]; then
+        read -r p _ f _ <<<"$tally"
+    fi
+    if ((rc != 0 && f == 0)); then
+        echo "FAIL - $name exited $rc without reporting a failure"
+        f=$((f + 1))
+    fi
+    echo "=== $name: $p passed, $f failed ($((SECONDS - start))s)"
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+done
+
+if ((suites == 0)); then
+    echo "FAIL - no suite matches $here/test_$pattern"
+    total_fail=1
+fi
+echo "$total_pass passed, $total_fail failed"
+((total_fail == 0))

@@ -1,0 +1,93 @@
+#!/bin/bash
+# Boot Debian's stock kernel under qemu (TCG) with the host's root as a
+# read-only 9p root, run one script inside, and exit with its exit code.
+#
+#   tests/e2e/vm.sh SCRIPT [ARGS...]      e.g. tests/e2e/vm.sh tests/e2e/run-all.sh
+#
+# Environment:
+#   E2E_TIMEOUT   hard limit for the whole VM run in seconds (default 300)
+#   E2E_KVER      kernel version (default: newest /boot/vmlinuz-* with modules)
+#   E2E_MEM/E2E_SMP  guest memory (MiB, default 1024) and CPUs (default 2)
+#   CALICO_IPSEC  binary under test (default $repo/target/release/calico-ipsec)
+#   Every CALICO_IPSEC and E2E_* variable is passed into the guest.
+# Logs: target/e2e/last/{console.log,log,rc} (console.log is also streamed).
+# Needs root on the host: Debian's /boot/vmlinuz-* is readable by root only.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=$repo/target/e2e
+
+[[ $# -ge 1 ]] || { echo "usage: $0 SCRIPT [ARGS...]" >&2; exit 2; }
+script=$(realpath "$1"); shift
+[[ -x $script ]] || { echo "vm.sh: $script is not an executable file" >&2; exit 2; }
+
+pick_kver() {
+    local v best=
+    for v in $(find /boot -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' | sed 's/^vmlinuz-//' | sort -V); do
+        [[ -d /lib/modules/$v/kernel ]] && best=$v
+    done
+    [[ -n $best ]] || { echo "vm.sh: no /boot/vmlinuz-* with matching /lib/modules (apt-get install linux-image-amd64)" >&2; return 1; }
+    echo "$best"
+}
+kver=${E2E_KVER:-$(pick_kver)}
+kernel=/boot/vmlinuz-$kver
+[[ -r $kernel ]] || { echo "vm.sh: cannot read $kernel (run as root)" >&2; exit 2; }
+command -v qemu-system-x86_64 >/dev/null || { echo "vm.sh: qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2; exit 2; }
+
+# (Re)build the initramfs when missing or older than its inputs.
+mkdir -p "$cache"
+initrd=$cache/initramfs-$kver.cpio.gz
+if [[ ! -s $initrd || $here/build-initramfs.sh -nt $initrd || /bin/busybox -nt $initrd \
+      || /lib/modules/$kver/modules.dep -nt $initrd ]]; then
+    E2E_KVER=$kver "$here/build-initramfs.sh" "$initrd"
+fi
+
+# Writable share for results; "last" points at the newest run.
+out=$(mktemp -d "$cache/run.XXXXXX")
+ln -sfn "$(basename "$out")" "$cache/last"
+# Keep the five newest runs.
+find "$cache" -maxdepth 1 -name 'run.*' -type d -printf '%T@ %p\n' | sort -rn | tail -n +6 \
+    | cut -d' ' -f2- | xargs -r rm -rf
+
+# What the guest runs: cwd, environment, arguments (bash-quoted).
+export CALICO_IPSEC=${CALICO_IPSEC:-$repo/target/release/calico-ipsec}
+{
+    printf 'cd %q\n' "$PWD"
+    while IFS= read -r name; do
+        printf 'export %s=%q\n' "$name" "${!name}"
+    done < <(compgen -e | grep -E '^(CALICO_IPSEC|E2E_[A-Z0-9_]+)$' | grep -vxE 'E2E_(IN_VM|OUT)')
+} >"$out/env"
+[[ $# -gt 0 ]] && printf '%q ' "$@" >"$out/args"
+
+timeout_s=${E2E_TIMEOUT:-300}
+console=$out/console.log
+echo "vm.sh: kernel $kver, running $script $*, timeout ${timeout_s}s, logs in $out" >&2
+
+start=$(date +%s.%N)
+set +e
+# No NIC: all traffic stays in namespaces inside the guest. stdin is
+# /dev/null so qemu never touches the terminal's mode.
+timeout -k 10 "$timeout_s" qemu-system-x86_64 \
+    -accel tcg -cpu max -m "${E2E_MEM:-1024}" -smp "${E2E_SMP:-2}" \
+    -nographic -nodefaults -serial stdio -no-reboot -nic none \
+    -kernel "$kernel" -initrd "$initrd" \
+    -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 e2e.script=$script ${E2E_APPEND:-}" \
+    </dev/null 2>&1 | tee "$console"
+status=("${PIPESTATUS[@]}")
+set -e
+elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+
+if [[ ${status[0]} -eq 124 || ${status[0]} -eq 137 ]]; then
+    echo "vm.sh: TIMEOUT: VM killed after ${timeout_s}s" >&2
+    exit 124
+fi
+if [[ ! -s $out/rc ]]; then
+    echo "vm.sh: VM exited (qemu status ${status[0]}) after ${elapsed}s without writing an exit code" >&2
+    exit 125
+fi
+rc=$(<"$out/rc")
+echo "vm.sh: $(basename "$script") exited $rc; VM ran ${elapsed}s" >&2
+exit "$rc"
