@@ -250,12 +250,14 @@ impl PluginConfig {
         let ext_mtu = match f.uint("ext_mtu")? {
             None | Some(0) => None,
             Some(n) if (MIN_EXT_MTU as u64..=MAX_EXT_MTU as u64).contains(&n) => Some(n as u32),
-            Some(n) => return Err(invalid(
-                "ext_mtu",
-                format!(
+            Some(n) => {
+                return Err(invalid(
+                    "ext_mtu",
+                    format!(
                     "must be between {MIN_EXT_MTU} and {MAX_EXT_MTU} (or 0 to detect it), not {n}"
                 ),
-            )),
+                ))
+            }
         };
         let mtu = MtuParams {
             encapsulation,

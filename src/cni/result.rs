@@ -72,17 +72,17 @@ pub fn validate(prev: &Value) -> Result<(), CniError> {
                 })?;
                 match o.get("interface") {
                     None | Some(Value::Null) => {}
-                    Some(v) => {
-                        match v.as_u64() {
-                            Some(idx) if (idx as usize) < n_ifaces => {}
-                            _ => return Err(undecodable(
+                    Some(v) => match v.as_u64() {
+                        Some(idx) if (idx as usize) < n_ifaces => {}
+                        _ => {
+                            return Err(undecodable(
                                 &format!("{path}.interface"),
                                 format!(
                                     "{v} does not index prevResult.interfaces ({n_ifaces} entries)"
                                 ),
-                            )),
+                            ))
                         }
-                    }
+                    },
                 }
             }
         }

@@ -1,0 +1,473 @@
+//! Test harness: real network namespaces, and a CNI client that follows
+//! libcni's invoke semantics (containerd's and CRI-O's client library).
+//!
+//! What libcni does, and so what `Chain` does:
+//! - each plugin's config is its conflist entry with the list's `name` and
+//!   `cniVersion` injected, plus `prevResult` where the verb has one;
+//! - ADD runs the plugins in order, each getting the previous one's result;
+//!   the last result is cached for CHECK and DEL;
+//! - CHECK runs them in order, and DEL in reverse order, each with the cached
+//!   result as `prevResult`;
+//! - GC (1.1.0) injects `cni.dev/valid-attachments`; STATUS runs each plugin;
+//! - a plugin is found by `type` in `CNI_PATH`, run with `CNI_*` variables and
+//!   the config on stdin; a non-zero exit means stdout holds a CNI error.
+//!
+//! The plugins run inside a "node" namespace (`ip netns exec`), so tests never
+//! touch the machine's own interfaces. These tests need root; off root they
+//! fail with that reason rather than skip.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde_json::{json, Value};
+
+/// Debian's containernetworking-plugins directory.
+pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
+/// Our binary, built by cargo for the tests.
+pub const PLUGIN: &str = env!("CARGO_BIN_EXE_calico-ipsec");
+
+/// Fails the test with a clear reason unless running as root with the tools present.
+pub fn require_root() {
+    let uid = unsafe_free_uid();
+    assert_eq!(
+        uid, 0,
+        "these tests create network namespaces and need root (CI runs them as root); run `sudo -E cargo test`"
+    );
+    assert!(
+        Path::new(DEBIAN_CNI_DIR).join("ptp").exists(),
+        "Debian's containernetworking-plugins is not installed (apt-get install containernetworking-plugins)"
+    );
+}
+
+fn unsafe_free_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .expect("Uid line")
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short name for this process and test.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    /// Name under /run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up.
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// The namespace's path, as a runtime passes it in CNI_NETNS.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// `ip -n NS ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// The MTU of `ifname` in this namespace, read with `ip -j link`.
+    pub fn mtu(&self, ifname: &str) -> u32 {
+        let out = self.ip(&["-j", "link", "show", "dev", ifname]);
+        let v: Value = serde_json::from_str(&out).expect("ip -j output");
+        v[0]["mtu"].as_u64().expect("mtu field") as u32
+    }
+
+    /// Whether `ifname` exists here.
+    pub fn has_link(&self, ifname: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", "dev", ifname])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// How a plugin run ended.
+#[derive(Debug, Clone)]
+pub struct Exec {
+    /// The exit status was 0.
+    pub ok: bool,
+    /// stdout parsed as JSON, if it was JSON (result or error).
+    pub json: Option<Value>,
+    /// stdout as text.
+    pub stdout: String,
+}
+
+impl Exec {
+    /// The CNI error code, for a failed run.
+    pub fn code(&self) -> Option<u64> {
+        self.json.as_ref().and_then(|j| j["code"].as_u64())
+    }
+}
+
+/// Everything a test needs to invoke plugins the way libcni does.
+pub struct Chain {
+    /// The conflist.
+    pub conflist: Value,
+    /// Directories searched for plugins, in order.
+    pub cni_path: Vec<PathBuf>,
+    /// The node namespace the plugins run in.
+    pub node: String,
+    /// The last result of each plugin during ADD (for assertions).
+    pub per_plugin: Vec<Value>,
+    /// libcni's cached result of the last ADD.
+    pub cached: Option<Value>,
+}
+
+/// A temporary directory holding the calico-ipsec symlink and a 1.1.0 shim for ptp.
+pub fn plugin_dir(tmp: &Path) -> PathBuf {
+    let bin = tmp.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    let link = bin.join("calico-ipsec");
+    if !link.exists() {
+        std::os::unix::fs::symlink(PLUGIN, &link).expect("symlink plugin");
+    }
+    // Debian's ptp (containernetworking-plugins 1.1.1) predates CNI 1.1.0. The
+    // 1.1.0 result schema is identical to 1.0.0's, so this shim relabels the
+    // version on the way in and out and runs the real ptp. ptp has no GC or
+    // STATUS, so the shim answers those as a plugin with nothing to clean.
+    // This is the only stand-in in the chain, and only for 1.1.0.
+    let shim = bin.join("ptp110");
+    std::fs::write(
+        &shim,
+        r#"#!/bin/bash
+set -uo pipefail
+in=$(cat)
+case "$CNI_COMMAND" in
+  VERSION) echo '{"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}'; exit 0;;
+  GC|STATUS) exit 0;;
+esac
+out=$(jq -c '.cniVersion="1.0.0" | .type="ptp" | if .prevResult then .prevResult.cniVersion="1.0.0" else . end' <<<"$in" | /usr/lib/cni/ptp)
+rc=$?
+if [ -n "$out" ]; then jq -c 'if .cniVersion then .cniVersion="1.1.0" else . end' <<<"$out"; fi
+exit $rc
+"#,
+    )
+    .expect("write shim");
+    sh(&["chmod", "0755", shim.to_str().expect("utf8 path")]);
+    bin
+}
+
+impl Chain {
+    /// A chain over `conflist`, searching `bin` then Debian's plugin dir.
+    pub fn new(conflist: Value, bin: &Path, node: &Netns) -> Self {
+        Chain {
+            conflist,
+            cni_path: vec![bin.to_path_buf(), PathBuf::from(DEBIAN_CNI_DIR)],
+            node: node.name.clone(),
+            per_plugin: Vec::new(),
+            cached: None,
+        }
+    }
+
+    fn version(&self) -> &str {
+        self.conflist["cniVersion"]
+            .as_str()
+            .expect("conflist cniVersion")
+    }
+
+    fn plugins(&self) -> Vec<Value> {
+        self.conflist["plugins"]
+            .as_array()
+            .expect("plugins array")
+            .clone()
+    }
+
+    fn find(&self, ty: &str) -> PathBuf {
+        self.cni_path
+            .iter()
+            .map(|d| d.join(ty))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("plugin {ty} not found in CNI_PATH"))
+    }
+
+    /// libcni's buildOneConfig: inject name, cniVersion and prevResult.
+    fn plugin_conf(&self, plugin: &Value, prev: Option<&Value>, extra: &[(&str, Value)]) -> Value {
+        let mut conf = plugin.clone();
+        let o = conf.as_object_mut().expect("plugin is an object");
+        o.insert("name".into(), self.conflist["name"].clone());
+        o.insert("cniVersion".into(), json!(self.version()));
+        if let Some(p) = prev {
+            o.insert("prevResult".into(), p.clone());
+        }
+        for (k, v) in extra {
+            o.insert((*k).into(), v.clone());
+        }
+        conf
+    }
+
+    /// Runs one plugin binary the way libcni's invoke package does.
+    pub fn exec(&self, ty: &str, command: &str, env: &[(&str, &str)], conf: &Value) -> Exec {
+        let path = self.find(ty);
+        let cni_path = self
+            .cni_path
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        exec_in(
+            &self.node,
+            &path,
+            command,
+            &cni_path,
+            env,
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    fn attachment_env<'a>(
+        cid: &'a str,
+        netns: &'a str,
+        ifname: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut env = vec![("CNI_CONTAINERID", cid), ("CNI_IFNAME", ifname)];
+        if !netns.is_empty() {
+            env.push(("CNI_NETNS", netns));
+        }
+        env.push((
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=test",
+        ));
+        env
+    }
+
+    /// ADD through every plugin; the final result, or the first failure.
+    pub fn add(&mut self, cid: &str, netns: &Path, ifname: &str) -> Result<Value, Exec> {
+        let ns = netns.to_string_lossy().into_owned();
+        let env = Self::attachment_env(cid, &ns, ifname);
+        let mut prev: Option<Value> = None;
+        self.per_plugin.clear();
+        for plugin in self.plugins() {
+            let conf = self.plugin_conf(&plugin, prev.as_ref(), &[]);
+            let ty = plugin["type"].as_str().expect("type");
+            let out = self.exec(ty, "ADD", &env, &conf);
+            if !out.ok {
+                return Err(out);
+            }
+            let result = out.json.clone().expect("ADD printed a JSON result");
+            self.per_plugin.push(result.clone());
+            prev = Some(result);
+        }
+        self.cached = prev.clone();
+        Ok(prev.unwrap_or(Value::Null))
+    }
+
+    /// CHECK through every plugin with the cached result.
+    pub fn check(&self, cid: &str, netns: &Path, ifname: &str) -> Result<(), Exec> {
+        let ns = netns.to_string_lossy().into_owned();
+        let env = Self::attachment_env(cid, &ns, ifname);
+        for plugin in self.plugins() {
+            let conf = self.plugin_conf(&plugin, self.cached.as_ref(), &[]);
+            let out = self.exec(plugin["type"].as_str().expect("type"), "CHECK", &env, &conf);
+            if !out.ok {
+                return Err(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// DEL through every plugin in reverse, with the cached result if any.
+    /// `netns` may be None, as when the runtime already removed the sandbox.
+    pub fn del(&self, cid: &str, netns: Option<&Path>, ifname: &str) -> Result<(), Exec> {
+        let ns = netns
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let env = Self::attachment_env(cid, &ns, ifname);
+        for plugin in self.plugins().iter().rev() {
+            let conf = self.plugin_conf(plugin, self.cached.as_ref(), &[]);
+            let out = self.exec(plugin["type"].as_str().expect("type"), "DEL", &env, &conf);
+            if !out.ok {
+                return Err(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// GC (1.1.0) with the given valid attachments.
+    pub fn gc(&self, valid: &[(&str, &str)]) -> Result<(), Exec> {
+        let list: Vec<Value> = valid
+            .iter()
+            .map(|(c, i)| json!({"containerID": c, "ifname": i}))
+            .collect();
+        for plugin in self.plugins() {
+            let conf = self.plugin_conf(
+                &plugin,
+                None,
+                &[("cni.dev/valid-attachments", Value::Array(list.clone()))],
+            );
+            let out = self.exec(plugin["type"].as_str().expect("type"), "GC", &[], &conf);
+            if !out.ok {
+                return Err(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// STATUS (1.1.0) of every plugin.
+    pub fn status(&self) -> Result<(), Exec> {
+        for plugin in self.plugins() {
+            let conf = self.plugin_conf(&plugin, None, &[]);
+            let out = self.exec(plugin["type"].as_str().expect("type"), "STATUS", &[], &conf);
+            if !out.ok {
+                return Err(out);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `plugin` inside namespace `node` (empty: the caller's) with the CNI
+/// environment and `stdin`. `CNI_PATH` is always set, as libcni does.
+pub fn exec_in(
+    node: &str,
+    plugin: &Path,
+    command: &str,
+    cni_path: &str,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+) -> Exec {
+    use std::io::Write;
+    let mut cmd = if node.is_empty() {
+        Command::new(plugin)
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", node]).arg(plugin);
+        c
+    };
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !cni_path.is_empty() {
+        cmd.env("CNI_PATH", cni_path);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn plugin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait plugin");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(stdout.trim()).ok();
+    if !out.status.success() {
+        eprintln!(
+            "{} {command} failed: {stdout} {}",
+            plugin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Exec {
+        ok: out.status.success(),
+        json,
+        stdout,
+    }
+}
+
+/// Our conflist entry for tests, with state and logs in `tmp`.
+pub fn ipsec_entry(tmp: &Path, extra: Value) -> Value {
+    let mut e = json!({
+        "type": "calico-ipsec",
+        "log_file_path": tmp.join("calico-ipsec.log"),
+        "log_level": "debug",
+        "state_dir": tmp.join("state"),
+        "nodename": "node-1",
+        "ext_mtu": 1500,
+    });
+    if let (Some(o), Some(x)) = (e.as_object_mut(), extra.as_object()) {
+        for (k, v) in x {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    e
+}
+
+/// The conflist [ptp + host-local, calico-ipsec] at `version`, standing in
+/// for [calico, calico-ipsec]. ptp sets a 1500 MTU like Calico does without
+/// encryption headroom.
+pub fn ptp_conflist(version: &str, tmp: &Path, ipsec_extra: Value) -> Value {
+    let ptp_type = if version == "1.1.0" { "ptp110" } else { "ptp" };
+    json!({
+        "cniVersion": version,
+        "name": "k8s-pod-network",
+        "plugins": [
+            {
+                "type": ptp_type,
+                "mtu": 1500,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "10.244.135.0/26"}]],
+                    "dataDir": tmp.join("ipam"),
+                },
+            },
+            ipsec_entry(tmp, ipsec_extra),
+        ]
+    })
+}
+
+/// Reads a Calico fixture from ../shared/fixtures/calico.
+pub fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/../shared/fixtures/calico/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).expect("fixture JSON")
+}
