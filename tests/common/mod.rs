@@ -12,7 +12,7 @@
 //! - a plugin is found by `type` in `CNI_PATH`, run with `CNI_*` variables and
 //!   the config on stdin; a non-zero exit means stdout holds a CNI error.
 //!
-//! The plugins run inside a "node" namespace (`ip netns exec`), so tests never
+//! The plugins run inside a "node" namespace (entered between fork and exec), so tests never
 //! touch the machine's own interfaces. These tests need root; off root they
 //! fail with that reason rather than skip.
 
@@ -377,13 +377,26 @@ pub fn exec_in(
     stdin: &[u8],
 ) -> Exec {
     use std::io::Write;
-    let mut cmd = if node.is_empty() {
-        Command::new(plugin)
-    } else {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", node]).arg(plugin);
-        c
-    };
+    let mut cmd = Command::new(plugin);
+    // Enter the node namespace in the child between fork and exec, so the
+    // plugin starts in it as it would start in a node's host namespace.
+    let ns_file = (!node.is_empty())
+        .then(|| std::fs::File::open(format!("/run/netns/{node}")).expect("open node netns"));
+    if let Some(ns) = &ns_file {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe, and `ns_file` keeps the fd open
+        // until after the child has been spawned and waited for.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", command)
@@ -404,6 +417,7 @@ pub fn exec_in(
         .write_all(stdin)
         .expect("write stdin");
     let out = child.wait_with_output().expect("wait plugin");
+    drop(ns_file);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let json = serde_json::from_str(stdout.trim()).ok();
     if !out.status.success() {
