@@ -279,23 +279,42 @@ fn run_inner(
         return Ok(Some(version_reply(stdin)));
     }
     let raw = parse_stdin(stdin)?;
-    let version_str =
-        match raw.get("cniVersion") {
-            Some(Value::String(s)) => s.clone(),
-            None | Some(Value::Null) => return Err(CniError::new(
+    if let Some(Value::String(v)) = raw.get("cniVersion") {
+        *version_out = v.clone();
+    }
+    crate::logging::init_from_raw(&raw);
+    let req = parse_request(env, raw)?;
+    tracing::debug!(command = req.env.command.as_str(), cni_version = %req.version, container = ?req.env.container_id, "CNI request");
+    match req.env.command {
+        Command::Add => add::exec(&req).map(Some),
+        Command::Del => del::exec(&req).map(|()| None),
+        Command::Check => check::exec(&req).map(|()| None),
+        Command::Gc => gc::exec(&req).map(|()| None),
+        Command::Status => status::exec(&req).map(|()| None),
+        Command::Version => Ok(Some(version_reply(stdin))),
+    }
+}
+
+/// Validates a whole request: version, verb support, our config and
+/// prevResult. Pure: it touches neither the kernel nor the disk.
+pub fn parse_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniError> {
+    let version_str = match raw.get("cniVersion") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => {
+            return Err(CniError::new(
                 code::INVALID_CONFIG,
                 "the network configuration has no cniVersion; set \"cniVersion\" in the conflist",
                 "",
-            )),
-            Some(other) => {
-                return Err(CniError::new(
-                    code::INVALID_CONFIG,
-                    format!("cniVersion must be a string, not {}", json_kind(other)),
-                    "",
-                ))
-            }
-        };
-    *version_out = version_str.clone();
+            ))
+        }
+        Some(other) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("cniVersion must be a string, not {}", json_kind(other)),
+                "",
+            ))
+        }
+    };
     let version = CniVersion::parse(&version_str).ok_or_else(|| {
         CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -306,22 +325,14 @@ fn run_inner(
             "",
         )
     })?;
-    crate::logging::init_from_raw(&raw);
-    tracing::debug!(command = env.command.as_str(), cni_version = %version, container = ?env.container_id, "CNI request");
-
     match env.command {
-        Command::Check if !version.has_check() => {
-            return Err(verb_too_new("CHECK", "0.4.0", version))
-        }
-        Command::Gc if !version.has_gc_status() => {
-            return Err(verb_too_new("GC", "1.1.0", version))
-        }
+        Command::Check if !version.has_check() => return Err(verb_too_new("CHECK", "0.4.0", version)),
+        Command::Gc if !version.has_gc_status() => return Err(verb_too_new("GC", "1.1.0", version)),
         Command::Status if !version.has_gc_status() => {
             return Err(verb_too_new("STATUS", "1.1.0", version))
         }
         _ => {}
     }
-
     let config = PluginConfig::from_json(&raw).map_err(config_error)?;
     let network = match raw.get("name") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -340,25 +351,18 @@ fn run_inner(
             Some(v.clone())
         }
     };
-    let req = Request {
+    Ok(Request {
         env,
         version,
         network,
         config,
         prev_result,
         raw,
-    };
-    match req.env.command {
-        Command::Add => add::exec(&req).map(Some),
-        Command::Del => del::exec(&req).map(|()| None),
-        Command::Check => check::exec(&req).map(|()| None),
-        Command::Gc => gc::exec(&req).map(|()| None),
-        Command::Status => status::exec(&req).map(|()| None),
-        Command::Version => Ok(Some(version_reply(stdin))),
-    }
+    })
 }
 
-fn parse_stdin(stdin: &[u8]) -> Result<Map<String, Value>, CniError> {
+/// Parses stdin as the JSON object the spec requires.
+pub fn parse_stdin(stdin: &[u8]) -> Result<Map<String, Value>, CniError> {
     let value: Value = serde_json::from_slice(stdin).map_err(|e| {
         CniError::new(
             code::UNDECODABLE,

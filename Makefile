@@ -1,0 +1,59 @@
+# calico-ipsec: build, demo, tests, benchmarks, fuzzing.
+# Every target that touches namespaces or the VM needs root.
+
+CARGO        ?= cargo
+BIN          := target/release/calico-ipsec
+FUZZ_SECONDS ?= 60
+
+# Debian packages the build and the tests need (see DESIGN §7).
+APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
+	iproute2 iputils-ping tcpdump jq kmod cpio busybox-static \
+	containernetworking-plugins etcd-server etcd-client \
+	qemu-system-x86 linux-image-amd64
+
+.PHONY: all build deps lint unit e2e test demo bench fuzz clean
+
+all: build
+
+## deps: install the Debian packages (only when something is missing).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+## build: the one release binary, target/release/calico-ipsec.
+build:
+	$(CARGO) build --release --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## unit: unit tests, and the integration tests in real network namespaces (root).
+unit:
+	$(CARGO) test --locked --all-targets
+
+## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
+e2e: build
+	CALICO_IPSEC=$(CURDIR)/$(BIN) tests/e2e/vm.sh tests/e2e/run-all.sh
+
+## test: everything CI runs.
+test: deps lint unit e2e fuzz
+
+## demo: the main job: a pod created through [ptp, calico-ipsec] with its MTU clamped.
+demo: deps build
+	tests/demo.sh $(BIN)
+
+## bench: ADD latency against the reference tuning plugin.
+bench: deps
+	$(CARGO) bench --locked --bench cni_add
+
+## fuzz: fuzz the config/prevResult parsers for FUZZ_SECONDS.
+fuzz:
+	tests/fuzz.sh $(FUZZ_SECONDS)
+
+clean:
+	$(CARGO) clean
+	rm -rf fuzz/target fuzz/corpus fuzz/artifacts
