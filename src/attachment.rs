@@ -53,6 +53,9 @@ pub struct Backup {
     pub bound: u32,
 }
 
+/// One file found by [`StateDir::list`]: its path and what it holds.
+pub type Listed = (PathBuf, Result<Backup, StateError>);
+
 /// The directory that holds attachment backups.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -142,7 +145,7 @@ impl StateDir {
 
     /// Every backup in the directory, with its path; corrupt files are
     /// returned as errors in place so the caller can report each one.
-    pub fn list(&self) -> Result<Vec<(PathBuf, Result<Backup, StateError>)>, StateError> {
+    pub fn list(&self) -> Result<Vec<Listed>, StateError> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),

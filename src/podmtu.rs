@@ -188,11 +188,10 @@ pub fn restore(netns_path: &Path, backup: &Backup) -> Result<(), PodMtuError> {
         Ok(n) => n,
         // Gone, or a leftover file whose namespace was already unmounted.
         Err(PodMtuError::Netns(NetnsError::NotFound(_))) => return Ok(()),
-        Err(PodMtuError::Netns(NetnsError::Enter { source, .. }))
-            if source == nix::errno::Errno::EINVAL =>
-        {
-            return Ok(())
-        }
+        Err(PodMtuError::Netns(NetnsError::Enter {
+            source: nix::errno::Errno::EINVAL,
+            ..
+        })) => return Ok(()),
         Err(e) => return Err(e),
     };
     let links = match net.find(&backup.ifname) {

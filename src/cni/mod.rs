@@ -298,23 +298,22 @@ fn run_inner(
 /// Validates a whole request: version, verb support, our config and
 /// prevResult. Pure: it touches neither the kernel nor the disk.
 pub fn parse_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniError> {
-    let version_str = match raw.get("cniVersion") {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => {
-            return Err(CniError::new(
+    let version_str =
+        match raw.get("cniVersion") {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => return Err(CniError::new(
                 code::INVALID_CONFIG,
                 "the network configuration has no cniVersion; set \"cniVersion\" in the conflist",
                 "",
-            ))
-        }
-        Some(other) => {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                format!("cniVersion must be a string, not {}", json_kind(other)),
-                "",
-            ))
-        }
-    };
+            )),
+            Some(other) => {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("cniVersion must be a string, not {}", json_kind(other)),
+                    "",
+                ))
+            }
+        };
     let version = CniVersion::parse(&version_str).ok_or_else(|| {
         CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -326,8 +325,12 @@ pub fn parse_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniEr
         )
     })?;
     match env.command {
-        Command::Check if !version.has_check() => return Err(verb_too_new("CHECK", "0.4.0", version)),
-        Command::Gc if !version.has_gc_status() => return Err(verb_too_new("GC", "1.1.0", version)),
+        Command::Check if !version.has_check() => {
+            return Err(verb_too_new("CHECK", "0.4.0", version))
+        }
+        Command::Gc if !version.has_gc_status() => {
+            return Err(verb_too_new("GC", "1.1.0", version))
+        }
         Command::Status if !version.has_gc_status() => {
             return Err(verb_too_new("STATUS", "1.1.0", version))
         }

@@ -274,8 +274,15 @@ cap_start() {
 }
 
 # cap_stop: stop the capture started last (flushes the file).
+# (SIGTERM: background jobs of a non-interactive shell ignore SIGINT.)
 cap_stop() {
-    kill -INT "$CAP_PID" 2>/dev/null || true
+    local i
+    kill -TERM "$CAP_PID" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$CAP_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$CAP_PID" 2>/dev/null || true
     wait "$CAP_PID" 2>/dev/null || true
 }
 

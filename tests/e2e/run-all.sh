@@ -19,14 +19,19 @@ for suite in "$here"/test_*.sh; do
     echo "=== $name"
     start=$SECONDS
     rc=0
-    "$suite" 2>&1 | tee "$log" || rc=$?
+    # A hung suite must not take the others down with it.
+    timeout -k 5 "${E2E_SUITE_TIMEOUT:-150}" "$suite" 2>&1 | tee "$log" || rc=$?
     tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 || true)
     p=0 f=0
     if [[ -n $tally ]]; then
         read -r p _ f _ <<<"$tally"
     fi
     if ((rc != 0 && f == 0)); then
-        echo "FAIL - $name exited $rc without reporting a failure"
+        if ((rc == 124)); then
+            echo "FAIL - $name timed out after ${E2E_SUITE_TIMEOUT:-150}s"
+        else
+            echo "FAIL - $name exited $rc without reporting a failure"
+        fi
         f=$((f + 1))
     fi
     echo "=== $name: $p passed, $f failed ($((SECONDS - start))s)"
