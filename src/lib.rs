@@ -11,6 +11,7 @@ pub mod attachment;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod datastore;
 pub mod keys;
 pub mod link;
 pub mod logging;

@@ -1,0 +1,4 @@
+//! The etcd datastore: Calico's topology (read-only) and our keys under
+//! `/calico/ipsec/v1/`.
+
+pub mod calico;
