@@ -170,7 +170,7 @@ args=()
 # shellcheck disable=SC2046
 [ -f "$out/args" ] && eval "args=($(cat "$out/args"))"
 
-echo "e2e-vm: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime)s, running $script ${args[*]}" >/dev/console
+echo "e2e-vm: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime)s, running $script${args[*]:+ ${args[*]}}" >/dev/console
 rc=0
 set -o pipefail
 "$script" "${args[@]}" </dev/null 2>&1 | tee "$out/log" >/dev/console || rc=$?

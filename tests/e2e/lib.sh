@@ -6,6 +6,12 @@
 #   ... check / check_eq / pass / fail ...
 #   e2e_finish            # prints "N passed, N failed", non-zero on failure
 #
+# A suite starts with
+#   set -euo pipefail
+#   here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+#   # shellcheck source-path=SCRIPTDIR source=lib.sh
+#   . "$here/lib.sh"
+# and is run by run-all.sh when its name matches test_*.sh.
 # All network objects live in network namespaces named "e2e-*" inside the VM
 # (vm.sh); addresses are documentation / pod-style ranges only.
 # shellcheck disable=SC2034   # globals are meant for the sourcing suite
@@ -67,11 +73,11 @@ check_ge() {
 
 # Print the tally line and leave with 0 only when nothing failed.
 e2e_finish() {
+    trap - EXIT ERR
     e2e_cleanup
-    trap - EXIT
     echo "$E2E_PASS passed, $E2E_FAIL failed"
-    ((E2E_FAIL == 0 && E2E_PASS > 0))
-    exit
+    if ((E2E_FAIL == 0 && E2E_PASS > 0)); then exit 0; fi
+    exit 1
 }
 
 # -------------------------------------------------------------- set-up
@@ -101,6 +107,9 @@ e2e_init() {
     done
     e2e_cleanup
     trap 'e2e_cleanup' EXIT
+    # Under set -e a failing set-up command ends the suite: say which one.
+    set -E
+    trap 'echo "#      aborted: \"$BASH_COMMAND\" failed (exit $?) in ${FUNCNAME[*]:-main} at ${BASH_SOURCE[0]}:$LINENO" >&2' ERR
 }
 
 # Remove every e2e-* namespace and stop captures.
@@ -121,14 +130,21 @@ nsx() {
     ip netns exec "$E2E_NS_PREFIX$ns" "$@"
 }
 
+# ipn NS ARGS...: `ip` in namespace e2e-NS (cheaper than nsx NS ip ...).
+ipn() {
+    local ns=$1
+    shift
+    ip -n "$E2E_NS_PREFIX$ns" "$@"
+}
+
 # ---------------------------------------------------------------- topology
 
 # wire_up: namespace e2e-wire holding bridge br0, the nodes' shared L2 "wire".
 wire_up() {
     ip netns add "${E2E_NS_PREFIX}wire"
-    nsx wire ip link set lo up
-    nsx wire ip link add br0 type bridge
-    nsx wire ip link set br0 up
+    ipn wire link set lo up
+    ipn wire link add br0 type bridge
+    ipn wire link set br0 up
 }
 
 # node_add NODE ADDR/PLEN MTU: namespace e2e-NODE with eth0 on the wire
@@ -136,38 +152,38 @@ wire_up() {
 node_add() {
     local node=$1 addr=$2 mtu=$3
     ip netns add "$E2E_NS_PREFIX$node"
-    nsx "$node" ip link set lo up
-    nsx "$node" ip link add eth0 mtu "$mtu" type veth peer name "w-$node" mtu "$mtu"
-    nsx "$node" ip link set "w-$node" netns "${E2E_NS_PREFIX}wire"
-    nsx wire ip link set "w-$node" master br0 up
-    nsx wire ip link set br0 mtu "$mtu" 2>/dev/null || true
-    nsx "$node" ip addr add "$addr" dev eth0
-    nsx "$node" ip link set eth0 up
+    ipn "$node" link set lo up
+    ipn "$node" link add eth0 mtu "$mtu" type veth peer name "w-$node" mtu "$mtu"
+    ipn "$node" link set "w-$node" netns "${E2E_NS_PREFIX}wire"
+    ipn wire link set "w-$node" master br0 up
+    ipn wire link set br0 mtu "$mtu" 2>/dev/null || true
+    ipn "$node" addr add "$addr" dev eth0
+    ipn "$node" link set eth0 up
     nsx "$node" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
         net.ipv4.conf.default.rp_filter=0
 }
 
 # node_mtu NODE MTU: change the underlay MTU of NODE (both veth ends).
 node_mtu() {
-    nsx wire ip link set "w-$1" mtu "$2"
-    nsx "$1" ip link set eth0 mtu "$2"
+    ipn wire link set "w-$1" mtu "$2"
+    ipn "$1" link set eth0 mtu "$2"
 }
 
 # node_ipip NODE TUNNEL_ADDR MTU: bring up tunl0 the way Calico's felix does
 # (the ipip fallback device, a /32 tunnel address, Calico's MTU).
 node_ipip() {
     local node=$1 addr=$2 mtu=$3
-    nsx "$node" ip link show tunl0 >/dev/null 2>&1 \
-        || nsx "$node" ip tunnel add tunl0 mode ipip
-    nsx "$node" ip link set tunl0 mtu "$mtu" up
-    nsx "$node" ip addr add "$addr/32" dev tunl0
+    ipn "$node" link show tunl0 >/dev/null 2>&1 \
+        || ipn "$node" tunnel add tunl0 mode ipip
+    ipn "$node" link set tunl0 mtu "$mtu" up
+    ipn "$node" addr add "$addr/32" dev tunl0
     nsx "$node" sysctl -qw net.ipv4.conf.tunl0.rp_filter=0
 }
 
 # node_route_ipip NODE CIDR PEER_UNDERLAY_IP: route a peer's pod block
 # through tunl0, as bird does ("via PEER dev tunl0 onlink").
 node_route_ipip() {
-    nsx "$1" ip route replace "$2" via "$3" dev tunl0 onlink
+    ipn "$1" route replace "$2" via "$3" dev tunl0 onlink
 }
 
 # pod_add NODE POD ADDR MTU: namespace e2e-POD with eth0 at ADDR/32 behind a
@@ -177,16 +193,16 @@ pod_add() {
     local node=$1 pod=$2 addr=$3 mtu=$4 hif
     hif=cali$(printf '%s' "$pod" | sha1sum | cut -c1-11)
     ip netns add "$E2E_NS_PREFIX$pod"
-    nsx "$pod" ip link set lo up
-    nsx "$node" ip link add "$hif" mtu "$mtu" type veth peer name eth0 mtu "$mtu" \
+    ipn "$pod" link set lo up
+    ipn "$node" link add "$hif" mtu "$mtu" type veth peer name eth0 mtu "$mtu" \
         netns "$E2E_NS_PREFIX$pod"
     nsx "$node" sysctl -qw "net.ipv4.conf.$hif.proxy_arp=1" "net.ipv4.conf.$hif.rp_filter=0"
-    nsx "$node" ip link set "$hif" up
-    nsx "$node" ip route replace "$addr/32" dev "$hif" scope link
-    nsx "$pod" ip addr add "$addr/32" dev eth0
-    nsx "$pod" ip link set eth0 up
-    nsx "$pod" ip route add 169.254.1.1 dev eth0 scope link
-    nsx "$pod" ip route add default via 169.254.1.1 dev eth0
+    ipn "$node" link set "$hif" up
+    ipn "$node" route replace "$addr/32" dev "$hif" scope link
+    ipn "$pod" addr add "$addr/32" dev eth0
+    ipn "$pod" link set eth0 up
+    ipn "$pod" route add 169.254.1.1 dev eth0 scope link
+    ipn "$pod" route add default via 169.254.1.1 dev eth0
     POD_HOST_IF=$hif
 }
 
@@ -202,7 +218,7 @@ xfrm_key() {
 # xfrm_sa NODE SRC DST SPI KEY ICV REQID: one ESP transport-mode SA.
 xfrm_sa() {
     local node=$1 src=$2 dst=$3 spi=$4 key=$5 icv=$6 reqid=$7
-    nsx "$node" ip xfrm state add src "$src" dst "$dst" proto esp spi "$spi" \
+    ipn "$node" xfrm state add src "$src" dst "$dst" proto esp spi "$spi" \
         reqid "$reqid" mode transport replay-window 32 \
         aead "$E2E_AEAD" "$key" "$icv"
 }
@@ -210,14 +226,14 @@ xfrm_sa() {
 # xfrm_policy_out NODE SRC DST REQID [CMD]: IPIP (proto 4) from SRC to DST
 # must leave in ESP with the SA of REQID. CMD is add (default) or update.
 xfrm_policy_out() {
-    nsx "$1" ip xfrm policy "${5:-add}" src "$2/32" dst "$3/32" proto 4 dir out \
+    ipn "$1" xfrm policy "${5:-add}" src "$2/32" dst "$3/32" proto 4 dir out \
         tmpl src "$2" dst "$3" proto esp reqid "$4" mode transport
 }
 
 # xfrm_policy_in NODE SRC DST: IPIP from SRC to DST must have arrived in ESP
 # (any SA: template reqid 0).
 xfrm_policy_in() {
-    nsx "$1" ip xfrm policy add src "$2/32" dst "$3/32" proto 4 dir in \
+    ipn "$1" xfrm policy add src "$2/32" dst "$3/32" proto 4 dir in \
         tmpl src "$2" dst "$3" proto esp reqid 0 mode transport
 }
 
@@ -244,7 +260,7 @@ esp_pair() {
 
 # xfrm_packets NODE SRC DST SPI: packets counted by that SA ("lifetime current").
 xfrm_packets() {
-    nsx "$1" ip -s xfrm state get src "$2" dst "$3" proto esp spi "$4" \
+    ipn "$1" -s xfrm state get src "$2" dst "$3" proto esp spi "$4" \
         | awk '/lifetime current:/ { getline; sub(/.*, */, ""); sub(/\(packets\).*/, ""); print; exit }'
 }
 
@@ -260,7 +276,10 @@ xfrm_errors() {
 # returns once tcpdump is listening. Sets CAP_PID.
 cap_start() {
     local ns=$1 ifc=$2 file=$3 i
-    nsx "$ns" tcpdump -i "$ifc" -n -U -s 256 -Z root -w "$file" 2>"$file.err" &
+    # Not through nsx: $! must be tcpdump itself (ip netns exec execs it),
+    # not a subshell that would leave tcpdump running when killed.
+    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -s 256 -Z root -w "$file" \
+        </dev/null >/dev/null 2>"$file.err" &
     CAP_PID=$!
     E2E_CAP_PIDS+=("$CAP_PID")
     for ((i = 0; i < 200; i++)); do

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Run every tests/e2e/test_*.sh (inside one VM boot: tests/e2e/vm.sh
 # tests/e2e/run-all.sh) and add up their "N passed, N failed" lines.
-# A suite that exits non-zero without failures of its own counts one failure.
+# A suite that exits non-zero without failures of its own, or prints no
+# tally, counts one failure.
 #   run-all.sh [PATTERN]   only suites whose file name matches the glob PATTERN
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,14 +20,24 @@ for suite in "$here"/test_*.sh; do
     echo "=== $name"
     start=$SECONDS
     rc=0
-    # A hung suite must not take the others down with it.
-    timeout -k 5 "${E2E_SUITE_TIMEOUT:-150}" "$suite" 2>&1 | tee "$log" || rc=$?
+    # A hung suite must not take the others down with it. timeout makes the
+    # suite a process group of its own, so leftovers are killed afterwards;
+    # output goes through a file so a leaked child cannot block us.
+    : >"$log"
+    timeout -k 5 "${E2E_SUITE_TIMEOUT:-150}" "$suite" </dev/null >"$log" 2>&1 &
+    pid=$!
+    tail -s 0.2 -n +1 -f --pid="$pid" "$log"
+    wait "$pid" || rc=$?
+    kill -KILL -- "-$pid" 2>/dev/null || true
     tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 || true)
     p=0 f=0
     if [[ -n $tally ]]; then
         read -r p _ f _ <<<"$tally"
     fi
-    if ((rc != 0 && f == 0)); then
+    if [[ -z $tally && $rc == 0 ]]; then
+        echo "FAIL - $name printed no 'N passed, N failed' line"
+        f=1
+    elif ((rc != 0 && f == 0)); then
         if ((rc == 124)); then
             echo "FAIL - $name timed out after ${E2E_SUITE_TIMEOUT:-150}s"
         else

@@ -8,6 +8,8 @@
 #   E2E_TIMEOUT   hard limit for the whole VM run in seconds (default 300)
 #   E2E_KVER      kernel version (default: newest /boot/vmlinuz-* with modules)
 #   E2E_MEM/E2E_SMP  guest memory (MiB, default 1024) and CPUs (default 2)
+#   E2E_APPEND    extra kernel command line (e.g. e2e.rootcache=none: the 9p
+#                 root is mounted cache=loose by default, for speed)
 #   CALICO_IPSEC  binary under test (default $repo/target/release/calico-ipsec)
 #   Every CALICO_IPSEC and E2E_* variable is passed into the guest.
 # Logs: target/e2e/last/{console.log,log,rc} (console.log is also streamed).
@@ -21,6 +23,11 @@ cache=$repo/target/e2e
 [[ $# -ge 1 ]] || { echo "usage: $0 SCRIPT [ARGS...]" >&2; exit 2; }
 script=$(realpath "$1"); shift
 [[ -x $script ]] || { echo "vm.sh: $script is not an executable file" >&2; exit 2; }
+# The guest mounts tmpfs over these, hiding the host's files there.
+case $script in
+    /tmp/* | /run/* | /var/lib/* | /var/log/* | /var/tmp/* | /var/cache/*)
+        echo "vm.sh: $script is under a directory the guest hides behind tmpfs" >&2; exit 2 ;;
+esac
 
 pick_kver() {
     local v best=
@@ -62,7 +69,7 @@ export CALICO_IPSEC=${CALICO_IPSEC:-$repo/target/release/calico-ipsec}
 
 timeout_s=${E2E_TIMEOUT:-300}
 console=$out/console.log
-echo "vm.sh: kernel $kver, running $script $*, timeout ${timeout_s}s, logs in $out" >&2
+echo "vm.sh: kernel $kver, running $script${*:+ $*}, timeout ${timeout_s}s, logs in $out" >&2
 
 start=$(date +%s.%N)
 set +e
@@ -75,7 +82,7 @@ timeout -k 10 "$timeout_s" qemu-system-x86_64 \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
     -append "console=ttyS0 quiet loglevel=3 panic=-1 e2e.script=$script ${E2E_APPEND:-}" \
-    </dev/null 2>&1 | tee "$console"
+    </dev/null 2>&1 | sed -u $'s/\e\\[[0-9;?]*[A-Za-z]//g; s/\ec//g' | tee "$console"
 status=("${PIPESTATUS[@]}")
 set -e
 elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
