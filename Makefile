@@ -33,7 +33,7 @@ lint:
 
 ## unit: unit tests, and the integration tests in real network namespaces (root).
 unit:
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked
 
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
 e2e: build

@@ -71,6 +71,16 @@ fn full_lifecycle(version: &str) {
     chain
         .del(&cid, None, "eth0")
         .expect("DEL without CNI_NETNS succeeds");
+    let no_prev = Chain {
+        cached: None,
+        per_plugin: vec![],
+        conflist: chain.conflist.clone(),
+        cni_path: chain.cni_path.clone(),
+        node: chain.node.clone(),
+    };
+    no_prev
+        .del(&cid, Some(&pod.path()), "eth0")
+        .expect("DEL without prevResult succeeds");
     drop(pod);
     chain
         .del(&cid, Some(std::path::Path::new("/run/netns/gone")), "eth0")

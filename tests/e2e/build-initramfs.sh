@@ -106,10 +106,12 @@ done
 
 # Kernel command line: e2e.script=PATH (what to run), e2e.rootcache=MODE.
 script=
+projdir=
 rootcache=loose
 for arg in $(cat /proc/cmdline); do
     case $arg in
         e2e.script=*) script=${arg#e2e.script=} ;;
+        e2e.work=*) projdir=${arg#e2e.work=} ;;
         e2e.rootcache=*) rootcache=${arg#e2e.rootcache=} ;;
     esac
 done
@@ -136,6 +138,13 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 [ -d /newroot/sys/kernel/debug ] && mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
+
+# The project's directory, mounted back at its own path (it may lie under
+# one of the tmpfs directories above, e.g. a CI checkout in /tmp).
+if [ -n "$projdir" ]; then
+    mkdir -p "/newroot$projdir" 2>/dev/null
+    mount -t 9p -o "$opts,ro,cache=$rootcache" work "/newroot$projdir" || die "cannot mount 9p work at $projdir"
+fi
 
 # Results go to the writable "out" share (host temp dir).
 mkdir -p /newroot/run/e2e/out

@@ -23,8 +23,16 @@ cache=$repo/target/e2e
 [[ $# -ge 1 ]] || { echo "usage: $0 SCRIPT [ARGS...]" >&2; exit 2; }
 script=$(realpath "$1"); shift
 [[ -x $script ]] || { echo "vm.sh: $script is not an executable file" >&2; exit 2; }
-# The guest mounts tmpfs over these, hiding the host's files there.
+# The guest mounts tmpfs over /tmp, /run, /var/lib, /var/log, /var/tmp and
+# /var/cache. The project's parent directory (the repository and ../shared
+# beside it) is therefore shared on its own and mounted back at the same path,
+# so a checkout anywhere (CI may clone under /tmp) is visible in the guest.
+work=$(cd "$repo/.." && pwd)
+case $work in
+    *[[:space:]]*) echo "vm.sh: $work contains whitespace; the guest cannot mount it" >&2; exit 2 ;;
+esac
 case $script in
+    "$work"/*) ;;
     /tmp/* | /run/* | /var/lib/* | /var/log/* | /var/tmp/* | /var/cache/*)
         echo "vm.sh: $script is under a directory the guest hides behind tmpfs" >&2; exit 2 ;;
 esac
@@ -80,8 +88,9 @@ timeout -k 10 "$timeout_s" qemu-system-x86_64 \
     -nographic -nodefaults -serial stdio -no-reboot -nic none \
     -kernel "$kernel" -initrd "$initrd" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    -virtfs "local,path=$work,mount_tag=work,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 e2e.script=$script ${E2E_APPEND:-}" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 e2e.script=$script e2e.work=$work ${E2E_APPEND:-}" \
     </dev/null 2>&1 | sed -u $'s/\e\\[[0-9;?]*[A-Za-z]//g; s/\ec//g' | tee "$console"
 status=("${PIPESTATUS[@]}")
 set -e
