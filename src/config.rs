@@ -307,7 +307,8 @@ impl PluginConfig {
     }
 }
 
-fn parse_endpoints(s: &str) -> Result<Vec<String>, ConfigError> {
+/// Splits and checks a comma-separated endpoint list, as Calico writes it.
+pub fn parse_endpoints(s: &str) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
     for raw in s.split(',') {
         let ep = raw.trim();

@@ -1,8 +1,17 @@
 //! The command-line interface (when `CNI_COMMAND` is not set).
 
+pub mod keys;
 pub mod mtu;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_endpoints, ConfigError, EtcdConfig};
+use crate::datastore::etcd::{EtcdError, EtcdSettings};
+use crate::datastore::ipsec::IpsecStoreError;
+use crate::keys::KekError;
 
 /// Why a CLI command failed.
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +19,21 @@ pub enum CliError {
     /// The MTU could not be computed.
     #[error(transparent)]
     Mtu(#[from] mtu::MtuCliError),
+    /// An argument is invalid.
+    #[error("invalid argument: {0}")]
+    Config(#[from] ConfigError),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// Our records failed.
+    #[error(transparent)]
+    Store(#[from] IpsecStoreError),
+    /// The KEK file failed.
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    /// Writing output or starting the runtime failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// calico-ipsec: encrypt Calico pod traffic between nodes with kernel IPsec (ESP, AES-GCM).
@@ -29,12 +53,63 @@ pub struct Cli {
 pub enum Command {
     /// Print the largest pod MTU that fits the underlay after encryption.
     Mtu(mtu::MtuArgs),
+    /// Manage key epochs in etcd: init, rotate, show.
+    Keys(keys::KeysArgs),
+}
+
+/// etcd access flags, named like the conflist fields; etcdctl's variables also work.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd endpoints, e.g. https://10.0.0.5:2379.
+    #[arg(long, global = true, env = "ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
+    /// CA certificate that signed etcd's server certificate.
+    #[arg(long, global = true, env = "ETCD_CACERT")]
+    pub etcd_ca_cert_file: Option<PathBuf>,
+    /// Client certificate.
+    #[arg(long, global = true, env = "ETCD_CERT")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Client key.
+    #[arg(long, global = true, env = "ETCD_KEY")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// Bound on connecting and on each request, in milliseconds.
+    #[arg(long, global = true, default_value_t = 2000)]
+    pub etcd_timeout_ms: u64,
+}
+
+impl EtcdArgs {
+    /// Validated connection settings.
+    pub fn settings(&self) -> Result<EtcdSettings, CliError> {
+        let endpoints = match &self.etcd_endpoints {
+            Some(s) => parse_endpoints(s)?,
+            None => return Err(EtcdError::NoEndpoints.into()),
+        };
+        let tls = EtcdConfig {
+            endpoints: endpoints.clone(),
+            key_file: self.etcd_key_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            ca_cert_file: self.etcd_ca_cert_file.clone(),
+        };
+        let t = Duration::from_millis(self.etcd_timeout_ms.max(1));
+        Ok(EtcdSettings {
+            endpoints,
+            tls,
+            connect_timeout: t,
+            request_timeout: t,
+        })
+    }
 }
 
 /// Runs a parsed command, writing its output to `out`.
 pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     match cli.command {
         Command::Mtu(args) => mtu::exec(&args, out)?,
+        Command::Keys(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(keys::exec(&args, out))?;
+        }
     }
     Ok(())
 }

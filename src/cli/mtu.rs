@@ -69,7 +69,8 @@ pub struct MtuArgs {
     pub json: bool,
 }
 
-fn parse_icv(s: &str) -> Result<u32, String> {
+/// Parses an ICV length: 64, 96 or 128.
+pub fn parse_icv(s: &str) -> Result<u32, String> {
     match s.parse::<u64>().ok().and_then(IcvBits::from_bits) {
         Some(b) => Ok(b.bits()),
         None => Err(format!("{s:?} is not 64, 96 or 128")),

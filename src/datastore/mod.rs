@@ -2,3 +2,5 @@
 //! `/calico/ipsec/v1/`.
 
 pub mod calico;
+pub mod etcd;
+pub mod ipsec;

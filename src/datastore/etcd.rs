@@ -1,0 +1,286 @@
+//! A thin etcd v3 client: endpoints and TLS as Calico configures them, every
+//! request bounded by a timeout, and errors that say which endpoint failed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp,
+};
+
+use crate::config::EtcdConfig;
+
+/// Default bound on connecting to etcd.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default bound on one etcd request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An etcd failure, naming the endpoint or key.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoints were configured.
+    #[error("no etcd endpoints configured: set etcd_endpoints (or ETCD_ENDPOINTS)")]
+    NoEndpoints,
+    /// A TLS file could not be read.
+    #[error("reading the etcd TLS file {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// etcd did not answer in time, or refused the connection.
+    #[error("etcd at {endpoints} is unreachable: {reason}")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What happened.
+        reason: String,
+    },
+    /// A request failed after connecting.
+    #[error("etcd {op} failed: {reason}")]
+    Request {
+        /// What was being done, with the key.
+        op: String,
+        /// What etcd or the transport said.
+        reason: String,
+    },
+}
+
+impl EtcdError {
+    /// Whether trying again later may succeed (etcd down or slow).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, EtcdError::Unreachable { .. })
+    }
+}
+
+/// Everything needed to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    /// The cluster's endpoints.
+    pub endpoints: Vec<String>,
+    /// CA, client certificate and client key, as in Calico's conflist.
+    pub tls: EtcdConfig,
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+    /// Bound on each request.
+    pub request_timeout: Duration,
+}
+
+impl EtcdSettings {
+    /// Settings from a conflist's etcd fields with the default timeouts.
+    pub fn from_config(c: &EtcdConfig) -> Self {
+        Self {
+            endpoints: c.endpoints.clone(),
+            tls: c.clone(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+fn read_tls(path: &Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A connected client with a per-request timeout.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    timeout: Duration,
+    endpoints: String,
+}
+
+/// One key and its value from a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    /// The key.
+    pub key: String,
+    /// The raw value.
+    pub value: Vec<u8>,
+    /// The revision that last modified it.
+    pub mod_revision: i64,
+}
+
+impl Etcd {
+    /// Connects, bounded by the connect timeout.
+    pub async fn connect(s: &EtcdSettings) -> Result<Self, EtcdError> {
+        if s.endpoints.is_empty() {
+            return Err(EtcdError::NoEndpoints);
+        }
+        let endpoints = s.endpoints.join(",");
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(s.connect_timeout)
+            .with_timeout(s.request_timeout);
+        let wants_tls = s.endpoints.iter().any(|e| e.starts_with("https://"))
+            || s.tls.ca_cert_file.is_some()
+            || s.tls.cert_file.is_some();
+        if wants_tls {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &s.tls.ca_cert_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read_tls(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&s.tls.cert_file, &s.tls.key_file) {
+                tls = tls.identity(Identity::from_pem(read_tls(cert)?, read_tls(key)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        let unreachable = |reason: String| EtcdError::Unreachable {
+            endpoints: endpoints.clone(),
+            reason,
+        };
+        let client = tokio::time::timeout(
+            s.connect_timeout,
+            Client::connect(s.endpoints.clone(), Some(opts)),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no connection within {:?}", s.connect_timeout)))?
+        .map_err(|e| unreachable(e.to_string()))?;
+        Ok(Self {
+            client,
+            timeout: s.request_timeout,
+            endpoints,
+        })
+    }
+
+    async fn bounded<T, F>(&self, op: &str, f: F) -> Result<T, EtcdError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, f).await {
+            Err(_) => Err(EtcdError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                reason: format!("{op}: no answer within {:?}", self.timeout),
+            }),
+            Ok(Err(e)) => Err(classify(op, &self.endpoints, e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Reads every key under `prefix`; `serializable` reads from the local
+    /// member without a quorum round trip. Returns the store revision too.
+    pub async fn get_prefix(
+        &self,
+        prefix: &str,
+        serializable: bool,
+    ) -> Result<(i64, Vec<Kv>), EtcdError> {
+        let mut opts = GetOptions::new().with_prefix();
+        if serializable {
+            opts = opts.with_serializable();
+        }
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .bounded(&format!("get {prefix}*"), kv.get(prefix, Some(opts)))
+            .await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let kvs = resp
+            .kvs()
+            .iter()
+            .map(|kv| Kv {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        Ok((rev, kvs))
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .bounded(&format!("get {key}"), kv.get(key, None))
+            .await?;
+        Ok(resp.kvs().first().map(|kv| Kv {
+            key: key.to_string(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Writes one key, optionally bound to a lease.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> Result<(), EtcdError> {
+        let mut kv = self.client.kv_client();
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        self.bounded(&format!("put {key}"), kv.put(key, value, opts))
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes every `(key, value)` only if none of the keys exists yet.
+    /// Returns false, writing nothing, when one does.
+    pub async fn create_all(&self, items: &[(&str, Vec<u8>)]) -> Result<bool, EtcdError> {
+        let cmp: Vec<Compare> = items
+            .iter()
+            .map(|(k, _)| Compare::version(*k, CompareOp::Equal, 0))
+            .collect();
+        let ops: Vec<TxnOp> = items
+            .iter()
+            .map(|(k, v)| TxnOp::put(*k, v.clone(), None))
+            .collect();
+        let mut kv = self.client.kv_client();
+        let op = format!("create {}", items.first().map(|i| i.0).unwrap_or_default());
+        let resp = self
+            .bounded(&op, kv.txn(Txn::new().when(cmp).and_then(ops)))
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Replaces `key` only if it was last modified at `mod_revision`
+    /// (0: only if it does not exist). Returns false when it changed.
+    pub async fn compare_and_put(
+        &self,
+        key: &str,
+        mod_revision: i64,
+        value: Vec<u8>,
+    ) -> Result<bool, EtcdError> {
+        let cmp = if mod_revision == 0 {
+            Compare::version(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, mod_revision)
+        };
+        let mut kv = self.client.kv_client();
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(key, value, None)]);
+        let resp = self.bounded(&format!("update {key}"), kv.txn(txn)).await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Grants a lease of `ttl` seconds.
+    pub async fn grant_lease(&self, ttl: i64) -> Result<i64, EtcdError> {
+        let mut lease = self.client.lease_client();
+        let resp = self.bounded("lease grant", lease.grant(ttl, None)).await?;
+        Ok(resp.id())
+    }
+}
+
+/// Maps a client error to unreachable (retry later) or a request failure.
+fn classify(op: &str, endpoints: &str, e: etcd_client::Error) -> EtcdError {
+    let text = e.to_string();
+    let transport = matches!(e, etcd_client::Error::TransportError(_))
+        || text.contains("Unavailable")
+        || text.contains("transport error")
+        || text.contains("connection");
+    if transport {
+        EtcdError::Unreachable {
+            endpoints: endpoints.to_string(),
+            reason: format!("{op}: {text}"),
+        }
+    } else {
+        EtcdError::Request {
+            op: op.to_string(),
+            reason: text,
+        }
+    }
+}

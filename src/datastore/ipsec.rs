@@ -1,0 +1,402 @@
+//! Our records under `/calico/ipsec/v1/`: readable JSON, no secret in clear.
+//!
+//! - `config`: phase, target phase, encapsulation, algorithm, ICV, rotation
+//!   interval and overlap;
+//! - `epochs/<n>`: state, created, algorithm, KEK fingerprint, sealed secret;
+//! - `ids/<id>` and `nodeids/<node>`: a small integer per node, allocated once;
+//! - `nodes/<node>`: id, incarnation, installed epochs, acknowledged phase,
+//!   heartbeat, bound to a lease so that dead nodes vanish.
+
+use serde::{Deserialize, Serialize};
+
+use super::etcd::{Etcd, EtcdError};
+use crate::keys::{EpochSecret, Kek, SealError};
+
+/// The prefix of everything we store.
+pub const PREFIX: &str = "/calico/ipsec/v1/";
+/// The algorithm every SA uses.
+pub const ALGORITHM: &str = "rfc4106(gcm(aes))";
+
+/// A failure reading or writing our records.
+#[derive(Debug, thiserror::Error)]
+pub enum IpsecStoreError {
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// A record is not what we wrote.
+    #[error("{key} is malformed: {reason}")]
+    Malformed {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The epoch's secret did not open.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// `keys init` found an existing configuration.
+    #[error("{0} already exists: the cluster's keys are already initialised")]
+    AlreadyInitialised(String),
+    /// A record that must exist does not.
+    #[error("{0} does not exist: run `calico-ipsec keys init` first")]
+    NotInitialised(String),
+    /// Every node id is taken.
+    #[error("no free node id: all 65535 are allocated")]
+    IdsExhausted,
+    /// Too many concurrent writers; give up rather than spin.
+    #[error("gave up on {0} after repeated transaction conflicts")]
+    Contended(String),
+}
+
+/// Encryption phase of the cluster (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No IPsec.
+    Off,
+    /// Inbound SAs installed; plaintext still accepted.
+    Accept,
+    /// Outbound policies on.
+    Encrypt,
+    /// Inbound policies required: plaintext refused.
+    Enforce,
+}
+
+/// `/calico/ipsec/v1/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// The phase every node has reached.
+    pub phase: Phase,
+    /// Where the manager is taking the cluster.
+    pub target_phase: Phase,
+    /// "ipip" or "vxlan".
+    pub encapsulation: String,
+    /// Always `rfc4106(gcm(aes))`.
+    pub algorithm: String,
+    /// ICV bits: 64, 96 or 128.
+    pub icv_bits: u32,
+    /// Seconds between rotations.
+    pub rotation_interval_seconds: u64,
+    /// Seconds an old epoch stays installed after the switch.
+    pub overlap_seconds: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Off,
+            target_phase: Phase::Off,
+            encapsulation: "ipip".into(),
+            algorithm: ALGORITHM.into(),
+            icv_bits: 128,
+            rotation_interval_seconds: 24 * 3600,
+            overlap_seconds: 300,
+        }
+    }
+}
+
+/// Life of a key epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EpochState {
+    /// Installed inbound; not yet sent with.
+    Pending,
+    /// Senders use it.
+    Active,
+    /// Kept for the overlap, then deleted.
+    Retired,
+}
+
+/// `/calico/ipsec/v1/epochs/<n>`: metadata in clear, the secret sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// The epoch number.
+    pub epoch: u32,
+    /// Its state.
+    pub state: EpochState,
+    /// When it was created, RFC 3339 UTC.
+    pub created: String,
+    /// The SA algorithm.
+    pub algorithm: String,
+    /// Which KEK sealed it.
+    pub kek_fingerprint: String,
+    /// base64(nonce || AES-256-GCM(secret) || tag), AAD bound to the epoch.
+    pub sealed_secret: String,
+}
+
+impl EpochRecord {
+    /// Opens the secret with `kek`.
+    pub fn open(&self, kek: &Kek) -> Result<EpochSecret, SealError> {
+        EpochSecret::unseal(kek, self.epoch, &self.sealed_secret)
+    }
+}
+
+/// `/calico/ipsec/v1/nodes/<node>`: a node's live status, under its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's id.
+    pub id: u16,
+    /// Its current incarnation.
+    pub incarnation: u32,
+    /// Epochs whose SAs it has installed.
+    pub installed_epochs: Vec<u32>,
+    /// The phase it has converged to.
+    pub acked_phase: Phase,
+    /// Last report, RFC 3339 UTC.
+    pub heartbeat: String,
+}
+
+/// The key of the config record.
+pub fn config_key() -> String {
+    format!("{PREFIX}config")
+}
+
+/// The key of an epoch record.
+pub fn epoch_key(n: u32) -> String {
+    format!("{PREFIX}epochs/{n}")
+}
+
+/// The key of a node's status record.
+pub fn node_key(node: &str) -> String {
+    format!("{PREFIX}nodes/{node}")
+}
+
+fn id_key(id: u16) -> String {
+    format!("{PREFIX}ids/{id}")
+}
+
+fn nodeid_key(node: &str) -> String {
+    format!("{PREFIX}nodeids/{node}")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, IpsecStoreError> {
+    serde_json::from_slice(raw).map_err(|e| IpsecStoreError::Malformed {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our records are plain structs of strings and numbers: this cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The current time as RFC 3339 UTC, e.g. "2026-11-21T12:00:00Z".
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Formats Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Our records in one etcd.
+pub struct IpsecStore<'a> {
+    etcd: &'a Etcd,
+}
+
+impl<'a> IpsecStore<'a> {
+    /// Wraps a connected client.
+    pub fn new(etcd: &'a Etcd) -> Self {
+        Self { etcd }
+    }
+
+    /// Reads the cluster config; `None` before `keys init`.
+    pub async fn config(&self) -> Result<Option<ClusterConfig>, IpsecStoreError> {
+        let key = config_key();
+        match self.etcd.get(&key).await? {
+            None => Ok(None),
+            Some(kv) => decode(&key, &kv.value).map(Some),
+        }
+    }
+
+    /// Every epoch record, in epoch order; malformed ones are errors.
+    pub async fn epochs(&self) -> Result<Vec<EpochRecord>, IpsecStoreError> {
+        let (_, kvs) = self
+            .etcd
+            .get_prefix(&format!("{PREFIX}epochs/"), false)
+            .await?;
+        let mut out = kvs
+            .iter()
+            .map(|kv| decode::<EpochRecord>(&kv.key, &kv.value))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|e| e.epoch);
+        Ok(out)
+    }
+
+    /// Creates the config and epoch 1 (active), atomically; refuses when
+    /// either exists.
+    pub async fn init(
+        &self,
+        kek: &Kek,
+        config: &ClusterConfig,
+    ) -> Result<EpochRecord, IpsecStoreError> {
+        let secret = EpochSecret::generate()?;
+        let rec = EpochRecord {
+            epoch: 1,
+            state: EpochState::Active,
+            created: now_rfc3339(),
+            algorithm: ALGORITHM.into(),
+            kek_fingerprint: kek.fingerprint(),
+            sealed_secret: secret.seal(kek, 1)?,
+        };
+        let created = self
+            .etcd
+            .create_all(&[
+                (&config_key(), encode(config)),
+                (&epoch_key(1), encode(&rec)),
+            ])
+            .await?;
+        if created {
+            Ok(rec)
+        } else {
+            Err(IpsecStoreError::AlreadyInitialised(config_key()))
+        }
+    }
+
+    /// Adds the next epoch as pending, sealed under `kek`.
+    pub async fn add_pending_epoch(&self, kek: &Kek) -> Result<EpochRecord, IpsecStoreError> {
+        if self.config().await?.is_none() {
+            return Err(IpsecStoreError::NotInitialised(config_key()));
+        }
+        for _ in 0..16 {
+            let next = self.epochs().await?.last().map_or(1, |e| e.epoch + 1);
+            let secret = EpochSecret::generate()?;
+            let rec = EpochRecord {
+                epoch: next,
+                state: EpochState::Pending,
+                created: now_rfc3339(),
+                algorithm: ALGORITHM.into(),
+                kek_fingerprint: kek.fingerprint(),
+                sealed_secret: secret.seal(kek, next)?,
+            };
+            if self
+                .etcd
+                .create_all(&[(&epoch_key(next), encode(&rec))])
+                .await?
+            {
+                return Ok(rec);
+            }
+        }
+        Err(IpsecStoreError::Contended("adding an epoch".into()))
+    }
+
+    /// This node's id: the existing one, or the lowest free id, claimed in
+    /// one transaction so that concurrent nodes never share an id.
+    pub async fn node_id(&self, node: &str) -> Result<u16, IpsecStoreError> {
+        for _ in 0..64 {
+            if let Some(kv) = self.etcd.get(&nodeid_key(node)).await? {
+                let v: serde_json::Value = decode(&kv.key, &kv.value)?;
+                return v["id"]
+                    .as_u64()
+                    .and_then(|i| u16::try_from(i).ok())
+                    .filter(|i| *i > 0)
+                    .ok_or_else(|| IpsecStoreError::Malformed {
+                        key: kv.key.clone(),
+                        reason: "no id between 1 and 65535".into(),
+                    });
+            }
+            let (_, taken) = self
+                .etcd
+                .get_prefix(&format!("{PREFIX}ids/"), false)
+                .await?;
+            let used: std::collections::HashSet<u16> = taken
+                .iter()
+                .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
+                .collect();
+            let id = (1..=u16::MAX)
+                .find(|i| !used.contains(i))
+                .ok_or(IpsecStoreError::IdsExhausted)?;
+            let claimed = self
+                .etcd
+                .create_all(&[
+                    (&id_key(id), encode(&serde_json::json!({ "node": node }))),
+                    (&nodeid_key(node), encode(&serde_json::json!({ "id": id }))),
+                ])
+                .await?;
+            if claimed {
+                return Ok(id);
+            }
+        }
+        Err(IpsecStoreError::Contended(format!(
+            "allocating an id for {node}"
+        )))
+    }
+
+    /// Publishes this node's status under `lease`.
+    pub async fn put_status(
+        &self,
+        node: &str,
+        status: &NodeStatus,
+        lease: i64,
+    ) -> Result<(), IpsecStoreError> {
+        self.etcd
+            .put(&node_key(node), encode(status), Some(lease))
+            .await
+            .map_err(Into::into)
+    }
+
+    /// Every live node's status.
+    pub async fn statuses(&self) -> Result<Vec<(String, NodeStatus)>, IpsecStoreError> {
+        let prefix = format!("{PREFIX}nodes/");
+        let (_, kvs) = self.etcd.get_prefix(&prefix, false).await?;
+        kvs.iter()
+            .map(|kv| {
+                let name = kv.key.trim_start_matches(&prefix).to_string();
+                decode(&kv.key, &kv.value).map(|s| (name, s))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_262_400), "2026-11-21T12:00:00Z");
+    }
+
+    #[test]
+    fn records_are_readable_json_without_secret_bytes() {
+        let kek = Kek::from_bytes(vec![1; 32]).expect("32");
+        let secret = EpochSecret::from_bytes(vec![0x5a; 32]);
+        let rec = EpochRecord {
+            epoch: 3,
+            state: EpochState::Pending,
+            created: rfc3339(0),
+            algorithm: ALGORITHM.into(),
+            kek_fingerprint: kek.fingerprint(),
+            sealed_secret: secret.seal(&kek, 3).expect("seal"),
+        };
+        let text = String::from_utf8(encode(&rec)).expect("utf8");
+        assert!(text.contains("\"state\":\"pending\""), "{text}");
+        assert!(!text.contains(&"5a".repeat(16)));
+        assert_eq!(rec.open(&kek).expect("open"), secret);
+    }
+}
