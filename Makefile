@@ -7,7 +7,7 @@ FUZZ_SECONDS ?= 60
 
 # Debian packages the build and the tests need (see DESIGN §7).
 APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
-	iproute2 iputils-ping tcpdump jq kmod cpio busybox-static \
+	iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
 	qemu-system-x86 linux-image-amd64
 

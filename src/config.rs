@@ -104,6 +104,8 @@ pub struct PluginConfig {
     pub ext_mtu: Option<u32>,
     /// `mtu_iface_pattern`: which interfaces carry node traffic, for detection.
     pub mtu_iface_pattern: Regex,
+    /// `etcd_timeout_ms`: bound on connecting to etcd and on each request.
+    pub etcd_timeout: std::time::Duration,
 }
 
 /// Typed, field-naming access to a JSON object.
@@ -284,7 +286,19 @@ impl PluginConfig {
             )
         })?;
 
+        let etcd_timeout = match f.uint("etcd_timeout_ms")? {
+            None => std::time::Duration::from_secs(2),
+            Some(n) if (1..=60_000).contains(&n) => std::time::Duration::from_millis(n),
+            Some(n) => {
+                return Err(invalid(
+                    "etcd_timeout_ms",
+                    format!("must be between 1 and 60000 milliseconds, not {n}"),
+                ))
+            }
+        };
+
         Ok(PluginConfig {
+            etcd_timeout,
             etcd,
             nodename,
             nodename_file: f

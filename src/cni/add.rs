@@ -19,6 +19,17 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
     })?;
     let netns = req.netns()?;
     let bound = super::encryption_bound(&req.config)?;
+    // Read the datastore before changing anything: an unreachable etcd fails
+    // the ADD (code 11) with nothing applied.
+    if let Some(snap) = super::read_snapshot(&req.config)? {
+        tracing::debug!(
+            revision = snap.revision,
+            nodes = snap.topology.nodes.len(),
+            epochs = snap.epochs.len(),
+            skipped = snap.topology.skipped.len(),
+            "read the datastore"
+        );
+    }
 
     let mut net = PodNet::open(netns)?;
     let links = net.find(req.ifname())?;

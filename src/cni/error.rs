@@ -29,6 +29,10 @@ pub mod code {
     pub const KERNEL: u32 = 103;
     /// The per-attachment state directory could not be read or written.
     pub const STATE: u32 = 104;
+    /// etcd answered, but the request failed or a record is malformed.
+    pub const DATASTORE: u32 = 105;
+    /// The key-encryption key cannot open the epochs.
+    pub const KEYS: u32 = 106;
     /// A bug: the plugin panicked.
     pub const INTERNAL: u32 = 199;
 }
@@ -97,6 +101,32 @@ impl From<crate::podmtu::PodMtuError> for CniError {
                 format!("per-attachment state: {details}"),
                 "check that state_dir is on a writable local filesystem",
             ),
+        }
+    }
+}
+
+impl From<crate::datastore::ipsec::IpsecStoreError> for CniError {
+    fn from(e: crate::datastore::ipsec::IpsecStoreError) -> Self {
+        use crate::datastore::etcd::EtcdError;
+        use crate::datastore::ipsec::IpsecStoreError as E;
+        let details = e.to_string();
+        match e {
+            E::Etcd(EtcdError::Unreachable { .. }) => CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{details}; calico-ipsec cannot read its keys, so the pod is not started unencrypted; check etcd_endpoints and that etcd is up (the runtime retries)"),
+                "",
+            ),
+            E::Etcd(EtcdError::TlsFile { .. }) | E::Etcd(EtcdError::NoEndpoints) => CniError::new(
+                code::INVALID_CONFIG,
+                format!("{details}; fix the etcd_* fields of the calico-ipsec conflist entry"),
+                "",
+            ),
+            E::Seal(_) | E::KekMismatch { .. } => CniError::new(
+                code::KEYS,
+                format!("{details}; check that kek_file holds the cluster's KEK Secret"),
+                "",
+            ),
+            _ => CniError::new(code::DATASTORE, format!("datastore: {details}"), ""),
         }
     }
 }

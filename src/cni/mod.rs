@@ -223,6 +223,19 @@ pub fn encryption_bound(config: &PluginConfig) -> Result<u32, CniError> {
     })
 }
 
+/// Reads the datastore snapshot when etcd is configured; `None` otherwise.
+pub fn read_snapshot(
+    config: &PluginConfig,
+) -> Result<Option<crate::datastore::snapshot::Snapshot>, CniError> {
+    if config.etcd.endpoints.is_empty() {
+        return Ok(None);
+    }
+    let mut settings = crate::datastore::etcd::EtcdSettings::from_config(&config.etcd);
+    settings.connect_timeout = config.etcd_timeout;
+    settings.request_timeout = config.etcd_timeout;
+    Ok(Some(crate::datastore::snapshot::read_blocking(&settings)?))
+}
+
 /// Logs a warning when Calico's IPIP tunnel device allows more than the bound.
 pub fn warn_tunnel_above(bound: u32) {
     let tunl0 = crate::link::RouteSocket::open().and_then(|mut s| s.by_name("tunl0"));

@@ -267,20 +267,23 @@ impl Etcd {
 
 /// Maps a client error to unreachable (retry later) or a request failure.
 fn classify(op: &str, endpoints: &str, e: etcd_client::Error) -> EtcdError {
-    let text = e.to_string();
-    let transport = matches!(e, etcd_client::Error::TransportError(_))
-        || text.contains("Unavailable")
-        || text.contains("transport error")
-        || text.contains("connection");
-    if transport {
+    let unavailable = match &e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            format!("{:?}", status.code()).as_str(),
+            "Unavailable" | "DeadlineExceeded" | "Cancelled"
+        ),
+        _ => false,
+    };
+    if unavailable {
         EtcdError::Unreachable {
             endpoints: endpoints.to_string(),
-            reason: format!("{op}: {text}"),
+            reason: format!("{op}: {e}"),
         }
     } else {
         EtcdError::Request {
             op: op.to_string(),
-            reason: text,
+            reason: e.to_string(),
         }
     }
 }

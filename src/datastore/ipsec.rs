@@ -43,6 +43,16 @@ pub enum IpsecStoreError {
     /// Every node id is taken.
     #[error("no free node id: all 65535 are allocated")]
     IdsExhausted,
+    /// The KEK given is not the one that sealed the existing epochs.
+    #[error("the KEK file has fingerprint {given}, but epoch {epoch} was sealed with {expected}: this is the wrong KEK file (nodes could not open a new epoch sealed with it)")]
+    KekMismatch {
+        /// The fingerprint of the KEK given.
+        given: String,
+        /// The fingerprint recorded on the newest epoch.
+        expected: String,
+        /// That epoch.
+        epoch: u32,
+    },
     /// Too many concurrent writers; give up rather than spin.
     #[error("gave up on {0} after repeated transaction conflicts")]
     Contended(String),
@@ -282,7 +292,17 @@ impl<'a> IpsecStore<'a> {
             return Err(IpsecStoreError::NotInitialised(config_key()));
         }
         for _ in 0..16 {
-            let next = self.epochs().await?.last().map_or(1, |e| e.epoch + 1);
+            let epochs = self.epochs().await?;
+            if let Some(last) = epochs.last() {
+                if last.kek_fingerprint != kek.fingerprint() {
+                    return Err(IpsecStoreError::KekMismatch {
+                        given: kek.fingerprint(),
+                        expected: last.kek_fingerprint.clone(),
+                        epoch: last.epoch,
+                    });
+                }
+            }
+            let next = epochs.last().map_or(1, |e| e.epoch + 1);
             let secret = EpochSecret::generate()?;
             let rec = EpochRecord {
                 epoch: next,

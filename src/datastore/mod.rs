@@ -4,3 +4,4 @@
 pub mod calico;
 pub mod etcd;
 pub mod ipsec;
+pub mod snapshot;

@@ -1,0 +1,360 @@
+//! The datastore against a real etcd (Debian's etcd-server on a free
+//! loopback port), plain and with TLS client certificates.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use calico_ipsec::config::EtcdConfig;
+use calico_ipsec::datastore::calico::Topology;
+use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
+use calico_ipsec::datastore::ipsec::{IpsecStore, NodeStatus, Phase};
+use calico_ipsec::keys::Kek;
+use common::etcd::EtcdServer;
+use common::*;
+use serde_json::{json, Value};
+
+fn fixture_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/calico/etcd-3-nodes.json")
+}
+
+fn settings(server: &EtcdServer) -> EtcdSettings {
+    let mut tls = EtcdConfig {
+        endpoints: vec![server.endpoint.clone()],
+        ..EtcdConfig::default()
+    };
+    if let Some(t) = &server.tls {
+        tls.ca_cert_file = Some(t.ca.clone());
+        tls.cert_file = Some(t.cert.clone());
+        tls.key_file = Some(t.key.clone());
+    }
+    EtcdSettings::from_config(&tls)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Runs the CLI with etcdctl's environment variables pointing at `server`.
+fn cli(server: &EtcdServer, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(PLUGIN);
+    cmd.env_clear()
+        .env("ETCD_ENDPOINTS", &server.endpoint)
+        .args(args);
+    if let Some(t) = &server.tls {
+        cmd.env("ETCD_CACERT", &t.ca)
+            .env("ETCD_CERT", &t.cert)
+            .env("ETCD_KEY", &t.key);
+    }
+    cmd.output().expect("run calico-ipsec")
+}
+
+fn check_topology(server: &EtcdServer) {
+    server.load_fixture(&fixture_path());
+    // A malformed node and a node without a BGP address are skipped; the rest stay.
+    server.put(
+        "/calico/resources/v3/projectcalico.org/nodes/broken",
+        "{not json",
+    );
+    server.put(
+        "/calico/resources/v3/projectcalico.org/nodes/no-bgp",
+        r#"{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"no-bgp"},"spec":{}}"#,
+    );
+    let snap = rt()
+        .block_on(async {
+            let etcd = Etcd::connect(&settings(server)).await?;
+            calico_ipsec::datastore::snapshot::read(&etcd).await
+        })
+        .expect("snapshot");
+    let t: &Topology = &snap.topology;
+    assert_eq!(
+        t.nodes.keys().collect::<Vec<_>>(),
+        ["node-1", "node-2", "node-3"]
+    );
+    assert_eq!(t.nodes["node-2"].ipv4.to_string(), "10.0.0.12");
+    assert_eq!(t.nodes["node-3"].blocks[0].to_string(), "10.244.18.128/26");
+    assert_eq!(
+        t.cluster_guid.as_deref(),
+        Some("5b0e2f9c8d4a4e61b7a39c2d1e0f4a66")
+    );
+    assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+    assert!(snap.config.is_none(), "keys not initialised yet");
+}
+
+#[test]
+fn reads_calico_topology() {
+    check_topology(&EtcdServer::start());
+}
+
+#[test]
+fn reads_calico_topology_over_tls() {
+    let server = EtcdServer::start_tls();
+    check_topology(&server);
+    // Without the client certificate the server refuses us.
+    let mut s = settings(&server);
+    s.tls.cert_file = None;
+    s.tls.key_file = None;
+    let err = rt()
+        .block_on(async { Etcd::connect(&s).await?.get("/x").await })
+        .expect_err("no client certificate");
+    assert!(!err.to_string().is_empty());
+}
+
+#[test]
+fn keys_init_rotate_show_and_no_secret_in_etcd() {
+    let server = EtcdServer::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kek_path = tmp.path().join("kek");
+    let kek_arg = kek_path.to_str().expect("utf8");
+
+    let out = cli(&server, &["keys", "init", "--kek-file", kek_arg]);
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&kek_path)
+        .expect("kek")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "KEK file is 0600");
+    let kek = Kek::load(&kek_path).expect("load kek");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&kek.fingerprint()));
+
+    let again = cli(&server, &["keys", "init", "--kek-file", kek_arg]);
+    assert!(!again.status.success(), "a second init must refuse");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        Kek::load(&kek_path).expect("kek").expose(),
+        kek.expose(),
+        "KEK untouched"
+    );
+
+    let rot = cli(&server, &["keys", "rotate", "--kek-file", kek_arg]);
+    assert!(
+        rot.status.success(),
+        "rotate: {}",
+        String::from_utf8_lossy(&rot.stderr)
+    );
+
+    let show = cli(&server, &["keys", "show", "--json"]);
+    assert!(show.status.success());
+    let shown: Value = serde_json::from_slice(&show.stdout).expect("JSON");
+    assert_eq!(shown[0]["epoch"], 1);
+    assert_eq!(shown[0]["state"], "active");
+    assert_eq!(shown[1]["epoch"], 2);
+    assert_eq!(shown[1]["state"], "pending");
+    assert_eq!(shown[1]["kek_fingerprint"], json!(kek.fingerprint()));
+    assert!(
+        !String::from_utf8_lossy(&show.stdout).contains("sealed"),
+        "show prints metadata only"
+    );
+    let table = cli(&server, &["keys", "show"]);
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("EPOCH"));
+
+    // Scan every value under /calico/ipsec/ for each raw secret, hex or base64.
+    let store_epochs = rt().block_on(async {
+        let etcd = Etcd::connect(&settings(&server)).await.expect("connect");
+        IpsecStore::new(&etcd).epochs().await.expect("epochs")
+    });
+    let dump = server.etcdctl(&["get", "--prefix", "/calico/ipsec/"]);
+    let text = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(text.contains("/calico/ipsec/v1/epochs/2"));
+    for rec in &store_epochs {
+        let secret = rec.open(&kek).expect("opens with the KEK");
+        let raw = secret.expose();
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let engines = [
+            base64::engine::general_purpose::STANDARD.encode(raw),
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw),
+        ];
+        assert!(
+            !text.to_lowercase().contains(&hex),
+            "hex secret of epoch {} in etcd",
+            rec.epoch
+        );
+        for b in engines {
+            assert!(
+                !text.contains(&b[..40]),
+                "base64 secret of epoch {} in etcd",
+                rec.epoch
+            );
+        }
+    }
+    // Every value is readable JSON.
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let v: Value = serde_json::from_str(pair[1]).unwrap_or_else(|e| panic!("{}: {e}", pair[0]));
+        assert!(v.is_object());
+    }
+}
+
+#[test]
+fn wrong_kek_is_a_clear_error() {
+    let server = EtcdServer::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let good = tmp.path().join("kek");
+    let bad = tmp.path().join("other-kek");
+    assert!(cli(
+        &server,
+        &["keys", "init", "--kek-file", good.to_str().expect("utf8")]
+    )
+    .status
+    .success());
+    Kek::generate()
+        .expect("kek")
+        .write_new(&bad)
+        .expect("write");
+    let out = cli(
+        &server,
+        &["keys", "rotate", "--kek-file", bad.to_str().expect("utf8")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong KEK"), "{err}");
+    assert!(
+        err.contains(&Kek::load(&bad).expect("bad").fingerprint()),
+        "{err}"
+    );
+
+    // Opening an epoch with the wrong KEK names the epoch and the fingerprint.
+    let wrong = Kek::load(&bad).expect("bad");
+    let epochs = rt().block_on(async {
+        let etcd = Etcd::connect(&settings(&server)).await.expect("connect");
+        IpsecStore::new(&etcd).epochs().await.expect("epochs")
+    });
+    let e = epochs[0].open(&wrong).expect_err("wrong KEK");
+    assert!(
+        e.to_string().contains("epoch 1") && e.to_string().contains(&wrong.fingerprint()),
+        "{e}"
+    );
+}
+
+#[test]
+fn concurrent_id_allocation_is_unique() {
+    let server = EtcdServer::start();
+    let s = settings(&server);
+    let ids = rt().block_on(async {
+        let etcd = Etcd::connect(&s).await.expect("connect");
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let etcd = etcd.clone();
+                tokio::spawn(
+                    async move { IpsecStore::new(&etcd).node_id(&format!("node-{i}")).await },
+                )
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.expect("task").expect("id"));
+        }
+        // Asking again returns the same id.
+        assert_eq!(
+            IpsecStore::new(&etcd).node_id("node-3").await.expect("id"),
+            ids[3]
+        );
+        ids
+    });
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 20, "ids repeat: {ids:?}");
+    assert!(sorted.iter().all(|i| *i >= 1));
+}
+
+#[test]
+fn node_status_vanishes_with_its_lease() {
+    let server = EtcdServer::start();
+    let s = settings(&server);
+    rt().block_on(async {
+        let etcd = Etcd::connect(&s).await.expect("connect");
+        let store = IpsecStore::new(&etcd);
+        let lease = etcd.grant_lease(2).await.expect("lease");
+        let status = NodeStatus {
+            id: 1,
+            incarnation: 1,
+            installed_epochs: vec![1],
+            acked_phase: Phase::Off,
+            heartbeat: calico_ipsec::datastore::ipsec::now_rfc3339(),
+        };
+        store
+            .put_status("node-1", &status, lease)
+            .await
+            .expect("put");
+        assert_eq!(
+            store.statuses().await.expect("statuses"),
+            vec![("node-1".to_string(), status)]
+        );
+        let start = Instant::now();
+        while !store.statuses().await.expect("statuses").is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "status outlived its lease"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+#[test]
+fn add_fails_with_code_11_when_etcd_is_down() {
+    require_root();
+    let mut server = EtcdServer::start();
+    let endpoint = server.endpoint.clone();
+    server.stop();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bin = plugin_dir(tmp.path());
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    let mut chain = Chain::new(
+        ptp_conflist(
+            "0.3.1",
+            tmp.path(),
+            json!({"etcd_endpoints": endpoint, "etcd_timeout_ms": 1000}),
+        ),
+        &bin,
+        &node,
+    );
+    let start = Instant::now();
+    let err = chain
+        .add(&unique("ctr"), &pod.path(), "eth0")
+        .expect_err("ADD must fail");
+    let took = start.elapsed();
+    assert_eq!(err.code(), Some(11), "{:?}", err.json);
+    let msg = err
+        .json
+        .as_ref()
+        .and_then(|j| j["msg"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains(&endpoint) && msg.contains("unreachable"),
+        "{msg}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "ADD took {took:?} with a 1 s etcd timeout"
+    );
+    assert_eq!(
+        pod.mtu("eth0"),
+        1500,
+        "nothing applied: the MTU is untouched"
+    );
+    assert!(
+        !tmp.path().join("state").exists(),
+        "nothing applied: no backup written"
+    );
+}
