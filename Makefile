@@ -46,9 +46,10 @@ test: deps lint unit e2e fuzz
 demo: deps build
 	tests/demo.sh $(BIN)
 
-## bench: ADD latency against the reference tuning plugin.
+## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl.
 bench: deps
 	$(CARGO) bench --locked --bench cni_add
+	$(CARGO) bench --locked --bench datastore
 
 ## fuzz: fuzz the config/prevResult parsers for FUZZ_SECONDS.
 fuzz:

@@ -236,6 +236,19 @@ impl Etcd {
         Ok(resp.succeeded())
     }
 
+    /// Writes every `(key, value)` in one transaction (etcd allows 128 by default).
+    pub async fn put_all(&self, items: &[(&str, Vec<u8>)]) -> Result<(), EtcdError> {
+        let ops: Vec<TxnOp> = items
+            .iter()
+            .map(|(k, v)| TxnOp::put(*k, v.clone(), None))
+            .collect();
+        let mut kv = self.client.kv_client();
+        let op = format!("put {} keys", items.len());
+        self.bounded(&op, kv.txn(Txn::new().and_then(ops)))
+            .await
+            .map(|_| ())
+    }
+
     /// Replaces `key` only if it was last modified at `mod_revision`
     /// (0: only if it does not exist). Returns false when it changed.
     pub async fn compare_and_put(

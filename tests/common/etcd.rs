@@ -2,6 +2,8 @@
 //! temporary directory, optionally with TLS and client certificates made by
 //! `openssl` at test time. Killed on drop.
 
+#![allow(dead_code)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,7 +28,6 @@ pub struct EtcdServer {
     pub endpoint: String,
     /// Set for a TLS server.
     pub tls: Option<TlsFiles>,
-    peer_port: u16,
 }
 
 fn free_port() -> u16 {
@@ -189,7 +190,6 @@ impl EtcdServer {
             dir,
             endpoint,
             tls: files,
-            peer_port,
         };
         s.wait_healthy();
         s
@@ -251,11 +251,6 @@ impl EtcdServer {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    /// The peer port, for tests that restart on the same ports.
-    pub fn peer_port(&self) -> u16 {
-        self.peer_port
     }
 }
 
