@@ -355,6 +355,46 @@ pub fn parse_endpoints(s: &str) -> Result<Vec<String>, ConfigError> {
     Ok(out)
 }
 
+/// Why this node's name is unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum NodenameError {
+    /// The node name file could not be read.
+    #[error("cannot read the node name from {path} ({source}); set \"nodename\" in the calico-ipsec conflist entry, or check that calico-node is running on this node")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds something that is not a node name.
+    #[error("{path} does not hold a valid node name: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl PluginConfig {
+    /// This node's name: `nodename` if set, else Calico's node name file.
+    pub fn node_name(&self) -> Result<String, NodenameError> {
+        if let Some(n) = &self.nodename {
+            return Ok(n.clone());
+        }
+        let path = &self.nodename_file;
+        let text = std::fs::read_to_string(path).map_err(|source| NodenameError::Unreadable {
+            path: path.clone(),
+            source,
+        })?;
+        validate_nodename(text.trim()).map_err(|e| NodenameError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
 fn parse_log_level(s: &str) -> Result<LogLevel, ConfigError> {
     Ok(match s.to_ascii_lowercase().as_str() {
         "error" | "fatal" | "panic" => LogLevel::Error,
@@ -451,6 +491,23 @@ mod tests {
             assert_eq!(err.field(), field, "{cfg}");
             assert!(err.to_string().contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn node_name_from_config_or_calico_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("nodename");
+        let c = parse(json!({"nodename_file": file})).expect("valid");
+        assert!(matches!(
+            c.node_name(),
+            Err(NodenameError::Unreadable { .. })
+        ));
+        std::fs::write(&file, "node-7\n").expect("write");
+        assert_eq!(c.node_name().expect("name"), "node-7");
+        std::fs::write(&file, "Not/A/Name").expect("write");
+        assert!(matches!(c.node_name(), Err(NodenameError::Invalid { .. })));
+        let c = parse(json!({"nodename": "node-2", "nodename_file": file})).expect("valid");
+        assert_eq!(c.node_name().expect("name"), "node-2");
     }
 
     #[test]

@@ -22,7 +22,16 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
     // Read the datastore before changing anything: an unreachable etcd fails
     // the ADD (code 11) with nothing applied.
     if let Some(snap) = super::read_snapshot(&req.config)? {
+        let me = req
+            .config
+            .node_name()
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string(), ""))?;
+        if !snap.topology.nodes.contains_key(&me) {
+            tracing::warn!(node = %me, "this node is not (yet) a usable Calico node in the datastore");
+        }
         tracing::debug!(
+            node = %me,
+            peers = snap.topology.peers(&me).count(),
             revision = snap.revision,
             nodes = snap.topology.nodes.len(),
             epochs = snap.epochs.len(),
