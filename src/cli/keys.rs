@@ -105,11 +105,7 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             let epochs = store.epochs().await?;
             if *json {
                 let v: Vec<serde_json::Value> = epochs.iter().map(metadata).collect();
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&v).map_err(std::io::Error::other)?
-                )?;
+                super::print_json(out, &v)?;
             } else {
                 writeln!(
                     out,

@@ -100,6 +100,12 @@ impl EtcdArgs {
     }
 }
 
+/// Writes `v` as pretty JSON and a newline.
+pub fn print_json(out: &mut dyn std::io::Write, v: &impl serde::Serialize) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+    writeln!(out, "{text}")
+}
+
 /// Runs a parsed command, writing its output to `out`.
 pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     match cli.command {

@@ -108,11 +108,7 @@ pub fn exec(args: &MtuArgs, out: &mut dyn Write) -> Result<(), MtuCliError> {
             o.insert("icv_bits".into(), json!(params.icv.bits()));
             o.insert("outer_ip".into(), json!(params.outer));
         }
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&v).map_err(std::io::Error::other)?
-        )?;
+        super::print_json(out, &v)?;
     } else {
         writeln!(out, "{}", b.pod_mtu)?;
     }
