@@ -23,12 +23,13 @@ use calico_ipsec::keys::{Kek, SaId};
 const NODES: usize = 5000;
 
 fn settings(endpoint: &str) -> EtcdSettings {
-    let mut s = EtcdSettings::from_config(&EtcdConfig {
-        endpoints: vec![endpoint.to_string()],
-        ..EtcdConfig::default()
-    });
-    s.request_timeout = Duration::from_secs(30);
-    s
+    EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: vec![endpoint.to_string()],
+            ..EtcdConfig::default()
+        },
+        Duration::from_secs(30),
+    )
 }
 
 fn rt() -> tokio::runtime::Runtime {

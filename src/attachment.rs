@@ -127,12 +127,7 @@ impl StateDir {
 
     /// Removes one attachment's backup; `Ok(false)` when there was none.
     pub fn remove(&self, container_id: &str, ifname: &str) -> Result<bool, StateError> {
-        let path = self.path(container_id, ifname);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err("removing", &path)(e)),
-        }
+        self.remove_path(&self.path(container_id, ifname))
     }
 
     /// Moves a corrupt backup aside to `<file>.corrupt` for the operator.
@@ -167,11 +162,11 @@ impl StateDir {
         Ok(out)
     }
 
-    /// Removes a file found by `list`.
-    pub fn remove_path(&self, path: &Path) -> Result<(), StateError> {
+    /// Removes a file found by `list`; `Ok(false)` when it was already gone.
+    pub fn remove_path(&self, path: &Path) -> Result<bool, StateError> {
         match fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_err("removing", path)(e)),
         }
     }

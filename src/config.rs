@@ -287,7 +287,7 @@ impl PluginConfig {
         })?;
 
         let etcd_timeout = match f.uint("etcd_timeout_ms")? {
-            None => std::time::Duration::from_secs(2),
+            None => crate::datastore::etcd::DEFAULT_TIMEOUT,
             Some(n) if (1..=60_000).contains(&n) => std::time::Duration::from_millis(n),
             Some(n) => {
                 return Err(invalid(
@@ -395,7 +395,8 @@ impl PluginConfig {
     }
 }
 
-fn parse_log_level(s: &str) -> Result<LogLevel, ConfigError> {
+/// Parses Calico's `log_level` names (case-insensitive).
+pub fn parse_log_level(s: &str) -> Result<LogLevel, ConfigError> {
     Ok(match s.to_ascii_lowercase().as_str() {
         "error" | "fatal" | "panic" => LogLevel::Error,
         "warn" | "warning" => LogLevel::Warn,

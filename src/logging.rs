@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use serde_json::{Map, Value};
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::config::{LogLevel, DEFAULT_LOG_FILE};
+use crate::config::{parse_log_level, LogLevel, DEFAULT_LOG_FILE};
 
 fn level_filter(level: LogLevel) -> LevelFilter {
     match level {
@@ -61,16 +61,10 @@ pub fn init_from_raw(raw: &Map<String, Value>) {
         .and_then(Value::as_str)
         .filter(|p| p.starts_with('/'))
         .unwrap_or(DEFAULT_LOG_FILE);
-    let level = match raw
+    let level = raw
         .get("log_level")
         .and_then(Value::as_str)
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("debug") | Some("trace") => LogLevel::Debug,
-        Some("warn") | Some("warning") => LogLevel::Warn,
-        Some("error") | Some("fatal") | Some("panic") => LogLevel::Error,
-        _ => LogLevel::Info,
-    };
+        .and_then(|s| parse_log_level(s).ok())
+        .unwrap_or(LogLevel::Info);
     init_file(Path::new(path), level);
 }

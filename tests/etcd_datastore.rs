@@ -31,7 +31,7 @@ fn settings(server: &EtcdServer) -> EtcdSettings {
         tls.cert_file = Some(t.cert.clone());
         tls.key_file = Some(t.key.clone());
     }
-    EtcdSettings::from_config(&tls)
+    EtcdSettings::from_config(&tls, calico_ipsec::datastore::etcd::DEFAULT_TIMEOUT)
 }
 
 fn rt() -> tokio::runtime::Runtime {

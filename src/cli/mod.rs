@@ -85,18 +85,15 @@ impl EtcdArgs {
             None => return Err(EtcdError::NoEndpoints.into()),
         };
         let tls = EtcdConfig {
-            endpoints: endpoints.clone(),
+            endpoints,
             key_file: self.etcd_key_file.clone(),
             cert_file: self.etcd_cert_file.clone(),
             ca_cert_file: self.etcd_ca_cert_file.clone(),
         };
-        let t = Duration::from_millis(self.etcd_timeout_ms.max(1));
-        Ok(EtcdSettings {
-            endpoints,
-            tls,
-            connect_timeout: t,
-            request_timeout: t,
-        })
+        Ok(EtcdSettings::from_config(
+            &tls,
+            Duration::from_millis(self.etcd_timeout_ms.max(1)),
+        ))
     }
 }
 

@@ -55,7 +55,7 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
         match backup {
             Ok(b) if valid.contains(&(b.container_id.clone(), b.ifname.clone())) => {}
             Ok(b) => match state.remove_path(&path) {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(container = %b.container_id, ifname = %b.ifname, "GC removed stale MTU backup")
                 }
                 Err(e) => failures.push(e.to_string()),

@@ -230,9 +230,8 @@ pub fn read_snapshot(
     if config.etcd.endpoints.is_empty() {
         return Ok(None);
     }
-    let mut settings = crate::datastore::etcd::EtcdSettings::from_config(&config.etcd);
-    settings.connect_timeout = config.etcd_timeout;
-    settings.request_timeout = config.etcd_timeout;
+    let settings =
+        crate::datastore::etcd::EtcdSettings::from_config(&config.etcd, config.etcd_timeout);
     Ok(Some(crate::datastore::snapshot::read_blocking(&settings)?))
 }
 

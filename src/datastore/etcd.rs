@@ -11,10 +11,8 @@ use etcd_client::{
 
 use crate::config::EtcdConfig;
 
-/// Default bound on connecting to etcd.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default bound on one etcd request.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default bound on connecting to etcd and on each request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An etcd failure, naming the endpoint or key.
 #[derive(Debug, thiserror::Error)]
@@ -70,13 +68,13 @@ pub struct EtcdSettings {
 }
 
 impl EtcdSettings {
-    /// Settings from a conflist's etcd fields with the default timeouts.
-    pub fn from_config(c: &EtcdConfig) -> Self {
+    /// Settings from a conflist's etcd fields, bounding connect and each request by `timeout`.
+    pub fn from_config(c: &EtcdConfig, timeout: Duration) -> Self {
         Self {
             endpoints: c.endpoints.clone(),
             tls: c.clone(),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: timeout,
+            request_timeout: timeout,
         }
     }
 }
