@@ -103,26 +103,11 @@ impl StateDir {
             .create(&self.dir)
             .map_err(io_err("creating", &self.dir))?;
         let path = self.path(&b.container_id, &b.ifname);
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(b).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let write = || -> io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err("writing", &path)(e)
-        })
+        write_atomic(&path, &body).map_err(io_err("writing", &path))
     }
 
     /// Removes one attachment's backup; `Ok(false)` when there was none.
@@ -170,6 +155,28 @@ impl StateDir {
             Err(e) => Err(io_err("removing", path)(e)),
         }
     }
+}
+
+/// Writes `body` to `path` with mode 0600: to a temporary file beside it,
+/// synced, then renamed over `path`, so readers see the old or the new file.
+pub fn write_atomic(path: &Path, body: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]

@@ -10,13 +10,19 @@ use std::io;
 use std::marker::PhantomData;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    NetlinkSerializable, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkDeserializable, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_sys::{Socket as SysSocket, SocketAddr};
+use zeroize::Zeroize;
 
 /// Receive buffer size; large enough for any single netlink datagram.
 const RECV_BUF: usize = 256 * 1024;
+/// Requests per datagram in a batch: their ACKs must fit the socket's
+/// receive queue (each ACK is a small skb of its own).
+const BATCH_MSGS: usize = 64;
+/// The netlink message header's length.
+const HEADER_LEN: usize = 16;
 
 /// What went wrong talking to the kernel over netlink.
 #[derive(Debug, thiserror::Error)]
@@ -74,16 +80,13 @@ where
         })
     }
 
-    fn send(&mut self, inner: M, flags: u16) -> Result<u32, NetlinkError> {
+    fn send(&mut self, inner: &M, flags: u16) -> Result<u32, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
-        msg.finalize();
-        let mut bytes = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut bytes);
-        self.sock.send(&bytes, 0).map_err(NetlinkError::Io)?;
+        let mut bytes = Vec::new();
+        encode(&mut bytes, inner, NLM_F_REQUEST | flags, self.seq);
+        let sent = self.sock.send(&bytes, 0);
+        bytes.zeroize();
+        sent.map_err(NetlinkError::Io)?;
         Ok(self.seq)
     }
 
@@ -92,7 +95,7 @@ where
     pub fn request(&mut self, inner: M, flags: u16) -> Result<Vec<M>, NetlinkError> {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let flags = if dump { flags } else { flags | NLM_F_ACK };
-        let seq = self.send(inner, flags)?;
+        let seq = self.send(&inner, flags)?;
         let mut out = Vec::new();
         loop {
             self.buf.clear();
@@ -129,6 +132,82 @@ where
                     _ => {}
                 }
             }
+            // Replies may hold key material (an XFRM state dump does).
+            self.buf[..n].zeroize();
         }
     }
+
+    /// Sends `msgs` as write requests, many per datagram, each with its own
+    /// ACK, and returns one result per message, in order. The kernel handles
+    /// every message of a datagram even when an earlier one fails. The
+    /// encoded bytes are zeroized after sending (XFRM requests carry keys).
+    pub fn batch(&mut self, msgs: &[M]) -> Result<Vec<Result<(), NetlinkError>>, NetlinkError> {
+        let mut results = Vec::with_capacity(msgs.len());
+        let mut bytes = Vec::new();
+        for chunk in msgs.chunks(BATCH_MSGS) {
+            let first = self.seq.wrapping_add(1);
+            bytes.clear();
+            for m in chunk {
+                self.seq = self.seq.wrapping_add(1);
+                encode(&mut bytes, m, NLM_F_REQUEST | NLM_F_ACK, self.seq);
+            }
+            let sent = self.sock.send(&bytes, 0);
+            bytes.zeroize();
+            sent.map_err(NetlinkError::Io)?;
+            let mut acks: Vec<Option<Result<(), NetlinkError>>> =
+                (0..chunk.len()).map(|_| None).collect();
+            let mut left = chunk.len();
+            while left > 0 {
+                self.buf.clear();
+                let n = self.sock.recv(&mut self.buf, 0).map_err(NetlinkError::Io)?;
+                let mut off = 0usize;
+                while off < n {
+                    let data = &self.buf[off..n];
+                    let len = NetlinkBuffer::new_checked(data)
+                        .map_err(|e| NetlinkError::Decode(e.to_string()))?
+                        .length() as usize;
+                    if len == 0 || len > data.len() {
+                        return Err(NetlinkError::Decode(format!(
+                            "message length {len} with {} bytes left",
+                            data.len()
+                        )));
+                    }
+                    let msg = NetlinkMessage::<M>::deserialize(&data[..len])
+                        .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                    off += (len + 3) & !3;
+                    let slot = msg.header.sequence_number.wrapping_sub(first) as usize;
+                    if slot >= chunk.len() {
+                        continue;
+                    }
+                    if let NetlinkPayload::Error(e) = msg.payload {
+                        if acks[slot].is_none() {
+                            left -= 1;
+                        }
+                        acks[slot] = Some(match e.code {
+                            None => Ok(()),
+                            Some(code) => Err(NetlinkError::Kernel(-code.get())),
+                        });
+                    }
+                }
+                self.buf[..n].zeroize();
+            }
+            results.extend(acks.into_iter().map(|a| a.unwrap_or(Ok(()))));
+        }
+        Ok(results)
+    }
+}
+
+/// Appends one netlink message (header, payload, padding) to `out`.
+fn encode<M: NetlinkSerializable>(out: &mut Vec<u8>, msg: &M, flags: u16, seq: u32) {
+    let payload = msg.buffer_len();
+    let len = HEADER_LEN + payload;
+    let start = out.len();
+    out.resize(start + ((len + 3) & !3), 0);
+    let b = &mut out[start..];
+    b[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    b[4..6].copy_from_slice(&msg.message_type().to_ne_bytes());
+    b[6..8].copy_from_slice(&flags.to_ne_bytes());
+    b[8..12].copy_from_slice(&seq.to_ne_bytes());
+    b[12..16].copy_from_slice(&0u32.to_ne_bytes());
+    msg.serialize(&mut b[HEADER_LEN..len]);
 }

@@ -19,24 +19,20 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
     })?;
     let netns = req.netns()?;
     let bound = super::encryption_bound(&req.config)?;
-    // Read the datastore before changing anything: an unreachable etcd fails
-    // the ADD (code 11) with nothing applied.
-    if let Some(snap) = super::read_snapshot(&req.config)? {
-        let me = req
-            .config
-            .node_name()
-            .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string(), ""))?;
-        if !snap.topology.nodes.contains_key(&me) {
-            tracing::warn!(node = %me, "this node is not (yet) a usable Calico node in the datastore");
-        }
-        tracing::debug!(
-            node = %me,
-            peers = snap.topology.peers(&me).count(),
-            revision = snap.revision,
-            nodes = snap.topology.nodes.len(),
-            epochs = snap.epochs.len(),
-            skipped = snap.topology.skipped.len(),
-            "read the datastore"
+    // IPsec first, under the node lock: an unreachable etcd (code 11) or a
+    // refused state fails the ADD before the pod is touched, so a pod never
+    // starts while its node cannot encrypt (fail closed).
+    if !req.config.etcd.endpoints.is_empty() {
+        let report = crate::converge::converge(&req.config)?;
+        tracing::info!(
+            node = %report.node,
+            phase = ?report.phase,
+            incarnation = report.incarnation,
+            states = report.states,
+            policies = report.policies,
+            writes = report.writes,
+            millis = report.millis,
+            "IPsec converged"
         );
     }
 

@@ -1,4 +1,5 @@
-//! CHECK: the pod's MTU (and its host veth's) must not exceed the bound.
+//! CHECK: the pod's MTU (and its host veth's) must not exceed the bound, and
+//! the node's XFRM states and policies must be what etcd says.
 
 use super::error::{code, CniError};
 use super::Request;
@@ -31,6 +32,19 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
             ),
             format!("netns {}", netns.display()),
         ));
+    }
+    if !req.config.etcd.endpoints.is_empty() {
+        let seen = crate::converge::observe(&req.config)?;
+        if !seen.plan.is_empty() {
+            return Err(CniError::new(
+                code::XFRM_DRIFT,
+                format!(
+                    "this node's IPsec state differs from etcd's ({}): the next ADD or the agent converges it; run `calico-ipsec status` to see which peers",
+                    seen.plan.summary()
+                ),
+                format!("phase {:?}, etcd revision {}", seen.phase, seen.snapshot.revision),
+            ));
+        }
     }
     Ok(())
 }

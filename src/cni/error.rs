@@ -33,6 +33,8 @@ pub mod code {
     pub const DATASTORE: u32 = 105;
     /// The key-encryption key cannot open the epochs.
     pub const KEYS: u32 = 106;
+    /// CHECK found the kernel's XFRM states or policies differ from etcd's.
+    pub const XFRM_DRIFT: u32 = 107;
     /// A bug: the plugin panicked.
     pub const INTERNAL: u32 = 199;
 }
@@ -127,6 +129,42 @@ impl From<crate::datastore::ipsec::IpsecStoreError> for CniError {
                 "",
             ),
             _ => CniError::new(code::DATASTORE, format!("datastore: {details}"), ""),
+        }
+    }
+}
+
+impl From<crate::converge::ConvergeError> for CniError {
+    fn from(e: crate::converge::ConvergeError) -> Self {
+        use crate::converge::ConvergeError as E;
+        let details = e.to_string();
+        match e {
+            E::Store(s) => s.into(),
+            E::Nodename(_) => CniError::new(
+                code::INVALID_CONFIG,
+                format!("{details}; set `nodename` in the calico-ipsec conflist entry"),
+                "",
+            ),
+            E::Desired(_) => CniError::new(
+                code::DATASTORE,
+                format!("cannot work out this node's IPsec state from etcd: {details}"),
+                "",
+            ),
+            E::Xfrm(_) => CniError::new(
+                code::KERNEL,
+                format!("converging this node's IPsec states and policies failed, so the pod is not started: {details}"),
+                "",
+            ),
+            E::Kek(_) => CniError::new(
+                code::KEYS,
+                format!("{details}; mount the cluster's KEK Secret at kek_file"),
+                "",
+            ),
+            E::State { .. } => CniError::new(
+                code::STATE,
+                format!("{details}; check state_dir"),
+                "",
+            ),
+            E::Runtime(_) => CniError::new(code::INTERNAL, details, ""),
         }
     }
 }

@@ -1,9 +1,10 @@
-//! STATUS: whether ADD could succeed now.
+//! STATUS: whether ADD could succeed now: the MTU bound is known, etcd
+//! answers, and while encryption is on the KEK opens every installed epoch.
 
 use super::error::{code, CniError};
 use super::Request;
 
-/// Runs STATUS: ready when the MTU bound can be computed.
+/// Runs STATUS.
 pub fn exec(req: &Request) -> Result<(), CniError> {
     let bound = super::encryption_bound(&req.config).map_err(|e| {
         CniError::new(
@@ -13,5 +14,49 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
         )
     })?;
     super::warn_tunnel_above(bound);
+    if let Some(snap) = super::read_snapshot(&req.config).map_err(unavailable)? {
+        keys_ready(&req.config, &snap).map_err(|why| {
+            CniError::new(
+                code::NOT_AVAILABLE,
+                format!("calico-ipsec is not ready: {why}"),
+                "",
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Any failure to reach etcd makes the plugin unavailable (code 50).
+fn unavailable(e: CniError) -> CniError {
+    CniError::new(
+        code::NOT_AVAILABLE,
+        format!("calico-ipsec is not ready: {}", e.msg),
+        e.details,
+    )
+}
+
+/// While encryption is on, the KEK must open every installed epoch.
+fn keys_ready(
+    cfg: &crate::config::PluginConfig,
+    snap: &crate::datastore::snapshot::Snapshot,
+) -> Result<(), String> {
+    use crate::datastore::ipsec::{EpochState, Phase};
+    let phase = snap.config.as_ref().map_or(Phase::Off, |c| c.phase);
+    if phase == Phase::Off {
+        return Ok(());
+    }
+    let kek = crate::keys::Kek::load(&cfg.kek_file)
+        .map_err(|e| format!("{e}; mount the cluster's KEK Secret at kek_file"))?;
+    let live: Vec<_> = snap
+        .epochs
+        .iter()
+        .filter(|e| matches!(e.state, EpochState::Pending | EpochState::Active))
+        .collect();
+    if !live.iter().any(|e| e.state == EpochState::Active) {
+        return Err(format!("phase {phase:?} but no active key epoch in etcd"));
+    }
+    for e in live {
+        e.open(&kek).map_err(|err| err.to_string())?;
+    }
     Ok(())
 }

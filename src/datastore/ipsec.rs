@@ -4,6 +4,8 @@
 //!   interval and overlap;
 //! - `epochs/<n>`: state, created, algorithm, KEK fingerprint, sealed secret;
 //! - `ids/<id>` and `nodeids/<node>`: a small integer per node, allocated once;
+//!   `nodeids/<node>` also holds the node's incarnation and the boot id it
+//!   was published for (not leased: an incarnation must never repeat);
 //! - `nodes/<node>`: id, incarnation, installed epochs, acknowledged phase,
 //!   heartbeat, bound to a lease so that dead nodes vanish.
 
@@ -156,6 +158,23 @@ pub struct NodeStatus {
     pub heartbeat: String,
 }
 
+/// `/calico/ipsec/v1/nodeids/<node>`: a node's id and incarnation.
+///
+/// Peers derive the keys of the SAs they receive from this node from its
+/// incarnation, so it is published before the node creates outbound SAs, and
+/// only ever goes up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The node's id (the low 16 bits of its SPIs).
+    pub id: u16,
+    /// Bumped whenever the node may have lost SAs; 0 before the first.
+    #[serde(default)]
+    pub incarnation: u32,
+    /// The kernel boot id the incarnation was published for.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
 /// The key of the config record.
 pub fn config_key() -> String {
     format!("{PREFIX}config")
@@ -175,7 +194,8 @@ fn id_key(id: u16) -> String {
     format!("{PREFIX}ids/{id}")
 }
 
-fn nodeid_key(node: &str) -> String {
+/// The key of a node's identity record.
+pub fn nodeid_key(node: &str) -> String {
     format!("{PREFIX}nodeids/{node}")
 }
 
@@ -363,6 +383,35 @@ impl<'a> IpsecStore<'a> {
         Err(IpsecStoreError::Contended(format!(
             "allocating an id for {node}"
         )))
+    }
+
+    /// This node's identity record and its revision (the id allocated when
+    /// there is none yet).
+    pub async fn identity(&self, node: &str) -> Result<(Identity, i64), IpsecStoreError> {
+        for _ in 0..16 {
+            self.node_id(node).await?;
+            if let Some(kv) = self.etcd.get(&nodeid_key(node)).await? {
+                return Ok((decode(&kv.key, &kv.value)?, kv.mod_revision));
+            }
+        }
+        Err(IpsecStoreError::Contended(format!(
+            "reading {}",
+            nodeid_key(node)
+        )))
+    }
+
+    /// Replaces the identity record if it is still at `mod_revision`;
+    /// `false` when another writer got there first.
+    pub async fn publish_identity(
+        &self,
+        node: &str,
+        identity: &Identity,
+        mod_revision: i64,
+    ) -> Result<bool, IpsecStoreError> {
+        Ok(self
+            .etcd
+            .compare_and_put(&nodeid_key(node), mod_revision, encode(identity))
+            .await?)
     }
 
     /// Publishes this node's status under `lease`.

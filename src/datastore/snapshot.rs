@@ -4,7 +4,13 @@
 
 use super::calico::{Topology, IPAM_HOSTS, RESOURCES};
 use super::etcd::{Etcd, EtcdError, EtcdSettings};
-use super::ipsec::{config_key, ClusterConfig, EpochRecord, IpsecStoreError, PREFIX};
+use std::collections::BTreeMap;
+
+use super::ipsec::{config_key, ClusterConfig, EpochRecord, Identity, IpsecStoreError, PREFIX};
+
+/// The Calico resource kinds a node needs, under [`RESOURCES`]. Workload
+/// endpoints and policies (the bulk of a big cluster) are not read.
+const KINDS: [&str; 3] = ["nodes/", "ippools/", "clusterinformations/"];
 
 /// What a node reads from etcd.
 #[derive(Debug, Clone)]
@@ -15,13 +21,22 @@ pub struct Snapshot {
     pub config: Option<ClusterConfig>,
     /// Every epoch's record (secrets still sealed).
     pub epochs: Vec<EpochRecord>,
+    /// Every node's id and incarnation, by node name. A malformed record is
+    /// left out (with a warning): that one peer gets no SAs.
+    pub identities: BTreeMap<String, Identity>,
     /// The etcd revision the reads saw.
     pub revision: i64,
 }
 
 /// Reads a snapshot with serializable (local, quorum-free) reads.
 pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
-    let (rev_a, calico) = etcd.get_prefix(RESOURCES, true).await?;
+    let mut calico = Vec::new();
+    let mut rev_a = 0;
+    for kind in KINDS {
+        let (rev, kvs) = etcd.get_prefix(&format!("{RESOURCES}{kind}"), true).await?;
+        rev_a = rev_a.max(rev);
+        calico.extend(kvs);
+    }
     let (_, ipam) = etcd.get_prefix(IPAM_HOSTS, true).await?;
     let (_, ours) = etcd.get_prefix(PREFIX, true).await?;
     let topology = Topology::from_kvs(
@@ -32,7 +47,9 @@ pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
     );
     let mut config = None;
     let mut epochs = Vec::new();
+    let mut identities = BTreeMap::new();
     let epoch_prefix = format!("{PREFIX}epochs/");
+    let id_prefix = format!("{PREFIX}nodeids/");
     for kv in &ours {
         let malformed = |e: serde_json::Error| IpsecStoreError::Malformed {
             key: kv.key.clone(),
@@ -42,6 +59,15 @@ pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
             config = Some(serde_json::from_slice(&kv.value).map_err(malformed)?);
         } else if kv.key.starts_with(&epoch_prefix) {
             epochs.push(serde_json::from_slice::<EpochRecord>(&kv.value).map_err(malformed)?);
+        } else if let Some(node) = kv.key.strip_prefix(&id_prefix) {
+            match serde_json::from_slice::<Identity>(&kv.value) {
+                Ok(id) => {
+                    identities.insert(node.to_string(), id);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping a malformed node identity")
+                }
+            }
         }
     }
     epochs.sort_by_key(|e| e.epoch);
@@ -49,6 +75,7 @@ pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
         topology,
         config,
         epochs,
+        identities,
         revision: rev_a,
     })
 }

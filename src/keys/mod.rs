@@ -21,7 +21,7 @@ mod kek;
 mod secret;
 
 pub use kek::{Kek, KekError};
-pub use secret::{EpochSecret, SaKey, SealError, SecretBytes};
+pub use secret::{EpochSecret, SaKey, SealError, SecretBytes, SA_KEY_LEN};
 
 /// The HKDF info label's prefix; bump the version to change the derivation.
 pub const INFO_LABEL: &[u8] = b"calico-ipsec/v1/sa";
@@ -70,10 +70,21 @@ pub fn spi(epoch: u32, incarnation: u32, sender_id: u16) -> u32 {
     ((epoch % 255 + 1) << 24) | ((incarnation % 256) << 16) | u32::from(sender_id)
 }
 
+/// The top 16 bits of every reqid we use: they mark a state as ours.
+pub const REQID_TAG: u32 = 0xCA1C_0000;
+
 /// The XFRM reqid of an epoch: policies pick the active epoch's SAs by it.
+///
+/// `reqid = 0xCA1C0000 | (epoch % 65535 + 1)`: never 0 (which means "any" in
+/// a template), and tagged so that states of other IPsec software are never
+/// mistaken for ours.
 pub fn reqid(epoch: u32) -> u32 {
-    // reqid 0 means "any" in a template, so epochs map to 1..=0xffff.
-    epoch % 0xffff + 1
+    REQID_TAG | (epoch % 0xffff + 1)
+}
+
+/// Whether `reqid` is one of ours.
+pub fn is_our_reqid(reqid: u32) -> bool {
+    reqid & 0xffff_0000 == REQID_TAG && reqid & 0xffff != 0
 }
 
 #[cfg(test)]

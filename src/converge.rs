@@ -1,0 +1,481 @@
+//! Converging this node's XFRM state: the one writer of the data plane.
+//!
+//! `converge` takes the node-wide lock (kubelet runs ADDs concurrently, and
+//! the agent converges too), reads a snapshot from etcd, makes sure this
+//! node's incarnation is safe to use, computes the desired state, diffs it
+//! with the kernel and applies the difference. When nothing differs, no
+//! netlink write happens.
+//!
+//! # Incarnations: a key is never used by two SAs
+//!
+//! An outbound SA's key is derived from (epoch, me, incarnation, peer). If
+//! that SA is ever lost (a reboot, a flush, a peer that left and came back)
+//! it must not be created again with the same key: GCM nonces restart with
+//! every new SA. So the node keeps a ledger (`<state_dir>/node/ledger`) of
+//! every (epoch, peer) outbound SA it has created in its current incarnation,
+//! written before the SA is created. A new incarnation is published in etcd
+//! (`nodeids/<node>`), before any SA that uses it exists, when:
+//! - the node has never published one;
+//! - the kernel's boot id differs from the one published (a reboot);
+//! - the ledger is missing or belongs to another incarnation or boot;
+//! - an outbound SA the ledger says was created is missing or altered.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::attachment::write_atomic;
+use crate::config::{NodenameError, PluginConfig};
+use crate::datastore::etcd::{Etcd, EtcdSettings};
+use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
+use crate::datastore::snapshot::{self, Snapshot};
+use crate::keys::{EpochSecret, Kek, KekError, SaId};
+use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
+use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
+
+/// The kernel's boot id: changes on every boot.
+pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+/// ICV length used when the config does not say.
+pub const DEFAULT_ICV_BITS: u32 = 128;
+
+/// Why converging failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvergeError {
+    /// etcd or our records failed.
+    #[error(transparent)]
+    Store(#[from] IpsecStoreError),
+    /// This node's name is unknown.
+    #[error(transparent)]
+    Nodename(#[from] NodenameError),
+    /// The datastore does not allow a desired state.
+    #[error(transparent)]
+    Desired(#[from] DesiredError),
+    /// The kernel refused.
+    #[error(transparent)]
+    Xfrm(#[from] XfrmError),
+    /// The KEK cannot be loaded.
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    /// The lock or ledger under the state directory failed.
+    #[error("{op} {path}: {source}")]
+    State {
+        /// What we were doing.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+    /// The async runtime could not start.
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+/// What a converge saw and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// This node.
+    pub node: String,
+    /// The phase applied.
+    pub phase: Phase,
+    /// This node's id, once it has one.
+    pub id: Option<u16>,
+    /// This node's incarnation (0 while the phase is off).
+    pub incarnation: u32,
+    /// True when a new incarnation was published this time.
+    pub new_incarnation: bool,
+    /// States desired.
+    pub states: usize,
+    /// Policies desired.
+    pub policies: usize,
+    /// Netlink writes done.
+    pub writes: usize,
+    /// The etcd revision of the snapshot.
+    pub revision: i64,
+    /// Milliseconds taken, lock wait included.
+    pub millis: u64,
+}
+
+/// How a snapshot turned into a plan, for CHECK and `status` (no writes).
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The snapshot read.
+    pub snapshot: Snapshot,
+    /// This node.
+    pub node: String,
+    /// The phase.
+    pub phase: Phase,
+    /// The desired state.
+    pub desired: Desired,
+    /// What the kernel holds that is ours.
+    pub held: Held,
+    /// The difference.
+    pub plan: Plan,
+}
+
+fn state_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConvergeError {
+    let path = path.to_path_buf();
+    move |source| ConvergeError::State { op, path, source }
+}
+
+/// The node-wide lock: an exclusive `flock` on `<state_dir>/node/lock`.
+pub struct NodeLock {
+    _lock: Flock<File>,
+}
+
+impl NodeLock {
+    /// Waits for and takes the lock.
+    pub fn acquire(state_dir: &Path) -> Result<Self, ConvergeError> {
+        let dir = state_dir.join("node");
+        create_private_dir(&dir)?;
+        let path = dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(state_err("opening", &path))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| state_err("locking", &path)(io::Error::from(e)))?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), ConvergeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(state_err("creating", dir))
+}
+
+/// The outbound SAs created in the current incarnation (names, no keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// The boot id it belongs to.
+    pub boot_id: String,
+    /// The incarnation it belongs to.
+    pub incarnation: u32,
+    /// "epoch/peer" of every outbound SA created.
+    pub sent: BTreeSet<String>,
+}
+
+impl Ledger {
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("node").join("ledger")
+    }
+
+    /// Reads the ledger; `None` when missing or unreadable (both mean the
+    /// history is unknown, which a new incarnation settles).
+    pub fn load(state_dir: &Path) -> Option<Self> {
+        let bytes = fs::read(Self::path(state_dir)).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "the SA ledger is unreadable; a new incarnation will be published");
+                None
+            }
+        }
+    }
+
+    /// Writes the ledger atomically (0600), synced before any SA it lists.
+    pub fn save(&self, state_dir: &Path) -> Result<(), ConvergeError> {
+        let path = Self::path(state_dir);
+        if let Some(dir) = path.parent() {
+            create_private_dir(dir)?;
+        }
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        write_atomic(&path, &body).map_err(state_err("writing", &path))
+    }
+
+    fn entry(epoch: u32, peer: &str) -> String {
+        format!("{epoch}/{peer}")
+    }
+}
+
+/// Reads the kernel's boot id.
+pub fn boot_id() -> Result<String, ConvergeError> {
+    let p = Path::new(BOOT_ID_PATH);
+    fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .map_err(state_err("reading", p))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ConvergeError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ConvergeError::Runtime)
+}
+
+fn settings(cfg: &PluginConfig) -> EtcdSettings {
+    EtcdSettings::from_config(&cfg.etcd, cfg.etcd_timeout)
+}
+
+fn phase_of(s: &Snapshot) -> (Phase, u32) {
+    s.config
+        .as_ref()
+        .map_or((Phase::Off, DEFAULT_ICV_BITS), |c| (c.phase, c.icv_bits))
+}
+
+/// Reads etcd and the kernel and computes the plan, without writing
+/// anything (CHECK, STATUS and `calico-ipsec status`).
+pub fn observe(cfg: &PluginConfig) -> Result<Observed, ConvergeError> {
+    let node = cfg.node_name()?;
+    let snapshot = runtime()?.block_on(async {
+        let etcd = Etcd::connect(&settings(cfg)).await?;
+        snapshot::read(&etcd).await
+    })?;
+    observe_snapshot(snapshot, node)
+}
+
+/// Computes the plan from a snapshot already read.
+pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, ConvergeError> {
+    let (phase, icv_bits) = phase_of(&snapshot);
+    let desired = Desired::compute(&Inputs {
+        topology: &snapshot.topology,
+        me: &node,
+        my_identity: snapshot.identities.get(&node),
+        identities: &snapshot.identities,
+        phase,
+        epochs: &snapshot.epochs,
+        icv_bits,
+    })?;
+    let held = Xfrm::open()?.held()?;
+    let plan = Plan::diff(&desired, &held);
+    Ok(Observed {
+        snapshot,
+        node,
+        phase,
+        desired,
+        held,
+        plan,
+    })
+}
+
+/// Converges this node's kernel to what etcd says (the ADD path).
+pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
+    let started = Instant::now();
+    let node = cfg.node_name()?;
+    let _lock = NodeLock::acquire(&cfg.state_dir)?;
+    runtime()?.block_on(async {
+        let etcd = Etcd::connect(&settings(cfg))
+            .await
+            .map_err(IpsecStoreError::from)?;
+        let snap = snapshot::read(&etcd).await?;
+        converge_with(cfg, &etcd, snap, node, started).await
+    })
+}
+
+/// Converges from a snapshot with a connected client; the caller holds the
+/// node lock.
+pub async fn converge_with(
+    cfg: &PluginConfig,
+    etcd: &Etcd,
+    snap: Snapshot,
+    node: String,
+    started: Instant,
+) -> Result<Report, ConvergeError> {
+    let (phase, icv_bits) = phase_of(&snap);
+    let store = IpsecStore::new(etcd);
+    let mut xfrm = Xfrm::open()?;
+    let held = xfrm.held()?;
+
+    // Off: remove whatever is ours; no identity needed.
+    let mut mine: Option<(Identity, i64)> = None;
+    let mut ledger = Ledger::default();
+    let mut new_incarnation = false;
+    if phase != Phase::Off {
+        let boot = boot_id()?;
+        let (ident, rev) = store.identity(&node).await?;
+        let loaded = Ledger::load(&cfg.state_dir);
+        let stale = ident.incarnation == 0
+            || ident.boot_id != boot
+            || loaded
+                .as_ref()
+                .is_none_or(|l| l.incarnation != ident.incarnation || l.boot_id != boot);
+        match loaded.filter(|_| !stale) {
+            Some(l) => {
+                ledger = l;
+                mine = Some((ident, rev));
+            }
+            None => {
+                let fresh = bump(&store, &node, ident, rev, &boot, &cfg.state_dir).await?;
+                ledger = fresh.1;
+                mine = Some(fresh.0);
+                new_incarnation = true;
+            }
+        }
+    }
+
+    let (desired, plan) = loop {
+        let desired = Desired::compute(&Inputs {
+            topology: &snap.topology,
+            me: &node,
+            my_identity: mine.as_ref().map(|(i, _)| i),
+            identities: &snap.identities,
+            phase,
+            epochs: &snap.epochs,
+            icv_bits,
+        })?;
+        let plan = Plan::diff(&desired, &held);
+        let lost = plan
+            .created_outbound()
+            .any(|s| ledger.sent.contains(&Ledger::entry(s.epoch, &s.receiver)));
+        match (&mine, lost && !new_incarnation) {
+            (Some((ident, rev)), true) => {
+                tracing::warn!(
+                    node = %node,
+                    incarnation = ident.incarnation,
+                    "an outbound SA created earlier is missing or altered; publishing a new incarnation so that no key is used twice"
+                );
+                let boot = boot_id()?;
+                let fresh = bump(&store, &node, ident.clone(), *rev, &boot, &cfg.state_dir).await?;
+                ledger = fresh.1;
+                mine = Some(fresh.0);
+                new_incarnation = true;
+            }
+            _ => break (desired, plan),
+        }
+    };
+
+    let mut applied = Applied::default();
+    if !plan.is_empty() {
+        tracing::info!(node = %node, phase = ?phase, plan = %plan.summary(), "converging XFRM");
+        // Write-ahead: the ledger lists every outbound SA before it exists.
+        let before = ledger.sent.len();
+        ledger.sent.retain(|e| {
+            e.split('/')
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| desired.installed_epochs.contains(&n))
+        });
+        let pruned = before != ledger.sent.len();
+        let mut grew = false;
+        for s in plan.created_outbound() {
+            grew |= ledger.sent.insert(Ledger::entry(s.epoch, &s.receiver));
+        }
+        if grew || pruned {
+            ledger.save(&cfg.state_dir)?;
+        }
+        applied = apply_with_keys(cfg, &snap, &mut xfrm, &plan, &held)?;
+    }
+    let (id, incarnation) = mine
+        .as_ref()
+        .map_or((None, 0), |(i, _)| (Some(i.id), i.incarnation));
+    let report = Report {
+        node,
+        phase,
+        id,
+        incarnation,
+        new_incarnation,
+        states: desired.states.len(),
+        policies: desired.policies.len(),
+        writes: applied.states_added
+            + applied.states_deleted
+            + applied.policies_added
+            + applied.policies_updated
+            + applied.policies_deleted,
+        revision: snap.revision,
+        millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    tracing::debug!(?report, "converged");
+    Ok(report)
+}
+
+/// Publishes the next incarnation (compare-and-swap on the identity record)
+/// and starts an empty ledger for it.
+async fn bump(
+    store: &IpsecStore<'_>,
+    node: &str,
+    mut ident: Identity,
+    mut rev: i64,
+    boot: &str,
+    state_dir: &Path,
+) -> Result<((Identity, i64), Ledger), ConvergeError> {
+    let floor = Ledger::load(state_dir).map_or(0, |l| l.incarnation);
+    for _ in 0..16 {
+        let next = Identity {
+            id: ident.id,
+            incarnation: ident.incarnation.max(floor) + 1,
+            boot_id: boot.to_string(),
+        };
+        if store.publish_identity(node, &next, rev).await? {
+            let ledger = Ledger {
+                boot_id: boot.to_string(),
+                incarnation: next.incarnation,
+                sent: BTreeSet::new(),
+            };
+            ledger.save(state_dir)?;
+            tracing::info!(
+                node,
+                incarnation = next.incarnation,
+                "published a new incarnation"
+            );
+            let (fresh, rev) = store.identity(node).await?;
+            return Ok(((fresh, rev), ledger));
+        }
+        (ident, rev) = store.identity(node).await?;
+    }
+    Err(IpsecStoreError::Contended(format!("publishing a new incarnation of {node}")).into())
+}
+
+/// Unseals the epochs the plan needs and applies it, deriving each key just
+/// before its state is added.
+fn apply_with_keys(
+    cfg: &PluginConfig,
+    snap: &Snapshot,
+    xfrm: &mut Xfrm,
+    plan: &Plan,
+    held: &Held,
+) -> Result<Applied, ConvergeError> {
+    let needs_keys = !(plan.add_states.is_empty() && plan.replace_states.is_empty());
+    let kek = if needs_keys {
+        Some(Kek::load(&cfg.kek_file)?)
+    } else {
+        None
+    };
+    let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
+    let mut secrets: HashMap<u32, EpochSecret> = HashMap::new();
+    let applied = xfrm.apply(plan, held, |s| {
+        let kek = kek.as_ref().ok_or("no KEK loaded")?;
+        let secret = match secrets.entry(s.epoch) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let rec = snap
+                    .epochs
+                    .iter()
+                    .find(|e| e.epoch == s.epoch)
+                    .ok_or_else(|| format!("epoch {} has no record", s.epoch))?;
+                v.insert(rec.open(kek).map_err(|e| e.to_string())?)
+            }
+        };
+        Ok(secret.derive(
+            &guid,
+            &SaId {
+                epoch: s.epoch,
+                sender: &s.sender,
+                incarnation: s.incarnation,
+                receiver: &s.receiver,
+            },
+        ))
+    })?;
+    let outbound = plan.add_states.iter().filter(|s| s.dir == Dir::Out).count();
+    tracing::info!(
+        states_added = applied.states_added,
+        outbound_added = outbound,
+        states_deleted = applied.states_deleted,
+        policies_added = applied.policies_added,
+        policies_updated = applied.policies_updated,
+        policies_deleted = applied.policies_deleted,
+        "applied"
+    );
+    Ok(applied)
+}

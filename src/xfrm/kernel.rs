@@ -1,0 +1,584 @@
+//! The kernel side: dump our XFRM states and policies, apply a [`Plan`].
+//!
+//! One `NETLINK_XFRM` socket, opened in the calling thread's namespace.
+//! Writes go in batches of ACK'd requests. A plan is applied in an order that
+//! is safe at every step: states first (a policy never points at a state
+//! that is not there yet), then policy adds and in-place updates, then policy
+//! deletes, then state deletes. When a stage fails, what that stage added is
+//! taken back and the error names the object and the kernel's reason.
+//!
+//! Keys: a state dump carries every state's key (ours and others'). Each is
+//! zeroized as soon as the message is decoded, as are the receive buffer and
+//! the encoded requests; no message is ever logged.
+
+use std::net::Ipv4Addr;
+
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_xfrm::{
+    constants::{
+        AF_INET, IPPROTO_ESP, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW, XFRM_POLICY_IN,
+        XFRM_POLICY_OUT, XFRM_STATE_ESN,
+    },
+    policy::{DelGetMessage as PolicyId, ModifyMessage as PolicyMsg},
+    state::{DelGetMessage as SaId, GetDumpMessage, ModifyMessage as SaMsg},
+    Address, AlgAead, Id, LifetimeConfig, ReplayEsn, Selector as XSelector, UserPolicyId,
+    UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate, XfrmAttrs, XfrmMessage,
+};
+use zeroize::Zeroize;
+
+use super::{Dir, Held, KernelPolicy, KernelSa, Plan, PolicySpec, SaSpec, Selector, REPLAY_WINDOW};
+use crate::datastore::ipsec::ALGORITHM;
+use crate::keys::{is_our_reqid, SaKey, SA_KEY_LEN};
+use crate::netlink::{NetlinkError, Socket};
+
+/// A failure talking XFRM to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum XfrmError {
+    /// The socket or a dump failed.
+    #[error("XFRM netlink ({op}): {source}")]
+    Netlink {
+        /// What we were doing.
+        op: &'static str,
+        /// The failure.
+        #[source]
+        source: NetlinkError,
+    },
+    /// The kernel refused one object.
+    #[error("the kernel refused to {what}: {source}")]
+    Refused {
+        /// The object and operation, without key material.
+        what: String,
+        /// The kernel's reason.
+        #[source]
+        source: NetlinkError,
+    },
+    /// Another IPsec configuration holds a selector we need.
+    #[error("a policy that is not ours already holds {0}: remove it or exclude this node (calico-ipsec never changes foreign policies)")]
+    Foreign(String),
+    /// A key could not be produced for a state.
+    #[error("cannot derive the key of {what}: {reason}")]
+    Key {
+        /// The state.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// States added (including replaced ones).
+    pub states_added: usize,
+    /// States deleted (including replaced ones).
+    pub states_deleted: usize,
+    /// Policies added.
+    pub policies_added: usize,
+    /// Policies updated in place.
+    pub policies_updated: usize,
+    /// Policies deleted.
+    pub policies_deleted: usize,
+}
+
+/// An XFRM netlink socket in the current network namespace.
+pub struct Xfrm {
+    sock: Socket<XfrmMessage>,
+}
+
+fn addr(ip: Ipv4Addr) -> Address {
+    Address::from_ipv4(&ip)
+}
+
+fn infinite() -> LifetimeConfig {
+    LifetimeConfig {
+        soft_byte_limit: XFRM_INF,
+        hard_byte_limit: XFRM_INF,
+        soft_packet_limit: XFRM_INF,
+        hard_packet_limit: XFRM_INF,
+        ..Default::default()
+    }
+}
+
+fn xdir(d: Dir) -> u8 {
+    match d {
+        Dir::In => XFRM_POLICY_IN,
+        Dir::Out => XFRM_POLICY_OUT,
+    }
+}
+
+fn xselector(s: &Selector) -> XSelector {
+    XSelector {
+        daddr: addr(s.dst),
+        saddr: addr(s.src),
+        dport: s.dport,
+        dport_mask: if s.dport == 0 { 0 } else { 0xffff },
+        family: AF_INET,
+        prefixlen_d: 32,
+        prefixlen_s: 32,
+        proto: s.proto,
+        ..Default::default()
+    }
+}
+
+fn describe_sa(s: &SaSpec) -> String {
+    format!(
+        "{} state {} -> {} spi 0x{:08x} (epoch {})",
+        match s.dir {
+            Dir::In => "inbound",
+            Dir::Out => "outbound",
+        },
+        s.src,
+        s.dst,
+        s.spi,
+        s.epoch
+    )
+}
+
+fn describe_policy(dir: Dir, s: &Selector) -> String {
+    let d = match dir {
+        Dir::In => "in",
+        Dir::Out => "out",
+    };
+    if s.dport == 0 {
+        format!(
+            "policy src {}/32 dst {}/32 proto {} dir {d}",
+            s.src, s.dst, s.proto
+        )
+    } else {
+        format!(
+            "policy src {}/32 dst {}/32 proto {} dport {} dir {d}",
+            s.src, s.dst, s.proto, s.dport
+        )
+    }
+}
+
+/// Builds the add request of one state around its key.
+fn sa_message(s: &SaSpec, key: &SaKey) -> XfrmMessage {
+    let mut alg_name = [0u8; 64];
+    alg_name[..ALGORITHM.len()].copy_from_slice(ALGORITHM.as_bytes());
+    let info = UserSaInfo {
+        selector: XSelector {
+            family: AF_INET,
+            ..Default::default()
+        },
+        id: Id {
+            daddr: addr(s.dst),
+            spi: s.spi,
+            proto: IPPROTO_ESP,
+        },
+        saddr: addr(s.src),
+        lifetime_cfg: infinite(),
+        reqid: s.reqid,
+        family: AF_INET,
+        mode: XFRM_MODE_TRANSPORT,
+        flags: XFRM_STATE_ESN,
+        ..Default::default()
+    };
+    let words = REPLAY_WINDOW.div_ceil(32);
+    XfrmMessage::AddSa(SaMsg {
+        user_sa_info: info,
+        nlas: vec![
+            XfrmAttrs::EncryptionAlgAead(AlgAead {
+                alg_name,
+                alg_key_len: (SA_KEY_LEN * 8) as u32,
+                alg_icv_len: s.icv_bits,
+                alg_key: key.0.expose().to_vec(),
+            }),
+            XfrmAttrs::ReplayStateEsn(ReplayEsn {
+                bmp_len: words,
+                oseq: 0,
+                seq: 0,
+                oseq_hi: 0,
+                seq_hi: 0,
+                replay_window: REPLAY_WINDOW,
+                bmp: vec![0; words as usize],
+            }),
+        ],
+    })
+}
+
+fn del_sa_message(dst: Ipv4Addr, spi: u32) -> XfrmMessage {
+    XfrmMessage::DeleteSa(SaId {
+        user_sa_id: UserSaId {
+            daddr: addr(dst),
+            spi,
+            family: AF_INET,
+            proto: IPPROTO_ESP,
+        },
+        nlas: vec![],
+    })
+}
+
+fn policy_message(p: &PolicySpec, update: bool) -> XfrmMessage {
+    let info = UserPolicyInfo {
+        selector: xselector(&p.sel),
+        lifetime_cfg: infinite(),
+        priority: super::PRIORITY,
+        direction: xdir(p.dir),
+        action: XFRM_POLICY_ALLOW,
+        ..Default::default()
+    };
+    let tmpl = UserTemplate {
+        id: Id {
+            daddr: addr(p.sel.dst),
+            spi: 0,
+            proto: IPPROTO_ESP,
+        },
+        family: AF_INET,
+        saddr: addr(p.sel.src),
+        reqid: p.reqid,
+        mode: XFRM_MODE_TRANSPORT,
+        share: 0,
+        optional: 0,
+        aalgos: !0,
+        ealgos: !0,
+        calgos: !0,
+    };
+    let msg = PolicyMsg {
+        user_policy_info: info,
+        nlas: vec![XfrmAttrs::Template(vec![tmpl])],
+    };
+    if update {
+        XfrmMessage::UpdatePolicy(msg)
+    } else {
+        XfrmMessage::AddPolicy(msg)
+    }
+}
+
+fn del_policy_message(dir: Dir, sel: &Selector) -> XfrmMessage {
+    XfrmMessage::DeletePolicy(PolicyId {
+        user_policy_id: UserPolicyId {
+            selector: xselector(sel),
+            index: 0,
+            direction: xdir(dir),
+        },
+        nlas: vec![],
+    })
+}
+
+/// Overwrites every key a message carries.
+fn scrub(msg: &mut XfrmMessage) {
+    if let XfrmMessage::AddSa(m) | XfrmMessage::UpdateSa(m) = msg {
+        for nla in &mut m.nlas {
+            match nla {
+                XfrmAttrs::EncryptionAlgAead(a) => a.alg_key.zeroize(),
+                XfrmAttrs::EncryptionAlg(a)
+                | XfrmAttrs::AuthenticationAlg(a)
+                | XfrmAttrs::CompressionAlg(a) => a.alg_key.zeroize(),
+                XfrmAttrs::AuthenticationAlgTrunc(a) => a.alg_key.zeroize(),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn ipv4(a: &Address) -> Ipv4Addr {
+    a.to_ipv4()
+}
+
+/// Our state in a dumped message, if it is ours.
+fn our_state(m: &SaMsg) -> Option<KernelSa> {
+    let i = &m.user_sa_info;
+    if i.id.proto != IPPROTO_ESP || i.family != AF_INET || !is_our_reqid(i.reqid) {
+        return None;
+    }
+    let mut sa = KernelSa {
+        src: ipv4(&i.saddr),
+        dst: ipv4(&i.id.daddr),
+        spi: i.id.spi,
+        reqid: i.reqid,
+        transport: i.mode == XFRM_MODE_TRANSPORT,
+        aead: None,
+        icv_bits: 0,
+        esn: i.flags & XFRM_STATE_ESN != 0,
+        packets: i.lifetime_cur.packets,
+    };
+    for nla in &m.nlas {
+        if let XfrmAttrs::EncryptionAlgAead(a) = nla {
+            let end = a
+                .alg_name
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(a.alg_name.len());
+            sa.aead = Some(String::from_utf8_lossy(&a.alg_name[..end]).into_owned());
+            sa.icv_bits = a.alg_icv_len;
+        }
+    }
+    Some(sa)
+}
+
+/// Our policy in a dumped message, if it is ours.
+fn our_policy(m: &PolicyMsg) -> Option<KernelPolicy> {
+    let i = &m.user_policy_info;
+    if i.priority != super::PRIORITY || i.selector.family != AF_INET {
+        return None;
+    }
+    let dir = match i.direction {
+        XFRM_POLICY_IN => Dir::In,
+        XFRM_POLICY_OUT => Dir::Out,
+        _ => return None,
+    };
+    let s = &i.selector;
+    let mut templates = Vec::new();
+    for nla in &m.nlas {
+        if let XfrmAttrs::Template(ts) = nla {
+            for t in ts {
+                templates.push((
+                    ipv4(&t.saddr),
+                    ipv4(&t.id.daddr),
+                    t.reqid,
+                    t.id.proto == IPPROTO_ESP && t.mode == XFRM_MODE_TRANSPORT,
+                ));
+            }
+        }
+    }
+    Some(KernelPolicy {
+        dir,
+        sel: Selector {
+            src: ipv4(&s.saddr),
+            dst: ipv4(&s.daddr),
+            proto: s.proto,
+            dport: if s.dport_mask == 0 { 0 } else { s.dport },
+        },
+        priority: i.priority,
+        templates,
+    })
+}
+
+impl Xfrm {
+    /// Opens an XFRM socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, XfrmError> {
+        let sock = Socket::open(netlink_sys::protocols::NETLINK_XFRM)
+            .map_err(|source| XfrmError::Netlink { op: "open", source })?;
+        Ok(Self { sock })
+    }
+
+    /// Dumps our states and policies (everything else is ignored).
+    pub fn held(&mut self) -> Result<Held, XfrmError> {
+        let mut held = Held::default();
+        let mut states = self
+            .sock
+            .request(
+                XfrmMessage::GetDumpSa(GetDumpMessage { nlas: vec![] }),
+                NLM_F_REQUEST | NLM_F_DUMP,
+            )
+            .map_err(|source| XfrmError::Netlink {
+                op: "dump states",
+                source,
+            })?;
+        for msg in &mut states {
+            if let XfrmMessage::AddSa(m) = &*msg {
+                if let Some(sa) = our_state(m) {
+                    held.states.insert((sa.dst, sa.spi), sa);
+                }
+            }
+            scrub(msg);
+        }
+        let policies = self
+            .sock
+            .request(
+                XfrmMessage::GetPolicy(PolicyId::default()),
+                NLM_F_REQUEST | NLM_F_DUMP,
+            )
+            .map_err(|source| XfrmError::Netlink {
+                op: "dump policies",
+                source,
+            })?;
+        for msg in &policies {
+            if let XfrmMessage::AddPolicy(m) = msg {
+                if let Some(p) = our_policy(m) {
+                    held.policies.insert((p.dir, p.sel), p);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Sends a batch; returns the index and error of each failure.
+    fn send(
+        &mut self,
+        msgs: &[XfrmMessage],
+        op: &'static str,
+    ) -> Result<Vec<(usize, NetlinkError)>, XfrmError> {
+        let results = self
+            .sock
+            .batch(msgs)
+            .map_err(|source| XfrmError::Netlink { op, source })?;
+        Ok(results
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+            .collect())
+    }
+
+    /// Applies `plan`, asking `key` for each state to add. `held` is what the
+    /// plan was computed from (used to take back a failed policy update).
+    pub fn apply<F>(&mut self, plan: &Plan, held: &Held, mut key: F) -> Result<Applied, XfrmError>
+    where
+        F: FnMut(&SaSpec) -> Result<SaKey, String>,
+    {
+        let mut done = Applied::default();
+
+        // 1. States: replaced ones are deleted first (same dst and SPI).
+        if !plan.replace_states.is_empty() {
+            let dels: Vec<_> = plan
+                .replace_states
+                .iter()
+                .map(|s| del_sa_message(s.dst, s.spi))
+                .collect();
+            let failed = self.send(&dels, "delete states")?;
+            if let Some((i, source)) = failed
+                .into_iter()
+                .find(|(_, e)| e.errno() != Some(libc::ESRCH))
+            {
+                return Err(XfrmError::Refused {
+                    what: format!("delete {}", describe_sa(&plan.replace_states[i])),
+                    source,
+                });
+            }
+            done.states_deleted += dels.len();
+        }
+        let to_add: Vec<&SaSpec> = plan.add_states.iter().chain(&plan.replace_states).collect();
+        let mut adds = Vec::with_capacity(to_add.len());
+        for s in &to_add {
+            match key(s) {
+                Ok(k) => adds.push(sa_message(s, &k)),
+                Err(reason) => {
+                    adds.iter_mut().for_each(scrub);
+                    return Err(XfrmError::Key {
+                        what: describe_sa(s),
+                        reason,
+                    });
+                }
+            }
+        }
+        let failed = self.send(&adds, "add states");
+        adds.iter_mut().for_each(scrub);
+        let failed = failed?;
+        if let Some((i, source)) = failed.first() {
+            // Take back the states this stage added.
+            let bad: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            let undo: Vec<_> = to_add
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !bad.contains(j))
+                .map(|(_, s)| del_sa_message(s.dst, s.spi))
+                .collect();
+            let _ = self.send(&undo, "take back states");
+            return Err(XfrmError::Refused {
+                what: format!("add {}", describe_sa(to_add[*i])),
+                source: clone_err(source),
+            });
+        }
+        done.states_added += adds.len();
+
+        // 2. Policies: adds, then atomic in-place updates.
+        let adds: Vec<_> = plan
+            .add_policies
+            .iter()
+            .map(|p| policy_message(p, false))
+            .collect();
+        let failed = self.send(&adds, "add policies")?;
+        if let Some((i, source)) = failed.first() {
+            let bad: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            let undo: Vec<_> = plan
+                .add_policies
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !bad.contains(j))
+                .map(|(_, p)| del_policy_message(p.dir, &p.sel))
+                .collect();
+            let _ = self.send(&undo, "take back policies");
+            let p = &plan.add_policies[*i];
+            let what = describe_policy(p.dir, &p.sel);
+            return Err(if source.errno() == Some(libc::EEXIST) {
+                XfrmError::Foreign(what)
+            } else {
+                XfrmError::Refused {
+                    what: format!("add {what}"),
+                    source: clone_err(source),
+                }
+            });
+        }
+        done.policies_added += adds.len();
+        let updates: Vec<_> = plan
+            .update_policies
+            .iter()
+            .map(|p| policy_message(p, true))
+            .collect();
+        let failed = self.send(&updates, "update policies")?;
+        if let Some((i, source)) = failed.first() {
+            let bad: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            let undo: Vec<_> = plan
+                .update_policies
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !bad.contains(j))
+                .filter_map(|(_, p)| held.policies.get(&p.key()))
+                .filter_map(|old| {
+                    let (_, _, reqid, _) = *old.templates.first()?;
+                    Some(policy_message(
+                        &PolicySpec {
+                            dir: old.dir,
+                            sel: old.sel,
+                            reqid,
+                        },
+                        true,
+                    ))
+                })
+                .collect();
+            let _ = self.send(&undo, "take back policy updates");
+            let p = &plan.update_policies[*i];
+            return Err(XfrmError::Refused {
+                what: format!("update {}", describe_policy(p.dir, &p.sel)),
+                source: clone_err(source),
+            });
+        }
+        done.policies_updated += updates.len();
+
+        // 3. Deletes: policies, then the states they may have used. Gone
+        //    already (ENOENT/ESRCH) counts as done.
+        let dels: Vec<_> = plan
+            .del_policies
+            .iter()
+            .map(|(d, s)| del_policy_message(*d, s))
+            .collect();
+        let failed = self.send(&dels, "delete policies")?;
+        if let Some((i, source)) = failed
+            .into_iter()
+            .find(|(_, e)| e.errno() != Some(libc::ENOENT))
+        {
+            let (d, s) = &plan.del_policies[i];
+            return Err(XfrmError::Refused {
+                what: format!("delete {}", describe_policy(*d, s)),
+                source,
+            });
+        }
+        done.policies_deleted += dels.len();
+        let dels: Vec<_> = plan
+            .del_states
+            .iter()
+            .map(|(dst, spi)| del_sa_message(*dst, *spi))
+            .collect();
+        let failed = self.send(&dels, "delete states")?;
+        if let Some((i, source)) = failed
+            .into_iter()
+            .find(|(_, e)| e.errno() != Some(libc::ESRCH))
+        {
+            let (dst, spi) = plan.del_states[i];
+            return Err(XfrmError::Refused {
+                what: format!("delete state to {dst} spi 0x{spi:08x}"),
+                source,
+            });
+        }
+        done.states_deleted += dels.len();
+        Ok(done)
+    }
+}
+
+fn clone_err(e: &NetlinkError) -> NetlinkError {
+    match e {
+        NetlinkError::Kernel(c) => NetlinkError::Kernel(*c),
+        other => NetlinkError::Decode(other.to_string()),
+    }
+}
