@@ -12,6 +12,8 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod datastore;
+/// Installing on a node: our conflist entry, the binary and the KEK file.
+pub mod install;
 pub mod keys;
 pub mod link;
 pub mod logging;

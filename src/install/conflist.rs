@@ -1,0 +1,525 @@
+//! Pure edits of a CNI conflist's text: insert, update or remove our entry.
+//!
+//! The text is edited in place, not re-rendered: every byte outside our own
+//! entry (and the separator before it) is kept as it was, whatever the file's
+//! indentation, key order or line endings. Our entry is rendered in the
+//! file's own style (indent unit, line prefix, newline), so installing and then
+//! uninstalling gives back the original bytes.
+
+use std::ops::Range;
+
+use serde_json::{Map, Value};
+
+use super::InstallError;
+use crate::config::{PluginConfig, DEFAULT_KEK_FILE, DEFAULT_LOG_FILE};
+
+/// Our entry's `type`, which is also the binary's name in the CNI bin dir.
+pub const PLUGIN_TYPE: &str = "calico-ipsec";
+/// Calico's entry's `type`.
+pub const CALICO_TYPE: &str = "calico";
+/// The etcd fields copied from Calico's entry, in the order we write them.
+pub const ETCD_FIELDS: [&str; 4] = [
+    "etcd_endpoints",
+    "etcd_key_file",
+    "etcd_cert_file",
+    "etcd_ca_cert_file",
+];
+
+/// What `install` should put in our entry besides the copied etcd fields.
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    /// `kek_file` for our entry; the default path when `None`. An existing
+    /// entry keeps its own value unless this is set.
+    pub kek_file: Option<String>,
+}
+
+/// The result of planning an edit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    /// The file already says what it should; nothing to write.
+    Unchanged,
+    /// The new text of the file.
+    Changed(String),
+}
+
+/// Where the `plugins` array and each of its elements sit in the text.
+#[derive(Debug)]
+struct Layout {
+    /// Byte offset of the array's `[`.
+    open: usize,
+    /// Byte range of each element.
+    elements: Vec<Range<usize>>,
+}
+
+/// The parsed document and its layout.
+struct Doc<'a> {
+    text: &'a str,
+    plugins: Vec<Value>,
+    layout: Layout,
+}
+
+impl<'a> Doc<'a> {
+    fn parse(text: &'a str) -> Result<Self, InstallError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| InstallError::Malformed {
+            reason: e.to_string(),
+        })?;
+        let plugins = match value.get("plugins") {
+            Some(Value::Array(p)) => p.clone(),
+            Some(_) => {
+                return Err(InstallError::NotAConflist {
+                    reason: "\"plugins\" is not an array".into(),
+                })
+            }
+            None => {
+                return Err(InstallError::NotAConflist {
+                    reason: "it has no \"plugins\" array (a single-plugin .conf cannot be chained)"
+                        .into(),
+                })
+            }
+        };
+        if plugins.iter().any(|p| !p.is_object()) {
+            return Err(InstallError::NotAConflist {
+                reason: "an element of \"plugins\" is not an object".into(),
+            });
+        }
+        let layout = scan(text).ok_or_else(|| InstallError::NotAConflist {
+            reason: "cannot locate one \"plugins\" array in the text (is the key given twice?)"
+                .into(),
+        })?;
+        if layout.elements.len() != plugins.len() {
+            return Err(InstallError::Internal {
+                reason: "the scanned \"plugins\" array does not match the parsed one".into(),
+            });
+        }
+        Ok(Doc {
+            text,
+            plugins,
+            layout,
+        })
+    }
+
+    fn indices(&self, ty: &str) -> Vec<usize> {
+        self.plugins
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.get("type").and_then(Value::as_str) == Some(ty))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The separator (comma and whitespace) this file puts between elements.
+    fn separator(&self) -> String {
+        let e = &self.layout.elements;
+        if e.len() >= 2 {
+            self.text[e[0].end..e[1].start].to_string()
+        } else if let Some(first) = e.first() {
+            format!(",{}", &self.text[self.layout.open + 1..first.start])
+        } else {
+            ",".to_string()
+        }
+    }
+
+    /// Renders `entry` in this file's style, to stand where element `like` stands.
+    fn render(&self, entry: &Value, like: usize) -> String {
+        let sep = self.separator();
+        let newline = if sep.contains("\r\n") { "\r\n" } else { "\n" };
+        let Some(nl) = sep.rfind('\n') else {
+            return compact(entry);
+        };
+        let prefix = &sep[nl + 1..];
+        let unit = self.indent_unit(like, prefix);
+        let mut buf = Vec::new();
+        let fmt = serde_json::ser::PrettyFormatter::with_indent(unit.as_bytes());
+        let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+        if serde::Serialize::serialize(entry, &mut ser).is_err() {
+            return compact(entry);
+        }
+        let pretty = String::from_utf8_lossy(&buf);
+        pretty
+            .split('\n')
+            .collect::<Vec<_>>()
+            .join(&format!("{newline}{prefix}"))
+    }
+
+    /// The indent unit, read from how element `like` indents its first field.
+    fn indent_unit(&self, like: usize, prefix: &str) -> String {
+        let fallback = || {
+            if prefix.is_empty() {
+                "  ".to_string()
+            } else {
+                prefix[..prefix.len().div_ceil(2)].to_string()
+            }
+        };
+        let Some(range) = self.layout.elements.get(like) else {
+            return fallback();
+        };
+        let body = &self.text[range.clone()];
+        let Some(nl) = body.find('\n') else {
+            return fallback();
+        };
+        let line = &body[nl + 1..];
+        let ws_len = line
+            .bytes()
+            .take_while(|b| *b == b' ' || *b == b'\t')
+            .count();
+        let ws = &line[..ws_len];
+        match ws.strip_prefix(prefix) {
+            Some(unit) if !unit.is_empty() => unit.to_string(),
+            _ => fallback(),
+        }
+    }
+
+    /// Text with element `i` replaced by `with`.
+    fn replace(&self, i: usize, with: &str) -> String {
+        let r = &self.layout.elements[i];
+        format!("{}{}{}", &self.text[..r.start], with, &self.text[r.end..])
+    }
+
+    /// Text with `entry` inserted directly after element `after`.
+    fn insert_after(&self, after: usize, entry: &Value) -> String {
+        let rendered = self.render(entry, after);
+        let at = self.layout.elements[after].end;
+        format!(
+            "{}{}{}{}",
+            &self.text[..at],
+            self.separator(),
+            rendered,
+            &self.text[at..]
+        )
+    }
+
+    /// Text with element `i` and the separator before it (or after it, for the first) removed.
+    fn remove(&self, i: usize) -> String {
+        let e = &self.layout.elements;
+        let cut = if i > 0 {
+            e[i - 1].end..e[i].end
+        } else if e.len() > 1 {
+            e[0].start..e[1].start
+        } else {
+            e[0].clone()
+        };
+        format!("{}{}", &self.text[..cut.start], &self.text[cut.end..])
+    }
+}
+
+fn compact(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Checks Calico's entry: the etcd datastore, and etcd fields we can use.
+pub fn check_calico_entry(calico: &Map<String, Value>) -> Result<(), InstallError> {
+    match calico.get("datastore_type").and_then(Value::as_str) {
+        Some("kubernetes") => return Err(InstallError::KubernetesDatastore),
+        Some("etcdv3") | Some("") | None => {}
+        Some(other) => {
+            return Err(InstallError::UnknownDatastore {
+                datastore: other.to_string(),
+            })
+        }
+    }
+    let endpoints = calico.get("etcd_endpoints").and_then(Value::as_str);
+    if endpoints.map(str::trim).unwrap_or("").is_empty() {
+        return Err(if calico.contains_key("etcd_discovery_srv") {
+            InstallError::DiscoverySrv
+        } else {
+            InstallError::NoEtcdEndpoints
+        });
+    }
+    Ok(())
+}
+
+/// Our entry as it should be: `existing` (if any) with the etcd fields copied from Calico's.
+pub fn desired_entry(
+    calico: &Map<String, Value>,
+    existing: Option<&Map<String, Value>>,
+    opts: &InstallOptions,
+) -> Map<String, Value> {
+    let mut entry = match existing {
+        Some(e) => e.clone(),
+        None => {
+            let mut e = Map::new();
+            e.insert("type".into(), Value::String(PLUGIN_TYPE.into()));
+            e.insert(
+                "log_file_path".into(),
+                Value::String(DEFAULT_LOG_FILE.into()),
+            );
+            e
+        }
+    };
+    for field in ETCD_FIELDS {
+        match calico.get(field) {
+            Some(v) if !v.is_null() => {
+                entry.insert(field.into(), v.clone());
+            }
+            _ => {
+                entry.shift_remove(field);
+            }
+        }
+    }
+    match (&opts.kek_file, entry.contains_key("kek_file")) {
+        (Some(k), _) => {
+            entry.insert("kek_file".into(), Value::String(k.clone()));
+        }
+        (None, false) => {
+            entry.insert("kek_file".into(), Value::String(DEFAULT_KEK_FILE.into()));
+        }
+        (None, true) => {}
+    }
+    entry
+}
+
+/// Plans `install`: our entry directly after Calico's, with Calico's etcd fields.
+pub fn plan_install(text: &str, opts: &InstallOptions) -> Result<Edit, InstallError> {
+    let doc = Doc::parse(text)?;
+    let calico_at = *doc
+        .indices(CALICO_TYPE)
+        .first()
+        .ok_or(InstallError::NoCalicoEntry)?;
+    let calico = doc.plugins[calico_at]
+        .as_object()
+        .ok_or(InstallError::NoCalicoEntry)?
+        .clone();
+    check_calico_entry(&calico)?;
+    let ours = doc.indices(PLUGIN_TYPE);
+    if ours.len() > 1 {
+        return Err(InstallError::Duplicate { count: ours.len() });
+    }
+    let existing = ours.first().and_then(|&i| doc.plugins[i].as_object());
+    let want = desired_entry(&calico, existing, opts);
+    PluginConfig::from_json(&want).map_err(|e| InstallError::InvalidEntry { source: e })?;
+    let want = Value::Object(want);
+
+    let new_text = match ours.first() {
+        Some(&i) if i == calico_at + 1 => {
+            if doc.plugins[i] == want && same_order(&doc.plugins[i], &want) {
+                return Ok(Edit::Unchanged);
+            }
+            doc.replace(i, &doc.render(&want, i))
+        }
+        Some(&i) => {
+            // In the wrong place: take it out, then put it back after Calico's.
+            let removed = doc.remove(i);
+            let doc2 = Doc::parse(&removed)?;
+            let at = *doc2
+                .indices(CALICO_TYPE)
+                .first()
+                .ok_or(InstallError::NoCalicoEntry)?;
+            doc2.insert_after(at, &want)
+        }
+        None => doc.insert_after(calico_at, &want),
+    };
+
+    let mut expected: Vec<Value> = doc
+        .plugins
+        .iter()
+        .filter(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE))
+        .cloned()
+        .collect();
+    let at = expected
+        .iter()
+        .position(|p| p.get("type").and_then(Value::as_str) == Some(CALICO_TYPE))
+        .ok_or(InstallError::NoCalicoEntry)?;
+    expected.insert(at + 1, want);
+    verify(&new_text, &expected)?;
+    Ok(Edit::Changed(new_text))
+}
+
+/// Plans `uninstall`: every entry of ours removed, nothing else touched.
+pub fn plan_uninstall(text: &str) -> Result<Edit, InstallError> {
+    let doc = Doc::parse(text)?;
+    let ours = doc.indices(PLUGIN_TYPE);
+    if ours.is_empty() {
+        return Ok(Edit::Unchanged);
+    }
+    let expected: Vec<Value> = doc
+        .plugins
+        .iter()
+        .filter(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE))
+        .cloned()
+        .collect();
+    let mut current = text.to_string();
+    for &i in ours.iter().rev() {
+        current = Doc::parse(&current)?.remove(i);
+    }
+    verify(&current, &expected)?;
+    Ok(Edit::Changed(current))
+}
+
+/// Whether the conflist text names Calico's plugin.
+pub fn has_calico(text: &str) -> Result<bool, InstallError> {
+    Ok(!Doc::parse(text)?.indices(CALICO_TYPE).is_empty())
+}
+
+/// Whether the conflist text holds our entry.
+pub fn has_ours(text: &str) -> Result<bool, InstallError> {
+    Ok(!Doc::parse(text)?.indices(PLUGIN_TYPE).is_empty())
+}
+
+/// Our entry's `kek_file`, if the conflist holds our entry.
+pub fn our_kek_file(text: &str) -> Result<Option<String>, InstallError> {
+    let doc = Doc::parse(text)?;
+    Ok(doc.indices(PLUGIN_TYPE).first().map(|&i| {
+        doc.plugins[i]
+            .get("kek_file")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_KEK_FILE)
+            .to_string()
+    }))
+}
+
+/// Calico's entry, if the conflist has one.
+pub fn calico_entry(text: &str) -> Result<Option<Map<String, Value>>, InstallError> {
+    let doc = Doc::parse(text)?;
+    Ok(doc
+        .indices(CALICO_TYPE)
+        .first()
+        .and_then(|&i| doc.plugins[i].as_object().cloned()))
+}
+
+fn same_order(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => x.keys().eq(y.keys()),
+        _ => true,
+    }
+}
+
+/// Re-parses the edited text and checks it holds exactly the plugins we meant.
+fn verify(text: &str, plugins: &[Value]) -> Result<(), InstallError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| InstallError::Internal {
+        reason: format!("the edited conflist does not parse: {e}"),
+    })?;
+    match v.get("plugins").and_then(Value::as_array) {
+        Some(p) if p.as_slice() == plugins => Ok(()),
+        _ => Err(InstallError::Internal {
+            reason: "the edited conflist does not hold the expected plugins".into(),
+        }),
+    }
+}
+
+/// WireGuard settings that are on in one FelixConfiguration resource (its JSON value).
+pub fn felix_wireguard_fields(value: &[u8]) -> Vec<&'static str> {
+    let Ok(v) = serde_json::from_slice::<Value>(value) else {
+        return Vec::new();
+    };
+    ["wireguardEnabled", "wireguardEnabledV6"]
+        .into_iter()
+        .filter(|f| v["spec"][*f].as_bool() == Some(true))
+        .collect()
+}
+
+// ---- a minimal scanner for byte ranges; the text is already valid JSON ----
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
+/// The end of the string starting at `i` (which is a `"`).
+fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The end of the value starting at `i`.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                match b[j] {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            let mut j = i;
+            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
+                j += 1;
+            }
+            Some(j)
+        }
+    }
+}
+
+/// Finds the top-level `plugins` array and its elements' byte ranges.
+fn scan(text: &str) -> Option<Layout> {
+    let b = text.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut found: Option<Layout> = None;
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i)? {
+            b'}' => return found,
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = skip_string(b, i)?;
+        let key: String = serde_json::from_str(&text[i..key_end]).ok()?;
+        i = skip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let value_end = skip_value(b, i)?;
+        if key == "plugins" && b[i] == b'[' {
+            if found.is_some() {
+                // A duplicate key: refuse rather than guess which one a runtime reads.
+                return None;
+            }
+            found = Some(scan_array(b, i)?);
+        }
+        i = value_end;
+    }
+}
+
+fn scan_array(b: &[u8], open: usize) -> Option<Layout> {
+    let mut elements = Vec::new();
+    let mut i = open + 1;
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i)? {
+            b']' => return Some(Layout { open, elements }),
+            b',' => {
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let end = skip_value(b, i)?;
+        elements.push(i..end);
+        i = end;
+    }
+}
