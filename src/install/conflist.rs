@@ -523,3 +523,191 @@ fn scan_array(b: &[u8], open: usize) -> Option<Layout> {
         i = end;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALICO: &str = include_str!("../../../shared/fixtures/calico/10-calico.conflist");
+    const WITH_IPSEC: &str =
+        include_str!("../../../shared/fixtures/calico/10-calico-with-ipsec.conflist");
+
+    fn install(text: &str) -> String {
+        match plan_install(text, &InstallOptions::default()).expect("install plans") {
+            Edit::Changed(t) => t,
+            Edit::Unchanged => text.to_string(),
+        }
+    }
+
+    fn uninstall(text: &str) -> String {
+        match plan_uninstall(text).expect("uninstall plans") {
+            Edit::Changed(t) => t,
+            Edit::Unchanged => text.to_string(),
+        }
+    }
+
+    #[test]
+    fn fixture_gives_the_expected_shape_byte_for_byte() {
+        assert_eq!(install(CALICO), WITH_IPSEC);
+        assert_eq!(
+            plan_install(WITH_IPSEC, &InstallOptions::default()).expect("plans"),
+            Edit::Unchanged
+        );
+        assert_eq!(uninstall(WITH_IPSEC), CALICO);
+        assert_eq!(plan_uninstall(CALICO).expect("plans"), Edit::Unchanged);
+    }
+
+    #[test]
+    fn other_styles_round_trip_exactly() {
+        let styles = [
+            // compact, one line
+            r#"{"name":"k8s","cniVersion":"1.0.0","plugins":[{"type":"calico","etcd_endpoints":"http://127.0.0.1:2379"},{"type":"bandwidth"}]}"#.to_string(),
+            // tabs and CRLF
+            "{\r\n\t\"cniVersion\": \"0.3.1\",\r\n\t\"plugins\": [\r\n\t\t{\r\n\t\t\t\"type\": \"calico\",\r\n\t\t\t\"etcd_endpoints\": \"http://127.0.0.1:2379\"\r\n\t\t}\r\n\t]\r\n}\r\n".to_string(),
+            // four spaces, calico not first, a trailing newline
+            "{\n    \"cniVersion\": \"0.4.0\",\n    \"plugins\": [\n        {\"type\": \"first\"},\n        {\n            \"type\": \"calico\",\n            \"etcd_endpoints\": \"http://127.0.0.1:2379\"\n        },\n        {\"type\": \"portmap\"}\n    ]\n}\n".to_string(),
+        ];
+        for text in &styles {
+            let installed = install(text);
+            let v: Value = serde_json::from_str(&installed).expect("valid JSON");
+            let plugins = v["plugins"].as_array().expect("plugins");
+            let at = plugins
+                .iter()
+                .position(|p| p["type"] == CALICO_TYPE)
+                .expect("calico");
+            assert_eq!(plugins[at + 1]["type"], PLUGIN_TYPE, "{installed}");
+            assert_eq!(
+                plugins[at + 1]["etcd_endpoints"],
+                "http://127.0.0.1:2379",
+                "{installed}"
+            );
+            assert_eq!(install(&installed), installed, "idempotent");
+            assert_eq!(&uninstall(&installed), text, "round trip of {text:?}");
+        }
+        // The style of the rendered entry follows the file's.
+        assert!(install(&styles[1]).contains("\r\n\t\t\t\"type\": \"calico-ipsec\""));
+        assert!(install(&styles[2]).contains("\n            \"type\": \"calico-ipsec\""));
+        assert!(!install(&styles[0]).contains('\n'));
+    }
+
+    #[test]
+    fn stale_etcd_fields_are_updated_and_custom_fields_kept() {
+        // Our entry's endpoints are the second occurrence; make them stale and add a field.
+        let ours = WITH_IPSEC.rfind("https://10.0.0.5:2379").expect("ours");
+        let mut stale2 = WITH_IPSEC.to_string();
+        stale2.replace_range(ours..ours + 21, "https://10.9.9.9:2379");
+        let stale2 = stale2.replace(
+            "\"kek_file\": \"/etc/cni/net.d/calico-ipsec/kek\"",
+            "\"kek_file\": \"/etc/cni/net.d/calico-ipsec/kek\",\n   \"ext_mtu\": 9000",
+        );
+        let fixed = install(&stale2);
+        let v: Value = serde_json::from_str(&fixed).expect("JSON");
+        assert_eq!(v["plugins"][1]["etcd_endpoints"], "https://10.0.0.5:2379");
+        assert_eq!(v["plugins"][1]["ext_mtu"], 9000);
+        assert_eq!(fixed.matches("10.9.9.9").count(), 0);
+        // Only our entry changed.
+        let before: Value = serde_json::from_str(&stale2).expect("JSON");
+        assert_eq!(v["plugins"][0], before["plugins"][0]);
+        assert_eq!(v["plugins"][2], before["plugins"][2]);
+    }
+
+    #[test]
+    fn an_entry_in_the_wrong_place_moves_after_calico() {
+        let text = r#"{"cniVersion":"0.3.1","plugins":[{"type":"calico-ipsec","ext_mtu":1500},{"type":"calico","etcd_endpoints":"http://127.0.0.1:2379"},{"type":"portmap"}]}"#;
+        let v: Value = serde_json::from_str(&install(text)).expect("JSON");
+        let types: Vec<&str> = v["plugins"]
+            .as_array()
+            .expect("plugins")
+            .iter()
+            .map(|p| p["type"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(types, ["calico", "calico-ipsec", "portmap"]);
+        assert_eq!(v["plugins"][1]["ext_mtu"], 1500);
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        let kdd = r#"{"plugins":[{"type":"calico","datastore_type":"kubernetes"}]}"#;
+        assert!(matches!(
+            plan_install(kdd, &InstallOptions::default()),
+            Err(InstallError::KubernetesDatastore)
+        ));
+        let no_etcd = r#"{"plugins":[{"type":"calico"}]}"#;
+        assert!(matches!(
+            plan_install(no_etcd, &InstallOptions::default()),
+            Err(InstallError::NoEtcdEndpoints)
+        ));
+        let srv = r#"{"plugins":[{"type":"calico","etcd_discovery_srv":"example.com"}]}"#;
+        assert!(matches!(
+            plan_install(srv, &InstallOptions::default()),
+            Err(InstallError::DiscoverySrv)
+        ));
+        let none = r#"{"plugins":[{"type":"bridge"}]}"#;
+        assert!(matches!(
+            plan_install(none, &InstallOptions::default()),
+            Err(InstallError::NoCalicoEntry)
+        ));
+        let twice = r#"{"plugins":[{"type":"calico","etcd_endpoints":"http://a:1"},{"type":"calico-ipsec"},{"type":"calico-ipsec"}]}"#;
+        assert!(matches!(
+            plan_install(twice, &InstallOptions::default()),
+            Err(InstallError::Duplicate { count: 2 })
+        ));
+        for bad in [
+            "{",
+            "[]",
+            r#"{"type":"calico"}"#,
+            r#"{"plugins":{}}"#,
+            r#"{"plugins":[1]}"#,
+        ] {
+            assert!(
+                plan_install(bad, &InstallOptions::default()).is_err(),
+                "{bad}"
+            );
+        }
+        let dup_key = r#"{"plugins":[{"type":"x"}],"plugins":[{"type":"calico","etcd_endpoints":"http://a:1"}]}"#;
+        assert!(matches!(
+            plan_install(dup_key, &InstallOptions::default()),
+            Err(InstallError::NotAConflist { .. })
+        ));
+        let bad_tls = r#"{"plugins":[{"type":"calico","etcd_endpoints":"https://a:1","etcd_key_file":"/k"}]}"#;
+        assert!(matches!(
+            plan_install(bad_tls, &InstallOptions::default()),
+            Err(InstallError::InvalidEntry { .. })
+        ));
+    }
+
+    #[test]
+    fn uninstall_removes_every_entry_of_ours_and_nothing_else() {
+        let text = "{\"plugins\": [\n {\"type\": \"calico-ipsec\"},\n {\"type\": \"calico\"},\n {\"type\": \"calico-ipsec\", \"x\": \"}]\\\"\"}\n]}";
+        assert_eq!(
+            uninstall(text),
+            "{\"plugins\": [\n {\"type\": \"calico\"}\n]}"
+        );
+        let only = r#"{"plugins":[{"type":"calico-ipsec"}]}"#;
+        assert_eq!(uninstall(only), r#"{"plugins":[]}"#);
+    }
+
+    #[test]
+    fn kek_file_option_and_wireguard_fields() {
+        let opts = InstallOptions {
+            kek_file: Some("/etc/kek".into()),
+        };
+        let Edit::Changed(t) = plan_install(CALICO, &opts).expect("plans") else {
+            panic!("must change")
+        };
+        assert_eq!(
+            our_kek_file(&t).expect("parse").as_deref(),
+            Some("/etc/kek")
+        );
+        assert!(
+            felix_wireguard_fields(br#"{"spec":{"wireguardEnabled":true}}"#)
+                .contains(&"wireguardEnabled")
+        );
+        assert!(felix_wireguard_fields(br#"{"spec":{"wireguardEnabled":false}}"#).is_empty());
+        assert!(felix_wireguard_fields(b"not json").is_empty());
+        assert_eq!(
+            felix_wireguard_fields(br#"{"spec":{"wireguardEnabledV6":true}}"#),
+            ["wireguardEnabledV6"]
+        );
+    }
+}
