@@ -486,3 +486,120 @@ fn binary_and_kek_are_copied_once_and_dry_run_writes_nothing() {
         fixture_text("10-calico.conflist")
     );
 }
+
+/// A one-shot fake Kubernetes API on loopback: answers each connection with
+/// the next canned response and hands back the requests it saw.
+fn fake_api(responses: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for response in responses {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).expect("read");
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            s.write_all(response.as_bytes()).expect("write");
+        }
+        seen
+    });
+    (url, handle)
+}
+
+fn http(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn prestop_uninstall_acts_only_when_the_daemonset_is_deleted() {
+    let node = Node::new();
+    let path = node.write(
+        "10-calico.conflist",
+        &fixture_text("10-calico-with-ipsec.conflist"),
+    );
+    let sa = node.tmp.path().join("sa");
+    std::fs::create_dir(&sa).expect("mkdir");
+    std::fs::write(sa.join("token"), "tok-123\n").expect("write");
+    std::fs::write(sa.join("namespace"), "kube-system").expect("write");
+
+    let live = r#"{"kind":"DaemonSet","metadata":{"name":"calico-ipsec-node"}}"#;
+    let deleting = r#"{"kind":"DaemonSet","metadata":{"name":"calico-ipsec-node","deletionTimestamp":"2026-11-21T13:00:00Z"}}"#;
+    let (url, server) = fake_api(vec![
+        http("200 OK", live),
+        http("500 Internal Server Error", "{}"),
+        http("200 OK", deleting),
+        http("404 Not Found", r#"{"kind":"Status"}"#),
+    ]);
+    let prestop = |url: &str| {
+        node.uninstall(&[
+            "--only-if-daemonset-deleted",
+            "calico-ipsec-node",
+            "--kube-api-url",
+            url,
+            "--service-account-dir",
+            sa.to_str().expect("utf8"),
+        ])
+    };
+    let installed = fixture_text("10-calico-with-ipsec.conflist");
+
+    // A restart or a rolling update: the entry stays.
+    let r = prestop(&url);
+    assert!(
+        r.ok && r.stdout.contains("kept"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), installed);
+
+    // No clear answer: the entry stays, and the hook says why.
+    let r = prestop(&url);
+    assert!(
+        !r.ok && r.stderr.contains("kept the calico-ipsec entry"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), installed);
+
+    // Foreground deletion: removed.
+    let r = prestop(&url);
+    assert!(
+        r.ok && r.stdout.contains("being deleted"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        fixture_text("10-calico.conflist")
+    );
+
+    // Background deletion (kubectl delete's default): gone, and nothing left to remove.
+    let r = prestop(&url);
+    assert!(
+        r.ok && r.stdout.contains("is gone (HTTP 404)"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+
+    let seen = server.join().expect("server");
+    assert!(seen[0].starts_with(
+        "GET /apis/apps/v1/namespaces/kube-system/daemonsets/calico-ipsec-node HTTP/1.0\r\n"
+    ));
+    assert!(seen[0].contains("Authorization: Bearer tok-123\r\n"));
+
+    // Nothing listening: kept.
+    node.write("10-calico.conflist", &installed);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let r = prestop(&format!("http://127.0.0.1:{port}"));
+    assert!(!r.ok && r.stderr.contains("kept"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), installed);
+}

@@ -13,6 +13,7 @@ use crate::config::PluginConfig;
 use crate::datastore::calico::RESOURCES;
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::install::conflist::{self, ETCD_FIELDS};
+use crate::install::owner::{DaemonSetState, KubeApi};
 use crate::install::{self as inst, Edit, InstallError, InstallFileError, InstallOptions, Outcome};
 
 /// Arguments of `calico-ipsec install`.
@@ -57,6 +58,16 @@ pub struct UninstallArgs {
     /// Print each conflist as it would be written, and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Act only if this DaemonSet (in the pod's namespace) is gone or being
+    /// deleted, asked of the Kubernetes API; for the agent's preStop hook.
+    #[arg(long, value_name = "NAME")]
+    pub only_if_daemonset_deleted: Option<String>,
+    /// The Kubernetes API URL [default: from KUBERNETES_SERVICE_HOST and _PORT] (for tests).
+    #[arg(long, hide = true)]
+    pub kube_api_url: Option<String>,
+    /// The service account directory (for tests).
+    #[arg(long, hide = true, default_value = crate::install::owner::SERVICE_ACCOUNT_DIR)]
+    pub service_account_dir: PathBuf,
 }
 
 fn conflist_err(path: &Path) -> impl FnOnce(InstallError) -> InstallFileError + '_ {
@@ -197,6 +208,30 @@ async fn felix_wireguard(
 
 /// Runs `calico-ipsec uninstall`.
 pub fn exec_uninstall(args: &UninstallArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if let Some(name) = &args.only_if_daemonset_deleted {
+        let owner_err = |source| InstallFileError::Owner {
+            name: name.clone(),
+            source,
+        };
+        let api = KubeApi::in_cluster(&args.service_account_dir, args.kube_api_url.as_deref())
+            .map_err(owner_err)?;
+        let state = api
+            .daemonset(name, Duration::from_secs(5))
+            .map_err(owner_err)?;
+        let ns = api.namespace();
+        match state {
+            DaemonSetState::Live => {
+                writeln!(out, "kept: DaemonSet {ns}/{name} is live (a restart or an update), so the calico-ipsec entry stays")?;
+                return Ok(());
+            }
+            DaemonSetState::Deleting => {
+                writeln!(out, "DaemonSet {ns}/{name} is being deleted; removing")?;
+            }
+            DaemonSetState::Gone(code) => {
+                writeln!(out, "DaemonSet {ns}/{name} is gone (HTTP {code}); removing")?;
+            }
+        }
+    }
     let mut removed_any = false;
     for path in inst::conflists(&args.conf_dir)? {
         let text = read(&path)?;

@@ -6,6 +6,7 @@
 //! keeping each file's mode and owner.
 
 pub mod conflist;
+pub mod owner;
 
 use std::fs;
 use std::io::Write;
@@ -114,6 +115,15 @@ pub enum InstallFileError {
     /// Installing was refused (WireGuard on, or Calico's entry unusable).
     #[error(transparent)]
     Refused(InstallError),
+    /// `--only-if-daemonset-deleted` could not get an answer; nothing was removed.
+    #[error("kept the calico-ipsec entry: cannot tell whether DaemonSet {name} is being deleted: {source}")]
+    Owner {
+        /// The DaemonSet.
+        name: String,
+        /// Why.
+        #[source]
+        source: owner::OwnerError,
+    },
     /// FelixConfiguration could not be read from etcd.
     #[error("cannot read Calico's FelixConfiguration from etcd to rule out WireGuard: {0}; fix etcd access, or pass --skip-datastore-check to rely on the local check alone")]
     Datastore(crate::datastore::etcd::EtcdError),
