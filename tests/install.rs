@@ -603,3 +603,189 @@ fn prestop_uninstall_acts_only_when_the_daemonset_is_deleted() {
     assert!(!r.ok && r.stderr.contains("kept"), "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&path).expect("read"), installed);
 }
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The production path: HTTPS with the service account's CA, against OpenSSL's
+/// own server (`s_server -WWW` serves files from its directory).
+#[test]
+fn prestop_check_speaks_tls_with_the_service_account_ca() {
+    let node = Node::new();
+    let path = node.write(
+        "10-calico.conflist",
+        &fixture_text("10-calico-with-ipsec.conflist"),
+    );
+    let dir = node.tmp.path().join("pki");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=kube-ca",
+    ]);
+    openssl(&dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=kube-apiserver",
+    ]);
+    openssl(&dir, &csr);
+    std::fs::write(dir.join("srv.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "srv.ext",
+        ],
+    );
+    let sa = node.tmp.path().join("sa");
+    std::fs::create_dir(&sa).expect("mkdir");
+    std::fs::write(sa.join("token"), "tok").expect("write");
+    std::fs::write(sa.join("namespace"), "kube-system").expect("write");
+    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt")).expect("copy");
+    let www = node.tmp.path().join("www");
+    let ds_dir = www.join("apis/apps/v1/namespaces/kube-system/daemonsets");
+    std::fs::create_dir_all(&ds_dir).expect("mkdir");
+    std::fs::write(
+        ds_dir.join("calico-ipsec-node"),
+        r#"{"kind":"DaemonSet","metadata":{"name":"calico-ipsec-node"}}"#,
+    )
+    .expect("write");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut server = Command::new("openssl")
+        .current_dir(&www)
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(dir.join("srv.crt"))
+        .arg("-key")
+        .arg(dir.join("srv.key"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn openssl s_server");
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "s_server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = format!("https://127.0.0.1:{port}");
+    let prestop = |sa: &Path| {
+        node.uninstall(&[
+            "--only-if-daemonset-deleted",
+            "calico-ipsec-node",
+            "--kube-api-url",
+            &url,
+            "--service-account-dir",
+            sa.to_str().expect("utf8"),
+        ])
+    };
+    let live = prestop(&sa);
+    // A CA that did not sign the server: refused, so the entry stays.
+    let other = node.tmp.path().join("sa-other");
+    std::fs::create_dir(&other).expect("mkdir");
+    for f in ["token", "namespace"] {
+        std::fs::copy(sa.join(f), other.join(f)).expect("copy");
+    }
+    openssl(
+        &other,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "k",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=other",
+        ],
+    );
+    let untrusted = prestop(&other);
+    std::fs::write(
+        ds_dir.join("calico-ipsec-node"),
+        r#"{"kind":"DaemonSet","metadata":{"name":"calico-ipsec-node","deletionTimestamp":"2026-11-21T13:00:00Z"}}"#,
+    )
+    .expect("write");
+    let deleting = prestop(&sa);
+    let _ = server.kill();
+    let _ = server.wait();
+
+    assert!(
+        live.ok && live.stdout.contains("kept"),
+        "{}{}",
+        live.stdout,
+        live.stderr
+    );
+    assert!(
+        !untrusted.ok && untrusted.stderr.contains("kept"),
+        "{}",
+        untrusted.stderr
+    );
+    assert!(
+        deleting.ok && deleting.stdout.contains("being deleted"),
+        "{}{}",
+        deleting.stdout,
+        deleting.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        fixture_text("10-calico.conflist")
+    );
+}
