@@ -7,6 +7,7 @@
 
 pub mod conflist;
 pub mod owner;
+mod scan;
 
 use std::fs;
 use std::io::Write;
