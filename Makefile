@@ -9,9 +9,15 @@ FUZZ_SECONDS ?= 60
 APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
 	iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
-	qemu-system-x86 linux-image-amd64
+	qemu-system-x86 linux-image-amd64 python3-venv
 
-.PHONY: all build deps lint unit e2e test demo bench fuzz clean
+# The manifest validator (PyPI; Debian packages none with the Kubernetes schemas).
+VALIDATOR_VERSION := 1.37.0
+VALIDATOR_VENV    := target/manifest-venv
+VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
+IMAGE             ?= calico-ipsec:0.1.0
+
+.PHONY: all build deps lint unit e2e test demo bench fuzz clean validate-manifests image
 
 all: build
 
@@ -39,8 +45,21 @@ unit:
 e2e: build
 	CALICO_IPSEC=$(CURDIR)/$(BIN) tests/e2e/vm.sh tests/e2e/run-all.sh
 
+## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
+validate-manifests: deps $(VALIDATOR)
+	tests/manifests.sh $(VALIDATOR)
+
+$(VALIDATOR):
+	python3 -m venv $(VALIDATOR_VENV)
+	$(VALIDATOR_VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==$(VALIDATOR_VERSION)
+
+## image: the container image (static musl binary on scratch), with docker or podman.
+image:
+	@engine=$$(command -v docker || command -v podman) || { echo "image: neither docker nor podman is installed" >&2; exit 1; }; \
+	$$engine build -f install/Dockerfile -t $(IMAGE) .
+
 ## test: everything CI runs.
-test: deps lint unit e2e fuzz
+test: deps lint unit validate-manifests e2e fuzz
 
 ## demo: the main job: a pod created through [ptp, calico-ipsec] with its MTU clamped.
 demo: deps build

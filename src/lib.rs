@@ -13,6 +13,8 @@ pub mod cni;
 pub mod config;
 pub mod converge;
 pub mod datastore;
+/// Installing on a node: our conflist entry, the binary and the KEK file.
+pub mod install;
 pub mod keys;
 pub mod link;
 pub mod logging;

@@ -1,5 +1,6 @@
 //! The command-line interface (when `CNI_COMMAND` is not set).
 
+pub mod install;
 pub mod keys;
 pub mod mtu;
 
@@ -31,6 +32,9 @@ pub enum CliError {
     /// The KEK file failed.
     #[error(transparent)]
     Kek(#[from] KekError),
+    /// install or uninstall failed.
+    #[error(transparent)]
+    Install(#[from] crate::install::InstallFileError),
     /// Writing output or starting the runtime failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -55,6 +59,10 @@ pub enum Command {
     Mtu(mtu::MtuArgs),
     /// Manage key epochs in etcd: init, rotate, show.
     Keys(keys::KeysArgs),
+    /// Add our entry to Calico's conflist (after "calico"), and the binary and KEK to the node.
+    Install(install::InstallArgs),
+    /// Remove our entry from the conflist; nothing else in it changes.
+    Uninstall(install::UninstallArgs),
 }
 
 /// etcd access flags, named like the conflist fields; etcdctl's variables also work.
@@ -113,6 +121,8 @@ pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
                 .build()?;
             rt.block_on(keys::exec(&args, out))?;
         }
+        Command::Install(args) => install::exec_install(&args, out)?,
+        Command::Uninstall(args) => install::exec_uninstall(&args, out)?,
     }
     Ok(())
 }
