@@ -383,16 +383,20 @@ impl PluginConfig {
         if let Some(n) = &self.nodename {
             return Ok(n.clone());
         }
-        let path = &self.nodename_file;
-        let text = std::fs::read_to_string(path).map_err(|source| NodenameError::Unreadable {
-            path: path.clone(),
-            source,
-        })?;
-        validate_nodename(text.trim()).map_err(|e| NodenameError::Invalid {
-            path: path.clone(),
-            reason: e.to_string(),
-        })
+        read_nodename_file(&self.nodename_file)
     }
+}
+
+/// Reads and validates Calico's nodename file.
+pub fn read_nodename_file(path: &std::path::Path) -> Result<String, NodenameError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NodenameError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    validate_nodename(text.trim()).map_err(|e| NodenameError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Parses Calico's `log_level` names (case-insensitive).

@@ -200,6 +200,15 @@ impl Ledger {
     }
 }
 
+/// Whether the published incarnation cannot be trusted to have fresh keys:
+/// never published, published before a reboot, or without a matching ledger
+/// (so which SAs were created under it is unknown).
+pub fn needs_new_incarnation(ident: &Identity, ledger: Option<&Ledger>, boot: &str) -> bool {
+    ident.incarnation == 0
+        || ident.boot_id != boot
+        || ledger.is_none_or(|l| l.incarnation != ident.incarnation || l.boot_id != boot)
+}
+
 /// Reads the kernel's boot id.
 pub fn boot_id() -> Result<String, ConvergeError> {
     let p = Path::new(BOOT_ID_PATH);
@@ -215,7 +224,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, ConvergeError> {
         .map_err(ConvergeError::Runtime)
 }
 
-fn settings(cfg: &PluginConfig) -> EtcdSettings {
+/// The plugin's etcd settings.
+pub fn settings(cfg: &PluginConfig) -> EtcdSettings {
     EtcdSettings::from_config(&cfg.etcd, cfg.etcd_timeout)
 }
 
@@ -227,10 +237,9 @@ fn phase_of(s: &Snapshot) -> (Phase, u32) {
 
 /// Reads etcd and the kernel and computes the plan, without writing
 /// anything (CHECK, STATUS and `calico-ipsec status`).
-pub fn observe(cfg: &PluginConfig) -> Result<Observed, ConvergeError> {
-    let node = cfg.node_name()?;
+pub fn observe(etcd: &EtcdSettings, node: String) -> Result<Observed, ConvergeError> {
     let snapshot = runtime()?.block_on(async {
-        let etcd = Etcd::connect(&settings(cfg)).await?;
+        let etcd = Etcd::connect(etcd).await?;
         snapshot::read(&etcd).await
     })?;
     observe_snapshot(snapshot, node)
@@ -296,11 +305,7 @@ pub async fn converge_with(
         let boot = boot_id()?;
         let (ident, rev) = store.identity(&node).await?;
         let loaded = Ledger::load(&cfg.state_dir);
-        let stale = ident.incarnation == 0
-            || ident.boot_id != boot
-            || loaded
-                .as_ref()
-                .is_none_or(|l| l.incarnation != ident.incarnation || l.boot_id != boot);
+        let stale = needs_new_incarnation(&ident, loaded.as_ref(), &boot);
         match loaded.filter(|_| !stale) {
             Some(l) => {
                 ledger = l;
@@ -478,4 +483,62 @@ fn apply_with_keys(
         "applied"
     );
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(inc: u32, boot: &str) -> Identity {
+        Identity {
+            id: 1,
+            incarnation: inc,
+            boot_id: boot.into(),
+        }
+    }
+
+    fn ledger(inc: u32, boot: &str) -> Ledger {
+        Ledger {
+            boot_id: boot.into(),
+            incarnation: inc,
+            sent: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_incarnation_after_reboot_first_start_or_lost_ledger() {
+        let l = ledger(4, "b1");
+        assert!(!needs_new_incarnation(&ident(4, "b1"), Some(&l), "b1"));
+        assert!(
+            needs_new_incarnation(&ident(0, ""), None, "b1"),
+            "first start"
+        );
+        assert!(
+            needs_new_incarnation(&ident(4, "b1"), Some(&l), "b2"),
+            "rebooted"
+        );
+        assert!(
+            needs_new_incarnation(&ident(4, "b1"), None, "b1"),
+            "ledger lost"
+        );
+        assert!(
+            needs_new_incarnation(&ident(5, "b1"), Some(&l), "b1"),
+            "ledger of another incarnation"
+        );
+    }
+
+    #[test]
+    fn ledger_round_trip_is_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut l = ledger(3, "b");
+        l.sent.insert(Ledger::entry(2, "node-2"));
+        l.save(dir.path()).expect("save");
+        assert_eq!(Ledger::load(dir.path()), Some(l));
+        let mode = fs::metadata(Ledger::path(dir.path()))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

@@ -3,6 +3,7 @@
 pub mod install;
 pub mod keys;
 pub mod mtu;
+pub mod status;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,9 @@ pub enum CliError {
     /// install or uninstall failed.
     #[error(transparent)]
     Install(#[from] crate::install::InstallFileError),
+    /// Reading this node's state failed.
+    #[error(transparent)]
+    Converge(#[from] crate::converge::ConvergeError),
     /// Writing output or starting the runtime failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -59,6 +63,8 @@ pub enum Command {
     Mtu(mtu::MtuArgs),
     /// Manage key epochs in etcd: init, rotate, show.
     Keys(keys::KeysArgs),
+    /// This node's phase, epochs, peers and XFRM counters (no secrets).
+    Status(status::StatusArgs),
     /// Add our entry to Calico's conflist (after "calico"), and the binary and KEK to the node.
     Install(install::InstallArgs),
     /// Remove our entry from the conflist; nothing else in it changes.
@@ -115,6 +121,7 @@ pub fn print_json(out: &mut dyn std::io::Write, v: &impl serde::Serialize) -> st
 pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     match cli.command {
         Command::Mtu(args) => mtu::exec(&args, out)?,
+        Command::Status(args) => status::exec(&args, out)?,
         Command::Keys(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

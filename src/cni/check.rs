@@ -34,7 +34,11 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
         ));
     }
     if !req.config.etcd.endpoints.is_empty() {
-        let seen = crate::converge::observe(&req.config)?;
+        let node = req
+            .config
+            .node_name()
+            .map_err(crate::converge::ConvergeError::from)?;
+        let seen = crate::converge::observe(&crate::converge::settings(&req.config), node)?;
         if !seen.plan.is_empty() {
             return Err(CniError::new(
                 code::XFRM_DRIFT,
