@@ -9,7 +9,7 @@ FUZZ_SECONDS ?= 60
 APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
 	iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
-	qemu-system-x86 linux-image-amd64 python3-venv
+	qemu-system-x86 linux-image-amd64 python3-venv python3-cryptography
 
 # The manifest validator (PyPI; Debian packages none with the Kubernetes schemas).
 VALIDATOR_VERSION := 1.37.0

@@ -94,6 +94,8 @@ e2e_init() {
         exit 2
     fi
     [[ $(id -u) == 0 ]] || { echo "$0: must run as root" >&2; exit 2; }
+    # The guest's devtmpfs has no /dev/fd, which process substitution needs.
+    [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
     local m missing=()
     for m in "${E2E_MODULES[@]}"; do
         modprobe -q "$m" 2>/dev/null || missing+=("$m")
@@ -272,13 +274,14 @@ xfrm_errors() {
 
 # ----------------------------------------------------------------- capture
 
-# cap_start NS IFACE FILE: tcpdump on IFACE in e2e-NS into FILE (pcap);
-# returns once tcpdump is listening. Sets CAP_PID.
+# cap_start NS IFACE FILE [SNAPLEN]: tcpdump on IFACE in e2e-NS into FILE
+# (pcap; SNAPLEN 256 by default, 0 for whole packets); returns once tcpdump
+# is listening. Sets CAP_PID.
 cap_start() {
-    local ns=$1 ifc=$2 file=$3 i
+    local ns=$1 ifc=$2 file=$3 snap=${4:-256} i
     # Not through nsx: $! must be tcpdump itself (ip netns exec execs it),
     # not a subshell that would leave tcpdump running when killed.
-    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -s 256 -Z root -w "$file" \
+    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -s "$snap" -Z root -w "$file" \
         </dev/null >/dev/null 2>"$file.err" &
     CAP_PID=$!
     E2E_CAP_PIDS+=("$CAP_PID")
@@ -315,6 +318,112 @@ cap_ipv4() {
             getline; src = $1; dst = $3; sub(/:$/, "", dst)
             print proto, len, src, dst
         }'
+}
+
+# --------------------------------------------------------------------- etcd
+
+# etcd_up ADDR DIR: a real etcd (Debian's etcd-server, from the host root)
+# in e2e-wire, serving clients on ADDR:2379 on br0, so the node namespaces
+# reach it over the wire. Sets ETCD_ENDPOINTS for etcdctl and calico-ipsec.
+etcd_up() {
+    local addr=$1 dir=$2 i
+    ipn wire addr add "$addr/24" dev br0
+    mkdir -p "$dir"
+    ip netns exec "${E2E_NS_PREFIX}wire" etcd --name e2e --data-dir "$dir/data" \
+        --listen-client-urls "http://$addr:2379" --advertise-client-urls "http://$addr:2379" \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster e2e=http://127.0.0.1:2380 --log-level error \
+        </dev/null >"$dir/etcd.log" 2>&1 &
+    E2E_CAP_PIDS+=("$!")
+    export ETCD_ENDPOINTS=http://$addr:2379 ETCDCTL_API=3
+    for ((i = 0; i < 300; i++)); do
+        ectl endpoint health >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "etcd did not come up:" >&2
+    cat "$dir/etcd.log" >&2
+    return 1
+}
+
+# ectl ARGS...: etcdctl against the e2e etcd (from e2e-wire, where it is reachable).
+ectl() { ip netns exec "${E2E_NS_PREFIX}wire" etcdctl --endpoints "$ETCD_ENDPOINTS" "$@"; }
+
+# etcd_load_fixture FILE: one put per key of a {key: value} JSON file,
+# values as compact JSON (how Calico writes them).
+etcd_load_fixture() {
+    local k
+    while IFS= read -r k; do
+        jq -c --arg k "$k" '.[$k]' "$1" | ectl put "$k" >/dev/null
+    done < <(jq -r 'keys[]' "$1")
+}
+
+# ---------------------------------------------------------------------- CNI
+# A CNI client in the shape of libcni (as tests/common's Rust client): each
+# plugin gets its conflist entry plus the list's name and cniVersion, and
+# the previous result as prevResult; ADD runs in order and caches the last
+# result; CHECK runs in order and DEL in reverse, both with the cached result.
+# Plugins run inside the node namespace. CNI_CONFLIST_DIR holds NODE.conflist.
+
+CNI_CONFLIST_DIR=${CNI_CONFLIST_DIR:-/tmp/e2e-cni}
+CNI_BIN_PATH=${CNI_BIN_PATH:-/usr/lib/cni}
+
+# cni_plugin CMD NODE CID NETNS INDEX PREV: run plugin INDEX of NODE's list.
+cni_plugin() {
+    local cmd=$1 node=$2 cid=$3 netns=$4 i=$5 prev=$6 conf type bin d
+    conf=$(jq -c --argjson i "$i" --argjson prev "$prev" \
+        '.plugins[$i] + {name: .name, cniVersion: .cniVersion}
+         + (if $prev == null then {} else {prevResult: $prev} end)' \
+        "$CNI_CONFLIST_DIR/$node.conflist")
+    type=$(jq -r .type <<<"$conf")
+    bin=
+    for d in ${CNI_BIN_PATH//:/ }; do
+        [[ -x $d/$type ]] && { bin=$d/$type; break; }
+    done
+    [[ -n $bin ]] || { echo "no plugin '$type' in $CNI_BIN_PATH"; return 1; }
+    ip netns exec "$E2E_NS_PREFIX$node" env CNI_COMMAND="$cmd" CNI_CONTAINERID="$cid" \
+        CNI_NETNS="$netns" CNI_IFNAME=eth0 CNI_PATH="$CNI_BIN_PATH" "$bin" <<<"$conf"
+}
+
+# cni_add NODE POD: create namespace e2e-POD and run ADD for it; the result
+# is cached in $CNI_CONFLIST_DIR/POD.result. Prints the error on failure.
+cni_add() {
+    local node=$1 pod=$2 n i prev=null out
+    ip netns add "$E2E_NS_PREFIX$pod"
+    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/$node.conflist")
+    for ((i = 0; i < n; i++)); do
+        out=$(cni_plugin ADD "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" "$prev") \
+            || { echo "$out"; return 1; }
+        prev=$out
+    done
+    printf '%s\n' "$prev" >"$CNI_CONFLIST_DIR/$pod.result"
+}
+
+# cni_check NODE POD: CHECK every plugin with the cached result.
+cni_check() {
+    local node=$1 pod=$2 n i out
+    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/$node.conflist")
+    for ((i = 0; i < n; i++)); do
+        out=$(cni_plugin CHECK "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" \
+            "$(cat "$CNI_CONFLIST_DIR/$pod.result")") || { echo "$out"; return 1; }
+    done
+}
+
+# cni_del NODE POD: DEL in reverse order, then remove the namespace.
+cni_del() {
+    local node=$1 pod=$2 n i out
+    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/$node.conflist")
+    for ((i = n - 1; i >= 0; i--)); do
+        out=$(cni_plugin DEL "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" \
+            "$(cat "$CNI_CONFLIST_DIR/$pod.result" 2>/dev/null || echo null)") \
+            || { echo "$out"; return 1; }
+    done
+    ip netns del "$E2E_NS_PREFIX$pod"
+    rm -f "$CNI_CONFLIST_DIR/$pod.result"
+}
+
+# pod_ip POD: the pod's IPv4 address from its cached result.
+pod_ip() {
+    jq -r '.ips[0].address | split("/")[0]' "$CNI_CONFLIST_DIR/$1.result"
 }
 
 # ------------------------------------------------------------------ misc

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Decrypt captured ESP with keys derived independently of calico-ipsec.
+
+Usage: esp_decrypt.py PCAP ETCD_DUMP KEK_FILE MARKER
+
+ETCD_DUMP is `etcdctl get --prefix /calico/ -w json`. From it and the KEK
+this script opens each epoch secret (AES-256-GCM, AAD
+"calico-ipsec/v1/epoch/N", value = base64(nonce || ciphertext || tag)) and
+derives each SA's key exactly as the README documents:
+
+    key20 = HKDF-SHA256(IKM = epoch secret, salt = clusterGUID,
+                        info = "calico-ipsec/v1/sa" || u32 epoch
+                               || u16 len || sender || u32 incarnation
+                               || u16 len || receiver, L = 20)
+
+HKDF is written out here with hmac/hashlib; AES-GCM comes from the
+`cryptography` package. Every ESP packet between nodes must authenticate
+(rfc4106 with extended sequence numbers: AAD = SPI || seq_hi || seq_lo),
+carry IPIP (next header 4), and MARKER must appear in some plaintext.
+Prints a summary line and exits non-zero on any failure.
+"""
+import base64
+import hashlib
+import hmac
+import json
+import struct
+import sys
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+
+def hkdf_sha256(ikm, salt, info, length):
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
+def name_field(name):
+    b = name.encode()
+    return struct.pack(">H", len(b)) + b
+
+
+def sa_key(secret, guid, epoch, sender, incarnation, receiver):
+    info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
+            + struct.pack(">I", incarnation) + name_field(receiver))
+    return hkdf_sha256(secret, guid.encode(), info, 20)
+
+
+def load_etcd(path):
+    kvs = {}
+    for kv in json.load(open(path)).get("kvs", []):
+        kvs[base64.b64decode(kv["key"]).decode()] = json.loads(base64.b64decode(kv["value"]))
+    return kvs
+
+
+def read_pcap(path):
+    data = open(path, "rb").read()
+    magic = struct.unpack("<I", data[:4])[0]
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    off = 24
+    while off + 16 <= len(data):
+        _, _, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
+        off += 16
+        frame = data[off:off + incl]
+        off += incl
+        if incl != orig:
+            yield None  # truncated: cannot be checked
+            continue
+        if linktype == 1:  # Ethernet
+            if len(frame) < 14 or frame[12:14] != b"\x08\x00":
+                continue
+            yield frame[14:]
+        elif linktype == 113:  # Linux cooked
+            if frame[14:16] != b"\x08\x00":
+                continue
+            yield frame[16:]
+
+
+def main():
+    pcap, dump, kek_file, marker = sys.argv[1:5]
+    kek = bytes.fromhex(open(kek_file).read().strip())
+    kvs = load_etcd(dump)
+    guid = kvs["/calico/resources/v3/projectcalico.org/clusterinformations/default"]["spec"]["clusterGUID"]
+    secrets = {}
+    for k, v in kvs.items():
+        if k.startswith("/calico/ipsec/v1/epochs/"):
+            n = v["epoch"]
+            raw = base64.b64decode(v["sealedSecret"] if "sealedSecret" in v else v["sealed_secret"])
+            secrets[n] = AESGCM(kek).decrypt(raw[:12], raw[12:], f"calico-ipsec/v1/epoch/{n}".encode())
+    ids, ips = {}, {}
+    for k, v in kvs.items():
+        if k.startswith("/calico/ipsec/v1/nodeids/"):
+            ids[v["id"]] = (k.rsplit("/", 1)[1], v.get("incarnation", 0))
+        if k.startswith("/calico/resources/v3/projectcalico.org/nodes/"):
+            ips[v["spec"]["bgp"]["ipv4Address"].split("/")[0]] = v["metadata"]["name"]
+
+    counts = {"esp": 0, "ok": 0, "bad": 0, "plain": 0, "truncated": 0}
+    found = False
+    for ip in read_pcap(pcap):
+        if ip is None:
+            counts["truncated"] += 1
+            continue
+        ihl = (ip[0] & 0x0F) * 4
+        proto = ip[9]
+        src, dst = ".".join(map(str, ip[12:16])), ".".join(map(str, ip[16:20]))
+        if src not in ips or dst not in ips:
+            continue  # not node to node (e.g. etcd traffic to the wire's address)
+        if proto != 50:
+            counts["plain"] += 1
+            print(f"plaintext node-to-node packet: proto {proto} {src} -> {dst}")
+            continue
+        counts["esp"] += 1
+        esp = ip[ihl:struct.unpack(">H", ip[2:4])[0]]
+        spi, seq = struct.unpack(">II", esp[:8])
+        sender_id, inc8, slot = spi & 0xFFFF, (spi >> 16) & 0xFF, spi >> 24
+        try:
+            sender, incarnation = ids[sender_id]
+            epoch = next(e for e in secrets if e % 255 + 1 == slot)
+            assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
+            assert ips[src] == sender, f"SPI names {sender} but the packet is from {ips[src]}"
+            key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst])
+            iv, body = esp[8:16], esp[16:]
+            aad = struct.pack(">III", spi, 0, seq)  # ESN: SPI, seq_hi, seq_lo
+            plain = AESGCM(key[:16]).decrypt(key[16:] + iv, body, aad)
+            pad_len, next_header = plain[-2], plain[-1]
+            assert next_header == 4, f"next header {next_header}, want 4 (IPIP)"
+            inner = plain[:-2 - pad_len]
+            if marker.encode() in inner:
+                found = True
+            counts["ok"] += 1
+        except Exception as e:  # noqa: BLE001 - report every failure
+            counts["bad"] += 1
+            print(f"ESP spi 0x{spi:08x} seq {seq} {src} -> {dst}: {type(e).__name__} {e}")
+    print("esp={esp} decrypted={ok} failed={bad} plaintext={plain} truncated={truncated}".format(**counts),
+          f"marker={'found' if found else 'missing'}")
+    ok = counts["esp"] > 0 and counts["bad"] == 0 and counts["plain"] == 0 and found
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
