@@ -43,7 +43,7 @@ unit:
 
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
 e2e: build
-	CALICO_IPSEC=$(CURDIR)/$(BIN) tests/e2e/vm.sh tests/e2e/run-all.sh
+	CALICO_IPSEC=$(CURDIR)/$(BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-900} tests/e2e/vm.sh tests/e2e/run-all.sh
 
 ## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
 validate-manifests: deps $(VALIDATOR)
@@ -61,9 +61,10 @@ image:
 ## test: everything CI runs.
 test: deps lint unit validate-manifests e2e fuzz
 
-## demo: the main job: a pod created through [ptp, calico-ipsec] with its MTU clamped.
+## demo: the main job: a three-node cluster in the VM, pods through [ptp, calico-ipsec],
+## `calico-ipsec status`, and ESP on the wire while pods ping.
 demo: deps build
-	tests/demo.sh $(BIN)
+	CALICO_IPSEC=$(CURDIR)/$(BIN) tests/e2e/vm.sh tests/e2e/demo.sh
 
 ## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl.
 bench: deps

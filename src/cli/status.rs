@@ -199,6 +199,10 @@ pub fn read_xfrm_stat() -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
+fn phase_name(p: Phase) -> String {
+    format!("{p:?}").to_lowercase()
+}
+
 fn word(p: Presence) -> &'static str {
     match p {
         Presence::Ok => "ok",
@@ -213,8 +217,9 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "node:         {}", s.node)?;
     writeln!(
         out,
-        "phase:        {:?} (target {:?})",
-        s.phase, s.target_phase
+        "phase:        {} (target {})",
+        phase_name(s.phase),
+        phase_name(s.target_phase)
     )?;
     writeln!(
         out,

@@ -426,6 +426,55 @@ pod_ip() {
     jq -r '.ips[0].address | split("/")[0]' "$CNI_CONFLIST_DIR/$1.result"
 }
 
+# ------------------------------------------------------------------ cluster
+
+# The Calico fixture's three nodes: underlay addresses, tunl0 addresses and
+# pod blocks, exactly as in ../shared/fixtures/calico/etcd-3-nodes.json.
+NODES=(node-1 node-2 node-3)
+declare -A NODE_IP=([node-1]=10.0.0.11 [node-2]=10.0.0.12 [node-3]=10.0.0.13)
+declare -A TUNNEL=([node-1]=10.244.135.0 [node-2]=10.244.201.64 [node-3]=10.244.18.128)
+declare -A BLOCK=([node-1]=10.244.135.0/26 [node-2]=10.244.201.64/26 [node-3]=10.244.18.128/26)
+E2E_FIXTURE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../shared/fixtures/calico" && pwd)/etcd-3-nodes.json
+
+# cluster_up TMP BIN PHASE: the wire, etcd at 10.0.0.254 loaded with the
+# fixture, `keys init` (KEK in TMP/kek) with the config's phase set to
+# PHASE, and the three node namespaces with a 1500-byte underlay, tunl0 and
+# routes to each peer's block the way Calico makes them (via tunl0 onlink).
+# Each node gets TMP/cni/NODE.conflist: [ptp + host-local on its block,
+# calico-ipsec with its own nodename and state dir]. BIN is linked into
+# TMP/bin, which CNI_BIN_PATH searches after Debian's plugins.
+cluster_up() {
+    local tmp=$1 bin=$2 phase=$3 n p
+    CNI_CONFLIST_DIR=$tmp/cni
+    CNI_BIN_PATH=/usr/lib/cni:$tmp/bin
+    mkdir -p "$CNI_CONFLIST_DIR" "$tmp/bin"
+    ln -sf "$bin" "$tmp/bin/calico-ipsec"
+    wire_up
+    etcd_up 10.0.0.254 "$tmp/etcd"
+    etcd_load_fixture "$E2E_FIXTURE"
+    nsx wire "$bin" keys init --kek-file "$tmp/kek" >/dev/null
+    ectl get --print-value-only /calico/ipsec/v1/config \
+        | jq -c --arg p "$phase" '.phase = $p | .target_phase = $p' \
+        | ectl put /calico/ipsec/v1/config >/dev/null
+    for n in "${NODES[@]}"; do
+        node_add "$n" "${NODE_IP[$n]}/24" 1500
+        node_ipip "$n" "${TUNNEL[$n]}" 1480
+        for p in "${NODES[@]}"; do
+            [[ $p == "$n" ]] || node_route_ipip "$n" "${BLOCK[$p]}" "${NODE_IP[$p]}"
+        done
+        jq -n --arg n "$n" --arg block "${BLOCK[$n]}" --arg tmp "$tmp" --arg ep "$ETCD_ENDPOINTS" '{
+            cniVersion: "1.0.0", name: "k8s-pod-network",
+            plugins: [
+              {type: "ptp", mtu: 1480, ipMasq: false,
+               ipam: {type: "host-local", ranges: [[{subnet: $block}]], routes: [{dst: "0.0.0.0/0"}],
+                      dataDir: "\($tmp)/ipam-\($n)"}},
+              {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
+               kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
+               log_file_path: "\($tmp)/\($n).log", log_level: "debug"}
+            ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
+    done
+}
+
 # ------------------------------------------------------------------ misc
 
 # mtu_formula EXTMTU ICV_BITS: DESIGN §4 bound for ESP transport over IPIP,

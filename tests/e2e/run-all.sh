@@ -24,7 +24,7 @@ for suite in "$here"/test_*.sh; do
     # suite a process group of its own, so leftovers are killed afterwards;
     # output goes through a file so a leaked child cannot block us.
     : >"$log"
-    timeout -k 5 "${E2E_SUITE_TIMEOUT:-150}" "$suite" </dev/null >"$log" 2>&1 &
+    timeout -k 5 "${E2E_SUITE_TIMEOUT:-420}" "$suite" </dev/null >"$log" 2>&1 &
     pid=$!
     tail -s 0.2 -n +1 -f --pid="$pid" "$log"
     wait "$pid" || rc=$?
@@ -39,7 +39,7 @@ for suite in "$here"/test_*.sh; do
         f=1
     elif ((rc != 0 && f == 0)); then
         if ((rc == 124)); then
-            echo "FAIL - $name timed out after ${E2E_SUITE_TIMEOUT:-150}s"
+            echo "FAIL - $name timed out after ${E2E_SUITE_TIMEOUT:-420}s"
         else
             echo "FAIL - $name exited $rc without reporting a failure"
         fi

@@ -26,44 +26,10 @@ if [[ -z $bin || ! -x $bin ]]; then
     fail "CALICO_IPSEC binary '${bin:-<unset>}' is missing: build it first (cargo build --release)"
     e2e_finish
 fi
-fixture=$here/../../../shared/fixtures/calico/etcd-3-nodes.json
 tmp=$(mktemp -d)
-CNI_CONFLIST_DIR=$tmp/cni
-mkdir -p "$CNI_CONFLIST_DIR" "$tmp/bin"
-ln -s "$bin" "$tmp/bin/calico-ipsec"
-CNI_BIN_PATH=/usr/lib/cni:$tmp/bin
-NODES=(node-1 node-2 node-3)
-declare -A NODE_IP=([node-1]=10.0.0.11 [node-2]=10.0.0.12 [node-3]=10.0.0.13)
-declare -A TUNNEL=([node-1]=10.244.135.0 [node-2]=10.244.201.64 [node-3]=10.244.18.128)
-declare -A BLOCK=([node-1]=10.244.135.0/26 [node-2]=10.244.201.64/26 [node-3]=10.244.18.128/26)
+cluster_up "$tmp" "$bin" enforce
 EXT=1500
 NODE_KEY=/calico/resources/v3/projectcalico.org/nodes
-
-# ------------------------------------------------------------------ set-up
-wire_up
-etcd_up 10.0.0.254 "$tmp/etcd"
-etcd_load_fixture "$fixture"
-nsx wire "$bin" keys init --kek-file "$tmp/kek" >/dev/null
-ectl get --print-value-only /calico/ipsec/v1/config \
-    | jq -c '.phase = "enforce" | .target_phase = "enforce"' \
-    | ectl put /calico/ipsec/v1/config >/dev/null
-for n in "${NODES[@]}"; do
-    node_add "$n" "${NODE_IP[$n]}/24" "$EXT"
-    node_ipip "$n" "${TUNNEL[$n]}" $((EXT - 20))
-    for p in "${NODES[@]}"; do
-        [[ $p == "$n" ]] || node_route_ipip "$n" "${BLOCK[$p]}" "${NODE_IP[$p]}"
-    done
-    jq -n --arg n "$n" --arg block "${BLOCK[$n]}" --arg tmp "$tmp" --arg ep "$ETCD_ENDPOINTS" '{
-        cniVersion: "1.0.0", name: "k8s-pod-network",
-        plugins: [
-          {type: "ptp", mtu: 1480, ipMasq: false,
-           ipam: {type: "host-local", ranges: [[{subnet: $block}]], routes: [{dst: "0.0.0.0/0"}],
-                  dataDir: "\($tmp)/ipam-\($n)"}},
-          {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
-           kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
-           log_file_path: "\($tmp)/\($n).log", log_level: "debug"}
-        ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
-done
 
 # status NODE: `calico-ipsec status --json` inside NODE.
 status() { nsx "$1" "$bin" status --nodename "$1" --json; }
