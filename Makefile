@@ -66,10 +66,16 @@ test: deps lint unit validate-manifests e2e fuzz
 demo: deps build
 	CALICO_IPSEC=$(CURDIR)/$(BIN) tests/e2e/vm.sh tests/e2e/demo.sh
 
-## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl.
-bench: deps
+## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl (host);
+## XFRM convergence against ip -batch and per-object ip, no-op ADD with 1,000 peers (VM).
+bench: deps build
 	$(CARGO) bench --locked --bench cni_add
 	$(CARGO) bench --locked --bench datastore
+	exe=$$($(CARGO) bench --locked --no-run --bench xfrm --message-format=json 2>/dev/null \
+		| jq -r 'select(.target.name == "xfrm" and .executable != null) | .executable'); \
+	E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"
+	mkdir -p target/bench && cp target/e2e/last/bench-xfrm.txt target/bench/xfrm.txt
+	@echo "table written to target/bench/xfrm.txt"
 
 ## fuzz: fuzz the config/prevResult parsers for FUZZ_SECONDS.
 fuzz:

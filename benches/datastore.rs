@@ -10,34 +10,18 @@
 
 #[path = "../tests/common/etcd.rs"]
 mod etcd_server;
+mod support;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use calico_ipsec::config::EtcdConfig;
-use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
-use calico_ipsec::datastore::ipsec::{ClusterConfig, IpsecStore};
+use calico_ipsec::datastore::etcd::Etcd;
+use calico_ipsec::datastore::ipsec::ClusterConfig;
 use calico_ipsec::datastore::snapshot;
 use calico_ipsec::keys::{Kek, SaId};
+use support::{load, median, rt, settings, time};
 
 const NODES: usize = 5000;
-
-fn settings(endpoint: &str) -> EtcdSettings {
-    EtcdSettings::from_config(
-        &EtcdConfig {
-            endpoints: vec![endpoint.to_string()],
-            ..EtcdConfig::default()
-        },
-        Duration::from_secs(30),
-    )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// The child: read and derive, print how many keys.
 fn child(endpoint: &str, kek_hex_file: &str) {
@@ -73,51 +57,6 @@ fn child(endpoint: &str, kek_hex_file: &str) {
     println!("{n}");
 }
 
-fn load(endpoint: &str, kek: &Kek) {
-    rt().block_on(async {
-        let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
-        let res = "/calico/resources/v3/projectcalico.org";
-        let mut items: Vec<(String, String)> = vec![
-            (format!("{res}/clusterinformations/default"),
-             r#"{"apiVersion":"projectcalico.org/v3","kind":"ClusterInformation","metadata":{"name":"default"},"spec":{"clusterGUID":"5b0e2f9c8d4a4e61b7a39c2d1e0f4a66","datastoreReady":true}}"#.into()),
-            (format!("{res}/ippools/default-ipv4-ippool"),
-             r#"{"apiVersion":"projectcalico.org/v3","kind":"IPPool","metadata":{"name":"default-ipv4-ippool"},"spec":{"cidr":"10.128.0.0/9","blockSize":26,"ipipMode":"Always","vxlanMode":"Never","natOutgoing":true}}"#.into()),
-        ];
-        for i in 1..=NODES {
-            let (a, b) = (i / 250, i % 250 + 1);
-            let block = i * 64;
-            let blk = format!("10.{}.{}.{}", 128 + block / 65536, block / 256 % 256, block % 256);
-            items.push((format!("{res}/nodes/node-{i}"), format!(
-                r#"{{"apiVersion":"projectcalico.org/v3","kind":"Node","metadata":{{"name":"node-{i}"}},"spec":{{"bgp":{{"ipv4Address":"10.0.{a}.{b}/16","ipv4IPIPTunnelAddr":"{blk}"}},"orchRefs":[{{"nodeName":"node-{i}","orchestrator":"k8s"}}]}},"status":{{}}}}"#)));
-            items.push((format!("/calico/ipam/v2/host/node-{i}/ipv4/block/{blk}-26"),
-                r#"{"state":"confirmed","deleted":false}"#.into()));
-        }
-        for chunk in items.chunks(100) {
-            let batch: Vec<(&str, Vec<u8>)> =
-                chunk.iter().map(|(k, v)| (k.as_str(), v.clone().into_bytes())).collect();
-            etcd.put_all(&batch).await.expect("put batch");
-        }
-        IpsecStore::new(&etcd).init(kek, &ClusterConfig::default()).await.expect("keys init");
-    });
-}
-
-fn time(mut cmd: Command) -> Duration {
-    let start = Instant::now();
-    let st = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .status()
-        .expect("spawn");
-    let d = start.elapsed();
-    assert!(st.success(), "{cmd:?} failed");
-    d
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -133,7 +72,7 @@ fn main() {
     let kek = Kek::generate().expect("kek");
     kek.write_new(&kek_path).expect("write kek");
     let t0 = Instant::now();
-    load(&server.endpoint, &kek);
+    load(&server.endpoint, &kek, NODES, &ClusterConfig::default());
     eprintln!(
         "loaded {NODES} nodes + {NODES} block affinities in {:.1}s",
         t0.elapsed().as_secs_f64()

@@ -100,6 +100,12 @@ pub struct Report {
     pub revision: i64,
     /// Milliseconds taken, lock wait included.
     pub millis: u64,
+    /// Milliseconds from the start to the snapshot read from etcd.
+    pub read_millis: u64,
+    /// Milliseconds spent settling the incarnation (etcd writes included).
+    pub identity_millis: u64,
+    /// Milliseconds spent applying the plan (keys and netlink).
+    pub apply_millis: u64,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -292,6 +298,9 @@ pub async fn converge_with(
     node: String,
     started: Instant,
 ) -> Result<Report, ConvergeError> {
+    let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let read_millis = ms(started);
+    let t_identity = Instant::now();
     let (phase, icv_bits) = phase_of(&snap);
     let store = IpsecStore::new(etcd);
     let mut xfrm = Xfrm::open()?;
@@ -320,6 +329,7 @@ pub async fn converge_with(
         }
     }
 
+    let mut identity_millis = ms(t_identity);
     let (desired, plan) = loop {
         let desired = Desired::compute(&Inputs {
             topology: &snap.topology,
@@ -346,12 +356,14 @@ pub async fn converge_with(
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
+                identity_millis = ms(t_identity);
             }
             _ => break (desired, plan),
         }
     };
 
     let mut applied = Applied::default();
+    let t_apply = Instant::now();
     if !plan.is_empty() {
         tracing::info!(node = %node, phase = ?phase, plan = %plan.summary(), "converging XFRM");
         // Write-ahead: the ledger lists every outbound SA before it exists.
@@ -389,7 +401,10 @@ pub async fn converge_with(
             + applied.policies_updated
             + applied.policies_deleted,
         revision: snap.revision,
-        millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        millis: ms(started),
+        read_millis,
+        identity_millis,
+        apply_millis: ms(t_apply),
     };
     tracing::debug!(?report, "converged");
     Ok(report)

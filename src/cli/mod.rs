@@ -1,5 +1,6 @@
 //! The command-line interface (when `CNI_COMMAND` is not set).
 
+pub mod converge;
 pub mod install;
 pub mod keys;
 pub mod mtu;
@@ -65,6 +66,8 @@ pub enum Command {
     Keys(keys::KeysArgs),
     /// This node's phase, epochs, peers and XFRM counters (no secrets).
     Status(status::StatusArgs),
+    /// Converge this node's XFRM states and policies now, as an ADD would.
+    Converge(converge::ConvergeArgs),
     /// Add our entry to Calico's conflist (after "calico"), and the binary and KEK to the node.
     Install(install::InstallArgs),
     /// Remove our entry from the conflist; nothing else in it changes.
@@ -122,6 +125,7 @@ pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     match cli.command {
         Command::Mtu(args) => mtu::exec(&args, out)?,
         Command::Status(args) => status::exec(&args, out)?,
+        Command::Converge(args) => converge::exec(&args, out)?,
         Command::Keys(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,0 +1,90 @@
+//! Shared by the benchmarks: etcd settings, a runtime, loading a Calico
+//! cluster of any size into etcd, timing a process.
+#![allow(dead_code)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use calico_ipsec::config::EtcdConfig;
+use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
+use calico_ipsec::datastore::ipsec::{ClusterConfig, IpsecStore};
+use calico_ipsec::keys::Kek;
+
+/// etcd settings for one endpoint with a generous timeout.
+pub fn settings(endpoint: &str) -> EtcdSettings {
+    EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: vec![endpoint.to_string()],
+            ..EtcdConfig::default()
+        },
+        Duration::from_secs(30),
+    )
+}
+
+/// A single-threaded runtime.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Writes `nodes` Calico nodes (node-1..node-N, 10.0.a.b/16, one /26 block
+/// each), an IPIP-Always pool and the clusterGUID, then `keys init` with `config`.
+pub fn load(endpoint: &str, kek: &Kek, nodes: usize, config: &ClusterConfig) {
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
+        let res = "/calico/resources/v3/projectcalico.org";
+        let mut items: Vec<(String, String)> = vec![
+            (format!("{res}/clusterinformations/default"),
+             r#"{"apiVersion":"projectcalico.org/v3","kind":"ClusterInformation","metadata":{"name":"default"},"spec":{"clusterGUID":"5b0e2f9c8d4a4e61b7a39c2d1e0f4a66","datastoreReady":true}}"#.into()),
+            (format!("{res}/ippools/default-ipv4-ippool"),
+             r#"{"apiVersion":"projectcalico.org/v3","kind":"IPPool","metadata":{"name":"default-ipv4-ippool"},"spec":{"cidr":"10.128.0.0/9","blockSize":26,"ipipMode":"Always","vxlanMode":"Never","natOutgoing":true}}"#.into()),
+        ];
+        for i in 1..=nodes {
+            let (a, b) = (i / 250, i % 250 + 1);
+            let block = i * 64;
+            let blk = format!("10.{}.{}.{}", 128 + block / 65536, block / 256 % 256, block % 256);
+            items.push((format!("{res}/nodes/node-{i}"), format!(
+                r#"{{"apiVersion":"projectcalico.org/v3","kind":"Node","metadata":{{"name":"node-{i}"}},"spec":{{"bgp":{{"ipv4Address":"10.0.{a}.{b}/16","ipv4IPIPTunnelAddr":"{blk}"}},"orchRefs":[{{"nodeName":"node-{i}","orchestrator":"k8s"}}]}},"status":{{}}}}"#)));
+            items.push((format!("/calico/ipam/v2/host/node-{i}/ipv4/block/{blk}-26"),
+                r#"{"state":"confirmed","deleted":false}"#.into()));
+        }
+        for chunk in items.chunks(100) {
+            let batch: Vec<(&str, Vec<u8>)> =
+                chunk.iter().map(|(k, v)| (k.as_str(), v.clone().into_bytes())).collect();
+            etcd.put_all(&batch).await.expect("put batch");
+        }
+        IpsecStore::new(&etcd).init(kek, config).await.expect("keys init");
+    });
+}
+
+/// Runs a command to completion (it must succeed) and returns its wall time.
+pub fn time(mut cmd: Command) -> Duration {
+    let start = Instant::now();
+    let st = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .expect("spawn");
+    let d = start.elapsed();
+    assert!(st.success(), "{cmd:?} failed");
+    d
+}
+
+/// The median of `v` (sorts it).
+pub fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Exits with a hint unless running inside the test VM (tests/e2e/vm.sh):
+/// the machine's own kernel has no ESP, GCM or IPIP.
+pub fn require_vm() {
+    if std::env::var("E2E_IN_VM").as_deref() != Ok("1") {
+        eprintln!(
+            "this benchmark needs the VM's kernel: run `make bench` (it boots tests/e2e/vm.sh)"
+        );
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,381 @@
+//! XFRM convergence against iproute2, in the VM (`make bench` boots it: the
+//! machine's own kernel has no ESP). Every figure is measured in the same run
+//! as its baseline, alternating, so machine noise hits both.
+//!
+//! For 100, 1,000 and 5,000 peers (etcd loaded with that many Calico nodes,
+//! each with a published identity, phase enforce, one epoch):
+//! - `calico-ipsec converge` from an empty kernel: a whole process that
+//!   connects to etcd, reads the snapshot, unseals the epoch, derives every
+//!   key and installs every state and policy;
+//! - `ip -batch` installing the same objects (same addresses, SPIs, reqids,
+//!   ESN, window, priority; keys random), one process;
+//! - per-object `ip xfrm ...` calls, one process per object (up to 1,000
+//!   peers: at 5,000 it would take the better part of an hour under TCG).
+//!
+//! Then a no-op ADD with 1,000 peers installed: calico-ipsec's ADD (reads
+//! etcd, dumps the kernel, finds nothing to change) against the reference
+//! `tuning` plugin's ADD setting the MTU, on the same pod.
+
+#[path = "../tests/common/etcd.rs"]
+mod etcd_server;
+mod support;
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use calico_ipsec::datastore::etcd::Etcd;
+use calico_ipsec::datastore::ipsec::{ClusterConfig, Identity, Phase, PREFIX};
+use calico_ipsec::datastore::snapshot;
+use calico_ipsec::keys::Kek;
+use calico_ipsec::xfrm::kernel::Xfrm;
+use calico_ipsec::xfrm::{Desired, Dir, Inputs, PRIORITY};
+use serde_json::json;
+use support::{load, median, rt, settings, time};
+
+const ME: &str = "node-1";
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .status()
+        .expect("spawn");
+    assert!(st.success(), "{args:?}");
+}
+
+fn flush() {
+    sh(&["ip", "xfrm", "policy", "flush"]);
+    sh(&["ip", "xfrm", "state", "flush"]);
+}
+
+fn held() -> (usize, usize) {
+    let h = Xfrm::open().expect("xfrm").held().expect("dump");
+    (h.states.len(), h.policies.len())
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("random");
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+/// The same objects calico-ipsec installs, as `ip -batch` lines.
+fn batch_lines(d: &Desired) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in d.states.values() {
+        out.push(format!(
+            "xfrm state add src {} dst {} proto esp spi 0x{:08x} reqid {} mode transport \
+             replay-window 128 flag esn aead rfc4106(gcm(aes)) 0x{} {}",
+            s.src,
+            s.dst,
+            s.spi,
+            s.reqid,
+            random_hex(20),
+            s.icv_bits
+        ));
+    }
+    for p in d.policies.values() {
+        let dir = if p.dir == Dir::Out { "out" } else { "in" };
+        out.push(format!(
+            "xfrm policy add src {}/32 dst {}/32 proto {} dir {dir} priority {PRIORITY} \
+             tmpl src {} dst {} proto esp reqid {} mode transport",
+            p.sel.src, p.sel.dst, p.sel.proto, p.sel.src, p.sel.dst, p.reqid
+        ));
+    }
+    out
+}
+
+struct Row {
+    peers: usize,
+    objects: usize,
+    ours: Duration,
+    batch: Duration,
+    per_object: Option<Duration>,
+}
+
+fn setup(endpoint: &str, peers: usize, kek: &Kek) {
+    let config = ClusterConfig {
+        phase: Phase::Enforce,
+        target_phase: Phase::Enforce,
+        ..ClusterConfig::default()
+    };
+    load(endpoint, kek, peers + 1, &config);
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
+        let ids: Vec<(String, Vec<u8>)> = (1..=peers + 1)
+            .filter(|i| *i != 1)
+            .map(|i| {
+                let id = Identity {
+                    id: u16::try_from(i).expect("id"),
+                    incarnation: 1,
+                    boot_id: "bench".into(),
+                };
+                (
+                    format!("{PREFIX}nodeids/node-{i}"),
+                    serde_json::to_vec(&id).expect("json"),
+                )
+            })
+            .collect();
+        for chunk in ids.chunks(100) {
+            let b: Vec<(&str, Vec<u8>)> =
+                chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            etcd.put_all(&b).await.expect("ids");
+        }
+    });
+}
+
+fn desired(endpoint: &str) -> Desired {
+    let snap = rt()
+        .block_on(async {
+            let etcd = Etcd::connect(&settings(endpoint)).await?;
+            snapshot::read(&etcd).await
+        })
+        .expect("snapshot");
+    let me = Identity {
+        id: 1,
+        incarnation: 1,
+        boot_id: String::new(),
+    };
+    Desired::compute(&Inputs {
+        topology: &snap.topology,
+        me: ME,
+        my_identity: Some(&me),
+        identities: &snap.identities,
+        phase: Phase::Enforce,
+        epochs: &snap.epochs,
+        icv_bits: 128,
+    })
+    .expect("desired")
+}
+
+fn main() {
+    support::require_vm();
+    for m in ["esp4", "xfrm_user", "gcm", "seqiv"] {
+        let _ = Command::new("modprobe").arg(m).status();
+    }
+    let rounds: usize = std::env::var("E2E_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let sizes: Vec<usize> = std::env::var("E2E_BENCH_PEERS")
+        .unwrap_or_else(|_| "100 1000 5000".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kek_path = tmp.path().join("kek");
+    let kek = Kek::generate().expect("kek");
+    kek.write_new(&kek_path).expect("kek file");
+    let bin = env!("CARGO_BIN_EXE_calico-ipsec");
+    let entry = |endpoint: &str, dir: &str| {
+        json!({
+            "type": "calico-ipsec", "name": "bench", "cniVersion": "1.0.0",
+            "etcd_endpoints": endpoint, "nodename": ME,
+            "kek_file": kek_path, "state_dir": tmp.path().join(dir),
+            "log_file_path": tmp.path().join("plugin.log"), "log_level": "warning",
+            "etcd_timeout_ms": 30000, "ext_mtu": 1500,
+        })
+    };
+    let mut rows = Vec::new();
+    for &peers in &sizes {
+        // A fresh etcd per size.
+        let server = etcd_server::EtcdServer::start();
+        setup(&server.endpoint, peers, &kek);
+        let want = desired(&server.endpoint);
+        let lines = batch_lines(&want);
+        let batch_file = tmp.path().join("batch");
+        std::fs::write(&batch_file, lines.join("\n") + "\n").expect("batch");
+        // Warm-up, untimed: the kernel instantiates and self-tests
+        // rfc4106(gcm(aes)) on first use (seconds under TCG).
+        flush();
+        let mut c = Command::new("ip");
+        c.arg("-batch").arg(&batch_file);
+        time(c);
+        let mut ours = Vec::new();
+        let mut batch = Vec::new();
+        for r in 0..rounds {
+            flush();
+            // A fresh state dir each round: a new ledger, so a new incarnation
+            // is published, exactly like a node's first start.
+            let conf = tmp.path().join("conf.json");
+            std::fs::write(
+                &conf,
+                entry(&server.endpoint, &format!("state-{peers}-{r}")).to_string(),
+            )
+            .expect("conf");
+            let mut c = Command::new(bin);
+            c.args(["converge", "--config"]).arg(&conf);
+            if std::env::var_os("E2E_BENCH_LOG").is_some() {
+                c.stdout(Stdio::inherit());
+                let start = std::time::Instant::now();
+                assert!(c.status().expect("spawn").success());
+                ours.push(start.elapsed());
+            } else {
+                ours.push(time(c));
+            }
+            assert_eq!(
+                held(),
+                (want.states.len(), want.policies.len()),
+                "converge installed all"
+            );
+            flush();
+            let mut c = Command::new("ip");
+            c.arg("-batch").arg(&batch_file);
+            batch.push(time(c));
+            assert_eq!(
+                held(),
+                (want.states.len(), want.policies.len()),
+                "ip -batch installed all"
+            );
+        }
+        let per_object = (peers <= 1000).then(|| {
+            flush();
+            let start = std::time::Instant::now();
+            for l in &lines {
+                sh(&std::iter::once("ip")
+                    .chain(l.split(' '))
+                    .collect::<Vec<_>>());
+            }
+            let d = start.elapsed();
+            assert_eq!(held(), (want.states.len(), want.policies.len()));
+            d
+        });
+        let row = Row {
+            peers,
+            objects: lines.len(),
+            ours: median(&mut ours),
+            batch: median(&mut batch),
+            per_object,
+        };
+        eprintln!(
+            "{peers} peers: ours {:?}, ip -batch {:?}, per-object {:?}",
+            row.ours, row.batch, row.per_object
+        );
+        rows.push(row);
+    }
+
+    // No-op ADD with 1,000 peers against tuning's ADD, on one pod.
+    let server = etcd_server::EtcdServer::start();
+    let noop = noop_add(
+        &server.endpoint,
+        &kek,
+        &entry(&server.endpoint, "noop"),
+        bin,
+        rounds * 10,
+    );
+
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "XFRM convergence from empty (median of {rounds}; VM: Debian 6.1 under qemu TCG)\n\
+         {:>6} {:>8} {:>12} {:>12} {:>8} {:>14} {:>10}",
+        "peers", "objects", "calico-ipsec", "ip -batch", "ratio", "per-object ip", "speed-up"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            table,
+            "{:>6} {:>8} {:>10.1}ms {:>10.1}ms {:>7.2}x {:>14} {:>10}",
+            r.peers,
+            r.objects,
+            ms(r.ours),
+            ms(r.batch),
+            ms(r.ours) / ms(r.batch),
+            r.per_object
+                .map_or("-".into(), |d| format!("{:.0}ms", ms(d))),
+            r.per_object
+                .map_or("-".into(), |d| format!("{:.0}x", ms(d) / ms(r.ours)))
+        );
+    }
+    if let Some((ours, tuning)) = noop {
+        let _ = writeln!(
+            table,
+            "\nNo-op ADD with 1000 peers (median of {}): calico-ipsec {:.1}ms, tuning {:.1}ms, ratio {:.2}x",
+            rounds * 10,
+            ms(ours),
+            ms(tuning),
+            ms(ours) / ms(tuning)
+        );
+    }
+    print!("{table}");
+    if let Ok(out) = std::env::var("E2E_OUT") {
+        let _ = std::fs::write(Path::new(&out).join("bench-xfrm.txt"), &table);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Alternates tuning ADD and calico-ipsec ADD on one pod with 1,000 peers
+/// converged; returns the medians (ours, tuning).
+fn noop_add(
+    endpoint: &str,
+    kek: &Kek,
+    entry: &serde_json::Value,
+    bin: &str,
+    rounds: usize,
+) -> Option<(Duration, Duration)> {
+    setup(endpoint, 1000, kek);
+    flush();
+    let pod = "benchpod";
+    let _ = Command::new("ip").args(["netns", "del", pod]).status();
+    sh(&["ip", "netns", "add", pod]);
+    sh(&[
+        "ip", "link", "add", "bench0", "mtu", "1500", "type", "veth", "peer", "name", "eth0",
+        "netns", pod,
+    ]);
+    let prev = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "bench0"}, {"name": "eth0", "sandbox": format!("/run/netns/{pod}")}],
+        "ips": [{"address": "10.128.0.2/32", "interface": 1}],
+    });
+    let run = |ty: &str, conf: &serde_json::Value| {
+        let mut c = Command::new(ty);
+        c.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "bench")
+            .env("CNI_NETNS", format!("/run/netns/{pod}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni");
+        let conf = conf.to_string();
+        move || {
+            let start = std::time::Instant::now();
+            let mut child = c
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn");
+            {
+                use std::io::Write;
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(conf.as_bytes()).expect("stdin");
+            }
+            let st = child.wait().expect("wait");
+            assert!(st.success(), "ADD failed");
+            start.elapsed()
+        }
+    };
+    let mut ours_conf = entry.clone();
+    ours_conf["prevResult"] = prev.clone();
+    let tuning_conf = json!({
+        "type": "tuning", "name": "bench", "cniVersion": "1.0.0", "mtu": 1446, "prevResult": prev,
+    });
+    let mut ours_run = run(bin, &ours_conf);
+    let mut tuning_run = run("/usr/lib/cni/tuning", &tuning_conf);
+    // The first ADD converges from empty; every later one is a no-op.
+    ours_run();
+    let (before, _) = held();
+    let mut ours = Vec::new();
+    let mut tuning = Vec::new();
+    for _ in 0..rounds {
+        tuning.push(tuning_run());
+        ours.push(ours_run());
+    }
+    assert_eq!(held().0, before, "a no-op ADD changes nothing");
+    let _ = Command::new("ip").args(["netns", "del", pod]).status();
+    Some((median(&mut ours), median(&mut tuning)))
+}
