@@ -98,24 +98,7 @@ where
         let seq = self.send(&inner, flags)?;
         let mut out = Vec::new();
         loop {
-            self.buf.clear();
-            let n = self.sock.recv(&mut self.buf, 0).map_err(NetlinkError::Io)?;
-            let mut off = 0usize;
-            while off < n {
-                let data = &self.buf[off..n];
-                let len = NetlinkBuffer::new_checked(data)
-                    .map_err(|e| NetlinkError::Decode(e.to_string()))?
-                    .length() as usize;
-                if len == 0 || len > data.len() {
-                    return Err(NetlinkError::Decode(format!(
-                        "message length {len} with {} bytes left",
-                        data.len()
-                    )));
-                }
-                let msg = NetlinkMessage::<M>::deserialize(&data[..len])
-                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
-                // Netlink pads each message to 4 bytes.
-                off += (len + 3) & !3;
+            for msg in self.recv_messages()? {
                 if msg.header.sequence_number != seq {
                     continue; // a late reply to an earlier request
                 }
@@ -132,9 +115,18 @@ where
                     _ => {}
                 }
             }
-            // Replies may hold key material (an XFRM state dump does).
-            self.buf[..n].zeroize();
         }
+    }
+
+    /// Receives one datagram and decodes every message in it. The buffer is
+    /// zeroized before returning: replies may hold key material (an XFRM
+    /// state dump does).
+    fn recv_messages(&mut self) -> Result<Vec<NetlinkMessage<M>>, NetlinkError> {
+        self.buf.clear();
+        let n = self.sock.recv(&mut self.buf, 0).map_err(NetlinkError::Io)?;
+        let decoded = decode_all(&self.buf[..n]);
+        self.buf[..n].zeroize();
+        decoded
     }
 
     /// Sends `msgs` as write requests, many per datagram, each with its own
@@ -158,23 +150,7 @@ where
                 (0..chunk.len()).map(|_| None).collect();
             let mut left = chunk.len();
             while left > 0 {
-                self.buf.clear();
-                let n = self.sock.recv(&mut self.buf, 0).map_err(NetlinkError::Io)?;
-                let mut off = 0usize;
-                while off < n {
-                    let data = &self.buf[off..n];
-                    let len = NetlinkBuffer::new_checked(data)
-                        .map_err(|e| NetlinkError::Decode(e.to_string()))?
-                        .length() as usize;
-                    if len == 0 || len > data.len() {
-                        return Err(NetlinkError::Decode(format!(
-                            "message length {len} with {} bytes left",
-                            data.len()
-                        )));
-                    }
-                    let msg = NetlinkMessage::<M>::deserialize(&data[..len])
-                        .map_err(|e| NetlinkError::Decode(e.to_string()))?;
-                    off += (len + 3) & !3;
+                for msg in self.recv_messages()? {
                     let slot = msg.header.sequence_number.wrapping_sub(first) as usize;
                     if slot >= chunk.len() {
                         continue;
@@ -189,12 +165,35 @@ where
                         });
                     }
                 }
-                self.buf[..n].zeroize();
             }
             results.extend(acks.into_iter().map(|a| a.unwrap_or(Ok(()))));
         }
         Ok(results)
     }
+}
+
+/// Decodes the messages of one datagram (each padded to 4 bytes).
+fn decode_all<M: NetlinkDeserializable>(
+    mut data: &[u8],
+) -> Result<Vec<NetlinkMessage<M>>, NetlinkError> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let len = NetlinkBuffer::new_checked(data)
+            .map_err(|e| NetlinkError::Decode(e.to_string()))?
+            .length() as usize;
+        if len == 0 || len > data.len() {
+            return Err(NetlinkError::Decode(format!(
+                "message length {len} with {} bytes left",
+                data.len()
+            )));
+        }
+        out.push(
+            NetlinkMessage::<M>::deserialize(&data[..len])
+                .map_err(|e| NetlinkError::Decode(e.to_string()))?,
+        );
+        data = &data[((len + 3) & !3).min(data.len())..];
+    }
+    Ok(out)
 }
 
 /// Appends one netlink message (header, payload, padding) to `out`.
