@@ -353,8 +353,18 @@ fn add_fails_with_code_11_when_etcd_is_down() {
         1500,
         "nothing applied: the MTU is untouched"
     );
+    // The state dir may hold the node lock (taken before etcd is read), but
+    // no MTU backup and no SA ledger.
+    let written: Vec<_> = std::fs::read_dir(tmp.path().join("state"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "node")
+        .collect();
+    assert!(written.is_empty(), "nothing applied, but found {written:?}");
     assert!(
-        !tmp.path().join("state").exists(),
-        "nothing applied: no backup written"
+        !tmp.path().join("state/node/ledger").exists(),
+        "nothing applied: no ledger"
     );
 }

@@ -281,7 +281,7 @@ cap_start() {
     local ns=$1 ifc=$2 file=$3 snap=${4:-256} i
     # Not through nsx: $! must be tcpdump itself (ip netns exec execs it),
     # not a subshell that would leave tcpdump running when killed.
-    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -s "$snap" -Z root -w "$file" \
+    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -B 16384 -s "$snap" -Z root -w "$file" \
         </dev/null >/dev/null 2>"$file.err" &
     CAP_PID=$!
     E2E_CAP_PIDS+=("$CAP_PID")
@@ -470,7 +470,7 @@ cluster_up() {
                       dataDir: "\($tmp)/ipam-\($n)"}},
               {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
                kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
-               log_file_path: "\($tmp)/\($n).log", log_level: "debug"}
+               log_file_path: "\($tmp)/\($n).log", log_level: "debug", etcd_timeout_ms: 10000}
             ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
     done
 }
