@@ -37,7 +37,7 @@ nsx node-1 "$bin" status --nodename node-1
 
 p1=$(pod_ip b-node-1) p2=$(pod_ip b-node-2) p3=$(pod_ip b-node-3)
 say "Pinging across nodes while capturing on the wire"
-cap_start wire br0 "$tmp/wire.pcap" 0
+cap_start wire w-node-1 "$tmp/wire.pcap" 0
 for pair in "b-node-1 $p2" "b-node-2 $p3" "b-node-3 $p1"; do
     read -r pod dst <<<"$pair"
     res=$(nsx "$pod" ping -n -q -c 10 -i 0.1 -W 5 "$dst" 2>&1 | grep 'packets transmitted' || true)
@@ -47,7 +47,7 @@ cap_stop
 wire=$(cap_ipv4 "$tmp/wire.pcap" | awk '$3 ~ /^10\.0\.0\.1[123]$/ && $4 ~ /^10\.0\.0\.1[123]$/')
 esp=$(grep -c '^ESP ' <<<"$wire" || true)
 plain=$(grep -vc '^ESP ' <<<"$wire" || true)
-echo "  on the wire between nodes: $esp ESP packets, $plain unencrypted packets"
+echo "  on node-1's port of the wire: $esp ESP packets, $plain unencrypted packets between nodes"
 echo "  first packets seen:"
 tcpdump -r "$tmp/wire.pcap" -nn 'host 10.0.0.11 and host 10.0.0.12' 2>/dev/null | head -4 | sed 's/^/    /'
 ectl get --prefix /calico/ -w json >"$tmp/etcd.json"

@@ -62,7 +62,9 @@ check_fails "the KEK appears in no log, status or etcd value" \
 # ------------------------------------------------------- traffic, on the wire
 p1=$(pod_ip b-node-1) p2=$(pod_ip b-node-2) p3=$(pod_ip b-node-3)
 marker=CALICO-IPSEC-E2E-$(od -An -tx1 -N6 /dev/urandom | tr -d ' \n')
-cap_start wire br0 "$tmp/wire.pcap" 0
+# Node-1's port of the bridge: a capture on br0 itself misses unicast frames
+# the bridge forwards port to port once it has learned the MACs.
+cap_start wire w-node-1 "$tmp/wire.pcap" 0
 check "ping b-node-1 -> b-node-2 ($p1 -> $p2)" nsx b-node-1 ping -n -c 3 -i 0.2 -W 5 "$p2"
 check "ping b-node-2 -> b-node-3 ($p2 -> $p3)" nsx b-node-2 ping -n -c 3 -i 0.2 -W 5 "$p3"
 check "ping b-node-3 -> b-node-1 ($p3 -> $p1)" nsx b-node-3 ping -n -c 3 -i 0.2 -W 5 "$p1"
