@@ -83,6 +83,8 @@ def read_pcap(path):
 
 def main():
     pcap, dump, kek_file, marker = sys.argv[1:5]
+    # "hex:..." names raw bytes (e.g. a ping -p pattern); otherwise text.
+    marker = bytes.fromhex(marker[4:]) if marker.startswith("hex:") else marker.encode()
     kek = bytes.fromhex(open(kek_file).read().strip())
     kvs = load_etcd(dump)
     guid = kvs["/calico/resources/v3/projectcalico.org/clusterinformations/default"]["spec"]["clusterGUID"]
@@ -130,7 +132,7 @@ def main():
             pad_len, next_header = plain[-2], plain[-1]
             assert next_header == 4, f"next header {next_header}, want 4 (IPIP)"
             inner = plain[:-2 - pad_len]
-            if marker.encode() in inner:
+            if marker in inner:
                 found = True
             counts["ok"] += 1
         except Exception as e:  # noqa: BLE001 - report every failure
