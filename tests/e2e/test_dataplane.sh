@@ -68,7 +68,7 @@ cap_start wire w-node-1 "$tmp/wire.pcap" 0
 check "ping b-node-1 -> b-node-2 ($p1 -> $p2)" nsx b-node-1 ping -n -c 3 -i 0.2 -W 5 -p "$marker" "$p2"
 check "ping b-node-2 -> b-node-3 ($p2 -> $p3)" nsx b-node-2 ping -n -c 3 -i 0.2 -W 5 "$p3"
 check "ping b-node-3 -> b-node-1 ($p3 -> $p1)" nsx b-node-3 ping -n -c 3 -i 0.2 -W 5 "$p1"
-# TCP: 200 KiB with the marker, hashed on both ends.
+# TCP: 200 KiB of random bytes, hashed on both ends.
 head -c 204800 /dev/urandom >"$tmp/payload"
 nsx b-node-2 python3 -c '
 import hashlib, socket, sys
