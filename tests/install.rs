@@ -353,10 +353,7 @@ fn wireguard_in_felix_configuration_is_refused_through_real_etcd() {
 fn unreachable_etcd_fails_the_check_with_a_way_out() {
     let node = Node::new();
     // A loopback port with nothing listening.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = common::etcd::free_port();
     let text = format!(
         r#"{{"cniVersion":"0.3.1","plugins":[{{"type":"calico","etcd_endpoints":"http://127.0.0.1:{port}"}}]}}"#
     );
@@ -595,26 +592,10 @@ fn prestop_uninstall_acts_only_when_the_daemonset_is_deleted() {
 
     // Nothing listening: kept.
     node.write("10-calico.conflist", &installed);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = common::etcd::free_port();
     let r = prestop(&format!("http://127.0.0.1:{port}"));
     assert!(!r.ok && r.stderr.contains("kept"), "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&path).expect("read"), installed);
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The production path: HTTPS with the service account's CA, against OpenSSL's
@@ -628,63 +609,12 @@ fn prestop_check_speaks_tls_with_the_service_account_ca() {
     );
     let dir = node.tmp.path().join("pki");
     std::fs::create_dir(&dir).expect("mkdir");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=kube-ca",
-    ]);
-    openssl(&dir, &ca);
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=kube-apiserver",
-    ]);
-    openssl(&dir, &csr);
-    std::fs::write(dir.join("srv.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.crt",
-            "-days",
-            "1",
-            "-extfile",
-            "srv.ext",
-        ],
-    );
+    let (tls, srv_crt, srv_key) = common::etcd::make_certs(&dir);
     let sa = node.tmp.path().join("sa");
     std::fs::create_dir(&sa).expect("mkdir");
     std::fs::write(sa.join("token"), "tok").expect("write");
     std::fs::write(sa.join("namespace"), "kube-system").expect("write");
-    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt")).expect("copy");
+    std::fs::copy(&tls.ca, sa.join("ca.crt")).expect("copy");
     let www = node.tmp.path().join("www");
     let ds_dir = www.join("apis/apps/v1/namespaces/kube-system/daemonsets");
     std::fs::create_dir_all(&ds_dir).expect("mkdir");
@@ -694,18 +624,15 @@ fn prestop_check_speaks_tls_with_the_service_account_ca() {
     )
     .expect("write");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = common::etcd::free_port();
     let mut server = Command::new("openssl")
         .current_dir(&www)
         .args(["s_server", "-quiet", "-WWW", "-accept"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("-cert")
-        .arg(dir.join("srv.crt"))
+        .arg(&srv_crt)
         .arg("-key")
-        .arg(dir.join("srv.key"))
+        .arg(&srv_key)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -737,26 +664,8 @@ fn prestop_check_speaks_tls_with_the_service_account_ca() {
     for f in ["token", "namespace"] {
         std::fs::copy(sa.join(f), other.join(f)).expect("copy");
     }
-    openssl(
-        &other,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "k",
-            "-out",
-            "ca.crt",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=other",
-        ],
-    );
+    // A fresh, unrelated CA (and certificates) written into `other`.
+    common::etcd::make_certs(&other);
     let untrusted = prestop(&other);
     std::fs::write(
         ds_dir.join("calico-ipsec-node"),

@@ -30,7 +30,8 @@ pub struct EtcdServer {
     pub tls: Option<TlsFiles>,
 }
 
-fn free_port() -> u16 {
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -50,8 +51,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate.
-fn make_certs(dir: &Path) -> (TlsFiles, PathBuf, PathBuf) {
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate
+/// in `dir`; returns the client files and the server certificate and key.
+pub fn make_certs(dir: &Path) -> (TlsFiles, PathBuf, PathBuf) {
     openssl(
         dir,
         &[
