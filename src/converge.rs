@@ -310,18 +310,23 @@ pub async fn converge_with(
     let mut mine: Option<(Identity, i64)> = None;
     let mut ledger = Ledger::default();
     let mut new_incarnation = false;
+    let boot = if phase == Phase::Off {
+        String::new()
+    } else {
+        boot_id()?
+    };
     if phase != Phase::Off {
-        let boot = boot_id()?;
         let (ident, rev) = store.identity(&node).await?;
         let loaded = Ledger::load(&cfg.state_dir);
         let stale = needs_new_incarnation(&ident, loaded.as_ref(), &boot);
+        let floor = loaded.as_ref().map_or(0, |l| l.incarnation);
         match loaded.filter(|_| !stale) {
             Some(l) => {
                 ledger = l;
                 mine = Some((ident, rev));
             }
             None => {
-                let fresh = bump(&store, &node, ident, rev, &boot, &cfg.state_dir).await?;
+                let fresh = bump(&store, &node, (ident, rev), floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -351,8 +356,9 @@ pub async fn converge_with(
                     incarnation = ident.incarnation,
                     "an outbound SA created earlier is missing or altered; publishing a new incarnation so that no key is used twice"
                 );
-                let boot = boot_id()?;
-                let fresh = bump(&store, &node, ident.clone(), *rev, &boot, &cfg.state_dir).await?;
+                let floor = ledger.incarnation;
+                let current = (ident.clone(), *rev);
+                let fresh = bump(&store, &node, current, floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -410,17 +416,17 @@ pub async fn converge_with(
     Ok(report)
 }
 
-/// Publishes the next incarnation (compare-and-swap on the identity record)
-/// and starts an empty ledger for it.
+/// Publishes the next incarnation (compare-and-swap on the identity record
+/// at its revision), above both the published one and `floor` (the local
+/// ledger's), and starts an empty ledger for it.
 async fn bump(
     store: &IpsecStore<'_>,
     node: &str,
-    mut ident: Identity,
-    mut rev: i64,
+    (mut ident, mut rev): (Identity, i64),
+    floor: u32,
     boot: &str,
     state_dir: &Path,
 ) -> Result<((Identity, i64), Ledger), ConvergeError> {
-    let floor = Ledger::load(state_dir).map_or(0, |l| l.incarnation);
     for _ in 0..16 {
         let next = Identity {
             id: ident.id,
