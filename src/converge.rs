@@ -106,6 +106,16 @@ pub struct Report {
     pub identity_millis: u64,
     /// Milliseconds spent applying the plan (keys and netlink).
     pub apply_millis: u64,
+    /// The epochs now installed (pending and active).
+    pub installed_epochs: Vec<u32>,
+    /// The epoch outbound policies send with, in encrypt and enforce.
+    pub active_epoch: Option<u32>,
+    /// The config's phase generation this convergence applied.
+    pub phase_generation: u64,
+    /// Our states by direction: (inbound, outbound).
+    pub states_by_dir: (usize, usize),
+    /// Our policies by direction: (inbound, outbound).
+    pub policies_by_dir: (usize, usize),
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -411,9 +421,21 @@ pub async fn converge_with(
         read_millis,
         identity_millis,
         apply_millis: ms(t_apply),
+        installed_epochs: desired.installed_epochs.clone(),
+        active_epoch: desired.active_epoch,
+        phase_generation: snap.config.as_ref().map_or(0, |c| c.phase_generation),
+        states_by_dir: by_dir(desired.states.values().map(|s| s.dir)),
+        policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
     };
     tracing::debug!(?report, "converged");
     Ok(report)
+}
+
+fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize) {
+    dirs.fold((0, 0), |(i, o), d| match d {
+        Dir::In => (i + 1, o),
+        _ => (i, o + 1),
+    })
 }
 
 /// Publishes the next incarnation (compare-and-swap on the identity record

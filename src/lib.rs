@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod attachment;
 pub mod cli;
 pub mod cni;
@@ -18,6 +19,8 @@ pub mod install;
 pub mod keys;
 pub mod link;
 pub mod logging;
+pub mod manager;
+pub mod metrics;
 pub mod mtu;
 pub mod netlink;
 pub mod netns;

@@ -11,7 +11,14 @@ fn main() -> ExitCode {
         return run_plugin();
     }
     let cli = calico_ipsec::cli::Cli::parse();
-    calico_ipsec::logging::init_stderr(calico_ipsec::config::LogLevel::Warn);
+    // The daemons log their steps; one-shot commands only warnings.
+    let level = match cli.command {
+        calico_ipsec::cli::Command::Agent(_) | calico_ipsec::cli::Command::Manager(_) => {
+            calico_ipsec::config::LogLevel::Info
+        }
+        _ => calico_ipsec::config::LogLevel::Warn,
+    };
+    calico_ipsec::logging::init_stderr(level);
     let mut stdout = std::io::stdout().lock();
     match calico_ipsec::cli::exec(cli, &mut stdout) {
         Ok(()) => ExitCode::SUCCESS,

@@ -288,7 +288,10 @@ fn node_status_vanishes_with_its_lease() {
             incarnation: 1,
             installed_epochs: vec![1],
             acked_phase: Phase::Off,
+            acked_generation: 0,
+            active_epoch: Some(1),
             heartbeat: calico_ipsec::datastore::ipsec::now_rfc3339(),
+            stale: false,
         };
         store
             .put_status("node-1", &status, lease)

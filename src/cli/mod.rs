@@ -1,6 +1,7 @@
 //! The command-line interface (when `CNI_COMMAND` is not set).
 
 pub mod converge;
+pub mod daemon;
 pub mod install;
 pub mod keys;
 pub mod mtu;
@@ -72,6 +73,14 @@ pub enum Command {
     Install(install::InstallArgs),
     /// Remove our entry from the conflist; nothing else in it changes.
     Uninstall(install::UninstallArgs),
+    /// Run the node agent: keep this node converged, publish its status, serve metrics.
+    Agent(daemon::AgentArgs),
+    /// Run the key manager: phases, rotation and retirement, one leader at a time.
+    Manager(daemon::ManagerArgs),
+    /// Turn encryption on: set the target phase to enforce.
+    Enable(daemon::PhaseArgs),
+    /// Turn encryption off: set the target phase to off.
+    Disable(daemon::PhaseArgs),
 }
 
 /// etcd access flags, named like the conflist fields; etcdctl's variables also work.
@@ -134,6 +143,14 @@ pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
         }
         Command::Install(args) => install::exec_install(&args, out)?,
         Command::Uninstall(args) => install::exec_uninstall(&args, out)?,
+        Command::Agent(args) => daemon::exec_agent(&args)?,
+        Command::Manager(args) => daemon::exec_manager(&args)?,
+        Command::Enable(args) => {
+            daemon::exec_phase(&args, crate::datastore::ipsec::Phase::Enforce, out)?
+        }
+        Command::Disable(args) => {
+            daemon::exec_phase(&args, crate::datastore::ipsec::Phase::Off, out)?
+        }
     }
     Ok(())
 }

@@ -268,6 +268,53 @@ impl Etcd {
         Ok(resp.succeeded())
     }
 
+    /// The underlying client, for watches and lease keep-alives.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The endpoints, as one string for messages.
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// Runs a transaction; `op` names it in errors. Returns whether its
+    /// comparisons held.
+    pub async fn txn(&self, op: &str, txn: Txn) -> Result<bool, EtcdError> {
+        let mut kv = self.client.kv_client();
+        Ok(self.bounded(op, kv.txn(txn)).await?.succeeded())
+    }
+
+    /// Deletes one key; true when it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, EtcdError> {
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .bounded(&format!("delete {key}"), kv.delete(key, None))
+            .await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Refreshes a lease once; returns its remaining TTL in seconds (0 or
+    /// less when it has expired).
+    pub async fn keep_alive_once(&self, lease: i64) -> Result<i64, EtcdError> {
+        let mut client = self.client.lease_client();
+        let op = format!("lease keep-alive {lease:x}");
+        let (mut keeper, mut stream) = self.bounded(&op, client.keep_alive(lease)).await?;
+        self.bounded(&op, keeper.keep_alive()).await?;
+        match self.bounded(&op, stream.message()).await? {
+            Some(resp) => Ok(resp.ttl()),
+            None => Ok(0),
+        }
+    }
+
+    /// Revokes a lease (its keys vanish).
+    pub async fn revoke_lease(&self, lease: i64) -> Result<(), EtcdError> {
+        let mut client = self.client.lease_client();
+        self.bounded("lease revoke", client.revoke(lease))
+            .await
+            .map(|_| ())
+    }
+
     /// Grants a lease of `ttl` seconds.
     pub async fn grant_lease(&self, ttl: i64) -> Result<i64, EtcdError> {
         let mut lease = self.client.lease_client();

@@ -91,6 +91,10 @@ pub struct ClusterConfig {
     pub rotation_interval_seconds: u64,
     /// Seconds an old epoch stays installed after the switch.
     pub overlap_seconds: u64,
+    /// Bumped by the manager on every phase change, so that an
+    /// acknowledgement always names the change it answers.
+    #[serde(default)]
+    pub phase_generation: u64,
 }
 
 impl Default for ClusterConfig {
@@ -103,6 +107,7 @@ impl Default for ClusterConfig {
             icv_bits: 128,
             rotation_interval_seconds: 24 * 3600,
             overlap_seconds: 300,
+            phase_generation: 0,
         }
     }
 }
@@ -134,6 +139,9 @@ pub struct EpochRecord {
     pub kek_fingerprint: String,
     /// base64(nonce || AES-256-GCM(secret) || tag), AAD bound to the epoch.
     pub sealed_secret: String,
+    /// When it became active, RFC 3339 UTC (absent while pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated: Option<String>,
 }
 
 impl EpochRecord {
@@ -154,8 +162,17 @@ pub struct NodeStatus {
     pub installed_epochs: Vec<u32>,
     /// The phase it has converged to.
     pub acked_phase: Phase,
+    /// The config's `phase_generation` that phase belongs to.
+    #[serde(default)]
+    pub acked_generation: u64,
+    /// The epoch its outbound policies send with.
+    #[serde(default)]
+    pub active_epoch: Option<u32>,
     /// Last report, RFC 3339 UTC.
     pub heartbeat: String,
+    /// True while the agent cannot reach etcd and keeps its last known state.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// `/calico/ipsec/v1/nodeids/<node>`: a node's id and incarnation.
@@ -206,7 +223,8 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, Ipse
     })
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+/// A record as the JSON we store.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Our records are plain structs of strings and numbers: this cannot fail.
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -240,6 +258,43 @@ pub fn rfc3339(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Parses the RFC 3339 UTC form [`rfc3339`] writes ("YYYY-MM-DDTHH:MM:SSZ")
+/// back to Unix seconds; `None` for anything else.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
+/// The current time in Unix seconds.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The key of the manager's leader record (bound to the leader's lease).
+pub fn leader_key() -> String {
+    format!("{PREFIX}manager/leader")
 }
 
 /// Our records in one etcd.
@@ -291,6 +346,7 @@ impl<'a> IpsecStore<'a> {
             algorithm: ALGORITHM.into(),
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(kek, 1)?,
+            activated: Some(now_rfc3339()),
         };
         let created = self
             .etcd
@@ -308,6 +364,18 @@ impl<'a> IpsecStore<'a> {
 
     /// Adds the next epoch as pending, sealed under `kek`.
     pub async fn add_pending_epoch(&self, kek: &Kek) -> Result<EpochRecord, IpsecStoreError> {
+        self.add_pending_epoch_if(kek, &[])
+            .await?
+            .ok_or_else(|| IpsecStoreError::Contended("adding an epoch".into()))
+    }
+
+    /// Adds the next epoch as pending, only while every comparison in
+    /// `fence` holds (the manager's leadership); `None` when one does not.
+    pub async fn add_pending_epoch_if(
+        &self,
+        kek: &Kek,
+        fence: &[etcd_client::Compare],
+    ) -> Result<Option<EpochRecord>, IpsecStoreError> {
         if self.config().await?.is_none() {
             return Err(IpsecStoreError::NotInitialised(config_key()));
         }
@@ -331,16 +399,74 @@ impl<'a> IpsecStore<'a> {
                 algorithm: ALGORITHM.into(),
                 kek_fingerprint: kek.fingerprint(),
                 sealed_secret: secret.seal(kek, next)?,
+                activated: None,
             };
-            if self
-                .etcd
-                .create_all(&[(&epoch_key(next), encode(&rec))])
-                .await?
-            {
-                return Ok(rec);
+            let key = epoch_key(next);
+            let mut cmp = vec![etcd_client::Compare::version(
+                key.as_str(),
+                etcd_client::CompareOp::Equal,
+                0,
+            )];
+            cmp.extend(fence.iter().cloned());
+            let txn = etcd_client::Txn::new()
+                .when(cmp)
+                .and_then([etcd_client::TxnOp::put(key.as_str(), encode(&rec), None)]);
+            if self.etcd.txn(&format!("create {key}"), txn).await? {
+                return Ok(Some(rec));
+            }
+            if !fence.is_empty() {
+                // Lost the fence (leadership) or raced another writer: the
+                // caller decides.
+                return Ok(None);
             }
         }
         Err(IpsecStoreError::Contended("adding an epoch".into()))
+    }
+
+    /// Reads the config with its revision.
+    pub async fn config_rev(&self) -> Result<Option<(ClusterConfig, i64)>, IpsecStoreError> {
+        let key = config_key();
+        match self.etcd.get(&key).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some((decode(&key, &kv.value)?, kv.mod_revision))),
+        }
+    }
+
+    /// Every epoch record with its revision, in epoch order.
+    pub async fn epochs_rev(&self) -> Result<Vec<(EpochRecord, i64)>, IpsecStoreError> {
+        let (_, kvs) = self
+            .etcd
+            .get_prefix(&format!("{PREFIX}epochs/"), false)
+            .await?;
+        let mut out = kvs
+            .iter()
+            .map(|kv| decode::<EpochRecord>(&kv.key, &kv.value).map(|e| (e, kv.mod_revision)))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|(e, _)| e.epoch);
+        Ok(out)
+    }
+
+    /// Sets the target phase (compare-and-swap on the config); returns the
+    /// config written.
+    pub async fn set_target_phase(&self, target: Phase) -> Result<ClusterConfig, IpsecStoreError> {
+        for _ in 0..16 {
+            let (mut cfg, rev) = self
+                .config_rev()
+                .await?
+                .ok_or_else(|| IpsecStoreError::NotInitialised(config_key()))?;
+            if cfg.target_phase == target {
+                return Ok(cfg);
+            }
+            cfg.target_phase = target;
+            if self
+                .etcd
+                .compare_and_put(&config_key(), rev, encode(&cfg))
+                .await?
+            {
+                return Ok(cfg);
+            }
+        }
+        Err(IpsecStoreError::Contended(config_key()))
     }
 
     /// This node's id: the existing one, or the lowest free id, claimed in
@@ -452,6 +578,16 @@ mod tests {
     }
 
     #[test]
+    fn rfc3339_round_trips_and_rejects_other_forms() {
+        for secs in [0, 951_782_400, 1_795_262_400, 4_102_444_799] {
+            assert_eq!(parse_rfc3339(&rfc3339(secs)), Some(secs));
+        }
+        assert_eq!(parse_rfc3339("2026-11-21T12:00:00+01:00"), None);
+        assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339(""), None);
+    }
+
+    #[test]
     fn records_are_readable_json_without_secret_bytes() {
         let kek = Kek::from_bytes(vec![1; 32]).expect("32");
         let secret = EpochSecret::from_bytes(vec![0x5a; 32]);
@@ -462,6 +598,7 @@ mod tests {
             algorithm: ALGORITHM.into(),
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(&kek, 3).expect("seal"),
+            activated: None,
         };
         let text = String::from_utf8(encode(&rec)).expect("utf8");
         assert!(text.contains("\"state\":\"pending\""), "{text}");

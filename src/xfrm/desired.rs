@@ -242,6 +242,7 @@ mod tests {
             algorithm: String::new(),
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
+            activated: None,
         }
     }
 

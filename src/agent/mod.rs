@@ -1,0 +1,605 @@
+//! The node agent: keeps this node's XFRM state converged between pod events.
+//!
+//! - It holds a cache of the keys a snapshot is built from, fed by one etcd
+//!   watch per prefix ([`watch`]); each watch resumes from the last revision
+//!   it delivered after a reconnect.
+//! - On every change it converges at once (the same code as an ADD, under the
+//!   same node lock), and publishes the node's status under its lease:
+//!   id, incarnation, installed epochs, active epoch, acknowledged phase.
+//! - While etcd cannot be reached it changes nothing in the kernel (the last
+//!   known good data plane stays) and reports itself stale.
+//! - A shutdown (SIGTERM, SIGINT) leaves the kernel state and the lease as
+//!   they are: a restart within the lease's TTL is invisible to the manager.
+//!
+//! It serves `/metrics` and `/healthz`.
+
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::config::PluginConfig;
+use crate::converge::{self, ConvergeError, NodeLock, Report};
+use crate::datastore::etcd::{Etcd, EtcdError, Kv};
+use crate::datastore::ipsec::{now_rfc3339, now_unix, IpsecStore, IpsecStoreError, NodeStatus};
+use crate::datastore::snapshot::{self, Snapshot};
+use crate::metrics::{Exposition, Histogram};
+use watch::{Change, WatchMsg};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The plugin's settings (etcd, node name, KEK, state directory).
+    pub cfg: PluginConfig,
+    /// Where to serve `/metrics` and `/healthz`; `None` serves nothing.
+    pub listen: Option<SocketAddr>,
+    /// TTL of the lease the status record is bound to, in seconds.
+    pub lease_ttl: i64,
+    /// Full re-convergence period even without events.
+    pub resync: Duration,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The node name could not be found.
+    #[error(transparent)]
+    Nodename(#[from] crate::config::NodenameError),
+    /// The metrics address could not be bound, or the runtime failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the agent knows, shared with the HTTP endpoint.
+#[derive(Debug)]
+struct State {
+    node: String,
+    stale: bool,
+    stale_reason: Option<String>,
+    last_success: Option<u64>,
+    last_loop: Instant,
+    report: Option<Report>,
+    converge_seconds: Histogram,
+    converge_failures: u64,
+    watch_restarts: u64,
+    lease: Option<i64>,
+    address: Option<std::net::Ipv4Addr>,
+}
+
+/// Buckets of the convergence histogram, in seconds.
+const CONVERGE_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let node = opts.cfg.node_name()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let state = Arc::new(Mutex::new(State {
+            node: node.clone(),
+            stale: true,
+            stale_reason: Some("not yet connected to etcd".into()),
+            last_success: None,
+            last_loop: Instant::now(),
+            report: None,
+            converge_seconds: Histogram::new(&CONVERGE_BUCKETS),
+            converge_failures: 0,
+            watch_restarts: 0,
+            lease: None,
+            address: None,
+        }));
+        if let Some(addr) = opts.listen {
+            let listener = crate::metrics::bind(addr).await?;
+            let st = Arc::clone(&state);
+            let ttl = opts.lease_ttl;
+            let handler = Arc::new(move |path: &str| handle(&st, path, ttl));
+            tokio::spawn(crate::metrics::serve(listener, handler));
+            tracing::info!(%addr, "serving /metrics and /healthz");
+        }
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = main_loop(opts, node, Arc::clone(&state)) => {}
+        }
+        tracing::info!(
+            "agent stopping; the kernel's XFRM state and the status lease are left in place"
+        );
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Connects, retrying until etcd answers.
+async fn connect(opts: &AgentOptions, state: &Mutex<State>) -> Etcd {
+    let settings = converge::settings(&opts.cfg);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match Etcd::connect(&settings).await {
+            Ok(e) => return e,
+            Err(e) => {
+                mark_stale(state, &e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn mark_stale(state: &Mutex<State>, reason: &str) {
+    let mut s = lock(state);
+    if !s.stale {
+        tracing::warn!(
+            reason,
+            "etcd is unreachable: keeping the last known good XFRM state (stale)"
+        );
+    }
+    s.stale = true;
+    s.stale_reason = Some(reason.to_string());
+}
+
+/// The agent proper: watches, converges, publishes.
+async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
+    let etcd = connect(&opts, &state).await;
+    let prefixes = snapshot::prefixes();
+    let (tx, mut rx) = mpsc::channel::<WatchMsg>(256);
+    for (idx, p) in prefixes.iter().enumerate() {
+        tokio::spawn(watch::watch_prefix(
+            etcd.clone(),
+            idx,
+            p.clone(),
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+
+    let mut cache: Vec<Option<(i64, BTreeMap<String, Kv>)>> = vec![None; prefixes.len()];
+    let mut down: Vec<bool> = vec![false; prefixes.len()];
+    // When the oldest change not yet converged arrived.
+    let mut pending: Option<Instant> = None;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut last_published: Option<NodeStatus> = None;
+    let mut published_at = Instant::now();
+    let heartbeat = Duration::from_secs(u64::try_from(opts.lease_ttl / 3).unwrap_or(1).max(1));
+    let mut beat = tokio::time::interval(heartbeat);
+    let mut resync = tokio::time::interval(opts.resync);
+    resync.tick().await;
+
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return };
+                let mut changed = absorb(msg, &mut cache, &mut down, &state);
+                // Take everything already queued before converging once.
+                while let Ok(more) = rx.try_recv() {
+                    changed |= absorb(more, &mut cache, &mut down, &state);
+                }
+                if changed && pending.is_none() {
+                    pending = Some(Instant::now());
+                }
+            }
+            _ = beat.tick() => {
+                let alive = keep_alive(&etcd, &state).await;
+                if alive == Some(true) && !down.iter().any(|d| *d) && retry_at.is_none() {
+                    let mut s = lock(&state);
+                    if s.stale && s.report.is_some() {
+                        tracing::info!("etcd answers again");
+                        s.stale = false;
+                        s.stale_reason = None;
+                    }
+                }
+                // Publish again after a lost lease, and refresh the record's
+                // heartbeat now and then.
+                if alive == Some(false) || published_at.elapsed() >= Duration::from_secs(60) {
+                    last_published = None;
+                }
+                if last_published.is_none() {
+                    pending.get_or_insert_with(Instant::now);
+                }
+            }
+            _ = resync.tick() => {
+                pending.get_or_insert_with(Instant::now);
+            }
+            () = retry => {
+                retry_at = None;
+                pending.get_or_insert_with(Instant::now);
+            }
+        }
+        lock(&state).last_loop = Instant::now();
+        if down.iter().any(|d| *d) {
+            continue;
+        }
+        let Some(since) = pending else { continue };
+        if cache.iter().any(Option::is_none) || retry_at.is_some() {
+            continue;
+        }
+        let snap = match build_snapshot(&cache) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "the datastore holds a malformed record; keeping the current XFRM state");
+                lock(&state).converge_failures += 1;
+                pending = None;
+                continue;
+            }
+        };
+        lock(&state).address = snap.topology.nodes.get(&node).map(|n| n.ipv4);
+        match converge_once(&opts.cfg, &etcd, snap, &node).await {
+            Ok(report) => {
+                pending = None;
+                let took = since.elapsed();
+                {
+                    let mut s = lock(&state);
+                    s.converge_seconds.observe(took.as_secs_f64());
+                    s.last_success = Some(now_unix());
+                    s.stale = false;
+                    s.stale_reason = None;
+                    s.report = Some(report.clone());
+                }
+                if report.writes > 0 {
+                    tracing::info!(
+                        writes = report.writes,
+                        millis = took.as_millis() as u64,
+                        phase = ?report.phase,
+                        epochs = ?report.installed_epochs,
+                        "converged"
+                    );
+                }
+                let status = status_of(&report, false);
+                if last_published.as_ref().map(without_heartbeat)
+                    != Some(without_heartbeat(&status))
+                {
+                    if publish(&etcd, &state, &node, &status, opts.lease_ttl).await {
+                        last_published = Some(status);
+                        published_at = Instant::now();
+                    }
+                }
+            }
+            Err(e) => {
+                let unavailable = matches!(
+                    &e,
+                    ConvergeError::Store(IpsecStoreError::Etcd(err)) if err.is_unavailable()
+                );
+                if unavailable {
+                    mark_stale(&state, &e.to_string());
+                } else {
+                    tracing::error!(error = %e, "convergence failed; the current XFRM state is kept; retrying in 1s");
+                }
+                lock(&state).converge_failures += 1;
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Applies one watch message to the cache; true when data changed.
+fn absorb(
+    msg: WatchMsg,
+    cache: &mut [Option<(i64, BTreeMap<String, Kv>)>],
+    down: &mut [bool],
+    state: &Mutex<State>,
+) -> bool {
+    match msg {
+        WatchMsg::Reset { idx, kvs, revision } => {
+            cache[idx] = Some((
+                revision,
+                kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+            ));
+            true
+        }
+        WatchMsg::Changes {
+            idx,
+            changes,
+            revision,
+        } => {
+            let Some((rev, map)) = cache[idx].as_mut() else {
+                return false;
+            };
+            *rev = revision;
+            for c in changes {
+                match c {
+                    Change::Put(kv) => {
+                        map.insert(kv.key.clone(), kv);
+                    }
+                    Change::Delete(k) => {
+                        map.remove(&k);
+                    }
+                }
+            }
+            true
+        }
+        WatchMsg::Up { idx } => {
+            let was = std::mem::replace(&mut down[idx], false);
+            if was {
+                tracing::info!(idx, "etcd watch resumed");
+            }
+            // Converge once etcd is back, in case the kernel changed meanwhile.
+            was
+        }
+        WatchMsg::Down { idx, reason } => {
+            if !down[idx] {
+                lock(state).watch_restarts += 1;
+            }
+            down[idx] = true;
+            mark_stale(state, &reason);
+            false
+        }
+    }
+}
+
+fn build_snapshot(
+    cache: &[Option<(i64, BTreeMap<String, Kv>)>],
+) -> Result<Snapshot, IpsecStoreError> {
+    let revision = cache.iter().flatten().map(|(r, _)| *r).max().unwrap_or(0);
+    let kvs = cache.iter().flatten().flat_map(|(_, m)| m.values());
+    Snapshot::from_kvs(kvs, revision)
+}
+
+async fn converge_once(
+    cfg: &PluginConfig,
+    etcd: &Etcd,
+    snap: Snapshot,
+    node: &str,
+) -> Result<Report, ConvergeError> {
+    let started = Instant::now();
+    // The lock serialises with ADDs; they hold it for one convergence.
+    let lock = tokio::task::block_in_place(|| NodeLock::acquire(&cfg.state_dir))?;
+    let r = converge::converge_with(cfg, etcd, snap, node.to_string(), started).await;
+    drop(lock);
+    r
+}
+
+fn status_of(r: &Report, stale: bool) -> NodeStatus {
+    NodeStatus {
+        id: r.id.unwrap_or(0),
+        incarnation: r.incarnation,
+        installed_epochs: r.installed_epochs.clone(),
+        acked_phase: r.phase,
+        acked_generation: r.phase_generation,
+        active_epoch: r.active_epoch,
+        heartbeat: now_rfc3339(),
+        stale,
+    }
+}
+
+fn without_heartbeat(s: &NodeStatus) -> NodeStatus {
+    NodeStatus {
+        heartbeat: String::new(),
+        ..s.clone()
+    }
+}
+
+/// Writes the status under the lease (granting one first when needed).
+async fn publish(
+    etcd: &Etcd,
+    state: &Mutex<State>,
+    node: &str,
+    status: &NodeStatus,
+    ttl: i64,
+) -> bool {
+    let lease = match lock(state).lease {
+        Some(l) => Ok(l),
+        None => etcd.grant_lease(ttl).await,
+    };
+    let lease = match lease {
+        Ok(l) => l,
+        Err(e) => {
+            mark_stale(state, &e.to_string());
+            return false;
+        }
+    };
+    lock(state).lease = Some(lease);
+    match IpsecStore::new(etcd).put_status(node, status, lease).await {
+        Ok(()) => true,
+        Err(IpsecStoreError::Etcd(EtcdError::Request { reason, .. }))
+            if reason.contains("lease not found") =>
+        {
+            // The lease expired (etcd was away longer than its TTL): next time
+            // a fresh one is granted.
+            lock(state).lease = None;
+            false
+        }
+        Err(e) => {
+            mark_stale(state, &e.to_string());
+            false
+        }
+    }
+}
+
+/// Refreshes the lease: `Some(true)` when alive, `Some(false)` when it had
+/// expired (forgotten, so the next publication grants a new one), `None`
+/// when there is no lease yet or etcd did not answer.
+async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool> {
+    let lease = lock(state).lease?;
+    match etcd.keep_alive_once(lease).await {
+        Ok(ttl) if ttl > 0 => Some(true),
+        Ok(_) => {
+            tracing::warn!("the status lease expired; publishing the status again under a new one");
+            lock(state).lease = None;
+            Some(false)
+        }
+        Err(e) => {
+            mark_stale(state, &e.to_string());
+            None
+        }
+    }
+}
+
+/// Answers `/metrics` and `/healthz`.
+fn handle(state: &Mutex<State>, path: &str, ttl: i64) -> crate::metrics::Reply {
+    match path {
+        "/healthz" => {
+            let s = lock(state);
+            // The loop wakes at least every heartbeat (a third of the TTL).
+            let wedged = s.last_loop.elapsed()
+                > Duration::from_secs(u64::try_from(ttl).unwrap_or(30).max(3) * 2);
+            if wedged {
+                (503, "the agent's loop has not run recently\n".into())
+            } else if s.stale {
+                (
+                    200,
+                    format!(
+                        "ok (stale: {})\n",
+                        s.stale_reason.as_deref().unwrap_or("etcd unreachable")
+                    ),
+                )
+            } else {
+                (200, "ok\n".into())
+            }
+        }
+        "/metrics" => (200, render(state)),
+        _ => (404, "not found: try /metrics or /healthz\n".into()),
+    }
+}
+
+fn render(state: &Mutex<State>) -> String {
+    // Read the kernel outside the lock.
+    let held = crate::xfrm::kernel::Xfrm::open()
+        .and_then(|mut x| x.held())
+        .ok();
+    let xfrm_stat = crate::cli::status::read_xfrm_stat();
+    let s = lock(state);
+    let mut e = Exposition::default();
+    let node = s.node.as_str();
+    if let Some(h) = &held {
+        use crate::xfrm::Dir;
+        let me = s.address;
+        let count_sa = |d: Dir| {
+            h.states
+                .values()
+                .filter(|x| (Some(x.src) == me) == (d == Dir::Out))
+                .count() as f64
+        };
+        let count_pol = |d: Dir| h.policies.values().filter(|x| x.dir == d).count() as f64;
+        e.family(
+            "calico_ipsec_xfrm_states",
+            "gauge",
+            "XFRM states this product owns on the node, by direction",
+        )
+        .sample(
+            "calico_ipsec_xfrm_states",
+            &[("dir", "in")],
+            count_sa(Dir::In),
+        )
+        .sample(
+            "calico_ipsec_xfrm_states",
+            &[("dir", "out")],
+            count_sa(Dir::Out),
+        );
+        e.family(
+            "calico_ipsec_xfrm_policies",
+            "gauge",
+            "XFRM policies this product owns on the node, by direction",
+        )
+        .sample(
+            "calico_ipsec_xfrm_policies",
+            &[("dir", "in")],
+            count_pol(Dir::In),
+        )
+        .sample(
+            "calico_ipsec_xfrm_policies",
+            &[("dir", "out")],
+            count_pol(Dir::Out),
+        );
+    }
+    if let Some(r) = &s.report {
+        e.gauge(
+            "calico_ipsec_epochs_installed",
+            "Key epochs whose SAs are installed on the node",
+            r.installed_epochs.len() as f64,
+        );
+        e.gauge(
+            "calico_ipsec_epoch_active",
+            "The epoch outbound policies send with (0: none)",
+            f64::from(r.active_epoch.unwrap_or(0)),
+        );
+        e.gauge(
+            "calico_ipsec_incarnation",
+            "This node's incarnation",
+            f64::from(r.incarnation),
+        );
+        let phase = format!("{:?}", r.phase).to_lowercase();
+        e.family(
+            "calico_ipsec_phase",
+            "gauge",
+            "The phase this node has converged to (1 for the current one)",
+        )
+        .sample("calico_ipsec_phase", &[("phase", &phase)], 1.0);
+    }
+    e.family(
+        "calico_ipsec_xfrm_stat_total",
+        "counter",
+        "Counters of /proc/net/xfrm_stat",
+    );
+    for (k, v) in &xfrm_stat {
+        e.sample("calico_ipsec_xfrm_stat_total", &[("counter", k)], *v as f64);
+    }
+    e.histogram(
+        "calico_ipsec_converge_seconds",
+        "Time from an etcd change to the node's kernel matching it",
+        &s.converge_seconds,
+    );
+    e.gauge(
+        "calico_ipsec_converge_failures_total",
+        "Convergences that failed (the XFRM state was kept)",
+        s.converge_failures as f64,
+    );
+    e.gauge(
+        "calico_ipsec_last_success_timestamp_seconds",
+        "When the node last converged, Unix seconds",
+        s.last_success.unwrap_or(0) as f64,
+    );
+    e.gauge(
+        "calico_ipsec_etcd_reachable",
+        "1 when etcd answers, 0 while the agent is stale",
+        if s.stale { 0.0 } else { 1.0 },
+    );
+    e.gauge(
+        "calico_ipsec_watch_restarts_total",
+        "etcd watches that were lost and resumed",
+        s.watch_restarts as f64,
+    );
+    e.family(
+        "calico_ipsec_agent_info",
+        "gauge",
+        "The node this agent serves",
+    )
+    .sample("calico_ipsec_agent_info", &[("node", node)], 1.0);
+    e.finish()
+}

@@ -1,0 +1,216 @@
+//! One etcd watch per key prefix, each resuming after a reconnect from the
+//! last revision it delivered, and re-reading its prefix only when etcd has
+//! compacted that revision away.
+
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::mpsc;
+
+use crate::datastore::etcd::{Etcd, Kv};
+
+/// One change inside a prefix, in the order etcd applied it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A key was written.
+    Put(Kv),
+    /// A key was deleted.
+    Delete(String),
+}
+
+/// What a prefix's watcher tells the agent.
+#[derive(Debug)]
+pub enum WatchMsg {
+    /// The whole prefix as read at `revision` (first read, or after a compaction).
+    Reset {
+        /// Which prefix.
+        idx: usize,
+        /// Every key under it.
+        kvs: Vec<Kv>,
+        /// The revision of the read.
+        revision: i64,
+    },
+    /// Changes up to `revision`.
+    Changes {
+        /// Which prefix.
+        idx: usize,
+        /// The changes, in order.
+        changes: Vec<Change>,
+        /// The highest revision delivered.
+        revision: i64,
+    },
+    /// The watch is established (again).
+    Up {
+        /// Which prefix.
+        idx: usize,
+    },
+    /// etcd could not be reached; the watcher retries.
+    Down {
+        /// Which prefix.
+        idx: usize,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Watches `prefix` for ever, sending what it sees to `tx`; ends when `tx`
+/// is closed.
+pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Sender<WatchMsg>) {
+    let mut revision: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    let max_backoff = Duration::from_secs(2);
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let rev = match revision {
+            Some(r) => r,
+            None => match etcd.get_prefix(&prefix, false).await {
+                Ok((r, kvs)) => {
+                    if tx
+                        .send(WatchMsg::Reset {
+                            idx,
+                            kvs,
+                            revision: r,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    revision = Some(r);
+                    r
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(WatchMsg::Down {
+                            idx,
+                            reason: e.to_string(),
+                        })
+                        .await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(max_backoff);
+                    continue;
+                }
+            },
+        };
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1)
+            .with_progress_notify();
+        let mut client = etcd.client().watch_client();
+        let started = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.watch(prefix.as_bytes(), Some(opts)),
+        )
+        .await;
+        let mut stream = match started {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = tx
+                    .send(WatchMsg::Down {
+                        idx,
+                        reason: format!("watch {prefix}: {e}"),
+                    })
+                    .await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+                continue;
+            }
+            Err(_) => {
+                let _ = tx
+                    .send(WatchMsg::Down {
+                        idx,
+                        reason: format!("watch {prefix}: no answer within 5s"),
+                    })
+                    .await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+                continue;
+            }
+        };
+        let mut announced = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if !announced {
+                        announced = true;
+                        backoff = Duration::from_millis(100);
+                        if tx.send(WatchMsg::Up { idx }).await.is_err() {
+                            return;
+                        }
+                    }
+                    if resp.compact_revision() > 0 {
+                        tracing::warn!(
+                            prefix = %prefix,
+                            from = rev + 1,
+                            compacted = resp.compact_revision(),
+                            "etcd compacted the revisions this watch needed; re-reading the prefix"
+                        );
+                        revision = None;
+                        break;
+                    }
+                    if resp.canceled() {
+                        tracing::warn!(prefix = %prefix, reason = resp.cancel_reason(), "etcd cancelled the watch; resuming");
+                        break;
+                    }
+                    let mut changes = Vec::with_capacity(resp.events().len());
+                    let mut high = revision.unwrap_or(rev);
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        high = high.max(kv.mod_revision());
+                        changes.push(match ev.event_type() {
+                            EventType::Put => Change::Put(Kv {
+                                key,
+                                value: kv.value().to_vec(),
+                                mod_revision: kv.mod_revision(),
+                            }),
+                            EventType::Delete => Change::Delete(key),
+                        });
+                    }
+                    if changes.is_empty() {
+                        // A progress notification: every event up to the
+                        // header's revision has been delivered.
+                        if let Some(h) = resp.header() {
+                            high = high.max(h.revision());
+                        }
+                    }
+                    revision = Some(high);
+                    if !changes.is_empty()
+                        && tx
+                            .send(WatchMsg::Changes {
+                                idx,
+                                changes,
+                                revision: high,
+                            })
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = tx
+                        .send(WatchMsg::Down {
+                            idx,
+                            reason: format!("watch {prefix}: stream ended"),
+                        })
+                        .await;
+                    break;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(WatchMsg::Down {
+                            idx,
+                            reason: format!("watch {prefix}: {e}"),
+                        })
+                        .await;
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
