@@ -116,6 +116,8 @@ pub struct Report {
     pub states_by_dir: (usize, usize),
     /// Our policies by direction: (inbound, outbound).
     pub policies_by_dir: (usize, usize),
+    /// The digest of the node identities converged with.
+    pub identities_digest: String,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -426,6 +428,7 @@ pub async fn converge_with(
         phase_generation: snap.config.as_ref().map_or(0, |c| c.phase_generation),
         states_by_dir: by_dir(desired.states.values().map(|s| s.dir)),
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
+        identities_digest: crate::datastore::ipsec::identities_digest(&snap.identities),
     };
     tracing::debug!(?report, "converged");
     Ok(report)

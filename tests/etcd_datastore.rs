@@ -292,6 +292,7 @@ fn node_status_vanishes_with_its_lease() {
             active_epoch: Some(1),
             heartbeat: calico_ipsec::datastore::ipsec::now_rfc3339(),
             stale: false,
+            identities: String::new(),
         };
         store
             .put_status("node-1", &status, lease)

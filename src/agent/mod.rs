@@ -395,6 +395,7 @@ fn status_of(r: &Report, stale: bool) -> NodeStatus {
         active_epoch: r.active_epoch,
         heartbeat: now_rfc3339(),
         stale,
+        identities: r.identities_digest.clone(),
     }
 }
 

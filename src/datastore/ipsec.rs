@@ -173,6 +173,28 @@ pub struct NodeStatus {
     /// True while the agent cannot reach etcd and keeps its last known state.
     #[serde(default)]
     pub stale: bool,
+    /// [`identities_digest`] of the node identities it converged with: once
+    /// every live node reports the manager's own, each holds the SAs of
+    /// every peer's current incarnation.
+    #[serde(default)]
+    pub identities: String,
+}
+
+/// A short digest of every node's (name, id, incarnation), the same on
+/// every node that has seen the same identity records.
+pub fn identities_digest(ids: &std::collections::BTreeMap<String, Identity>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (name, i) in ids {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(i.id.to_be_bytes());
+        h.update(i.incarnation.to_be_bytes());
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `/calico/ipsec/v1/nodeids/<node>`: a node's id and incarnation.
@@ -551,6 +573,23 @@ impl<'a> IpsecStore<'a> {
             .put(&node_key(node), encode(status), Some(lease))
             .await
             .map_err(Into::into)
+    }
+
+    /// Every node identity (malformed records left out, as a snapshot does).
+    pub async fn identities(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Identity>, IpsecStoreError> {
+        let prefix = format!("{PREFIX}nodeids/");
+        let (_, kvs) = self.etcd.get_prefix(&prefix, false).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let name = kv.key.strip_prefix(&prefix)?.to_string();
+                serde_json::from_slice::<Identity>(&kv.value)
+                    .ok()
+                    .map(|i| (name, i))
+            })
+            .collect())
     }
 
     /// Every live node's status.

@@ -28,8 +28,9 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{
-    config_key, encode, epoch_key, leader_key, now_rfc3339, now_unix, parse_rfc3339, ClusterConfig,
-    EpochRecord, EpochState, IpsecStore, IpsecStoreError, NodeStatus, Phase,
+    config_key, encode, epoch_key, identities_digest, leader_key, now_rfc3339, now_unix,
+    parse_rfc3339, ClusterConfig, EpochRecord, EpochState, IpsecStore, IpsecStoreError, NodeStatus,
+    Phase,
 };
 use crate::keys::Kek;
 use crate::metrics::Exposition;
@@ -43,6 +44,8 @@ pub struct View {
     pub epochs: Vec<(EpochRecord, i64)>,
     /// Every live node's status (their leases alive).
     pub live: Vec<(String, NodeStatus)>,
+    /// [`crate::datastore::ipsec::identities_digest`] of the identity records now.
+    pub identities: String,
     /// Unix seconds now.
     pub now: u64,
 }
@@ -96,12 +99,18 @@ pub fn decide(v: &View) -> Action {
             "no node agent is alive (no status record under /calico/ipsec/v1/nodes/)".into(),
         );
     }
+    // Out of phase off, a node's acknowledgement counts only once it has
+    // converged with every node's current incarnation (the same identity
+    // digest as ours): then it holds the SAs of every peer.
+    let current = |s: &NodeStatus| cfg.phase == Phase::Off || s.identities == v.identities;
     if cfg.phase != cfg.target_phase {
         let behind: Vec<&(String, NodeStatus)> = v
             .live
             .iter()
             .filter(|(_, s)| {
-                s.acked_phase != cfg.phase || s.acked_generation != cfg.phase_generation
+                s.acked_phase != cfg.phase
+                    || s.acked_generation != cfg.phase_generation
+                    || !current(s)
             })
             .collect();
         if behind.is_empty() {
@@ -136,7 +145,7 @@ pub fn decide(v: &View) -> Action {
         let missing: Vec<_> = v
             .live
             .iter()
-            .filter(|(_, s)| !s.installed_epochs.contains(&p))
+            .filter(|(_, s)| !s.installed_epochs.contains(&p) || !current(s))
             .collect();
         if !acks || missing.is_empty() {
             return Action::Activate(p);
@@ -426,10 +435,12 @@ async fn read_view(etcd: &Etcd) -> Result<Option<View>, IpsecStoreError> {
     };
     let epochs = store.epochs_rev().await?;
     let live = store.statuses().await?;
+    let identities = identities_digest(&store.identities().await?);
     Ok(Some(View {
         config,
         epochs,
         live,
+        identities,
         now: now_unix(),
     }))
 }
@@ -679,6 +690,7 @@ mod tests {
             active_epoch: active,
             heartbeat: String::new(),
             stale: false,
+            identities: "d".into(),
         }
     }
 
@@ -707,6 +719,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, s)| (format!("node-{}", i + 1), s))
                 .collect(),
+            identities: "d".into(),
             now: 2000,
         }
     }
@@ -762,6 +775,20 @@ mod tests {
                 to: Phase::Encrypt
             }
         );
+    }
+
+    #[test]
+    fn an_acknowledgement_made_before_a_peer_incarnation_does_not_count() {
+        let e = vec![epoch(1, EpochState::Active, Some(1000))];
+        let mut v = view(
+            Phase::Accept,
+            Phase::Enforce,
+            1,
+            e,
+            vec![node(Phase::Accept, 1, &[1], Some(1)); 2],
+        );
+        v.live[1].1.identities = "older".into();
+        assert!(matches!(decide(&v), Action::Wait(w) if w.contains("node-2")));
     }
 
     #[test]
