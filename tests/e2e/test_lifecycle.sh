@@ -1,0 +1,200 @@
+#!/bin/bash
+# End-to-end: agents on three nodes and two managers, under continuous
+# traffic, take the cluster from off to enforce, rotate the keys three times
+# and go back to off.
+#
+# Traffic, started before anything changes and stopped after the last step:
+# ICMP echo at 100/s from a pod on node-1 to one on node-2 and from node-2 to
+# node-3 (traffic.py counts every echo by a counter in its payload), and a
+# TCP stream from node-3 to node-1 hashed on both ends.
+#
+# Asserts: 0 echoes lost over the whole run; the TCP stream ends cleanly
+# with the same byte count and SHA-256 on both ends; every /proc/net/xfrm_stat
+# counter on every node is still 0; ESP (and no plaintext IPIP) on the wire
+# while enforced; each rotation activates the new epoch and deletes the old;
+# the agents serve /metrics and /healthz. Prints packets sent and lost per
+# phase, the time per phase, and the time per rotation.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+
+e2e_init
+
+bin=${CALICO_IPSEC:-}
+if [[ -z $bin || ! -x $bin ]]; then
+    fail "CALICO_IPSEC binary '${bin:-<unset>}' is missing: build it first (cargo build --release)"
+    e2e_finish
+fi
+tmp=$(mktemp -d)
+cluster_up "$tmp" "$bin" off
+# Short overlap so that three rotations fit the suite; no scheduled rotation.
+ectl get --print-value-only /calico/ipsec/v1/config \
+    | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' \
+    | ectl put /calico/ipsec/v1/config >/dev/null
+PIDS=()
+cleanup_procs() {
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    e2e_cleanup
+}
+trap cleanup_procs EXIT
+
+# agent_start NODE: the node agent in NODE's namespace, metrics on its own
+# loopback; AGENT_PID[NODE].
+declare -A AGENT_PID
+agent_start() {
+    ip netns exec "$E2E_NS_PREFIX$1" "$bin" agent --config "$CNI_CONFLIST_DIR/$1.conflist" \
+        --listen 127.0.0.1:9094 --lease-ttl-seconds 6 >>"$tmp/agent-$1.log" 2>&1 &
+    AGENT_PID[$1]=$!
+    PIDS+=("$!")
+}
+# manager_start NAME: a manager in the wire namespace (beside etcd).
+declare -A MANAGER_PID
+manager_start() {
+    ip netns exec "${E2E_NS_PREFIX}wire" "$bin" manager --etcd-endpoints "$ETCD_ENDPOINTS" \
+        --kek-file "$tmp/kek" --id "$1" --listen none --lease-ttl-seconds 4 --interval-ms 200 \
+        >>"$tmp/manager-$1.log" 2>&1 &
+    MANAGER_PID[$1]=$!
+    PIDS+=("$!")
+}
+# wait_until SECONDS DESC CMD...: poll CMD every 0.2 s; a check.
+wait_until() {
+    local secs=$1 desc=$2 end
+    shift 2
+    end=$((SECONDS + secs))
+    while ((SECONDS < end)); do
+        if "$@" >/dev/null 2>&1; then
+            pass "$desc"
+            return 0
+        fi
+        sleep 0.2
+    done
+    fail "$desc (not within ${secs}s)"
+    return 1
+}
+cfg() { ectl get --print-value-only /calico/ipsec/v1/config; }
+epochs() { ectl get --prefix --print-value-only /calico/ipsec/v1/epochs/ | jq -sc 'map({e: .epoch, s: .state})'; }
+live_nodes() { ectl get --prefix --keys-only /calico/ipsec/v1/nodes/ | grep -c . || true; }
+phase_is() { [[ $(cfg | jq -r '.phase') == "$1" ]]; }
+# only_epoch N: epoch N is active and the only epoch left.
+only_epoch() { [[ $(epochs) == "[{\"e\":$1,\"s\":\"active\"}]" ]]; }
+now() { date +%s.%N; }
+
+for n in "${NODES[@]}"; do agent_start "$n"; done
+manager_start mgr-a
+manager_start mgr-b
+wait_until 60 "three agents publish a leased status" test "$(live_nodes)" -eq 3 || true
+
+# Pods, created through the chain while the phase is off.
+check "pod p1 on node-1" cni_add node-1 p1
+check "pod p2 on node-2" cni_add node-2 p2
+check "pod p3 on node-3" cni_add node-3 p3
+ip1=$(pod_ip p1) ip2=$(pod_ip p2) ip3=$(pod_ip p3)
+
+# Timeline: a background poller writes "TIME LABEL" whenever the phase or the
+# epochs change; traffic.py report splits the echoes by it.
+timeline=$tmp/timeline
+(
+    last=
+    while :; do
+        cur="phase $(cfg | jq -r '.phase') epochs $(epochs | jq -r 'map("\(.e)\(.s[0:1])") | join(",")')"
+        if [[ $cur != "$last" ]]; then
+            echo "$(now) $cur" >>"$timeline"
+            last=$cur
+        fi
+        sleep 0.1
+    done
+) &
+PIDS+=("$!")
+
+# Traffic.
+nsx p1 python3 "$here/traffic.py" sink 7000 "$tmp/tcp-sink.json" &
+sink_pid=$!
+sleep 1
+nsx p1 python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-12.json" 100 2>"$tmp/ping-12.err" &
+ping12=$!
+nsx p2 python3 "$here/traffic.py" ping "$ip3" "$tmp/ping-23.json" 100 2>"$tmp/ping-23.err" &
+ping23=$!
+nsx p3 python3 "$here/traffic.py" source "$ip1" 7000 "$tmp/tcp-source.json" &
+source_pid=$!
+sleep 3
+
+# Enable.
+t0=$(now)
+check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
+t_enable=$(echo "$(now) - $t0" | bc)
+info "enable (off → accept → encrypt → enforce) took ${t_enable}s"
+check_eq "phase enforce" "$(cfg | jq -r .phase)" enforce
+
+# The wire while enforced: ESP between nodes, no plaintext IPIP.
+cap_start wire w-node-1 "$tmp/enforced.pcap"
+sleep 2
+cap_stop
+esp=$(cap_ipv4 "$tmp/enforced.pcap" | awk '$1 == "ESP"' | grep -c . || true)
+ipip=$(cap_ipv4 "$tmp/enforced.pcap" | awk '$1 == "IPIP"' | grep -c . || true)
+check_ge "ESP packets on node-1's wire port while enforced" "$esp" 50
+check_eq "plaintext IPIP packets on node-1's wire port while enforced" "$ipip" 0
+
+# Metrics and health from node-1's agent.
+metrics=$(nsx node-1 curl -sf http://127.0.0.1:9094/metrics || true)
+check_match "agent /metrics: epoch 1 active" "$metrics" 'calico_ipsec_epoch_active 1'
+check_match "agent /metrics: etcd reachable" "$metrics" 'calico_ipsec_etcd_reachable 1'
+check_match "agent /metrics: outbound policies toward 2 peers" "$metrics" 'calico_ipsec_xfrm_policies\{dir="out"\} 2'
+check_match "agent /metrics: convergence histogram" "$metrics" 'calico_ipsec_converge_seconds_count [1-9]'
+check_match "agent /healthz" "$(nsx node-1 curl -sf http://127.0.0.1:9094/healthz || true)" '^ok'
+
+# Three rotations.
+for i in 1 2 3; do
+    new=$((i + 1))
+    t0=$(now)
+    check "keys rotate ($i)" nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek"
+    wait_until 120 "rotation $i: epoch $new active, epoch $i retired and deleted" only_epoch "$new" || true
+    info "rotation $i took $(echo "$(now) - $t0" | bc)s (overlap 2 s included)"
+done
+out=$(nsx node-2 "$bin" status --nodename node-2 --json)
+check_eq "node-2 sends with epoch 4" "$(jq -r '.active_epoch' <<<"$out")" 4
+check_eq "node-2 holds only epoch 4" "$(jq -c '.installed_epochs' <<<"$out")" "[4]"
+
+# Disable.
+t0=$(now)
+check "calico-ipsec disable --wait" nsx wire "$bin" disable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
+info "disable (enforce → encrypt → accept → off) took $(echo "$(now) - $t0" | bc)s"
+wait_until 30 "every node holds none of our states once off" \
+    bash -c "! ip netns exec ${E2E_NS_PREFIX}node-1 ip xfrm state | grep -q . && ! ip netns exec ${E2E_NS_PREFIX}node-2 ip xfrm state | grep -q . && ! ip netns exec ${E2E_NS_PREFIX}node-3 ip xfrm state | grep -q ."
+sleep 2
+
+# Stop the traffic and count.
+kill -TERM "$ping12" "$ping23" "$source_pid" 2>/dev/null || true
+wait "$ping12" "$ping23" "$source_pid" 2>/dev/null || true
+wait "$sink_pid" 2>/dev/null || true
+echo "$(now) (after disable)" >>"$timeline"
+for pair in 12 23; do
+    lost=$(jq '.lost | length' "$tmp/ping-$pair.json")
+    sent=$(jq '.sent | length' "$tmp/ping-$pair.json")
+    info "echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost"
+    python3 "$here/traffic.py" report "$tmp/ping-$pair.json" "$timeline" | indent
+    check_ge "echoes sent p${pair:0:1}→p${pair:1:1} (100/s through the whole run)" "$sent" 1000
+    check_eq "echoes lost p${pair:0:1}→p${pair:1:1}" "$lost" 0
+done
+src=$(cat "$tmp/tcp-source.json") dst=$(cat "$tmp/tcp-sink.json")
+info "TCP p3→p1: source $(jq -c . <<<"$src"), sink $(jq -c . <<<"$dst")"
+check_eq "TCP stream: no socket error at the source" "$(jq -r '.error' <<<"$src")" null
+check_eq "TCP stream: no socket error at the sink" "$(jq -r '.error' <<<"$dst")" null
+check_ge "TCP stream carried data" "$(jq -r .bytes <<<"$dst")" 100000
+check_eq "TCP stream: bytes received = bytes sent" "$(jq -r '.bytes' <<<"$src")" "$(jq -r '.bytes' <<<"$dst")"
+check_eq "TCP stream: SHA-256 received = sent" "$(jq -r '.sha256' <<<"$src")" "$(jq -r '.sha256' <<<"$dst")"
+for n in "${NODES[@]}"; do
+    check_eq "xfrm_stat counters on $n all 0" "$(xfrm_errors "$n")" ""
+done
+check "both managers still running" kill -0 "${MANAGER_PID[mgr-a]}" "${MANAGER_PID[mgr-b]}"
+leaders=$(grep -l "became the leader" "$tmp"/manager-*.log | grep -c . || true)
+check_ge "a manager led" "$leaders" 1
+for n in "${NODES[@]}"; do
+    if grep -q ' ERROR ' "$tmp/agent-$n.log"; then
+        info "agent $n logged errors:"
+        grep ' ERROR ' "$tmp/agent-$n.log" | head -5 | indent
+    fi
+done
+cleanup_procs
+e2e_finish
