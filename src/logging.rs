@@ -49,6 +49,7 @@ pub fn init_stderr(level: LogLevel) {
     let _ = tracing_subscriber::fmt()
         .with_max_level(level_filter(level))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

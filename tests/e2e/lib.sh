@@ -325,16 +325,23 @@ cap_ipv4() {
 # etcd_up ADDR DIR: a real etcd (Debian's etcd-server, from the host root)
 # in e2e-wire, serving clients on ADDR:2379 on br0, so the node namespaces
 # reach it over the wire. Sets ETCD_ENDPOINTS for etcdctl and calico-ipsec.
+# etcd_proc ADDR DIR: start the etcd process only (ETCD_PID, ETCD_ADDR, ETCD_DIR).
+etcd_proc() {
+    ETCD_ADDR=$1 ETCD_DIR=$2
+    ip netns exec "${E2E_NS_PREFIX}wire" etcd --name e2e --data-dir "$2/data" \
+        --listen-client-urls "http://$1:2379" --advertise-client-urls "http://$1:2379" \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster e2e=http://127.0.0.1:2380 --log-level error \
+        </dev/null >>"$2/etcd.log" 2>&1 &
+    ETCD_PID=$!
+    E2E_CAP_PIDS+=("$!")
+}
+
 etcd_up() {
     local addr=$1 dir=$2 i
     ipn wire addr add "$addr/24" dev br0
     mkdir -p "$dir"
-    ip netns exec "${E2E_NS_PREFIX}wire" etcd --name e2e --data-dir "$dir/data" \
-        --listen-client-urls "http://$addr:2379" --advertise-client-urls "http://$addr:2379" \
-        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-        --initial-cluster e2e=http://127.0.0.1:2380 --log-level error \
-        </dev/null >"$dir/etcd.log" 2>&1 &
-    E2E_CAP_PIDS+=("$!")
+    etcd_proc "$addr" "$dir"
     export ETCD_ENDPOINTS=http://$addr:2379 ETCDCTL_API=3
     for ((i = 0; i < 300; i++)); do
         ectl endpoint health >/dev/null 2>&1 && return 0
@@ -436,6 +443,56 @@ declare -A TUNNEL=([node-1]=10.244.135.0 [node-2]=10.244.201.64 [node-3]=10.244.
 declare -A BLOCK=([node-1]=10.244.135.0/26 [node-2]=10.244.201.64/26 [node-3]=10.244.18.128/26)
 E2E_FIXTURE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../shared/fixtures/calico" && pwd)/etcd-3-nodes.json
 
+# node_conflist NODE: $CNI_CONFLIST_DIR/NODE.conflist: [ptp + host-local on
+# NODE's block, calico-ipsec with its own nodename and state dir].
+node_conflist() {
+    local n=$1 tmp=$E2E_TMP
+    jq -n --arg n "$n" --arg block "${BLOCK[$n]}" --arg tmp "$tmp" --arg ep "$ETCD_ENDPOINTS" '{
+        cniVersion: "1.0.0", name: "k8s-pod-network",
+        plugins: [
+          {type: "ptp", mtu: 1480, ipMasq: false,
+           ipam: {type: "host-local", ranges: [[{subnet: $block}]], routes: [{dst: "0.0.0.0/0"}],
+                  dataDir: "\($tmp)/ipam-\($n)"}},
+          {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
+           kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
+           log_file_path: "\($tmp)/\($n).log", log_level: "debug", etcd_timeout_ms: 10000}
+        ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
+}
+
+# node_join NODE ADDR TUNNEL BLOCK: a node joining the running cluster: its
+# Calico Node resource and block affinity in etcd (shaped like the
+# fixture's), its namespace with tunl0 and routes, the peers' routes to its
+# block, and its conflist.
+node_join() {
+    local n=$1 addr=$2 tunnel=$3 block=$4 p
+    NODE_IP[$n]=$addr TUNNEL[$n]=$tunnel BLOCK[$n]=$block
+    jq -c --arg n "$n" --arg a "$addr/24" --arg t "$tunnel" '.[$k]
+        | .metadata.name = $n | .metadata.uid = "e2e-\($n)"
+        | .spec.bgp.ipv4Address = $a | .spec.bgp.ipv4IPIPTunnelAddr = $t
+        | .spec.orchRefs[0].nodeName = $n' \
+        --arg k /calico/resources/v3/projectcalico.org/nodes/node-1 "$E2E_FIXTURE" \
+        | ectl put "/calico/resources/v3/projectcalico.org/nodes/$n" >/dev/null
+    ectl put "/calico/ipam/v2/host/$n/ipv4/block/${block/\//-}" '{"deleted":false,"state":"confirmed"}' >/dev/null
+    node_add "$n" "$addr/24" 1500
+    node_ipip "$n" "$tunnel" 1480
+    for p in "${NODES[@]}"; do
+        node_route_ipip "$n" "${BLOCK[$p]}" "${NODE_IP[$p]}"
+        node_route_ipip "$p" "$block" "$addr"
+    done
+    NODES+=("$n")
+    node_conflist "$n"
+}
+
+# node_leave NODE: the node's Calico records leave etcd (as when a node is
+# deleted from the cluster); its namespace stays.
+node_leave() {
+    local n=$1 p keep=()
+    ectl del "/calico/resources/v3/projectcalico.org/nodes/$n" >/dev/null
+    ectl del --prefix "/calico/ipam/v2/host/$n/" >/dev/null
+    for p in "${NODES[@]}"; do [[ $p == "$n" ]] || keep+=("$p"); done
+    NODES=("${keep[@]}")
+}
+
 # cluster_up TMP BIN PHASE: the wire, etcd at 10.0.0.254 loaded with the
 # fixture, `keys init` (KEK in TMP/kek) with the config's phase set to
 # PHASE, and the three node namespaces with a 1500-byte underlay, tunl0 and
@@ -445,6 +502,7 @@ E2E_FIXTURE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../shared/fixtures/calico
 # TMP/bin, which CNI_BIN_PATH searches after Debian's plugins.
 cluster_up() {
     local tmp=$1 bin=$2 phase=$3 n p
+    E2E_TMP=$tmp E2E_BIN=$bin
     CNI_CONFLIST_DIR=$tmp/cni
     CNI_BIN_PATH=/usr/lib/cni:$tmp/bin
     mkdir -p "$CNI_CONFLIST_DIR" "$tmp/bin"
@@ -462,16 +520,7 @@ cluster_up() {
         for p in "${NODES[@]}"; do
             [[ $p == "$n" ]] || node_route_ipip "$n" "${BLOCK[$p]}" "${NODE_IP[$p]}"
         done
-        jq -n --arg n "$n" --arg block "${BLOCK[$n]}" --arg tmp "$tmp" --arg ep "$ETCD_ENDPOINTS" '{
-            cniVersion: "1.0.0", name: "k8s-pod-network",
-            plugins: [
-              {type: "ptp", mtu: 1480, ipMasq: false,
-               ipam: {type: "host-local", ranges: [[{subnet: $block}]], routes: [{dst: "0.0.0.0/0"}],
-                      dataDir: "\($tmp)/ipam-\($n)"}},
-              {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
-               kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
-               log_file_path: "\($tmp)/\($n).log", log_level: "debug", etcd_timeout_ms: 10000}
-            ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
+        node_conflist "$n"
     done
 }
 
@@ -482,4 +531,98 @@ cluster_up() {
 mtu_formula() {
     local x=$(($1 - 20 - 8 - 8 - $2 / 8))
     echo $((x - x % 4 - 2))
+}
+
+# ------------------------------------------------------------ daemons
+
+# The agents and managers of the lifecycle suites, with their logs in
+# $E2E_TMP. daemons_stop ends them all (call it before e2e_finish).
+E2E_DAEMON_PIDS=()
+declare -A AGENT_PID MANAGER_PID
+
+# agent_start NODE: the node agent in NODE's namespace, metrics on that
+# namespace's loopback, a 6 s status lease; AGENT_PID[NODE].
+agent_start() {
+    ip netns exec "$E2E_NS_PREFIX$1" "$E2E_BIN" agent --config "$CNI_CONFLIST_DIR/$1.conflist" \
+        --listen 127.0.0.1:9094 --lease-ttl-seconds 6 >>"$E2E_TMP/agent-$1.log" 2>&1 &
+    AGENT_PID[$1]=$!
+    E2E_DAEMON_PIDS+=("$!")
+}
+
+# manager_start NAME: a manager in the wire namespace (beside etcd), a 4 s
+# leadership lease, a step every 200 ms; MANAGER_PID[NAME].
+manager_start() {
+    ip netns exec "${E2E_NS_PREFIX}wire" "$E2E_BIN" manager --etcd-endpoints "$ETCD_ENDPOINTS" \
+        --kek-file "$E2E_TMP/kek" --id "$1" --listen none --lease-ttl-seconds 4 --interval-ms 200 \
+        >>"$E2E_TMP/manager-$1.log" 2>&1 &
+    MANAGER_PID[$1]=$!
+    E2E_DAEMON_PIDS+=("$!")
+}
+
+# daemons_stop: SIGTERM every agent, manager and background helper started.
+daemons_stop() {
+    local p
+    for p in "${E2E_DAEMON_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    E2E_DAEMON_PIDS=()
+}
+
+# wait_until SECONDS DESC CMD...: poll CMD every 0.2 s until it succeeds; a check.
+wait_until() {
+    local secs=$1 desc=$2 end
+    shift 2
+    end=$((SECONDS + secs))
+    while ((SECONDS < end)); do
+        if "$@" >/dev/null 2>&1; then
+            pass "$desc"
+            return 0
+        fi
+        sleep 0.2
+    done
+    fail "$desc (not within ${secs}s)"
+    return 1
+}
+
+# ipsec_cfg: the config record. ipsec_epochs: [{e: N, s: STATE}, ...].
+ipsec_cfg() { ectl get --print-value-only /calico/ipsec/v1/config; }
+ipsec_epochs() { ectl get --prefix --print-value-only /calico/ipsec/v1/epochs/ | jq -sc 'map({e: .epoch, s: .state})'; }
+# live_nodes: how many nodes hold a leased status record.
+live_nodes() { ectl get --prefix --keys-only /calico/ipsec/v1/nodes/ | grep -c . || true; }
+# only_epoch N: epoch N is active and the only epoch left.
+only_epoch() { [[ $(ipsec_epochs) == "[{\"e\":$1,\"s\":\"active\"}]" ]]; }
+# now: Unix time with nanoseconds.
+now() { date +%s.%N; }
+
+# timeline_start FILE: a background poller appending "TIME LABEL" to FILE
+# whenever the phase or the epochs change (traffic.py report splits by it).
+timeline_start() {
+    local file=$1
+    (
+        last=
+        while :; do
+            cur="phase $(ipsec_cfg | jq -r '.phase') epochs $(ipsec_epochs | jq -r 'map("\(.e)\(.s[0:1])") | join(",")')"
+            if [[ $cur != "$last" ]]; then
+                echo "$(now) $cur" >>"$file"
+                last=$cur
+            fi
+            sleep 0.1
+        done
+    ) &
+    E2E_DAEMON_PIDS+=("$!")
+}
+
+# etcd_stop / etcd_start: stop etcd (SIGTERM, waited for) and start it again
+# on the same data directory (after etcd_up).
+etcd_stop() {
+    kill -TERM "$ETCD_PID" 2>/dev/null || true
+    while kill -0 "$ETCD_PID" 2>/dev/null; do sleep 0.1; done
+}
+etcd_start() {
+    local i
+    etcd_proc "$ETCD_ADDR" "$ETCD_DIR"
+    for ((i = 0; i < 300; i++)); do
+        ectl endpoint health >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "etcd did not come back" >&2
+    return 1
 }

@@ -32,59 +32,14 @@ cluster_up "$tmp" "$bin" off
 ectl get --print-value-only /calico/ipsec/v1/config \
     | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' \
     | ectl put /calico/ipsec/v1/config >/dev/null
-PIDS=()
-cleanup_procs() {
-    local p
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    e2e_cleanup
-}
-trap cleanup_procs EXIT
-
-# agent_start NODE: the node agent in NODE's namespace, metrics on its own
-# loopback; AGENT_PID[NODE].
-declare -A AGENT_PID
-agent_start() {
-    ip netns exec "$E2E_NS_PREFIX$1" "$bin" agent --config "$CNI_CONFLIST_DIR/$1.conflist" \
-        --listen 127.0.0.1:9094 --lease-ttl-seconds 6 >>"$tmp/agent-$1.log" 2>&1 &
-    AGENT_PID[$1]=$!
-    PIDS+=("$!")
-}
-# manager_start NAME: a manager in the wire namespace (beside etcd).
-declare -A MANAGER_PID
-manager_start() {
-    ip netns exec "${E2E_NS_PREFIX}wire" "$bin" manager --etcd-endpoints "$ETCD_ENDPOINTS" \
-        --kek-file "$tmp/kek" --id "$1" --listen none --lease-ttl-seconds 4 --interval-ms 200 \
-        >>"$tmp/manager-$1.log" 2>&1 &
-    MANAGER_PID[$1]=$!
-    PIDS+=("$!")
-}
-# wait_until SECONDS DESC CMD...: poll CMD every 0.2 s; a check.
-wait_until() {
-    local secs=$1 desc=$2 end
-    shift 2
-    end=$((SECONDS + secs))
-    while ((SECONDS < end)); do
-        if "$@" >/dev/null 2>&1; then
-            pass "$desc"
-            return 0
-        fi
-        sleep 0.2
-    done
-    fail "$desc (not within ${secs}s)"
-    return 1
-}
-cfg() { ectl get --print-value-only /calico/ipsec/v1/config; }
-epochs() { ectl get --prefix --print-value-only /calico/ipsec/v1/epochs/ | jq -sc 'map({e: .epoch, s: .state})'; }
-live_nodes() { ectl get --prefix --keys-only /calico/ipsec/v1/nodes/ | grep -c . || true; }
-phase_is() { [[ $(cfg | jq -r '.phase') == "$1" ]]; }
-# only_epoch N: epoch N is active and the only epoch left.
-only_epoch() { [[ $(epochs) == "[{\"e\":$1,\"s\":\"active\"}]" ]]; }
-now() { date +%s.%N; }
+trap 'daemons_stop; e2e_cleanup' EXIT
+three_live() { [[ $(live_nodes) -ge 3 ]]; }
+cfg() { ipsec_cfg; }
 
 for n in "${NODES[@]}"; do agent_start "$n"; done
 manager_start mgr-a
 manager_start mgr-b
-wait_until 60 "three agents publish a leased status" test "$(live_nodes)" -eq 3 || true
+wait_until 60 "three agents publish a leased status" three_live || true
 
 # Pods, created through the chain while the phase is off.
 check "pod p1 on node-1" cni_add node-1 p1
@@ -92,35 +47,24 @@ check "pod p2 on node-2" cni_add node-2 p2
 check "pod p3 on node-3" cni_add node-3 p3
 ip1=$(pod_ip p1) ip2=$(pod_ip p2) ip3=$(pod_ip p3)
 
-# Timeline: a background poller writes "TIME LABEL" whenever the phase or the
-# epochs change; traffic.py report splits the echoes by it.
-timeline=$tmp/timeline
-(
-    last=
-    while :; do
-        cur="phase $(cfg | jq -r '.phase') epochs $(epochs | jq -r 'map("\(.e)\(.s[0:1])") | join(",")')"
-        if [[ $cur != "$last" ]]; then
-            echo "$(now) $cur" >>"$timeline"
-            last=$cur
-        fi
-        sleep 0.1
-    done
-) &
-PIDS+=("$!")
+# Phase boundaries for the per-phase counts: the managers' logs, and the
+# suite's own marks in $tmp/marks.
+mark() { echo "$(now) $*" >>"$tmp/marks"; }
 
 # Traffic.
-nsx p1 python3 "$here/traffic.py" sink 7000 "$tmp/tcp-sink.json" &
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" sink 7000 "$tmp/tcp-sink.json" &
 sink_pid=$!
 sleep 1
-nsx p1 python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-12.json" 100 2>"$tmp/ping-12.err" &
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-12.json" 100 2>"$tmp/ping-12.err" &
 ping12=$!
-nsx p2 python3 "$here/traffic.py" ping "$ip3" "$tmp/ping-23.json" 100 2>"$tmp/ping-23.err" &
+ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/ping-23.json" 100 2>"$tmp/ping-23.err" &
 ping23=$!
-nsx p3 python3 "$here/traffic.py" source "$ip1" 7000 "$tmp/tcp-source.json" &
+ip netns exec "${E2E_NS_PREFIX}p3" python3 "$here/traffic.py" source "$ip1" 7000 "$tmp/tcp-source.json" &
 source_pid=$!
 sleep 3
 
 # Enable.
+mark "enable"
 t0=$(now)
 check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
 t_enable=$(echo "$(now) - $t0" | bc)
@@ -148,6 +92,7 @@ check_match "agent /healthz" "$(nsx node-1 curl -sf http://127.0.0.1:9094/health
 for i in 1 2 3; do
     new=$((i + 1))
     t0=$(now)
+    mark "rotate $i"
     check "keys rotate ($i)" nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek"
     wait_until 120 "rotation $i: epoch $new active, epoch $i retired and deleted" only_epoch "$new" || true
     info "rotation $i took $(echo "$(now) - $t0" | bc)s (overlap 2 s included)"
@@ -157,6 +102,7 @@ check_eq "node-2 sends with epoch 4" "$(jq -r '.active_epoch' <<<"$out")" 4
 check_eq "node-2 holds only epoch 4" "$(jq -c '.installed_epochs' <<<"$out")" "[4]"
 
 # Disable.
+mark "disable"
 t0=$(now)
 check "calico-ipsec disable --wait" nsx wire "$bin" disable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
 info "disable (enforce → encrypt → accept → off) took $(echo "$(now) - $t0" | bc)s"
@@ -168,12 +114,12 @@ sleep 2
 kill -TERM "$ping12" "$ping23" "$source_pid" 2>/dev/null || true
 wait "$ping12" "$ping23" "$source_pid" 2>/dev/null || true
 wait "$sink_pid" 2>/dev/null || true
-echo "$(now) (after disable)" >>"$timeline"
+mark "traffic stopped"
 for pair in 12 23; do
     lost=$(jq '.lost | length' "$tmp/ping-$pair.json")
     sent=$(jq '.sent | length' "$tmp/ping-$pair.json")
     info "echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost"
-    python3 "$here/traffic.py" report "$tmp/ping-$pair.json" "$timeline" | indent
+    python3 "$here/traffic.py" report "$tmp/ping-$pair.json" "$tmp/marks" "$tmp"/manager-*.log | indent
     check_ge "echoes sent p${pair:0:1}→p${pair:1:1} (100/s through the whole run)" "$sent" 1000
     check_eq "echoes lost p${pair:0:1}→p${pair:1:1}" "$lost" 0
 done
@@ -196,5 +142,5 @@ for n in "${NODES[@]}"; do
         grep ' ERROR ' "$tmp/agent-$n.log" | head -5 | indent
     fi
 done
-cleanup_procs
+daemons_stop
 e2e_finish

@@ -7,16 +7,21 @@
   traffic.py sink PORT OUT.json            accept one TCP stream, hash it
   traffic.py source DST PORT OUT.json      send a deterministic stream until
                                            SIGTERM, then close cleanly
-  traffic.py report PING.json TIMELINE     packets sent and lost per phase
+  traffic.py report PING.json LOG...       packets sent and lost per phase
+
+LOG files give the phase boundaries: the managers' logs (their "phase
+advanced", "epoch activated", "epochs retired" and "deleted" lines, by their
+RFC 3339 timestamps) and the suite's own marks ("UNIX_TIME LABEL" lines).
 
 Each echo carries a 64-bit counter in its payload, so replies are matched
 exactly (ICMP sequence numbers wrap) and every lost one is known by its send
 time. The TCP stream is SHA-256 hashed on both ends; a reset or any other
 socket error is recorded, not hidden.
 
-TIMELINE lines: "UNIX_TIME LABEL" (the suite writes one at each change).
 """
+import datetime
 import hashlib
+import re
 import json
 import os
 import select
@@ -148,29 +153,51 @@ def source(dst, port, out, rate_blocks=64):
         json.dump({"bytes": n, "sha256": h.hexdigest(), "error": err}, f)
 
 
-def report(ping_json, timeline):
+MANAGER_EVENTS = [
+    (re.compile(r"phase advanced.*from=(\w+) to=(\w+)"), lambda m: "phase %s -> %s" % (m.group(1).lower(), m.group(2).lower())),
+    (re.compile(r"epoch activated.*epoch=(\d+)"), lambda m: "epoch %s active" % m.group(1)),
+    (re.compile(r"epochs retired.*epochs=\[([\d, ]+)\]"), lambda m: "epoch %s retired" % m.group(1)),
+    (re.compile(r"retired epoch deleted.*epoch=(\d+)"), lambda m: "epoch %s deleted" % m.group(1)),
+]
+
+
+def marks_from(paths):
+    marks = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for line in f:
+                head, _, rest = line.strip().partition(" ")
+                try:
+                    marks.append((float(head), rest))
+                    continue
+                except ValueError:
+                    pass
+                try:
+                    t = datetime.datetime.strptime(head, "%Y-%m-%dT%H:%M:%S.%fZ")
+                except ValueError:
+                    continue
+                t = t.replace(tzinfo=datetime.timezone.utc).timestamp()
+                for rx, label in MANAGER_EVENTS:
+                    m = rx.search(rest)
+                    if m:
+                        marks.append((t, label(m)))
+    return sorted(marks)
+
+
+def report(ping_json, logs):
     with open(ping_json) as f:
         p = json.load(f)
-    marks = []
-    with open(timeline) as f:
-        for line in f:
-            t, _, label = line.strip().partition(" ")
-            if t:
-                marks.append((float(t), label))
-    marks.sort()
+    marks = marks_from(logs)
     lost = set(p["lost"])
-    rows = []
-    for i, (t0, label) in enumerate(marks):
-        t1 = marks[i + 1][0] if i + 1 < len(marks) else float("inf")
-        in_seg = [c for c, ts in p["sent"] if t0 <= ts < t1]
-        rows.append((label, t1 - t0 if t1 != float("inf") else None, len(in_seg), sum(1 for c in in_seg if c in lost)))
-    before = [c for c, ts in p["sent"] if marks and ts < marks[0][0]]
-    print("%-34s %8s %8s %6s" % ("phase", "seconds", "sent", "lost"))
-    if before:
-        print("%-34s %8s %8d %6d" % ("(before the first mark)", "-", len(before), sum(1 for c in before if c in lost)))
-    for label, secs, sent, nlost in rows:
-        print("%-34s %8s %8d %6d" % (label, "%.1f" % secs if secs is not None else "-", sent, nlost))
-    print("%-34s %8s %8d %6d" % ("total", "", len(p["sent"]), len(lost)))
+    print("%-28s %8s %8s %6s" % ("from", "seconds", "sent", "lost"))
+    edges = [(float("-inf"), "(start)")] + marks + [(float("inf"), None)]
+    for (t0, label), (t1, _) in zip(edges, edges[1:]):
+        seg = [c for c, ts in p["sent"] if t0 <= ts < t1]
+        if label == "(start)" and not seg:
+            continue
+        secs = "%.1f" % (t1 - t0) if t0 != float("-inf") and t1 != float("inf") else "-"
+        print("%-28s %8s %8d %6d" % (label, secs, len(seg), sum(1 for c in seg if c in lost)))
+    print("%-28s %8s %8d %6d" % ("total", "", len(p["sent"]), len(lost)))
 
 
 if __name__ == "__main__":
@@ -182,6 +209,6 @@ if __name__ == "__main__":
     elif cmd == "source":
         source(args[0], args[1], args[2])
     elif cmd == "report":
-        report(args[0], args[1])
+        report(args[0], args[1:])
     else:
         sys.exit("unknown command " + cmd)

@@ -1,0 +1,164 @@
+#!/bin/bash
+# End-to-end: faults while the cluster is enforced and traffic flows.
+#
+# Three nodes with agents, two managers, phase enforce (reached through the
+# managers), ICMP echo at 100/s from a pod on node-1 to one on node-2.
+#   1. The leading manager is killed (-9) in the middle of a rotation: the
+#      other takes the lead and finishes it.
+#   2. etcd is stopped for 30 s: traffic goes on with no echo lost, the
+#      agents report stale (/healthz, /metrics) and change nothing; once
+#      etcd is back they are current again and a rotation completes.
+#   3. node-2's agent is killed (-9) 20 times while it converges a rotation,
+#      and restarted: afterwards every node holds exactly the desired states
+#      and policies (nothing leaked, nothing pending) and traffic flows.
+#   4. node-4 joins and node-3 leaves while node-1 and node-2 exchange
+#      traffic: no echo between them is lost; node-4 gets SAs with node-1
+#      and node-2 and its pod reaches node-1's over ESP; node-3's SAs go.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+
+e2e_init
+
+bin=${CALICO_IPSEC:-}
+if [[ -z $bin || ! -x $bin ]]; then
+    fail "CALICO_IPSEC binary '${bin:-<unset>}' is missing: build it first (cargo build --release)"
+    e2e_finish
+fi
+tmp=$(mktemp -d)
+cluster_up "$tmp" "$bin" off
+ectl get --print-value-only /calico/ipsec/v1/config \
+    | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' \
+    | ectl put /calico/ipsec/v1/config >/dev/null
+trap 'daemons_stop; e2e_cleanup' EXIT
+
+three_live() { [[ $(live_nodes) -ge 3 ]]; }
+rotate() { nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" >/dev/null; }
+newest_epoch() { ipsec_epochs | jq '[.[].e] | max'; }
+leader() { ectl get --print-value-only /calico/ipsec/v1/manager/leader; }
+# settled NODE: `status` shows nothing pending and every peer's SAs and policies in place.
+settled() {
+    local out
+    out=$(nsx "$1" "$bin" status --nodename "$1" --json) || return 1
+    [[ $(jq '.pending_changes' <<<"$out") == 0 ]]
+}
+ping_report() { # NAME: "sent lost" of a finished traffic.py ping
+    jq -r '"\(.sent | length) \(.lost | length)"' "$tmp/ping-$1.json"
+}
+
+for n in "${NODES[@]}"; do agent_start "$n"; done
+manager_start mgr-a
+manager_start mgr-b
+wait_until 60 "three agents publish a leased status" three_live || true
+check "pod p1 on node-1" cni_add node-1 p1
+check "pod p2 on node-2" cni_add node-2 p2
+ip1=$(pod_ip p1) ip2=$(pod_ip p2)
+check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
+
+# ------------------------------------------------ 1. leader killed mid-rotation
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-1.json" 100 2>/dev/null &
+ping_pid=$!
+sleep 1
+first=$(leader)
+rotate
+target=$(newest_epoch)
+kill -KILL "${MANAGER_PID[$first]}"
+info "killed the leader $first with epoch $target pending"
+wait_until 90 "the other manager finishes the rotation (epoch $target the only one)" only_epoch "$target" || true
+second=$(leader)
+check "the lead passed to the other manager ($first → $second)" test "$second" != "$first" -a -n "$second"
+manager_start "$first"
+sleep 1
+kill -TERM "$ping_pid"; wait "$ping_pid" || true
+read -r sent lost <<<"$(ping_report 1)"
+info "during the leader's death: $sent echoes sent, $lost lost"
+check_eq "echoes lost while the leader died mid-rotation" "$lost" 0
+
+# ------------------------------------------------ 2. etcd away for 30 s
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-2.json" 100 2>/dev/null &
+ping_pid=$!
+sleep 1
+before=$(ip netns exec "${E2E_NS_PREFIX}node-1" ip xfrm state | grep -c '^src' || true)
+etcd_stop
+t0=$SECONDS
+sleep 8
+check_match "node-1's agent reports stale on /healthz" "$(nsx node-1 curl -s http://127.0.0.1:9094/healthz || true)" 'stale'
+check_match "node-1's agent: calico_ipsec_etcd_reachable 0" "$(nsx node-1 curl -s http://127.0.0.1:9094/metrics || true)" 'calico_ipsec_etcd_reachable 0'
+sleep $((30 - (SECONDS - t0)))
+during=$(ip netns exec "${E2E_NS_PREFIX}node-1" ip xfrm state | grep -c '^src' || true)
+check_eq "node-1's states untouched while etcd was away" "$during" "$before"
+etcd_start
+info "etcd was away for $((SECONDS - t0)) s"
+kill -TERM "$ping_pid"; wait "$ping_pid" || true
+read -r sent lost <<<"$(ping_report 2)"
+info "while etcd was away: $sent echoes sent, $lost lost"
+check_eq "echoes lost while etcd was away" "$lost" 0
+wait_until 60 "node-1's agent is current again" \
+    bash -c "ip netns exec ${E2E_NS_PREFIX}node-1 curl -s http://127.0.0.1:9094/metrics | grep -q 'calico_ipsec_etcd_reachable 1'"
+rotate
+target=$(newest_epoch)
+wait_until 90 "after etcd's return a rotation completes (epoch $target)" only_epoch "$target" || true
+
+# ------------------------------------------------ 3. agent killed -9, 20 times
+for i in $(seq 1 20); do
+    rotate
+    # Somewhere inside node-2's convergence of the new epoch.
+    sleep "0.$((RANDOM % 6))"
+    kill -KILL "${AGENT_PID[node-2]}" 2>/dev/null || true
+    wait "${AGENT_PID[node-2]}" 2>/dev/null || true
+    agent_start node-2
+done
+target=$(newest_epoch)
+wait_until 180 "after 20 kills the rotations complete (epoch $target the only one)" only_epoch "$target" || true
+for n in "${NODES[@]}"; do
+    wait_until 30 "$n: nothing pending" settled "$n" || true
+    out=$(nsx "$n" "$bin" status --nodename "$n" --json)
+    states=$(ip netns exec "$E2E_NS_PREFIX$n" ip xfrm state | grep -c '^src' || true)
+    pols=$(ip netns exec "$E2E_NS_PREFIX$n" ip xfrm policy | grep -c '^src' || true)
+    check_eq "$n: exactly 4 states in the kernel (2 peers × in/out × 1 epoch)" "$states" 4
+    check_eq "$n: exactly 4 policies in the kernel (2 peers × in/out)" "$pols" 4
+    check_eq "$n: installed epochs" "$(jq -c .installed_epochs <<<"$out")" "[$target]"
+done
+ls "$tmp/state-node-2/node" | indent
+check_eq "node-2's state directory holds no temporary files" \
+    "$(find "$tmp/state-node-2" -name '*.tmp*' | grep -c . || true)" 0
+check "p1 → p2 ping after the kills" nsx p1 ping -c 3 -i 0.2 -W 2 "$ip2"
+
+# ------------------------------------------------ 4. node-4 joins, node-3 leaves
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-4.json" 100 2>/dev/null &
+ping_pid=$!
+sleep 1
+node_join node-4 10.0.0.14 10.244.77.0 10.244.77.0/26
+agent_start node-4
+check "pod p4 on node-4" cni_add node-4 p4
+kill -TERM "${AGENT_PID[node-3]}"
+node_leave node-3
+has_sa() { # NODE PEER_IP: an ESP state toward PEER_IP exists on NODE
+    ip netns exec "$E2E_NS_PREFIX$1" ip xfrm state | grep -q "^src ${NODE_IP[$1]} dst $2"
+}
+no_sa() { ! has_sa "$@"; }
+wait_until 60 "node-1 holds SAs toward node-4" has_sa node-1 10.0.0.14 || true
+wait_until 60 "node-4 holds SAs toward node-1 and node-2" bash -c \
+    "ip netns exec ${E2E_NS_PREFIX}node-4 ip xfrm state | grep -q 'dst 10.0.0.11' && ip netns exec ${E2E_NS_PREFIX}node-4 ip xfrm state | grep -q 'dst 10.0.0.12'" || true
+wait_until 60 "node-1 holds no SA toward node-3 once it left" no_sa node-1 10.0.0.13 || true
+check "p4 (node-4) → p1 ping" nsx p4 ping -c 3 -i 0.2 -W 2 "$ip1"
+cap_start wire w-node-4 "$tmp/node4.pcap"
+nsx p4 ping -c 5 -i 0.2 -W 2 "$ip1" >/dev/null || true
+cap_stop
+check_ge "node-4's traffic on the wire is ESP" "$(cap_ipv4 "$tmp/node4.pcap" | awk '$1 == "ESP"' | grep -c . || true)" 5
+check_eq "no plaintext IPIP from node-4" "$(cap_ipv4 "$tmp/node4.pcap" | awk '$1 == "IPIP"' | grep -c . || true)" 0
+sleep 1
+kill -TERM "$ping_pid"; wait "$ping_pid" || true
+read -r sent lost <<<"$(ping_report 4)"
+info "while node-4 joined and node-3 left: $sent echoes sent, $lost lost"
+check_eq "echoes p1 → p2 lost while node-4 joined and node-3 left" "$lost" 0
+
+for n in node-1 node-2 node-4; do
+    if grep -q ' ERROR ' "$tmp/agent-$n.log"; then
+        info "agent $n logged errors:"
+        grep ' ERROR ' "$tmp/agent-$n.log" | sort | uniq -c | head -5 | indent
+    fi
+done
+daemons_stop
+e2e_finish
