@@ -282,13 +282,11 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                     );
                 }
                 let status = status_of(&report, false);
-                if last_published.as_ref().map(without_heartbeat)
-                    != Some(without_heartbeat(&status))
-                {
-                    if publish(&etcd, &state, &node, &status, opts.lease_ttl).await {
-                        last_published = Some(status);
-                        published_at = Instant::now();
-                    }
+                let changed = last_published.as_ref().map(without_heartbeat)
+                    != Some(without_heartbeat(&status));
+                if changed && publish(&etcd, &state, &node, &status, opts.lease_ttl).await {
+                    last_published = Some(status);
+                    published_at = Instant::now();
                 }
             }
             Err(e) => {
@@ -414,7 +412,8 @@ async fn publish(
     status: &NodeStatus,
     ttl: i64,
 ) -> bool {
-    let lease = match lock(state).lease {
+    let held = lock(state).lease;
+    let lease = match held {
         Some(l) => Ok(l),
         None => etcd.grant_lease(ttl).await,
     };
