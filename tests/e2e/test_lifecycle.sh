@@ -131,6 +131,13 @@ check_ge "TCP stream carried data" "$(jq -r .bytes <<<"$dst")" 100000
 check_eq "TCP stream: bytes received = bytes sent" "$(jq -r '.bytes' <<<"$src")" "$(jq -r '.bytes' <<<"$dst")"
 check_eq "TCP stream: SHA-256 received = sent" "$(jq -r '.sha256' <<<"$src")" "$(jq -r '.sha256' <<<"$dst")"
 for n in "${NODES[@]}"; do
+    m=$(nsx "$n" curl -sf http://127.0.0.1:9094/metrics || true)
+    total=$(awk '/^calico_ipsec_converge_seconds_count/ {print $2}' <<<"$m")
+    fast=$(awk '/^calico_ipsec_converge_seconds_bucket\{le="0.1"\}/ {print $2}' <<<"$m")
+    slow=$(awk '/^calico_ipsec_converge_seconds_bucket\{le="1"\}/ {print $2}' <<<"$m")
+    info "$n: $total convergences after an etcd change; $fast within 100 ms, $slow within 1 s (qemu TCG)"
+done
+for n in "${NODES[@]}"; do
     check_eq "xfrm_stat counters on $n all 0" "$(xfrm_errors "$n")" ""
 done
 check "both managers still running" kill -0 "${MANAGER_PID[mgr-a]}" "${MANAGER_PID[mgr-b]}"
