@@ -1,0 +1,316 @@
+//! Two real `calico-ipsec manager` processes against a real etcd (Debian's
+//! etcd-server on a free loopback port).
+//!
+//! The node agents are stood in for by this test, which writes their leased
+//! status records: a real agent cannot acknowledge a phase with SAs on this
+//! machine's kernel (no ESP). The VM suites (tests/e2e/test_lifecycle.sh,
+//! test_faults.sh) run the real agents.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use calico_ipsec::config::EtcdConfig;
+use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
+use calico_ipsec::datastore::ipsec::{
+    encode, identities_digest, nodeid_key, now_rfc3339, ClusterConfig, EpochState, Identity,
+    IpsecStore, NodeStatus, Phase,
+};
+use common::etcd::EtcdServer;
+use common::PLUGIN;
+
+struct Manager {
+    id: String,
+    child: Child,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn manager(server: &EtcdServer, kek: &std::path::Path, id: &str, log: &std::path::Path) -> Manager {
+    let log = std::fs::File::create(log).expect("log file");
+    let child = Command::new(PLUGIN)
+        .args(["manager", "--etcd-endpoints", &server.endpoint, "--id", id])
+        .args([
+            "--listen",
+            "none",
+            "--lease-ttl-seconds",
+            "2",
+            "--interval-ms",
+            "100",
+        ])
+        .arg("--kek-file")
+        .arg(kek)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start manager");
+    Manager {
+        id: id.into(),
+        child,
+    }
+}
+
+fn cli(server: &EtcdServer, args: &[&str]) {
+    let out = Command::new(PLUGIN)
+        .args(args)
+        .args(["--etcd-endpoints", &server.endpoint])
+        .output()
+        .expect("run calico-ipsec");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Polls `f` every 50 ms for up to `secs`.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within {secs}s: {what}");
+}
+
+async fn config(etcd: &Etcd) -> ClusterConfig {
+    IpsecStore::new(etcd)
+        .config()
+        .await
+        .expect("read config")
+        .expect("config exists")
+}
+
+async fn epochs(etcd: &Etcd) -> Vec<(u32, EpochState)> {
+    IpsecStore::new(etcd)
+        .epochs()
+        .await
+        .expect("epochs")
+        .iter()
+        .map(|e| (e.epoch, e.state))
+        .collect()
+}
+
+/// The stand-in agents: each node's leased status.
+struct Nodes {
+    leases: BTreeMap<String, i64>,
+    digest: String,
+}
+
+impl Nodes {
+    async fn ack(&self, etcd: &Etcd, phase: Phase, gen: u64, installed: &[u32], active: u32) {
+        for (i, (name, lease)) in self.leases.iter().enumerate() {
+            let status = NodeStatus {
+                id: u16::try_from(i + 1).expect("few nodes"),
+                incarnation: 1,
+                installed_epochs: installed.to_vec(),
+                acked_phase: phase,
+                acked_generation: gen,
+                active_epoch: Some(active),
+                heartbeat: now_rfc3339(),
+                stale: false,
+                identities: self.digest.clone(),
+            };
+            IpsecStore::new(etcd)
+                .put_status(name, &status, *lease)
+                .await
+                .expect("status");
+        }
+    }
+}
+
+#[test]
+fn two_managers_step_only_on_acknowledgement_and_the_survivor_finishes_a_rotation() {
+    common::require_root();
+    let server = EtcdServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kek = dir.path().join("kek");
+    cli(
+        &server,
+        &[
+            "keys",
+            "init",
+            "--kek-file",
+            kek.to_str().expect("utf8"),
+            "--overlap-seconds",
+            "1",
+            "--rotation-interval-seconds",
+            "0",
+        ],
+    );
+    let settings = EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: vec![server.endpoint.clone()],
+            ..EtcdConfig::default()
+        },
+        Duration::from_secs(2),
+    );
+    let mut managers = vec![
+        manager(&server, &kek, "m1", &dir.path().join("m1.log")),
+        manager(&server, &kek, "m2", &dir.path().join("m2.log")),
+    ];
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings).await.expect("connect");
+        let mut ids = BTreeMap::new();
+        let mut leases = BTreeMap::new();
+        for (i, name) in ["node-1", "node-2"].iter().enumerate() {
+            let ident = Identity {
+                id: u16::try_from(i + 1).expect("few"),
+                incarnation: 1,
+                boot_id: "b".into(),
+            };
+            etcd.put(&nodeid_key(name), encode(&ident), None)
+                .await
+                .expect("identity");
+            ids.insert(name.to_string(), ident);
+            leases.insert(name.to_string(), etcd.grant_lease(60).await.expect("lease"));
+        }
+        let nodes = Nodes {
+            leases,
+            digest: identities_digest(&ids),
+        };
+        nodes.ack(&etcd, Phase::Off, 0, &[], 1).await;
+
+        // Enable: each step waits for every node's acknowledgement of the last.
+        cli(&server, &["enable"]);
+        let mut gen = 0;
+        for want in [Phase::Accept, Phase::Encrypt, Phase::Enforce] {
+            eventually(10, &format!("phase {want:?}"), || async {
+                config(&etcd).await.phase == want
+            })
+            .await;
+            let c = config(&etcd).await;
+            assert_eq!(
+                c.phase_generation,
+                gen + 1,
+                "exactly one step per acknowledgement"
+            );
+            gen = c.phase_generation;
+            if want != Phase::Enforce {
+                // Not acknowledged yet: the managers must hold.
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let held = config(&etcd).await;
+                assert_eq!(
+                    (held.phase, held.phase_generation),
+                    (want, gen),
+                    "advanced without an acknowledgement"
+                );
+                // An acknowledgement made before a peer's incarnation counts for nothing.
+                let stale = Nodes {
+                    leases: nodes.leases.clone(),
+                    digest: "0000".into(),
+                };
+                stale.ack(&etcd, want, gen, &[1], 1).await;
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                assert_eq!(
+                    config(&etcd).await.phase,
+                    want,
+                    "advanced on a stale identity digest"
+                );
+            }
+            nodes.ack(&etcd, want, gen, &[1], 1).await;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            config(&etcd).await.phase_generation,
+            gen,
+            "no step past the target"
+        );
+
+        // Kill the leader, then rotate: the other manager must take over.
+        let leader = etcd
+            .get("/calico/ipsec/v1/manager/leader")
+            .await
+            .expect("leader")
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .expect("a leader");
+        let idx = managers
+            .iter()
+            .position(|m| m.id == leader)
+            .expect("known leader");
+        let dead = managers.remove(idx);
+        drop(dead);
+        cli(
+            &server,
+            &["keys", "rotate", "--kek-file", kek.to_str().expect("utf8")],
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            epochs(&etcd).await,
+            vec![(1, EpochState::Active), (2, EpochState::Pending)],
+            "activated before every node installed it"
+        );
+        nodes.ack(&etcd, Phase::Enforce, gen, &[1, 2], 1).await;
+        eventually(10, "epoch 2 active", || async {
+            epochs(&etcd).await == vec![(1, EpochState::Active), (2, EpochState::Active)]
+        })
+        .await;
+        let now_leader = etcd
+            .get("/calico/ipsec/v1/manager/leader")
+            .await
+            .expect("leader")
+            .map(|kv| kv.value);
+        assert_eq!(now_leader, Some(managers[0].id.as_bytes().to_vec()));
+        // Epoch 1 stays until every node sends with 2 and the overlap passed.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            epochs(&etcd).await[0],
+            (1, EpochState::Active),
+            "retired while a node still sends with it"
+        );
+        nodes.ack(&etcd, Phase::Enforce, gen, &[1, 2], 2).await;
+        eventually(10, "epoch 1 retired", || async {
+            epochs(&etcd).await[0] == (1, EpochState::Retired)
+        })
+        .await;
+        nodes.ack(&etcd, Phase::Enforce, gen, &[2], 2).await;
+        eventually(10, "epoch 1 deleted", || async {
+            epochs(&etcd).await == vec![(2, EpochState::Active)]
+        })
+        .await;
+
+        // A node whose lease is gone no longer counts.
+        cli(&server, &["disable"]);
+        eventually(10, "phase encrypt", || async {
+            config(&etcd).await.phase == Phase::Encrypt
+        })
+        .await;
+        let gen = config(&etcd).await.phase_generation;
+        let node2 = nodes.leases["node-2"];
+        etcd.revoke_lease(node2).await.expect("revoke");
+        let only1 = Nodes {
+            leases: nodes
+                .leases
+                .iter()
+                .filter(|(n, _)| *n == "node-1")
+                .map(|(n, l)| (n.clone(), *l))
+                .collect(),
+            digest: nodes.digest.clone(),
+        };
+        only1.ack(&etcd, Phase::Encrypt, gen, &[2], 2).await;
+        eventually(10, "phase accept with node-2 gone", || async {
+            config(&etcd).await.phase == Phase::Accept
+        })
+        .await;
+    });
+}
