@@ -143,11 +143,18 @@ wait_until 60 "node-4 holds SAs toward node-1 and node-2" bash -c \
     "ip netns exec ${E2E_NS_PREFIX}node-4 ip xfrm state | grep -q 'dst 10.0.0.11' && ip netns exec ${E2E_NS_PREFIX}node-4 ip xfrm state | grep -q 'dst 10.0.0.12'" || true
 wait_until 60 "node-1 holds no SA toward node-3 once it left" no_sa node-1 10.0.0.13 || true
 check "p4 (node-4) → p1 ping" nsx p4 ping -c 3 -i 0.2 -W 2 "$ip1"
-cap_start wire w-node-4 "$tmp/node4.pcap"
-nsx p4 ping -c 5 -i 0.2 -W 2 "$ip1" >/dev/null || true
+cap_start node-4 eth0 "$tmp/node4.pcap"
+pinged=$(nsx p4 ping -c 10 -i 0.2 -W 5 "$ip1" 2>&1 || true)
+sleep 0.5
 cap_stop
-check_ge "node-4's traffic on the wire is ESP" "$(cap_ipv4 "$tmp/node4.pcap" | awk '$1 == "ESP"' | grep -c . || true)" 5
+esp4=$(cap_ipv4 "$tmp/node4.pcap" | awk '$1 == "ESP" && $3 == "10.0.0.14"' | grep -c . || true)
+check_ge "node-4's traffic on its wire is ESP" "$esp4" 5
 check_eq "no plaintext IPIP from node-4" "$(cap_ipv4 "$tmp/node4.pcap" | awk '$1 == "IPIP"' | grep -c . || true)" 0
+if ((esp4 < 5)); then
+    info "ping from p4 during the capture:"
+    indent <<<"$pinged"
+    cap_ipv4 "$tmp/node4.pcap" | head -5 | indent
+fi
 sleep 1
 kill -TERM "$ping_pid"; wait "$ping_pid" || true
 read -r sent lost <<<"$(ping_report 4)"
