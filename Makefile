@@ -43,7 +43,7 @@ unit:
 
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
 e2e: build
-	CALICO_IPSEC=$(CURDIR)/$(BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-1500} tests/e2e/vm.sh tests/e2e/run-all.sh
+	CALICO_IPSEC=$(CURDIR)/$(BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-600} E2E_TIMEOUT=$${E2E_TIMEOUT:-1800} tests/e2e/vm.sh tests/e2e/run-all.sh
 
 ## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
 validate-manifests: deps $(VALIDATOR)

@@ -27,7 +27,9 @@ if [[ -z $bin || ! -x $bin ]]; then
     e2e_finish
 fi
 tmp=$(mktemp -d)
+info "setting up three nodes, etcd and the keys"
 cluster_up "$tmp" "$bin" off
+info "cluster up; starting agents and managers"
 ectl get --print-value-only /calico/ipsec/v1/config \
     | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' \
     | ectl put /calico/ipsec/v1/config >/dev/null
