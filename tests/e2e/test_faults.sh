@@ -13,7 +13,9 @@
 #      and policies (nothing leaked, nothing pending) and traffic flows.
 #   4. node-4 joins and node-3 leaves while node-1 and node-2 exchange
 #      traffic: no echo between them is lost; node-4 gets SAs with node-1
-#      and node-2 and its pod reaches node-1's over ESP; node-3's SAs go.
+#      and node-2 and its pod reaches node-1's over ESP; node-3's agent,
+#      stopped with SIGTERM, leaves its states in place; node-3's SAs go
+#      from the others once its records leave etcd.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -134,7 +136,12 @@ sleep 1
 node_join node-4 10.0.0.14 10.244.77.0 10.244.77.0/26
 agent_start node-4
 check "pod p4 on node-4" cni_add node-4 p4
+# A graceful shutdown leaves the data plane as it is.
+held3=$(ipn node-3 xfrm state | grep -c '^src' || true)
 kill -TERM "${AGENT_PID[node-3]}"
+wait "${AGENT_PID[node-3]}" 2>/dev/null || true
+check_eq "node-3's agent stopped by SIGTERM left its $held3 states in place" \
+    "$(ipn node-3 xfrm state | grep -c '^src' || true)" "$held3"
 node_leave node-3
 has_sa() { # NODE PEER_IP: an ESP state toward PEER_IP exists on NODE
     ip netns exec "$E2E_NS_PREFIX$1" ip xfrm state | grep -q "^src ${NODE_IP[$1]} dst $2"
