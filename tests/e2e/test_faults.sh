@@ -64,14 +64,22 @@ check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETC
 ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-1.json" 100 2>/dev/null &
 ping_pid=$!
 sleep 1
+# A 6 s overlap, so that the kill surely lands before the rotation ends.
+set_overlap() {
+    ipsec_cfg | jq -c --argjson o "$1" '.overlap_seconds = $o' | ectl put /calico/ipsec/v1/config >/dev/null
+}
+set_overlap 6
 first=$(leader)
 rotate
-target=$(newest_epoch)
 kill -KILL "${MANAGER_PID[$first]}"
-info "killed the leader $first with epoch $target pending"
+target=$(newest_epoch)
+at_kill=$(ipsec_epochs)
+info "killed the leader $first; epochs then: $at_kill"
+check "the rotation was not over when the leader died" test "$at_kill" != "[{\"e\":$target,\"s\":\"active\"}]"
 wait_until 90 "the other manager finishes the rotation (epoch $target the only one)" only_epoch "$target" || true
 second=$(leader)
 check "the lead passed to the other manager ($first → $second)" test "$second" != "$first" -a -n "$second"
+set_overlap 2
 manager_start "$first"
 sleep 1
 kill -TERM "$ping_pid"; wait "$ping_pid" || true
