@@ -34,6 +34,7 @@ use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
+use crate::fastpath::{self, Converged};
 use crate::keys::{EpochSecret, Kek, KekError, SaId};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
@@ -106,6 +107,9 @@ pub struct Report {
     pub identity_millis: u64,
     /// Milliseconds spent applying the plan (keys and netlink).
     pub apply_millis: u64,
+    /// True when the last convergence was found to still hold (etcd's
+    /// fingerprint and the kernel unchanged), so nothing else was read.
+    pub unchanged: bool,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -275,18 +279,108 @@ pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, Co
     })
 }
 
+fn ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Converges this node's kernel to what etcd says (the ADD path).
+///
+/// When the last convergence left a record ([`fastpath`]) and neither etcd
+/// (one small keys-only request) nor the kernel (one dump) changed since,
+/// this returns at once with no other read and no write. Otherwise it reads
+/// a snapshot and converges fully.
 pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let started = Instant::now();
     let node = cfg.node_name()?;
     let _lock = NodeLock::acquire(&cfg.state_dir)?;
-    runtime()?.block_on(async {
-        let etcd = Etcd::connect(&settings(cfg))
-            .await
-            .map_err(IpsecStoreError::from)?;
-        let snap = snapshot::read(&etcd).await?;
-        converge_with(cfg, &etcd, snap, node, started).await
-    })
+    let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
+    let result = std::thread::scope(|scope| {
+        // The kernel dump runs on its own thread while etcd answers.
+        let dump = match &last {
+            Some(last) if local_facts_hold(cfg, last)? => {
+                Some(scope.spawn(|| -> Result<Held, XfrmError> { Xfrm::open()?.held() }))
+            }
+            _ => None,
+        };
+        runtime()?.block_on(async {
+            let etcd = Etcd::connect(&settings(cfg))
+                .await
+                .map_err(IpsecStoreError::from)?;
+            if let (Some(last), Some(dump)) = (last, dump) {
+                let fingerprint = snapshot::fingerprint(&etcd).await;
+                let held = dump
+                    .join()
+                    .map_err(|_| ConvergeError::Runtime(io::Error::other("the XFRM dump panicked")))??;
+                let (fingerprint, revision) = fingerprint.map_err(IpsecStoreError::from)?;
+                if let Some(report) = still_converged(last, fingerprint, revision, &held, started) {
+                    return Ok(report);
+                }
+            }
+            let snap = snapshot::read(&etcd).await?;
+            converge_with(cfg, &etcd, snap, node, started).await
+        })
+    });
+    if result.is_err() {
+        if let Err(e) = Converged::invalidate(&cfg.state_dir) {
+            tracing::warn!(error = %e, "cannot remove the convergence record");
+        }
+    }
+    result
+}
+
+/// Whether the node-local facts of the last convergence still hold: the same
+/// boot, and a ledger of the same incarnation (otherwise the incarnation must
+/// change).
+fn local_facts_hold(cfg: &PluginConfig, last: &Converged) -> Result<bool, ConvergeError> {
+    if last.phase == Phase::Off {
+        return Ok(true);
+    }
+    if boot_id()? != last.boot_id {
+        return Ok(false);
+    }
+    Ok(Ledger::load(&cfg.state_dir)
+        .is_some_and(|l| l.incarnation == last.incarnation && l.boot_id == last.boot_id))
+}
+
+/// The fast path: a report when the last convergence still holds (etcd's
+/// fingerprint and the kernel unchanged: nothing to do), `None` otherwise.
+fn still_converged(
+    last: Converged,
+    fingerprint: snapshot::Fingerprint,
+    revision: i64,
+    held: &Held,
+    started: Instant,
+) -> Option<Report> {
+    if fingerprint != last.fingerprint {
+        tracing::debug!("etcd changed since the last convergence");
+        return None;
+    }
+    if fastpath::held_digest(held) != last.digest {
+        tracing::info!(
+            node = %last.node,
+            "the kernel's XFRM state drifted from the last convergence; converging"
+        );
+        return None;
+    }
+    let millis = ms(started);
+    let report = Report {
+        node: last.node,
+        phase: last.phase,
+        id: last.id,
+        incarnation: last.incarnation,
+        new_incarnation: false,
+        states: last.states,
+        policies: last.policies,
+        writes: 0,
+        revision,
+        millis,
+        read_millis: millis,
+        identity_millis: 0,
+        apply_millis: 0,
+        unchanged: true,
+    };
+    tracing::debug!(?report, "still converged");
+    Some(report)
 }
 
 /// Converges from a snapshot with a connected client; the caller holds the
@@ -298,13 +392,18 @@ pub async fn converge_with(
     node: String,
     started: Instant,
 ) -> Result<Report, ConvergeError> {
-    let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // Whatever happens next, the last record no longer vouches for the kernel.
+    Converged::invalidate(&cfg.state_dir).map_err(state_err(
+        "removing",
+        &Converged::path(&cfg.state_dir),
+    ))?;
     let read_millis = ms(started);
     let t_identity = Instant::now();
     let (phase, icv_bits) = phase_of(&snap);
     let store = IpsecStore::new(etcd);
     let mut xfrm = Xfrm::open()?;
     let held = xfrm.held()?;
+    tracing::debug!(us = started.elapsed().as_micros(), "prof: held");
 
     // Off: remove whatever is ours; no identity needed.
     let mut mine: Option<(Identity, i64)> = None;
@@ -315,8 +414,22 @@ pub async fn converge_with(
     } else {
         boot_id()?
     };
+    // The record may vouch for this convergence only when etcd was not
+    // written and everything came from the snapshot (its fingerprint).
+    let mut from_snapshot = true;
     if phase != Phase::Off {
-        let (ident, rev) = store.identity(&node).await?;
+        let known = snap
+            .identities
+            .get(&node)
+            .filter(|i| i.id > 0)
+            .zip(snap.identity_revisions.get(&node));
+        let (ident, rev) = match known {
+            Some((i, rev)) => (i.clone(), *rev),
+            None => {
+                from_snapshot = false;
+                store.identity(&node).await?
+            }
+        };
         let loaded = Ledger::load(&cfg.state_dir);
         let stale = needs_new_incarnation(&ident, loaded.as_ref(), &boot);
         let floor = loaded.as_ref().map_or(0, |l| l.incarnation);
@@ -334,6 +447,7 @@ pub async fn converge_with(
         }
     }
 
+    tracing::debug!(us = started.elapsed().as_micros(), "prof: identity");
     let mut identity_millis = ms(t_identity);
     let (desired, plan) = loop {
         let desired = Desired::compute(&Inputs {
@@ -368,6 +482,7 @@ pub async fn converge_with(
         }
     };
 
+    tracing::debug!(us = started.elapsed().as_micros(), "prof: planned");
     let mut applied = Applied::default();
     let t_apply = Instant::now();
     if !plan.is_empty() {
@@ -393,6 +508,24 @@ pub async fn converge_with(
     let (id, incarnation) = mine
         .as_ref()
         .map_or((None, 0), |(i, _)| (Some(i.id), i.incarnation));
+    if from_snapshot && !new_incarnation {
+        let record = Converged {
+            version: fastpath::VERSION,
+            node: node.clone(),
+            phase,
+            boot_id: boot.clone(),
+            id,
+            incarnation,
+            states: desired.states.len(),
+            policies: desired.policies.len(),
+            revision: snap.revision,
+            fingerprint: snap.fingerprint.clone(),
+            digest: fastpath::desired_digest(&desired),
+        };
+        if let Err(e) = record.save(&cfg.state_dir) {
+            tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
+        }
+    }
     let report = Report {
         node,
         phase,
@@ -411,8 +544,10 @@ pub async fn converge_with(
         read_millis,
         identity_millis,
         apply_millis: ms(t_apply),
+        unchanged: false,
     };
     tracing::debug!(?report, "converged");
+    tracing::debug!(us = started.elapsed().as_micros(), "prof: report");
     Ok(report)
 }
 

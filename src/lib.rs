@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod converge;
+pub mod fastpath;
 pub mod datastore;
 /// Installing on a node: our conflist entry, the binary and the KEK file.
 pub mod install;
