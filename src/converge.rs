@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::attachment::write_atomic;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
-use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
+use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fastpath::{self, Converged};
 use crate::keys::{EpochSecret, Kek, KekError, SaId};
@@ -439,7 +439,7 @@ pub async fn converge_with(
                 mine = Some((ident, rev));
             }
             None => {
-                let fresh = bump(&store, &node, (ident, rev), floor, &boot, &cfg.state_dir).await?;
+                let fresh = bump(&store, etcd, &node, (ident, rev), floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -472,7 +472,7 @@ pub async fn converge_with(
                 );
                 let floor = ledger.incarnation;
                 let current = (ident.clone(), *rev);
-                let fresh = bump(&store, &node, current, floor, &boot, &cfg.state_dir).await?;
+                let fresh = bump(&store, etcd, &node, current, floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -556,6 +556,7 @@ pub async fn converge_with(
 /// ledger's), and starts an empty ledger for it.
 async fn bump(
     store: &IpsecStore<'_>,
+    store_etcd: &Etcd,
     node: &str,
     (mut ident, mut rev): (Identity, i64),
     floor: u32,
@@ -568,7 +569,17 @@ async fn bump(
             incarnation: ident.incarnation.max(floor) + 1,
             boot_id: boot.to_string(),
         };
-        if store.publish_identity(node, &next, rev).await? {
+        // The same record `IpsecStore::publish_identity` writes; the reply's
+        // revision saves reading it back.
+        let body = serde_json::to_vec(&next).map_err(|e| IpsecStoreError::Malformed {
+            key: nodeid_key(node),
+            reason: e.to_string(),
+        })?;
+        let written = store_etcd
+            .compare_and_put_at(&nodeid_key(node), rev, body)
+            .await
+            .map_err(IpsecStoreError::from)?;
+        if let Some(new_rev) = written {
             let ledger = Ledger {
                 boot_id: boot.to_string(),
                 incarnation: next.incarnation,
@@ -580,8 +591,9 @@ async fn bump(
                 incarnation = next.incarnation,
                 "published a new incarnation"
             );
-            let (fresh, rev) = store.identity(node).await?;
-            return Ok(((fresh, rev), ledger));
+            // A missing revision (0) only makes a later compare-and-swap
+            // fail and read the record back.
+            return Ok(((next, new_rev), ledger));
         }
         (ident, rev) = store.identity(node).await?;
     }

@@ -392,6 +392,20 @@ impl Etcd {
         mod_revision: i64,
         value: Vec<u8>,
     ) -> Result<bool, EtcdError> {
+        Ok(self
+            .compare_and_put_at(key, mod_revision, value)
+            .await?
+            .is_some())
+    }
+
+    /// [`Etcd::compare_and_put`], returning the key's new `mod_revision`
+    /// when written (`None` when it had changed).
+    pub async fn compare_and_put_at(
+        &self,
+        key: &str,
+        mod_revision: i64,
+        value: Vec<u8>,
+    ) -> Result<Option<i64>, EtcdError> {
         let cmp = if mod_revision == 0 {
             Compare::version(key, CompareOp::Equal, 0)
         } else {
@@ -402,7 +416,10 @@ impl Etcd {
             .when([cmp])
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self.bounded(&format!("update {key}"), kv.txn(txn)).await?;
-        Ok(resp.succeeded())
+        // A transaction that wrote has its put's revision in the header.
+        Ok(resp
+            .succeeded()
+            .then(|| header_of(resp.header()).revision))
     }
 
     /// Grants a lease of `ttl` seconds.
