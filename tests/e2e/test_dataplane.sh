@@ -66,7 +66,7 @@ f0=$(fast)
 add node-1 f1-node-1 "a no-op ADD on node-1"
 check_eq "the no-op ADD took the fast path, with no write" "$(fast)" $((f0 + 1))
 inc=$(status node-1 | jq .incarnation)
-spi_in=$(ipn node-1 xfrm state list | awk '/^src 10.0.0.12 dst 10.0.0.11 /{getline; print $4; exit}')
+spi_in=$(ipn node-1 xfrm state list | awk '/^src 10.0.0.12 dst 10.0.0.11$/{getline; print $4; exit}')
 ipn node-1 xfrm state delete src 10.0.0.12 dst 10.0.0.11 proto esp spi "$spi_in"
 add node-1 f2-node-1 "ADD on node-1 after its inbound SA from node-2 was deleted"
 check_eq "the ADD saw the drift and restored the SA (nothing pending, 4 states, 4 policies)" \
