@@ -182,7 +182,7 @@ fn main() {
         })
     };
     let mut rows = Vec::new();
-    for &peers in sizes.iter().filter(|_| std::env::var_os("E2E_BENCH_PROFILE").is_none()) {
+    for &peers in &sizes {
         // A fresh etcd per size.
         let server = etcd_server::EtcdServer::start();
         setup(&server.endpoint, peers, &kek);
@@ -376,71 +376,6 @@ fn noop_add(
         ours.push(ours_run());
     }
     assert_eq!(held().0, before, "a no-op ADD changes nothing");
-    if std::env::var_os("E2E_BENCH_PROFILE").is_some() {
-        let version = |bin: &str| {
-            let mut c = Command::new(bin);
-            c.env("CNI_COMMAND", "VERSION");
-            let mut v = Vec::new();
-            for _ in 0..10 {
-                let mut c2 = Command::new(bin);
-                c2.env("CNI_COMMAND", "VERSION").stdin(Stdio::null());
-                v.push(time(c2));
-            }
-            median(&mut v)
-        };
-        eprintln!("PROFILE version ours {:?} tuning {:?}", version(bin), version("/usr/lib/cni/tuning"));
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let _ = held();
-            let held_t = t.elapsed();
-            let t = std::time::Instant::now();
-            sh(&["ip", "xfrm", "state", "list"]);
-            let ip_s = t.elapsed();
-            let t = std::time::Instant::now();
-            sh(&["ip", "xfrm", "policy", "list"]);
-            let ip_p = t.elapsed();
-            let (fp, mk, rv) = rt().block_on(async {
-                let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
-                let t = std::time::Instant::now();
-                let _ = snapshot::fingerprint(&etcd).await.expect("fp");
-                let fp = t.elapsed();
-                let t = std::time::Instant::now();
-                let _ = snapshot::read(&etcd).await.expect("snap");
-                let mk = t.elapsed();
-                let t = std::time::Instant::now();
-                let _ = etcd.get("/calico/ipsec/v1/config").await.expect("get");
-                (fp, mk, t.elapsed())
-            });
-            eprintln!("PROFILE held {held_t:?} ip-state-list {ip_s:?} ip-policy-list {ip_p:?} fingerprint {fp:?} snapshot {mk:?} get {rv:?}");
-        }
-        let mut prof_conf = ours_conf.clone();
-        prof_conf["log_level"] = json!("debug");
-        let mut prof_run = run(bin, &prof_conf);
-        for _ in 0..5 {
-            eprintln!("PROFILE debug add {:?}", prof_run());
-        }
-        if let Ok(out) = std::env::var("E2E_OUT") {
-            let _ = std::fs::copy("/proc/kallsyms", Path::new(&out).join("kallsyms"));
-            let mut c = Command::new("perf");
-            c.args(["record", "-e", "cpu-clock", "-F", "5000", "-g", "-o"]).arg(Path::new(&out).join("perf.data")).arg("--").arg(bin)
-                .env("CNI_COMMAND", "ADD")
-                .env("CNI_CONTAINERID", "bench")
-                .env("CNI_NETNS", format!("/run/netns/{pod}"))
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", "/usr/lib/cni")
-                .stdin(Stdio::piped()).stdout(Stdio::null());
-            let mut child = c.spawn().expect("perf");
-            {
-                use std::io::Write;
-                let mut stdin = child.stdin.take().expect("stdin");
-                stdin.write_all(ours_conf.to_string().as_bytes()).expect("stdin");
-            }
-            eprintln!("PROFILE perf {:?}", child.wait());
-        }
-        if let Ok(out) = std::env::var("E2E_OUT") {
-            let _ = std::fs::copy(entry["log_file_path"].as_str().unwrap_or_default(), Path::new(&out).join("plugin.log"));
-        }
-    }
     let _ = Command::new("ip").args(["netns", "del", pod]).status();
     Some((median(&mut ours), median(&mut tuning)))
 }

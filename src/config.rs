@@ -93,7 +93,9 @@ pub struct IfacePattern {
 impl IfacePattern {
     /// Checks `pattern`'s syntax.
     pub fn new(pattern: &str) -> Result<Self, Box<regex_syntax::Error>> {
-        regex_syntax::Parser::new().parse(pattern).map_err(Box::new)?;
+        regex_syntax::Parser::new()
+            .parse(pattern)
+            .map_err(Box::new)?;
         Ok(Self {
             source: pattern.to_string(),
             compiled: std::sync::OnceLock::new(),

@@ -308,9 +308,9 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
                 .map_err(IpsecStoreError::from)?;
             if let (Some(last), Some(dump)) = (last, dump) {
                 let fingerprint = snapshot::fingerprint(&etcd).await;
-                let held = dump
-                    .join()
-                    .map_err(|_| ConvergeError::Runtime(io::Error::other("the XFRM dump panicked")))??;
+                let held = dump.join().map_err(|_| {
+                    ConvergeError::Runtime(io::Error::other("the XFRM dump panicked"))
+                })??;
                 let (fingerprint, revision) = fingerprint.map_err(IpsecStoreError::from)?;
                 if let Some(report) = still_converged(last, fingerprint, revision, &held, started) {
                     return Ok(report);
@@ -338,8 +338,10 @@ fn local_facts_hold(cfg: &PluginConfig, last: &Converged) -> Result<bool, Conver
     if boot_id()? != last.boot_id {
         return Ok(false);
     }
-    Ok(Ledger::load(&cfg.state_dir)
-        .is_some_and(|l| l.incarnation == last.incarnation && l.boot_id == last.boot_id))
+    // The record holds the digest of the ledger it was made with: the same
+    // bytes are the same incarnation and boot (no parse needed).
+    let ledger = fastpath::file_digest(&Ledger::path(&cfg.state_dir));
+    Ok(!ledger.is_empty() && ledger == last.ledger)
 }
 
 /// The fast path: a report when the last convergence still holds (etcd's
@@ -393,17 +395,14 @@ pub async fn converge_with(
     started: Instant,
 ) -> Result<Report, ConvergeError> {
     // Whatever happens next, the last record no longer vouches for the kernel.
-    Converged::invalidate(&cfg.state_dir).map_err(state_err(
-        "removing",
-        &Converged::path(&cfg.state_dir),
-    ))?;
+    Converged::invalidate(&cfg.state_dir)
+        .map_err(state_err("removing", &Converged::path(&cfg.state_dir)))?;
     let read_millis = ms(started);
     let t_identity = Instant::now();
     let (phase, icv_bits) = phase_of(&snap);
     let store = IpsecStore::new(etcd);
     let mut xfrm = Xfrm::open()?;
     let held = xfrm.held()?;
-    tracing::debug!(us = started.elapsed().as_micros(), "prof: held");
 
     // Off: remove whatever is ours; no identity needed.
     let mut mine: Option<(Identity, i64)> = None;
@@ -439,7 +438,16 @@ pub async fn converge_with(
                 mine = Some((ident, rev));
             }
             None => {
-                let fresh = bump(&store, etcd, &node, (ident, rev), floor, &boot, &cfg.state_dir).await?;
+                let fresh = bump(
+                    &store,
+                    etcd,
+                    &node,
+                    (ident, rev),
+                    floor,
+                    &boot,
+                    &cfg.state_dir,
+                )
+                .await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -447,7 +455,6 @@ pub async fn converge_with(
         }
     }
 
-    tracing::debug!(us = started.elapsed().as_micros(), "prof: identity");
     let mut identity_millis = ms(t_identity);
     let (desired, plan) = loop {
         let desired = Desired::compute(&Inputs {
@@ -472,7 +479,8 @@ pub async fn converge_with(
                 );
                 let floor = ledger.incarnation;
                 let current = (ident.clone(), *rev);
-                let fresh = bump(&store, etcd, &node, current, floor, &boot, &cfg.state_dir).await?;
+                let fresh =
+                    bump(&store, etcd, &node, current, floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -482,7 +490,6 @@ pub async fn converge_with(
         }
     };
 
-    tracing::debug!(us = started.elapsed().as_micros(), "prof: planned");
     let mut applied = Applied::default();
     let t_apply = Instant::now();
     if !plan.is_empty() {
@@ -516,6 +523,11 @@ pub async fn converge_with(
             boot_id: boot.clone(),
             id,
             incarnation,
+            ledger: if phase == Phase::Off {
+                String::new()
+            } else {
+                fastpath::file_digest(&Ledger::path(&cfg.state_dir))
+            },
             states: desired.states.len(),
             policies: desired.policies.len(),
             revision: snap.revision,
@@ -547,7 +559,6 @@ pub async fn converge_with(
         unchanged: false,
     };
     tracing::debug!(?report, "converged");
-    tracing::debug!(us = started.elapsed().as_micros(), "prof: report");
     Ok(report)
 }
 

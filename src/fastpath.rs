@@ -8,9 +8,9 @@
 //!   put or delete);
 //! - a digest of the desired states and policies, in exactly the terms
 //!   [`Plan::diff`](crate::xfrm::Plan::diff) compares them with the kernel;
-//! - the boot id and the incarnation of the ledger it was made under.
+//! - the boot id, and the digest of the ledger it was made under.
 //!
-//! The next convergence first checks the boot id and the ledger, reads the
+//! The next convergence first checks the boot id and the ledger's bytes, reads the
 //! fingerprint (keys only, one per range) and dumps the kernel. When all of
 //! them match, the desired state is unchanged and the kernel holds exactly
 //! it: nothing needs to change, so nothing is read or written. Any mismatch,
@@ -47,6 +47,8 @@ pub struct Converged {
     pub id: Option<u16>,
     /// The incarnation of the identity and of the ledger (0 while off).
     pub incarnation: u32,
+    /// [`file_digest`] of the ledger then ("" while off).
+    pub ledger: String,
     /// States desired.
     pub states: usize,
     /// Policies desired.
@@ -151,6 +153,12 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The SHA-256 of a file's bytes; "" when it cannot be read. Comparing it
+/// with the record's is cheaper than parsing the file again.
+pub fn file_digest(path: &Path) -> String {
+    fs::read(path).map_or_else(|_| String::new(), |b| hex(&Sha256::digest(&b)))
+}
+
 /// A digest of the desired states and policies: equal to [`held_digest`]
 /// exactly when the kernel holds what is desired (an empty plan).
 pub fn desired_digest(d: &Desired) -> String {
@@ -170,7 +178,12 @@ pub fn desired_digest(d: &Desired) -> String {
     }
     h.update(b"/");
     for (k, p) in &d.policies {
-        policy(&mut h, k, PRIORITY, &[(p.sel.src, p.sel.dst, p.reqid, true)]);
+        policy(
+            &mut h,
+            k,
+            PRIORITY,
+            &[(p.sel.src, p.sel.dst, p.reqid, true)],
+        );
     }
     hex(&h.finalize())
 }
@@ -281,54 +294,100 @@ mod tests {
         let d = desired();
         let held = held_of(&d);
         assert!(Plan::diff(&d, &held).is_empty());
-        assert_eq!(desired_digest(&d), held_digest(&held), "packets do not count");
+        assert_eq!(
+            desired_digest(&d),
+            held_digest(&held),
+            "packets do not count"
+        );
 
         let k = *held.states.keys().next().expect("a state");
         let pk = *held.policies.keys().next().expect("a policy");
         type Drift = Box<dyn Fn(&mut Held)>;
         let drifts: Vec<(&str, Drift)> = vec![
-            ("state deleted", Box::new(move |h| {
-                h.states.remove(&k);
-            })),
-            ("state added", Box::new(move |h| {
-                let mut s = h.states[&k].clone();
-                s.spi += 100;
-                h.states.insert((s.dst, s.spi), s);
-            })),
-            ("reqid", Box::new(move |h| h.states.get_mut(&k).expect("k").reqid += 1)),
-            ("src", Box::new(move |h| h.states.get_mut(&k).expect("k").src = ip(99))),
-            ("tunnel mode", Box::new(move |h| h.states.get_mut(&k).expect("k").transport = false)),
-            ("no aead", Box::new(move |h| h.states.get_mut(&k).expect("k").aead = None)),
-            ("other aead", Box::new(move |h| {
-                h.states.get_mut(&k).expect("k").aead = Some("rfc4106(gcm(aes))x".into())
-            })),
-            ("icv", Box::new(move |h| h.states.get_mut(&k).expect("k").icv_bits = 96)),
-            ("no esn", Box::new(move |h| h.states.get_mut(&k).expect("k").esn = false)),
-            ("policy deleted", Box::new(move |h| {
-                h.policies.remove(&pk);
-            })),
-            ("policy reqid", Box::new(move |h| {
-                h.policies.get_mut(&pk).expect("pk").templates[0].2 += 1
-            })),
-            ("policy priority", Box::new(move |h| {
-                h.policies.get_mut(&pk).expect("pk").priority += 1
-            })),
-            ("two templates", Box::new(move |h| {
-                let p = h.policies.get_mut(&pk).expect("pk");
-                let t = p.templates[0];
-                p.templates.push(t);
-            })),
-            ("policy added", Box::new(move |h| {
-                let mut p = h.policies[&pk].clone();
-                p.sel.dport = 4789;
-                h.policies.insert((p.dir, p.sel), p);
-            })),
+            (
+                "state deleted",
+                Box::new(move |h| {
+                    h.states.remove(&k);
+                }),
+            ),
+            (
+                "state added",
+                Box::new(move |h| {
+                    let mut s = h.states[&k].clone();
+                    s.spi += 100;
+                    h.states.insert((s.dst, s.spi), s);
+                }),
+            ),
+            (
+                "reqid",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").reqid += 1),
+            ),
+            (
+                "src",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").src = ip(99)),
+            ),
+            (
+                "tunnel mode",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").transport = false),
+            ),
+            (
+                "no aead",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").aead = None),
+            ),
+            (
+                "other aead",
+                Box::new(move |h| {
+                    h.states.get_mut(&k).expect("k").aead = Some("rfc4106(gcm(aes))x".into())
+                }),
+            ),
+            (
+                "icv",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").icv_bits = 96),
+            ),
+            (
+                "no esn",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").esn = false),
+            ),
+            (
+                "policy deleted",
+                Box::new(move |h| {
+                    h.policies.remove(&pk);
+                }),
+            ),
+            (
+                "policy reqid",
+                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").templates[0].2 += 1),
+            ),
+            (
+                "policy priority",
+                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").priority += 1),
+            ),
+            (
+                "two templates",
+                Box::new(move |h| {
+                    let p = h.policies.get_mut(&pk).expect("pk");
+                    let t = p.templates[0];
+                    p.templates.push(t);
+                }),
+            ),
+            (
+                "policy added",
+                Box::new(move |h| {
+                    let mut p = h.policies[&pk].clone();
+                    p.sel.dport = 4789;
+                    h.policies.insert((p.dir, p.sel), p);
+                }),
+            ),
         ];
         for (what, drift) in drifts {
             let mut h = held.clone();
             drift(&mut h);
             assert!(!Plan::diff(&d, &h).is_empty(), "{what}: the plan sees it");
-            assert_ne!(desired_digest(&d), held_digest(&h), "{what}: the digest sees it");
+            assert_ne!(
+                desired_digest(&d),
+                held_digest(&h),
+                "{what}: the digest sees it"
+            );
         }
     }
 
@@ -346,6 +405,7 @@ mod tests {
             boot_id: "b".into(),
             id: Some(1),
             incarnation: 3,
+            ledger: String::new(),
             states: 6,
             policies: 6,
             revision: 42,

@@ -12,8 +12,8 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod converge;
-pub mod fastpath;
 pub mod datastore;
+pub mod fastpath;
 /// Installing on a node: our conflist entry, the binary and the KEK file.
 pub mod install;
 pub mod keys;

@@ -23,16 +23,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn proc_age_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let start: f64 = stat.rsplit(')').next().unwrap_or("").split_whitespace().nth(19).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    let up: f64 = std::fs::read_to_string("/proc/uptime").unwrap_or_default().split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    up * 1000.0 - start * 10.0
-}
-
 fn run_plugin() -> ExitCode {
-    let age = proc_age_ms();
-    let t0 = std::time::Instant::now();
     let mut input = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut input) {
         Err(e) => Outcome::Failure {
@@ -58,7 +49,6 @@ fn run_plugin() -> ExitCode {
             })
         }
     };
-    tracing::debug!(age, us = t0.elapsed().as_micros(), "prof: main done");
     let mut stdout = std::io::stdout().lock();
     if let Some(v) = outcome.stdout() {
         let _ = writeln!(stdout, "{v}");

@@ -199,7 +199,8 @@ where
     F: FnMut(u16, &[u8]) -> Result<(), NetlinkError>,
 {
     while data.len() >= HEADER_LEN {
-        let word = |at: usize| u32::from_ne_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
+        let word =
+            |at: usize| u32::from_ne_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
         let len = word(0) as usize;
         if len < HEADER_LEN || len > data.len() {
             return Err(NetlinkError::Decode(format!(

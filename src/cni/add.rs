@@ -22,7 +22,6 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
     // IPsec first, under the node lock: an unreachable etcd (code 11) or a
     // refused state fails the ADD before the pod is touched, so a pod never
     // starts while its node cannot encrypt (fail closed).
-    tracing::debug!("prof: add start");
     if !req.config.etcd.endpoints.is_empty() {
         let report = crate::converge::converge(&req.config)?;
         tracing::info!(
@@ -38,7 +37,6 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
         );
     }
 
-    tracing::debug!("prof: converge returned");
     let mut net = PodNet::open(netns)?;
     let links = net.find(req.ifname())?;
     let state = StateDir::new(&req.config.state_dir);
@@ -52,7 +50,6 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
     )?;
     super::warn_tunnel_above(bound);
 
-    tracing::debug!("prof: clamped");
     let sandbox = netns.to_string_lossy().into_owned();
     let changes: Vec<MtuChange> = lowered
         .into_iter()

@@ -295,7 +295,6 @@ fn run_inner(
         *version_out = v.clone();
     }
     crate::logging::init_from_raw(&raw);
-    tracing::debug!("prof: logging up");
     let req = parse_request(env, raw)?;
     tracing::debug!(command = req.env.command.as_str(), cni_version = %req.version, container = ?req.env.container_id, "CNI request");
     match req.env.command {

@@ -170,7 +170,8 @@ fn to_kv(kv: etcd_client::KeyValue) -> Kv {
     let mod_revision = kv.mod_revision();
     let (key, value) = kv.into_key_value();
     Kv {
-        key: String::from_utf8(key).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        key: String::from_utf8(key)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         value,
         mod_revision,
     }
@@ -200,7 +201,9 @@ impl Etcd {
         let mut out = Vec::with_capacity(ranges.len());
         for r in resp.op_responses() {
             match r {
-                TxnOpResponse::Get(mut g) => out.push(g.take_kvs().into_iter().map(to_kv).collect()),
+                TxnOpResponse::Get(mut g) => {
+                    out.push(g.take_kvs().into_iter().map(to_kv).collect())
+                }
                 _ => return Err(unexpected(&op)),
             }
         }
@@ -417,9 +420,7 @@ impl Etcd {
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self.bounded(&format!("update {key}"), kv.txn(txn)).await?;
         // A transaction that wrote has its put's revision in the header.
-        Ok(resp
-            .succeeded()
-            .then(|| header_of(resp.header()).revision))
+        Ok(resp.succeeded().then(|| header_of(resp.header()).revision))
     }
 
     /// Grants a lease of `ttl` seconds.

@@ -102,9 +102,8 @@ pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
         config = Some(serde_json::from_slice(&kv.value).map_err(|e| malformed(kv, e))?);
     }
     for kv in at(base + 1) {
-        epochs.push(
-            serde_json::from_slice::<EpochRecord>(&kv.value).map_err(|e| malformed(kv, e))?,
-        );
+        epochs
+            .push(serde_json::from_slice::<EpochRecord>(&kv.value).map_err(|e| malformed(kv, e))?);
     }
     for kv in at(base + 2) {
         let Some(node) = kv.key.strip_prefix(&id_prefix) else {
