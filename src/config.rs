@@ -81,6 +81,48 @@ pub struct EtcdConfig {
     pub ca_cert_file: Option<PathBuf>,
 }
 
+/// A regular expression checked when the config is parsed and compiled on
+/// first use: compiling costs far more than checking, and most ADDs (an
+/// `ext_mtu` given) never use it.
+#[derive(Debug, Clone)]
+pub struct IfacePattern {
+    source: String,
+    compiled: std::sync::OnceLock<Regex>,
+}
+
+impl IfacePattern {
+    /// Checks `pattern`'s syntax.
+    pub fn new(pattern: &str) -> Result<Self, Box<regex_syntax::Error>> {
+        regex_syntax::Parser::new()
+            .parse(pattern)
+            .map_err(Box::new)?;
+        Ok(Self {
+            source: pattern.to_string(),
+            compiled: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+impl std::ops::Deref for IfacePattern {
+    type Target = Regex;
+
+    fn deref(&self) -> &Regex {
+        self.compiled.get_or_init(|| {
+            Regex::new(&self.source).unwrap_or_else(|e| {
+                // Only a size limit can fail here (the syntax was checked):
+                // then no interface matches, and detection says so.
+                tracing::warn!(pattern = %self.source, error = %e, "mtu_iface_pattern does not compile; matching nothing");
+                Regex::new("[^\\s\\S]").unwrap_or_else(|_| unreachable!("a constant pattern"))
+            })
+        })
+    }
+}
+
 /// The validated configuration of our conflist entry.
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
@@ -103,7 +145,7 @@ pub struct PluginConfig {
     /// `ext_mtu`: the underlay MTU; detected when absent.
     pub ext_mtu: Option<u32>,
     /// `mtu_iface_pattern`: which interfaces carry node traffic, for detection.
-    pub mtu_iface_pattern: Regex,
+    pub mtu_iface_pattern: IfacePattern,
     /// `etcd_timeout_ms`: bound on connecting to etcd and on each request.
     pub etcd_timeout: std::time::Duration,
 }
@@ -279,7 +321,7 @@ impl PluginConfig {
         let pattern = f
             .nonempty_string("mtu_iface_pattern")?
             .unwrap_or(DEFAULT_MTU_IFACE_PATTERN);
-        let mtu_iface_pattern = Regex::new(pattern).map_err(|e| {
+        let mtu_iface_pattern = IfacePattern::new(pattern).map_err(|e| {
             invalid(
                 "mtu_iface_pattern",
                 format!("is not a valid regular expression: {e}"),

@@ -32,8 +32,9 @@ use serde::{Deserialize, Serialize};
 use crate::attachment::write_atomic;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
-use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
+use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
+use crate::fastpath::{self, Converged};
 use crate::keys::{EpochSecret, Kek, KekError, SaId};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
@@ -106,7 +107,8 @@ pub struct Report {
     pub identity_millis: u64,
     /// Milliseconds spent applying the plan (keys and netlink).
     pub apply_millis: u64,
-    /// The epochs now installed (pending and active).
+    /// The epochs now installed (pending and active). This and the fields
+    /// below it up to `identities_digest` are empty when `unchanged`.
     pub installed_epochs: Vec<u32>,
     /// The epoch outbound policies send with, in encrypt and enforce.
     pub active_epoch: Option<u32>,
@@ -118,6 +120,9 @@ pub struct Report {
     pub policies_by_dir: (usize, usize),
     /// The digest of the node identities converged with.
     pub identities_digest: String,
+    /// True when the last convergence was found to still hold (etcd's
+    /// fingerprint and the kernel unchanged), so nothing else was read.
+    pub unchanged: bool,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -287,18 +292,118 @@ pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, Co
     })
 }
 
+fn ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Converges this node's kernel to what etcd says (the ADD path).
+///
+/// When the last convergence left a record ([`fastpath`]) and neither etcd
+/// (one small keys-only request) nor the kernel (one dump) changed since,
+/// this returns at once with no other read and no write. Otherwise it reads
+/// a snapshot and converges fully.
 pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let started = Instant::now();
     let node = cfg.node_name()?;
     let _lock = NodeLock::acquire(&cfg.state_dir)?;
-    runtime()?.block_on(async {
-        let etcd = Etcd::connect(&settings(cfg))
-            .await
-            .map_err(IpsecStoreError::from)?;
-        let snap = snapshot::read(&etcd).await?;
-        converge_with(cfg, &etcd, snap, node, started).await
-    })
+    let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
+    let result = std::thread::scope(|scope| {
+        // The kernel dump runs on its own thread while etcd answers.
+        let dump = match &last {
+            Some(last) if local_facts_hold(cfg, last)? => {
+                Some(scope.spawn(|| -> Result<Held, XfrmError> { Xfrm::open()?.held() }))
+            }
+            _ => None,
+        };
+        runtime()?.block_on(async {
+            let etcd = Etcd::connect(&settings(cfg))
+                .await
+                .map_err(IpsecStoreError::from)?;
+            if let (Some(last), Some(dump)) = (last, dump) {
+                let fingerprint = snapshot::fingerprint(&etcd).await;
+                let held = dump.join().map_err(|_| {
+                    ConvergeError::Runtime(io::Error::other("the XFRM dump panicked"))
+                })??;
+                let (fingerprint, revision) = fingerprint.map_err(IpsecStoreError::from)?;
+                if let Some(report) = still_converged(last, fingerprint, revision, &held, started) {
+                    return Ok(report);
+                }
+            }
+            let snap = snapshot::read(&etcd).await?;
+            converge_with(cfg, &etcd, snap, node, started).await
+        })
+    });
+    if result.is_err() {
+        if let Err(e) = Converged::invalidate(&cfg.state_dir) {
+            tracing::warn!(error = %e, "cannot remove the convergence record");
+        }
+    }
+    result
+}
+
+/// Whether the node-local facts of the last convergence still hold: the same
+/// boot, and a ledger of the same incarnation (otherwise the incarnation must
+/// change).
+fn local_facts_hold(cfg: &PluginConfig, last: &Converged) -> Result<bool, ConvergeError> {
+    if last.phase == Phase::Off {
+        return Ok(true);
+    }
+    if boot_id()? != last.boot_id {
+        return Ok(false);
+    }
+    // The record holds the digest of the ledger it was made with: the same
+    // bytes are the same incarnation and boot (no parse needed).
+    let ledger = fastpath::file_digest(&Ledger::path(&cfg.state_dir));
+    Ok(!ledger.is_empty() && ledger == last.ledger)
+}
+
+/// The fast path: a report when the last convergence still holds (etcd's
+/// fingerprint and the kernel unchanged: nothing to do), `None` otherwise.
+fn still_converged(
+    last: Converged,
+    fingerprint: snapshot::Fingerprint,
+    revision: i64,
+    held: &Held,
+    started: Instant,
+) -> Option<Report> {
+    if fingerprint != last.fingerprint {
+        tracing::debug!("etcd changed since the last convergence");
+        return None;
+    }
+    if fastpath::held_digest(held) != last.digest {
+        tracing::info!(
+            node = %last.node,
+            "the kernel's XFRM state drifted from the last convergence; converging"
+        );
+        return None;
+    }
+    let millis = ms(started);
+    let report = Report {
+        node: last.node,
+        phase: last.phase,
+        id: last.id,
+        incarnation: last.incarnation,
+        new_incarnation: false,
+        states: last.states,
+        policies: last.policies,
+        writes: 0,
+        revision,
+        millis,
+        read_millis: millis,
+        identity_millis: 0,
+        apply_millis: 0,
+        // The fast path reads no snapshot: these are left empty (the agent,
+        // which publishes them, always converges in full).
+        installed_epochs: Vec::new(),
+        active_epoch: None,
+        phase_generation: 0,
+        states_by_dir: (0, 0),
+        policies_by_dir: (0, 0),
+        identities_digest: String::new(),
+        unchanged: true,
+    };
+    tracing::debug!(?report, "still converged");
+    Some(report)
 }
 
 /// Converges from a snapshot with a connected client; the caller holds the
@@ -310,7 +415,9 @@ pub async fn converge_with(
     node: String,
     started: Instant,
 ) -> Result<Report, ConvergeError> {
-    let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // Whatever happens next, the last record no longer vouches for the kernel.
+    Converged::invalidate(&cfg.state_dir)
+        .map_err(state_err("removing", &Converged::path(&cfg.state_dir)))?;
     let read_millis = ms(started);
     let t_identity = Instant::now();
     let (phase, icv_bits) = phase_of(&snap);
@@ -327,8 +434,22 @@ pub async fn converge_with(
     } else {
         boot_id()?
     };
+    // The record may vouch for this convergence only when etcd was not
+    // written and everything came from the snapshot (its fingerprint).
+    let mut from_snapshot = true;
     if phase != Phase::Off {
-        let (ident, rev) = store.identity(&node).await?;
+        let known = snap
+            .identities
+            .get(&node)
+            .filter(|i| i.id > 0)
+            .zip(snap.identity_revisions.get(&node));
+        let (ident, rev) = match known {
+            Some((i, rev)) => (i.clone(), *rev),
+            None => {
+                from_snapshot = false;
+                store.identity(&node).await?
+            }
+        };
         let loaded = Ledger::load(&cfg.state_dir);
         let stale = needs_new_incarnation(&ident, loaded.as_ref(), &boot);
         let floor = loaded.as_ref().map_or(0, |l| l.incarnation);
@@ -338,7 +459,16 @@ pub async fn converge_with(
                 mine = Some((ident, rev));
             }
             None => {
-                let fresh = bump(&store, &node, (ident, rev), floor, &boot, &cfg.state_dir).await?;
+                let fresh = bump(
+                    &store,
+                    etcd,
+                    &node,
+                    (ident, rev),
+                    floor,
+                    &boot,
+                    &cfg.state_dir,
+                )
+                .await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -370,7 +500,8 @@ pub async fn converge_with(
                 );
                 let floor = ledger.incarnation;
                 let current = (ident.clone(), *rev);
-                let fresh = bump(&store, &node, current, floor, &boot, &cfg.state_dir).await?;
+                let fresh =
+                    bump(&store, etcd, &node, current, floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -405,6 +536,29 @@ pub async fn converge_with(
     let (id, incarnation) = mine
         .as_ref()
         .map_or((None, 0), |(i, _)| (Some(i.id), i.incarnation));
+    if from_snapshot && !new_incarnation {
+        let record = Converged {
+            version: fastpath::VERSION,
+            node: node.clone(),
+            phase,
+            boot_id: boot.clone(),
+            id,
+            incarnation,
+            ledger: if phase == Phase::Off {
+                String::new()
+            } else {
+                fastpath::file_digest(&Ledger::path(&cfg.state_dir))
+            },
+            states: desired.states.len(),
+            policies: desired.policies.len(),
+            revision: snap.revision,
+            fingerprint: snap.fingerprint.clone(),
+            digest: fastpath::desired_digest(&desired),
+        };
+        if let Err(e) = record.save(&cfg.state_dir) {
+            tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
+        }
+    }
     let report = Report {
         node,
         phase,
@@ -429,6 +583,7 @@ pub async fn converge_with(
         states_by_dir: by_dir(desired.states.values().map(|s| s.dir)),
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         identities_digest: crate::datastore::ipsec::identities_digest(&snap.identities),
+        unchanged: false,
     };
     tracing::debug!(?report, "converged");
     Ok(report)
@@ -446,6 +601,7 @@ fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize) {
 /// ledger's), and starts an empty ledger for it.
 async fn bump(
     store: &IpsecStore<'_>,
+    store_etcd: &Etcd,
     node: &str,
     (mut ident, mut rev): (Identity, i64),
     floor: u32,
@@ -458,7 +614,17 @@ async fn bump(
             incarnation: ident.incarnation.max(floor) + 1,
             boot_id: boot.to_string(),
         };
-        if store.publish_identity(node, &next, rev).await? {
+        // The same record `IpsecStore::publish_identity` writes; the reply's
+        // revision saves reading it back.
+        let body = serde_json::to_vec(&next).map_err(|e| IpsecStoreError::Malformed {
+            key: nodeid_key(node),
+            reason: e.to_string(),
+        })?;
+        let written = store_etcd
+            .compare_and_put_at(&nodeid_key(node), rev, body)
+            .await
+            .map_err(IpsecStoreError::from)?;
+        if let Some(new_rev) = written {
             let ledger = Ledger {
                 boot_id: boot.to_string(),
                 incarnation: next.incarnation,
@@ -470,8 +636,9 @@ async fn bump(
                 incarnation = next.incarnation,
                 "published a new incarnation"
             );
-            let (fresh, rev) = store.identity(node).await?;
-            return Ok(((fresh, rev), ledger));
+            // A missing revision (0) only makes a later compare-and-swap
+            // fail and read the record back.
+            return Ok(((next, new_rev), ledger));
         }
         (ident, rev) = store.identity(node).await?;
     }

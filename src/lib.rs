@@ -14,6 +14,7 @@ pub mod cni;
 pub mod config;
 pub mod converge;
 pub mod datastore;
+pub mod fastpath;
 /// Installing on a node: our conflist entry, the binary and the KEK file.
 pub mod install;
 pub mod keys;

@@ -172,7 +172,7 @@ fn mark_stale(state: &Mutex<State>, reason: &str) {
 /// The agent proper: watches, converges, publishes.
 async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
     let etcd = connect(&opts, &state).await;
-    let prefixes = snapshot::prefixes();
+    let prefixes: Vec<String> = snapshot::watched().into_iter().map(|(k, _)| k).collect();
     let (tx, mut rx) = mpsc::channel::<WatchMsg>(256);
     for (idx, p) in prefixes.iter().enumerate() {
         tokio::spawn(watch::watch_prefix(
@@ -365,8 +365,14 @@ fn build_snapshot(
     cache: &[Option<(i64, BTreeMap<String, Kv>)>],
 ) -> Result<Snapshot, IpsecStoreError> {
     let revision = cache.iter().flatten().map(|(r, _)| *r).max().unwrap_or(0);
-    let kvs = cache.iter().flatten().flat_map(|(_, m)| m.values());
-    Snapshot::from_kvs(kvs, revision)
+    let read: Vec<Vec<Kv>> = cache
+        .iter()
+        .map(|c| {
+            c.as_ref()
+                .map_or_else(Vec::new, |(_, m)| m.values().cloned().collect())
+        })
+        .collect();
+    Snapshot::from_ranges(&read, revision)
 }
 
 async fn converge_once(

@@ -31,6 +31,7 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
             states = report.states,
             policies = report.policies,
             writes = report.writes,
+            unchanged = report.unchanged,
             millis = report.millis,
             "IPsec converged"
         );

@@ -5,14 +5,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
+    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::config::EtcdConfig;
 
 /// Default bound on connecting to etcd and on each request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest reply accepted (tonic's default, 4 MiB, is too small for the
+/// Calico nodes of a big cluster).
+const MAX_REPLY_BYTES: usize = 1 << 30;
 
 /// An etcd failure, naming the endpoint or key.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +109,143 @@ pub struct Kv {
     pub mod_revision: i64,
 }
 
+/// One range of a read-only transaction: a key, or every key under a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range<'a> {
+    /// The key or prefix.
+    pub key: &'a str,
+    /// True for every key starting with `key`.
+    pub prefix: bool,
+}
+
+/// A range's mark: its number of keys and the newest modification revision
+/// among them. Any put in the range raises the revision; any delete lowers
+/// the count (a delete with a put raises the revision), so an unchanged mark
+/// means an unchanged range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Keys in the range.
+    pub count: i64,
+    /// The newest `mod_revision` among them (0 when empty).
+    pub max_mod_revision: i64,
+}
+
+impl Mark {
+    /// The mark of keys already read.
+    pub fn of(kvs: &[Kv]) -> Self {
+        Self {
+            count: i64::try_from(kvs.len()).unwrap_or(i64::MAX),
+            max_mod_revision: kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0),
+        }
+    }
+}
+
+/// The header of a reply: which cluster answered, at which revision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    /// The etcd cluster's id.
+    pub cluster_id: u64,
+    /// The store revision the reads saw.
+    pub revision: i64,
+}
+
+fn range_options(r: &Range<'_>) -> GetOptions {
+    let opts = GetOptions::new().with_serializable();
+    if r.prefix {
+        opts.with_prefix()
+    } else {
+        opts
+    }
+}
+
+fn describe_ranges(ranges: &[Range<'_>]) -> String {
+    ranges
+        .iter()
+        .map(|r| format!("{}{}", r.key, if r.prefix { "*" } else { "" }))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn to_kv(kv: etcd_client::KeyValue) -> Kv {
+    let mod_revision = kv.mod_revision();
+    let (key, value) = kv.into_key_value();
+    Kv {
+        key: String::from_utf8(key)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        value,
+        mod_revision,
+    }
+}
+
 impl Etcd {
+    fn kv(&self) -> KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_REPLY_BYTES)
+    }
+
+    /// Reads every range in one serializable transaction: one round trip,
+    /// one revision for all of them. Returns the keys of each range, in order.
+    pub async fn read_ranges(
+        &self,
+        ranges: &[Range<'_>],
+    ) -> Result<(Header, Vec<Vec<Kv>>), EtcdError> {
+        let ops: Vec<TxnOp> = ranges
+            .iter()
+            .map(|r| TxnOp::get(r.key, Some(range_options(r))))
+            .collect();
+        let op = format!("read {}", describe_ranges(ranges));
+        let mut kv = self.kv();
+        let resp = self.bounded(&op, kv.txn(Txn::new().and_then(ops))).await?;
+        let header = header_of(resp.header());
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in resp.op_responses() {
+            match r {
+                TxnOpResponse::Get(mut g) => {
+                    out.push(g.take_kvs().into_iter().map(to_kv).collect())
+                }
+                _ => return Err(unexpected(&op)),
+            }
+        }
+        if out.len() != ranges.len() {
+            return Err(unexpected(&op));
+        }
+        Ok((header, out))
+    }
+
+    /// The [`Mark`] of every range, in one serializable transaction that
+    /// returns no values: per range, the count and the one key modified last.
+    pub async fn marks(&self, ranges: &[Range<'_>]) -> Result<(Header, Vec<Mark>), EtcdError> {
+        let ops: Vec<TxnOp> = ranges
+            .iter()
+            .map(|r| {
+                let opts = range_options(r)
+                    .with_keys_only()
+                    .with_sort(SortTarget::Mod, SortOrder::Descend)
+                    .with_limit(1);
+                TxnOp::get(r.key, Some(opts))
+            })
+            .collect();
+        let op = format!("mark {}", describe_ranges(ranges));
+        let mut kv = self.kv();
+        let resp = self.bounded(&op, kv.txn(Txn::new().and_then(ops))).await?;
+        let header = header_of(resp.header());
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in resp.op_responses() {
+            match r {
+                TxnOpResponse::Get(g) => out.push(Mark {
+                    count: g.count(),
+                    max_mod_revision: g.kvs().first().map_or(0, |kv| kv.mod_revision()),
+                }),
+                _ => return Err(unexpected(&op)),
+            }
+        }
+        if out.len() != ranges.len() {
+            return Err(unexpected(&op));
+        }
+        Ok((header, out))
+    }
+
     /// Connects, bounded by the connect timeout.
     pub async fn connect(s: &EtcdSettings) -> Result<Self, EtcdError> {
         if s.endpoints.is_empty() {
@@ -171,7 +311,7 @@ impl Etcd {
         if serializable {
             opts = opts.with_serializable();
         }
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = self
             .bounded(&format!("get {prefix}*"), kv.get(prefix, Some(opts)))
             .await?;
@@ -190,7 +330,7 @@ impl Etcd {
 
     /// Reads one key.
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = self
             .bounded(&format!("get {key}"), kv.get(key, None))
             .await?;
@@ -208,7 +348,7 @@ impl Etcd {
         value: Vec<u8>,
         lease: Option<i64>,
     ) -> Result<(), EtcdError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let opts = lease.map(|l| PutOptions::new().with_lease(l));
         self.bounded(&format!("put {key}"), kv.put(key, value, opts))
             .await
@@ -226,7 +366,7 @@ impl Etcd {
             .iter()
             .map(|(k, v)| TxnOp::put(*k, v.clone(), None))
             .collect();
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let op = format!("create {}", items.first().map(|i| i.0).unwrap_or_default());
         let resp = self
             .bounded(&op, kv.txn(Txn::new().when(cmp).and_then(ops)))
@@ -240,7 +380,7 @@ impl Etcd {
             .iter()
             .map(|(k, v)| TxnOp::put(*k, v.clone(), None))
             .collect();
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let op = format!("put {} keys", items.len());
         self.bounded(&op, kv.txn(Txn::new().and_then(ops)))
             .await
@@ -255,17 +395,32 @@ impl Etcd {
         mod_revision: i64,
         value: Vec<u8>,
     ) -> Result<bool, EtcdError> {
+        Ok(self
+            .compare_and_put_at(key, mod_revision, value)
+            .await?
+            .is_some())
+    }
+
+    /// [`Etcd::compare_and_put`], returning the key's new `mod_revision`
+    /// when written (`None` when it had changed).
+    pub async fn compare_and_put_at(
+        &self,
+        key: &str,
+        mod_revision: i64,
+        value: Vec<u8>,
+    ) -> Result<Option<i64>, EtcdError> {
         let cmp = if mod_revision == 0 {
             Compare::version(key, CompareOp::Equal, 0)
         } else {
             Compare::mod_revision(key, CompareOp::Equal, mod_revision)
         };
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let txn = Txn::new()
             .when([cmp])
             .and_then([TxnOp::put(key, value, None)]);
         let resp = self.bounded(&format!("update {key}"), kv.txn(txn)).await?;
-        Ok(resp.succeeded())
+        // A transaction that wrote has its put's revision in the header.
+        Ok(resp.succeeded().then(|| header_of(resp.header()).revision))
     }
 
     /// The underlying client, for watches and lease keep-alives.
@@ -320,6 +475,20 @@ impl Etcd {
         let mut lease = self.client.lease_client();
         let resp = self.bounded("lease grant", lease.grant(ttl, None)).await?;
         Ok(resp.id())
+    }
+}
+
+fn header_of(h: Option<&etcd_client::ResponseHeader>) -> Header {
+    h.map_or_else(Header::default, |h| Header {
+        cluster_id: h.cluster_id(),
+        revision: h.revision(),
+    })
+}
+
+fn unexpected(op: &str) -> EtcdError {
+    EtcdError::Request {
+        op: op.to_string(),
+        reason: "the reply does not answer every range".into(),
     }
 }
 

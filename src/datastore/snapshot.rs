@@ -3,14 +3,53 @@
 //! desired state from a snapshot.
 
 use super::calico::{Topology, IPAM_HOSTS, RESOURCES};
-use super::etcd::{Etcd, EtcdError, EtcdSettings, Kv};
+use super::etcd::{Etcd, EtcdError, EtcdSettings, Kv, Mark, Range};
 use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use super::ipsec::{config_key, ClusterConfig, EpochRecord, Identity, IpsecStoreError, PREFIX};
 
 /// The Calico resource kinds a node needs, under [`RESOURCES`]. Workload
 /// endpoints and policies (the bulk of a big cluster) are not read.
 const KINDS: [&str; 3] = ["nodes/", "ippools/", "clusterinformations/"];
+
+/// Every key and prefix a snapshot reads, in a fixed order: Calico's
+/// [`KINDS`], the IPAM host affinities, our config, epochs and node
+/// identities. Our live node statuses (`nodes/`, heartbeats) and the id
+/// index (`ids/`) are not read: the desired state does not depend on them.
+fn ranges() -> Vec<(String, bool)> {
+    let mut r: Vec<(String, bool)> = KINDS
+        .iter()
+        .map(|k| (format!("{RESOURCES}{k}"), true))
+        .collect();
+    r.push((IPAM_HOSTS.to_string(), true));
+    r.push((config_key(), false));
+    r.push((format!("{PREFIX}epochs/"), true));
+    r.push((format!("{PREFIX}nodeids/"), true));
+    r
+}
+
+fn as_ranges(r: &[(String, bool)]) -> Vec<Range<'_>> {
+    r.iter()
+        .map(|(key, prefix)| Range {
+            key,
+            prefix: *prefix,
+        })
+        .collect()
+}
+
+/// What etcd held under everything a snapshot reads, in a few bytes: the
+/// cluster and the [`Mark`] of each range. Equal fingerprints mean equal
+/// snapshots, so a node can tell in one small request that nothing it
+/// depends on changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// The etcd cluster's id.
+    pub cluster_id: u64,
+    /// One mark per range, in [`ranges`] order.
+    pub marks: Vec<Mark>,
+}
 
 /// What a node reads from etcd.
 #[derive(Debug, Clone)]
@@ -24,78 +63,115 @@ pub struct Snapshot {
     /// Every node's id and incarnation, by node name. A malformed record is
     /// left out (with a warning): that one peer gets no SAs.
     pub identities: BTreeMap<String, Identity>,
+    /// The `mod_revision` of each identity record, by node name (for a
+    /// compare-and-swap on it).
+    pub identity_revisions: BTreeMap<String, i64>,
     /// The etcd revision the reads saw.
     pub revision: i64,
+    /// The fingerprint of what was read, at the same revision.
+    pub fingerprint: Fingerprint,
 }
 
-/// The key prefixes a snapshot is built from (and the agent watches).
-pub fn prefixes() -> Vec<String> {
-    let mut v: Vec<String> = KINDS.iter().map(|k| format!("{RESOURCES}{k}")).collect();
-    v.push(IPAM_HOSTS.to_string());
-    v.push(PREFIX.to_string());
-    v
+/// The keys and prefixes a snapshot is built from, as (key, is a prefix),
+/// in a fixed order: what the agent watches.
+pub fn watched() -> Vec<(String, bool)> {
+    ranges()
 }
 
-/// Reads a snapshot with serializable (local, quorum-free) reads.
+/// Reads a snapshot in one serializable (local, quorum-free) transaction:
+/// one round trip, one revision.
 pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
-    let mut kvs = Vec::new();
-    let mut revision = 0;
-    for prefix in prefixes() {
-        let (rev, got) = etcd.get_prefix(&prefix, true).await?;
-        if revision == 0 {
-            revision = rev;
-        }
-        kvs.extend(got);
-    }
-    Snapshot::from_kvs(kvs.iter(), revision)
+    let keys = ranges();
+    let (header, read) = etcd.read_ranges(&as_ranges(&keys)).await?;
+    let fingerprint = Fingerprint {
+        cluster_id: header.cluster_id,
+        marks: read.iter().map(|kvs| Mark::of(kvs)).collect(),
+    };
+    build(&read, header.revision, fingerprint)
 }
 
 impl Snapshot {
-    /// Builds a snapshot from the keys under [`prefixes`] (any order; other
-    /// keys are ignored), as read at `revision`.
-    pub fn from_kvs<'a>(
-        kvs: impl Iterator<Item = &'a Kv> + Clone,
-        revision: i64,
-    ) -> Result<Self, IpsecStoreError> {
-        let topology = Topology::from_kvs(
-            kvs.clone()
-                .filter(|kv| !kv.key.starts_with(PREFIX))
-                .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
-        );
-        let mut config = None;
-        let mut epochs = Vec::new();
-        let mut identities = BTreeMap::new();
-        let epoch_prefix = format!("{PREFIX}epochs/");
-        let id_prefix = format!("{PREFIX}nodeids/");
-        for kv in kvs.filter(|kv| kv.key.starts_with(PREFIX)) {
-            let malformed = |e: serde_json::Error| IpsecStoreError::Malformed {
-                key: kv.key.clone(),
-                reason: e.to_string(),
-            };
-            if kv.key == config_key() {
-                config = Some(serde_json::from_slice(&kv.value).map_err(malformed)?);
-            } else if kv.key.starts_with(&epoch_prefix) {
-                epochs.push(serde_json::from_slice::<EpochRecord>(&kv.value).map_err(malformed)?);
-            } else if let Some(node) = kv.key.strip_prefix(&id_prefix) {
-                match serde_json::from_slice::<Identity>(&kv.value) {
-                    Ok(id) => {
-                        identities.insert(node.to_string(), id);
-                    }
-                    Err(e) => {
-                        tracing::warn!(key = %kv.key, error = %e, "skipping a malformed node identity")
-                    }
-                }
+    /// Builds a snapshot from the keys of each range of [`watched`], in that
+    /// order (the agent's watch cache), as seen at `revision`. Its
+    /// fingerprint has no cluster id, so it never matches a fast-path
+    /// record: the next ADD after it reads etcd in full.
+    pub fn from_ranges(read: &[Vec<Kv>], revision: i64) -> Result<Self, IpsecStoreError> {
+        let fingerprint = Fingerprint {
+            cluster_id: 0,
+            marks: read.iter().map(|kvs| Mark::of(kvs)).collect(),
+        };
+        build(read, revision, fingerprint)
+    }
+}
+
+/// Parses what was read from each range of [`ranges`], in order.
+fn build(
+    read: &[Vec<Kv>],
+    revision: i64,
+    fingerprint: Fingerprint,
+) -> Result<Snapshot, IpsecStoreError> {
+    let none: Vec<Kv> = Vec::new();
+    let at = |i: usize| read.get(i).unwrap_or(&none);
+    let topology = Topology::from_kvs(
+        (0..=KINDS.len())
+            .flat_map(at)
+            .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
+    );
+    let mut config = None;
+    let mut epochs = Vec::new();
+    let mut identities = BTreeMap::new();
+    let mut identity_revisions = BTreeMap::new();
+    let id_prefix = format!("{PREFIX}nodeids/");
+    let malformed = |kv: &Kv, e: serde_json::Error| IpsecStoreError::Malformed {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    };
+    let base = KINDS.len() + 1;
+    for kv in at(base).iter().filter(|kv| kv.key == config_key()) {
+        config = Some(serde_json::from_slice(&kv.value).map_err(|e| malformed(kv, e))?);
+    }
+    for kv in at(base + 1) {
+        epochs
+            .push(serde_json::from_slice::<EpochRecord>(&kv.value).map_err(|e| malformed(kv, e))?);
+    }
+    for kv in at(base + 2) {
+        let Some(node) = kv.key.strip_prefix(&id_prefix) else {
+            continue;
+        };
+        match serde_json::from_slice::<Identity>(&kv.value) {
+            Ok(id) => {
+                identities.insert(node.to_string(), id);
+                identity_revisions.insert(node.to_string(), kv.mod_revision);
+            }
+            Err(e) => {
+                tracing::warn!(key = %kv.key, error = %e, "skipping a malformed node identity")
             }
         }
-        epochs.sort_by_key(|e| e.epoch);
-        Ok(Snapshot {
-            topology,
-            config,
-            epochs,
-            identities,
-            revision,
-        })
     }
+    epochs.sort_by_key(|e| e.epoch);
+    Ok(Snapshot {
+        topology,
+        config,
+        epochs,
+        identities,
+        identity_revisions,
+        revision,
+        fingerprint,
+    })
+}
+
+/// Reads the current [`Fingerprint`] of everything a snapshot reads, in one
+/// small serializable transaction (no values), and the revision it saw.
+pub async fn fingerprint(etcd: &Etcd) -> Result<(Fingerprint, i64), EtcdError> {
+    let keys = ranges();
+    let (header, marks) = etcd.marks(&as_ranges(&keys)).await?;
+    Ok((
+        Fingerprint {
+            cluster_id: header.cluster_id,
+            marks,
+        },
+        header.revision,
+    ))
 }
 
 /// Connects and reads a snapshot, on a private single-threaded runtime (for

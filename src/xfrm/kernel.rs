@@ -13,16 +13,18 @@
 
 use std::net::Ipv4Addr;
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{NlasIterator, NLA_TYPE_MASK};
 use netlink_packet_xfrm::{
     constants::{
-        AF_INET, IPPROTO_ESP, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW, XFRM_POLICY_IN,
-        XFRM_POLICY_OUT, XFRM_STATE_ESN,
+        AF_INET, IPPROTO_ESP, XFRMA_ALG_AEAD, XFRMA_TMPL, XFRM_INF, XFRM_MODE_TRANSPORT,
+        XFRM_MSG_NEWPOLICY, XFRM_MSG_NEWSA, XFRM_POLICY_ALLOW, XFRM_POLICY_IN, XFRM_POLICY_OUT,
+        XFRM_STATE_ESN,
     },
     policy::{DelGetMessage as PolicyId, ModifyMessage as PolicyMsg},
     state::{DelGetMessage as SaId, GetDumpMessage, ModifyMessage as SaMsg},
     Address, AlgAead, Id, LifetimeConfig, ReplayEsn, Selector as XSelector, UserPolicyId,
     UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate, XfrmAttrs, XfrmMessage,
+    XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_INFO_LEN, XFRM_USER_TEMPLATE_LEN,
 };
 use zeroize::Zeroize;
 
@@ -276,11 +278,25 @@ fn ipv4(a: &Address) -> Ipv4Addr {
     a.to_ipv4()
 }
 
-/// Our state in a dumped message, if it is ours.
-fn our_state(m: &SaMsg) -> Option<KernelSa> {
-    let i = &m.user_sa_info;
+/// Reads a native-endian u32 at `at` (the caller checked the length).
+fn ne_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn decode_err(what: &str, e: impl std::fmt::Display) -> NetlinkError {
+    NetlinkError::Decode(format!("{what}: {e}"))
+}
+
+/// `struct xfrm_algo_aead`: a 64-byte name, then key and ICV lengths (bits).
+const AEAD_NAME_LEN: usize = 64;
+
+/// Our state in a dumped `XFRM_MSG_NEWSA` payload, if it is ours. Only the
+/// fixed header and the AEAD attribute's name and ICV length are read; the
+/// key bytes are never copied (the receive buffer is zeroized afterwards).
+fn our_state(payload: &[u8]) -> Result<Option<KernelSa>, NetlinkError> {
+    let i = UserSaInfo::parse(payload).map_err(|e| decode_err("state", e))?;
     if i.id.proto != IPPROTO_ESP || i.family != AF_INET || !is_our_reqid(i.reqid) {
-        return None;
+        return Ok(None);
     }
     let mut sa = KernelSa {
         src: ipv4(&i.saddr),
@@ -293,36 +309,42 @@ fn our_state(m: &SaMsg) -> Option<KernelSa> {
         esn: i.flags & XFRM_STATE_ESN != 0,
         packets: i.lifetime_cur.packets,
     };
-    for nla in &m.nlas {
-        if let XfrmAttrs::EncryptionAlgAead(a) = nla {
-            let end = a
-                .alg_name
-                .iter()
-                .position(|b| *b == 0)
-                .unwrap_or(a.alg_name.len());
-            sa.aead = Some(String::from_utf8_lossy(&a.alg_name[..end]).into_owned());
-            sa.icv_bits = a.alg_icv_len;
+    let attrs = payload.get(XFRM_USER_SA_INFO_LEN..).unwrap_or_default();
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.map_err(|e| decode_err("state attribute", e))?;
+        if nla.kind() & NLA_TYPE_MASK == XFRMA_ALG_AEAD {
+            let v = nla.value();
+            if v.len() < AEAD_NAME_LEN + 8 {
+                return Err(decode_err("state", "short AEAD attribute"));
+            }
+            let name = &v[..AEAD_NAME_LEN];
+            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            sa.aead = Some(String::from_utf8_lossy(&name[..end]).into_owned());
+            sa.icv_bits = ne_u32(v, AEAD_NAME_LEN + 4);
         }
     }
-    Some(sa)
+    Ok(Some(sa))
 }
 
-/// Our policy in a dumped message, if it is ours.
-fn our_policy(m: &PolicyMsg) -> Option<KernelPolicy> {
-    let i = &m.user_policy_info;
+/// Our policy in a dumped `XFRM_MSG_NEWPOLICY` payload, if it is ours.
+fn our_policy(payload: &[u8]) -> Result<Option<KernelPolicy>, NetlinkError> {
+    let i = UserPolicyInfo::parse(payload).map_err(|e| decode_err("policy", e))?;
     if i.priority != super::PRIORITY || i.selector.family != AF_INET {
-        return None;
+        return Ok(None);
     }
     let dir = match i.direction {
         XFRM_POLICY_IN => Dir::In,
         XFRM_POLICY_OUT => Dir::Out,
-        _ => return None,
+        _ => return Ok(None),
     };
     let s = &i.selector;
     let mut templates = Vec::new();
-    for nla in &m.nlas {
-        if let XfrmAttrs::Template(ts) = nla {
-            for t in ts {
+    let attrs = payload.get(XFRM_USER_POLICY_INFO_LEN..).unwrap_or_default();
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.map_err(|e| decode_err("policy attribute", e))?;
+        if nla.kind() & NLA_TYPE_MASK == XFRMA_TMPL {
+            for raw in nla.value().chunks_exact(XFRM_USER_TEMPLATE_LEN) {
+                let t = UserTemplate::parse(raw).map_err(|e| decode_err("template", e))?;
                 templates.push((
                     ipv4(&t.saddr),
                     ipv4(&t.id.daddr),
@@ -332,7 +354,7 @@ fn our_policy(m: &PolicyMsg) -> Option<KernelPolicy> {
             }
         }
     }
-    Some(KernelPolicy {
+    Ok(Some(KernelPolicy {
         dir,
         sel: Selector {
             src: ipv4(&s.saddr),
@@ -342,7 +364,7 @@ fn our_policy(m: &PolicyMsg) -> Option<KernelPolicy> {
         },
         priority: i.priority,
         templates,
-    })
+    }))
 }
 
 impl Xfrm {
@@ -353,44 +375,42 @@ impl Xfrm {
         Ok(Self { sock })
     }
 
-    /// Dumps our states and policies (everything else is ignored).
+    /// Dumps our states and policies (everything else is ignored). Replies
+    /// are read in place: nothing but the fields compared is decoded.
     pub fn held(&mut self) -> Result<Held, XfrmError> {
         let mut held = Held::default();
-        let mut states = self
-            .sock
-            .request(
+        self.sock
+            .dump_raw(
                 XfrmMessage::GetDumpSa(GetDumpMessage { nlas: vec![] }),
-                NLM_F_REQUEST | NLM_F_DUMP,
+                |kind, payload| {
+                    if kind == XFRM_MSG_NEWSA {
+                        if let Some(sa) = our_state(payload)? {
+                            held.states.insert((sa.dst, sa.spi), sa);
+                        }
+                    }
+                    Ok(())
+                },
             )
             .map_err(|source| XfrmError::Netlink {
                 op: "dump states",
                 source,
             })?;
-        for msg in &mut states {
-            if let XfrmMessage::AddSa(m) = &*msg {
-                if let Some(sa) = our_state(m) {
-                    held.states.insert((sa.dst, sa.spi), sa);
-                }
-            }
-            scrub(msg);
-        }
-        let policies = self
-            .sock
-            .request(
+        self.sock
+            .dump_raw(
                 XfrmMessage::GetPolicy(PolicyId::default()),
-                NLM_F_REQUEST | NLM_F_DUMP,
+                |kind, payload| {
+                    if kind == XFRM_MSG_NEWPOLICY {
+                        if let Some(p) = our_policy(payload)? {
+                            held.policies.insert((p.dir, p.sel), p);
+                        }
+                    }
+                    Ok(())
+                },
             )
             .map_err(|source| XfrmError::Netlink {
                 op: "dump policies",
                 source,
             })?;
-        for msg in &policies {
-            if let XfrmMessage::AddPolicy(m) = msg {
-                if let Some(p) = our_policy(m) {
-                    held.policies.insert((p.dir, p.sel), p);
-                }
-            }
-        }
         Ok(held)
     }
 

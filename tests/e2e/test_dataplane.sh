@@ -54,6 +54,33 @@ for n in "${NODES[@]}"; do
 done
 check_match "status table names the peers" "$(nsx node-1 "$bin" status --nodename node-1)" \
     'node-2 +10\.0\.0\.12 +ipip .* ok +ok +ok +ok'
+
+# ------------------------------------------------------------ fast path
+# A no-op ADD checks etcd's fingerprint and the kernel against the record of
+# node-1's last convergence and reads or writes nothing else; any etcd change
+# or kernel drift sends it down the full path.
+fast() { grep -c 'IPsec converged.*writes=0.*unchanged=true' "$tmp/node-1.log" || true; }
+check_eq "node-1 keeps a record of its last convergence, 0600" \
+    "$(stat -c %a "$tmp/state-node-1/node/converged")" 600
+f0=$(fast)
+add node-1 f1-node-1 "a no-op ADD on node-1"
+check_eq "the no-op ADD took the fast path, with no write" "$(fast)" $((f0 + 1))
+inc=$(status node-1 | jq .incarnation)
+spi_in=$(ipn node-1 xfrm state list | awk '/^src 10.0.0.12 dst 10.0.0.11$/{getline; print $4; exit}')
+ipn node-1 xfrm state delete src 10.0.0.12 dst 10.0.0.11 proto esp spi "$spi_in"
+add node-1 f2-node-1 "ADD on node-1 after its inbound SA from node-2 was deleted"
+check_eq "the ADD saw the drift and restored the SA (nothing pending, 4 states, 4 policies)" \
+    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 4"
+check_eq "an inbound SA lost: same incarnation (its key is node-2's)" "$(status node-1 | jq .incarnation)" "$inc"
+ipn node-1 xfrm policy delete src 10.0.0.11/32 dst 10.0.0.12/32 proto 4 dir out
+add node-1 f3-node-1 "ADD on node-1 after its outbound policy to node-2 was deleted"
+check_eq "the ADD saw the drift and restored the policy (nothing pending, 4 states, 4 policies)" \
+    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 4"
+f1=$(fast)
+add node-1 f4-node-1 "another no-op ADD on node-1"
+check_eq "it took the fast path again" "$(fast)" $((f1 + 1))
+check_eq "only the two no-op ADDs of the five took the fast path" "$(fast)" $((f0 + 2))
+
 # No key in status, logs or etcd's plaintext view: the KEK never appears.
 kek=$(cat "$tmp/kek")
 check_fails "the KEK appears in no log, status or etcd value" \
@@ -115,6 +142,7 @@ check_match "DF ping of $((bound + 1)) bytes is refused in the pod" "$res" "mess
 
 # ------------------------------------------------------------ incarnation
 inc0=$(status node-1 | jq .incarnation)
+check "node-1 has a convergence record before its SAs are flushed" test -s "$tmp/state-node-1/node/converged"
 ipn node-1 xfrm state flush
 add node-1 c-node-1 "ADD on node-1 after its SAs were flushed"
 inc1=$(status node-1 | jq .incarnation)
@@ -128,9 +156,14 @@ add node-3 c-node-3 "ADD on node-3 learns node-1's incarnation"
 check "ping b-node-1 -> b-node-2 after the new incarnation" nsx b-node-1 ping -n -c 2 -i 0.2 -W 5 "$p2"
 
 # --------------------------------------------------------- a node leaves
+add node-1 c2-node-1 "ADD on node-1 once every node knows its new incarnation"
+f2=$(fast)
+add node-1 c3-node-1 "a no-op ADD on node-1"
+check_eq "it took the fast path" "$(fast)" $((f2 + 1))
 n3=$(ectl get --print-value-only "$NODE_KEY/node-3")
 ectl del "$NODE_KEY/node-3" >/dev/null
 add node-1 d-node-1 "ADD on node-1 after node-3 left etcd"
+check_eq "that ADD did not take the fast path (etcd's fingerprint changed)" "$(fast)" $((f2 + 1))
 check_eq "node-1 holds no state for node-3" "$(ipn node-1 xfrm state list | grep -c 10.0.0.13 || true)" 0
 check_eq "node-1 holds no policy for node-3" "$(ipn node-1 xfrm policy list | grep -c 10.0.0.13 || true)" 0
 check_eq "node-1 still holds node-2's SAs and policies (2 states, 2 policies)" \

@@ -1,0 +1,429 @@
+//! The no-op fast path of converging: proving in one small etcd request and
+//! one kernel dump that the last convergence still holds.
+//!
+//! After a convergence that wrote nothing to etcd, the node keeps a record
+//! (`<state_dir>/node/converged`, 0600, no secrets) of:
+//! - the [`Fingerprint`] of the snapshot it converged from (per etcd range
+//!   read: key count and newest modification revision, which change on any
+//!   put or delete);
+//! - a digest of the desired states and policies, in exactly the terms
+//!   [`Plan::diff`](crate::xfrm::Plan::diff) compares them with the kernel;
+//! - the boot id, and the digest of the ledger it was made under.
+//!
+//! The next convergence first checks the boot id and the ledger's bytes, reads the
+//! fingerprint (keys only, one per range) and dumps the kernel. When all of
+//! them match, the desired state is unchanged and the kernel holds exactly
+//! it: nothing needs to change, so nothing is read or written. Any mismatch,
+//! and every failure, falls back to the full convergence, which removes the
+//! record before it starts and writes a new one only when it succeeds.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::attachment::write_atomic;
+use crate::datastore::ipsec::{Phase, ALGORITHM};
+use crate::datastore::snapshot::Fingerprint;
+use crate::xfrm::{Desired, Held, PRIORITY};
+
+/// The record's format; a record of another version is ignored.
+pub const VERSION: u32 = 1;
+
+/// The last convergence that needs no etcd write to stay valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Converged {
+    /// [`VERSION`].
+    pub version: u32,
+    /// This node.
+    pub node: String,
+    /// The phase converged to.
+    pub phase: Phase,
+    /// The kernel's boot id then ("" while the phase is off).
+    pub boot_id: String,
+    /// This node's id, once it has one.
+    pub id: Option<u16>,
+    /// The incarnation of the identity and of the ledger (0 while off).
+    pub incarnation: u32,
+    /// [`file_digest`] of the ledger then ("" while off).
+    pub ledger: String,
+    /// States desired.
+    pub states: usize,
+    /// Policies desired.
+    pub policies: usize,
+    /// The etcd revision of the snapshot.
+    pub revision: i64,
+    /// The snapshot's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// [`desired_digest`] of the desired state.
+    pub digest: String,
+}
+
+impl Converged {
+    /// Where the record lives under the state directory.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("node").join("converged")
+    }
+
+    /// Reads the record; `None` when missing, unreadable or of another
+    /// version (each means: converge fully).
+    pub fn load(state_dir: &Path) -> Option<Self> {
+        let bytes = fs::read(Self::path(state_dir)).ok()?;
+        match serde_json::from_slice::<Self>(&bytes) {
+            Ok(c) if c.version == VERSION => Some(c),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring an unreadable convergence record");
+                None
+            }
+        }
+    }
+
+    /// Writes the record atomically, 0600 (its directory exists: the node
+    /// lock lives there).
+    pub fn save(&self, state_dir: &Path) -> io::Result<()> {
+        let body = serde_json::to_vec(self).map_err(io::Error::other)?;
+        write_atomic(&Self::path(state_dir), &body)
+    }
+
+    /// Removes the record; a missing one is fine.
+    pub fn invalidate(state_dir: &Path) -> io::Result<()> {
+        match fs::remove_file(Self::path(state_dir)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Feeds one state in the terms `KernelSa::matches` compares.
+#[allow(clippy::too_many_arguments)]
+fn state(
+    h: &mut Sha256,
+    dst: std::net::Ipv4Addr,
+    spi: u32,
+    src: std::net::Ipv4Addr,
+    reqid: u32,
+    transport: bool,
+    aead: Option<&str>,
+    icv_bits: u32,
+    esn: bool,
+) {
+    h.update(b"S");
+    h.update(dst.octets());
+    h.update(spi.to_be_bytes());
+    h.update(src.octets());
+    h.update(reqid.to_be_bytes());
+    h.update([u8::from(transport), u8::from(esn)]);
+    match aead {
+        Some(a) => {
+            h.update((a.len() as u64).to_be_bytes());
+            h.update(a.as_bytes());
+        }
+        None => h.update(u64::MAX.to_be_bytes()),
+    }
+    h.update(icv_bits.to_be_bytes());
+}
+
+/// Feeds one policy in the terms `KernelPolicy::matches` compares.
+fn policy(
+    h: &mut Sha256,
+    key: &(crate::xfrm::Dir, crate::xfrm::Selector),
+    priority: u32,
+    templates: &[(std::net::Ipv4Addr, std::net::Ipv4Addr, u32, bool)],
+) {
+    let (dir, sel) = key;
+    h.update(b"P");
+    h.update([*dir as u8, sel.proto]);
+    h.update(sel.src.octets());
+    h.update(sel.dst.octets());
+    h.update(sel.dport.to_be_bytes());
+    h.update(priority.to_be_bytes());
+    h.update((templates.len() as u64).to_be_bytes());
+    for (src, dst, reqid, esp) in templates {
+        h.update(src.octets());
+        h.update(dst.octets());
+        h.update(reqid.to_be_bytes());
+        h.update([u8::from(*esp)]);
+    }
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of a file's bytes; "" when it cannot be read. Comparing it
+/// with the record's is cheaper than parsing the file again.
+pub fn file_digest(path: &Path) -> String {
+    fs::read(path).map_or_else(|_| String::new(), |b| hex(&Sha256::digest(&b)))
+}
+
+/// A digest of the desired states and policies: equal to [`held_digest`]
+/// exactly when the kernel holds what is desired (an empty plan).
+pub fn desired_digest(d: &Desired) -> String {
+    let mut h = Sha256::new();
+    for s in d.states.values() {
+        state(
+            &mut h,
+            s.dst,
+            s.spi,
+            s.src,
+            s.reqid,
+            true,
+            Some(ALGORITHM),
+            s.icv_bits,
+            true,
+        );
+    }
+    h.update(b"/");
+    for (k, p) in &d.policies {
+        policy(
+            &mut h,
+            k,
+            PRIORITY,
+            &[(p.sel.src, p.sel.dst, p.reqid, true)],
+        );
+    }
+    hex(&h.finalize())
+}
+
+/// The digest of what the kernel holds that is ours, comparable with
+/// [`desired_digest`].
+pub fn held_digest(held: &Held) -> String {
+    let mut h = Sha256::new();
+    for s in held.states.values() {
+        state(
+            &mut h,
+            s.dst,
+            s.spi,
+            s.src,
+            s.reqid,
+            s.transport,
+            s.aead.as_deref(),
+            s.icv_bits,
+            s.esn,
+        );
+    }
+    h.update(b"/");
+    for (k, p) in &held.policies {
+        policy(&mut h, k, p.priority, &p.templates);
+    }
+    hex(&h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xfrm::{Dir, KernelPolicy, KernelSa, Plan, PolicySpec, SaSpec, Selector};
+    use std::net::Ipv4Addr;
+
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
+    fn desired() -> Desired {
+        let mut d = Desired::default();
+        for peer in 2..5u8 {
+            for (dir, src, dst) in [(Dir::Out, ip(1), ip(peer)), (Dir::In, ip(peer), ip(1))] {
+                let s = SaSpec {
+                    dir,
+                    src,
+                    dst,
+                    spi: (1 << 16) | u32::from(peer),
+                    reqid: 0xCA10_0001,
+                    epoch: 1,
+                    sender: "a".into(),
+                    incarnation: 1,
+                    receiver: "b".into(),
+                    icv_bits: 128,
+                };
+                d.states.insert(s.key(), s);
+                let p = PolicySpec {
+                    dir,
+                    sel: Selector {
+                        src,
+                        dst,
+                        proto: 4,
+                        dport: 0,
+                    },
+                    reqid: if dir == Dir::Out { 0xCA10_0001 } else { 0 },
+                };
+                d.policies.insert(p.key(), p);
+            }
+        }
+        d
+    }
+
+    fn held_of(d: &Desired) -> Held {
+        let mut h = Held::default();
+        for s in d.states.values() {
+            h.states.insert(
+                s.key(),
+                KernelSa {
+                    src: s.src,
+                    dst: s.dst,
+                    spi: s.spi,
+                    reqid: s.reqid,
+                    transport: true,
+                    aead: Some(ALGORITHM.into()),
+                    icv_bits: s.icv_bits,
+                    esn: true,
+                    packets: 7,
+                },
+            );
+        }
+        for p in d.policies.values() {
+            h.policies.insert(
+                p.key(),
+                KernelPolicy {
+                    dir: p.dir,
+                    sel: p.sel,
+                    priority: PRIORITY,
+                    templates: vec![(p.sel.src, p.sel.dst, p.reqid, true)],
+                },
+            );
+        }
+        h
+    }
+
+    /// Every single-field drift of the kernel: the plan is not empty, and
+    /// the digests differ.
+    #[test]
+    fn digests_agree_with_the_plan() {
+        let d = desired();
+        let held = held_of(&d);
+        assert!(Plan::diff(&d, &held).is_empty());
+        assert_eq!(
+            desired_digest(&d),
+            held_digest(&held),
+            "packets do not count"
+        );
+
+        let k = *held.states.keys().next().expect("a state");
+        let pk = *held.policies.keys().next().expect("a policy");
+        type Drift = Box<dyn Fn(&mut Held)>;
+        let drifts: Vec<(&str, Drift)> = vec![
+            (
+                "state deleted",
+                Box::new(move |h| {
+                    h.states.remove(&k);
+                }),
+            ),
+            (
+                "state added",
+                Box::new(move |h| {
+                    let mut s = h.states[&k].clone();
+                    s.spi += 100;
+                    h.states.insert((s.dst, s.spi), s);
+                }),
+            ),
+            (
+                "reqid",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").reqid += 1),
+            ),
+            (
+                "src",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").src = ip(99)),
+            ),
+            (
+                "tunnel mode",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").transport = false),
+            ),
+            (
+                "no aead",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").aead = None),
+            ),
+            (
+                "other aead",
+                Box::new(move |h| {
+                    h.states.get_mut(&k).expect("k").aead = Some("rfc4106(gcm(aes))x".into())
+                }),
+            ),
+            (
+                "icv",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").icv_bits = 96),
+            ),
+            (
+                "no esn",
+                Box::new(move |h| h.states.get_mut(&k).expect("k").esn = false),
+            ),
+            (
+                "policy deleted",
+                Box::new(move |h| {
+                    h.policies.remove(&pk);
+                }),
+            ),
+            (
+                "policy reqid",
+                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").templates[0].2 += 1),
+            ),
+            (
+                "policy priority",
+                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").priority += 1),
+            ),
+            (
+                "two templates",
+                Box::new(move |h| {
+                    let p = h.policies.get_mut(&pk).expect("pk");
+                    let t = p.templates[0];
+                    p.templates.push(t);
+                }),
+            ),
+            (
+                "policy added",
+                Box::new(move |h| {
+                    let mut p = h.policies[&pk].clone();
+                    p.sel.dport = 4789;
+                    h.policies.insert((p.dir, p.sel), p);
+                }),
+            ),
+        ];
+        for (what, drift) in drifts {
+            let mut h = held.clone();
+            drift(&mut h);
+            assert!(!Plan::diff(&d, &h).is_empty(), "{what}: the plan sees it");
+            assert_ne!(
+                desired_digest(&d),
+                held_digest(&h),
+                "{what}: the digest sees it"
+            );
+        }
+    }
+
+    #[test]
+    fn record_round_trip_is_0600_and_invalidates() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("node")).expect("mkdir");
+        assert_eq!(Converged::load(dir.path()), None);
+        Converged::invalidate(dir.path()).expect("nothing to remove is fine");
+        let c = Converged {
+            version: VERSION,
+            node: "node-1".into(),
+            phase: Phase::Enforce,
+            boot_id: "b".into(),
+            id: Some(1),
+            incarnation: 3,
+            ledger: String::new(),
+            states: 6,
+            policies: 6,
+            revision: 42,
+            fingerprint: Fingerprint::default(),
+            digest: desired_digest(&desired()),
+        };
+        c.save(dir.path()).expect("save");
+        assert_eq!(Converged::load(dir.path()), Some(c.clone()));
+        let mode = fs::metadata(Converged::path(dir.path()))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut old = c;
+        old.version = VERSION + 1;
+        old.save(dir.path()).expect("save");
+        assert_eq!(Converged::load(dir.path()), None, "another version");
+        Converged::invalidate(dir.path()).expect("remove");
+        assert!(!Converged::path(dir.path()).exists());
+    }
+}
