@@ -278,20 +278,7 @@ pub fn run(opts: ManagerOptions) -> Result<(), ManagerError> {
             });
             tokio::spawn(crate::metrics::serve(listener, handler));
         }
-        let term = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut t) => {
-                    tokio::select! {
-                        _ = t.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        };
+        let term = crate::agent::shutdown_signal();
         let lease = Arc::new(Mutex::new(None::<(Etcd, i64)>));
         tokio::select! {
             () = term => {}
