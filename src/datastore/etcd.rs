@@ -195,20 +195,34 @@ impl Etcd {
             .map(|r| TxnOp::get(r.key, Some(range_options(r))))
             .collect();
         let op = format!("read {}", describe_ranges(ranges));
+        let (header, gets) = self.gets(&op, ops).await?;
+        let out = gets
+            .into_iter()
+            .map(|mut g| g.take_kvs().into_iter().map(to_kv).collect())
+            .collect();
+        Ok((header, out))
+    }
+
+    /// Runs `ops` (range reads only) in one transaction and returns each
+    /// read's reply, in order; any other reply, or a missing one, is an error.
+    async fn gets(
+        &self,
+        op: &str,
+        ops: Vec<TxnOp>,
+    ) -> Result<(Header, Vec<etcd_client::GetResponse>), EtcdError> {
+        let n = ops.len();
         let mut kv = self.kv();
-        let resp = self.bounded(&op, kv.txn(Txn::new().and_then(ops))).await?;
+        let resp = self.bounded(op, kv.txn(Txn::new().and_then(ops))).await?;
         let header = header_of(resp.header());
-        let mut out = Vec::with_capacity(ranges.len());
+        let mut out = Vec::with_capacity(n);
         for r in resp.op_responses() {
             match r {
-                TxnOpResponse::Get(mut g) => {
-                    out.push(g.take_kvs().into_iter().map(to_kv).collect())
-                }
-                _ => return Err(unexpected(&op)),
+                TxnOpResponse::Get(g) => out.push(g),
+                _ => return Err(unexpected(op)),
             }
         }
-        if out.len() != ranges.len() {
-            return Err(unexpected(&op));
+        if out.len() != n {
+            return Err(unexpected(op));
         }
         Ok((header, out))
     }
@@ -227,22 +241,14 @@ impl Etcd {
             })
             .collect();
         let op = format!("mark {}", describe_ranges(ranges));
-        let mut kv = self.kv();
-        let resp = self.bounded(&op, kv.txn(Txn::new().and_then(ops))).await?;
-        let header = header_of(resp.header());
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in resp.op_responses() {
-            match r {
-                TxnOpResponse::Get(g) => out.push(Mark {
-                    count: g.count(),
-                    max_mod_revision: g.kvs().first().map_or(0, |kv| kv.mod_revision()),
-                }),
-                _ => return Err(unexpected(&op)),
-            }
-        }
-        if out.len() != ranges.len() {
-            return Err(unexpected(&op));
-        }
+        let (header, gets) = self.gets(&op, ops).await?;
+        let out = gets
+            .iter()
+            .map(|g| Mark {
+                count: g.count(),
+                max_mod_revision: g.kvs().first().map_or(0, |kv| kv.mod_revision()),
+            })
+            .collect();
         Ok((header, out))
     }
 

@@ -332,25 +332,17 @@ impl<'a> IpsecStore<'a> {
 
     /// Reads the cluster config; `None` before `keys init`.
     pub async fn config(&self) -> Result<Option<ClusterConfig>, IpsecStoreError> {
-        let key = config_key();
-        match self.etcd.get(&key).await? {
-            None => Ok(None),
-            Some(kv) => decode(&key, &kv.value).map(Some),
-        }
+        Ok(self.config_rev().await?.map(|(c, _)| c))
     }
 
     /// Every epoch record, in epoch order; malformed ones are errors.
     pub async fn epochs(&self) -> Result<Vec<EpochRecord>, IpsecStoreError> {
-        let (_, kvs) = self
-            .etcd
-            .get_prefix(&format!("{PREFIX}epochs/"), false)
-            .await?;
-        let mut out = kvs
-            .iter()
-            .map(|kv| decode::<EpochRecord>(&kv.key, &kv.value))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|e| e.epoch);
-        Ok(out)
+        Ok(self
+            .epochs_rev()
+            .await?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
     }
 
     /// Creates the config and epoch 1 (active), atomically; refuses when

@@ -587,6 +587,20 @@ ipsec_cfg() { ectl get --print-value-only /calico/ipsec/v1/config; }
 ipsec_epochs() { ectl get --prefix --print-value-only /calico/ipsec/v1/epochs/ | jq -sc 'map({e: .epoch, s: .state})'; }
 # live_nodes: how many nodes hold a leased status record.
 live_nodes() { ectl get --prefix --keys-only /calico/ipsec/v1/nodes/ | grep -c . || true; }
+# three_live: at least three nodes hold a leased status record.
+three_live() { [[ $(live_nodes) -ge 3 ]]; }
+
+# daemon_cluster_up TMP BIN: cluster_up with the phase off, a 2 s overlap
+# (so rotations fit a suite) and no scheduled rotation; the daemons are
+# stopped on exit.
+daemon_cluster_up() {
+    info "setting up three nodes, etcd and the keys"
+    cluster_up "$1" "$2" off
+    info "cluster up; starting agents and managers"
+    ipsec_cfg | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' \
+        | ectl put /calico/ipsec/v1/config >/dev/null
+    trap 'daemons_stop; e2e_cleanup' EXIT
+}
 # only_epoch N: epoch N is active and the only epoch left.
 only_epoch() { [[ $(ipsec_epochs) == "[{\"e\":$1,\"s\":\"active\"}]" ]]; }
 # now: Unix time with nanoseconds.

@@ -27,15 +27,7 @@ if [[ -z $bin || ! -x $bin ]]; then
     e2e_finish
 fi
 tmp=$(mktemp -d)
-info "setting up three nodes, etcd and the keys"
-cluster_up "$tmp" "$bin" off
-info "cluster up; starting agents and managers"
-# Short overlap so that three rotations fit the suite; no scheduled rotation.
-ectl get --print-value-only /calico/ipsec/v1/config \
-    | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' \
-    | ectl put /calico/ipsec/v1/config >/dev/null
-trap 'daemons_stop; e2e_cleanup' EXIT
-three_live() { [[ $(live_nodes) -ge 3 ]]; }
+daemon_cluster_up "$tmp" "$bin"
 cfg() { ipsec_cfg; }
 
 for n in "${NODES[@]}"; do agent_start "$n"; done
