@@ -308,24 +308,30 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let _lock = NodeLock::acquire(&cfg.state_dir)?;
     let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
     let result = std::thread::scope(|scope| {
-        // The kernel dump runs on its own thread while etcd answers.
-        let dump = match &last {
-            Some(last) if local_facts_hold(cfg, last)? => {
-                Some(scope.spawn(|| -> Result<Held, XfrmError> { Xfrm::open()?.held() }))
-            }
-            _ => None,
-        };
+        // The local checks, the kernel dump and its digest run on their own
+        // thread while etcd answers; `None` when the local facts changed.
+        let dump = last.clone().map(|facts| {
+            scope.spawn(move || -> Result<Option<String>, ConvergeError> {
+                if !local_facts_hold(cfg, &facts)? {
+                    return Ok(None);
+                }
+                let held = Xfrm::open()?.held()?;
+                Ok(Some(fastpath::held_digest(&held)))
+            })
+        });
         runtime()?.block_on(async {
             let etcd = Etcd::connect(&settings(cfg))
                 .await
                 .map_err(IpsecStoreError::from)?;
             if let (Some(last), Some(dump)) = (last, dump) {
                 let fingerprint = snapshot::fingerprint(&etcd).await;
-                let held = dump.join().map_err(|_| {
+                let kernel = dump.join().map_err(|_| {
                     ConvergeError::Runtime(io::Error::other("the XFRM dump panicked"))
                 })??;
                 let (fingerprint, revision) = fingerprint.map_err(IpsecStoreError::from)?;
-                if let Some(report) = still_converged(last, fingerprint, revision, &held, started) {
+                if let Some(report) = kernel.and_then(|kernel| {
+                    still_converged(last, fingerprint, revision, &kernel, started)
+                }) {
                     return Ok(report);
                 }
             }
@@ -358,19 +364,20 @@ fn local_facts_hold(cfg: &PluginConfig, last: &Converged) -> Result<bool, Conver
 }
 
 /// The fast path: a report when the last convergence still holds (etcd's
-/// fingerprint and the kernel unchanged: nothing to do), `None` otherwise.
+/// fingerprint and the kernel's [`fastpath::held_digest`] unchanged: nothing
+/// to do), `None` otherwise.
 fn still_converged(
     last: Converged,
     fingerprint: snapshot::Fingerprint,
     revision: i64,
-    held: &Held,
+    kernel_digest: &str,
     started: Instant,
 ) -> Option<Report> {
     if fingerprint != last.fingerprint {
         tracing::debug!("etcd changed since the last convergence");
         return None;
     }
-    if fastpath::held_digest(held) != last.digest {
+    if kernel_digest != last.digest {
         tracing::info!(
             node = %last.node,
             "the kernel's XFRM state drifted from the last convergence; converging"

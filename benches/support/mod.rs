@@ -88,3 +88,21 @@ pub fn require_vm() {
         std::process::exit(2);
     }
 }
+
+/// Turns address-space randomisation off for this process and every process
+/// it starts from now on (what `setarch -R` does), so that each binary loads
+/// at the same addresses every time.
+pub fn no_aslr() {
+    // SAFETY: personality(2) only changes this process's execution domain
+    // flags; 0xffffffff reads the current ones.
+    let current = unsafe { libc::personality(0xffff_ffff) };
+    assert!(
+        current >= 0,
+        "personality: {}",
+        std::io::Error::last_os_error()
+    );
+    let flags = current as libc::c_ulong | libc::ADDR_NO_RANDOMIZE as libc::c_ulong;
+    // SAFETY: as above.
+    let set = unsafe { libc::personality(flags) };
+    assert!(set >= 0, "personality: {}", std::io::Error::last_os_error());
+}
