@@ -2,12 +2,16 @@
 # Every target that touches namespaces or the VM needs root.
 
 CARGO        ?= cargo
-BIN          := target/release/calico-ipsec
+# What ships (install/Dockerfile builds the same): a static musl binary, the
+# one the init container copies to /opt/cni/bin. The VM suites, the demo and
+# the benchmarks run it; `cargo test` runs the host build.
+MUSL         := x86_64-unknown-linux-musl
+BIN          := target/$(MUSL)/release/calico-ipsec
 FUZZ_SECONDS ?= 60
 
 # Debian packages the build and the tests need (see DESIGN §7).
 APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
-	iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
+	musl-tools iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
 	qemu-system-x86 linux-image-amd64 python3-venv python3-cryptography
 
@@ -17,7 +21,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build deps lint unit e2e test demo bench fuzz clean validate-manifests image
+.PHONY: all build dist deps lint unit e2e test demo bench fuzz clean validate-manifests image
 
 all: build
 
@@ -29,9 +33,17 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## build: the one release binary, target/release/calico-ipsec.
-build:
+## build: the host release binary, target/release/calico-ipsec (tests, benches);
+## and the shipped static binary, $(BIN).
+build: dist
 	$(CARGO) build --release --locked
+
+## dist: the shipped binary, static (musl, static-pie), as install/Dockerfile builds it.
+dist:
+	@rustup target list --installed | grep -qx $(MUSL) || rustup target add $(MUSL)
+	CC_x86_64_unknown_linux_musl=musl-gcc \
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release --locked --target $(MUSL)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -73,7 +85,7 @@ bench: deps build
 	$(CARGO) bench --locked --bench datastore
 	exe=$$($(CARGO) bench --locked --no-run --bench xfrm --message-format=json 2>/dev/null \
 		| jq -r 'select(.target.name == "xfrm" and .executable != null) | .executable'); \
-	E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"
+	CALICO_IPSEC=$(CURDIR)/$(BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"
 	mkdir -p target/bench && cp target/e2e/last/bench-xfrm.txt target/bench/xfrm.txt
 	@echo "table written to target/bench/xfrm.txt"
 

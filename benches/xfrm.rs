@@ -171,7 +171,17 @@ fn main() {
     let kek_path = tmp.path().join("kek");
     let kek = Kek::generate().expect("kek");
     kek.write_new(&kek_path).expect("kek file");
-    let bin = env!("CARGO_BIN_EXE_calico-ipsec");
+    // The binary under test: CALICO_IPSEC (`make bench` passes the static
+    // musl build the image ships), else this build's.
+    let bin_path =
+        std::env::var("CALICO_IPSEC").unwrap_or_else(|_| env!("CARGO_BIN_EXE_calico-ipsec").into());
+    let bin = bin_path.as_str();
+    let kind = Command::new("file")
+        .args(["-b", bin])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let kind = kind.split(", BuildID").next().unwrap_or_default().to_string();
     let entry = |endpoint: &str, dir: &str| {
         json!({
             "type": "calico-ipsec", "name": "bench", "cniVersion": "1.0.0",
@@ -272,7 +282,8 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "XFRM convergence from empty (median of {rounds}; VM: Debian 6.1 under qemu TCG)\n\
+        "calico-ipsec: {bin}\n  ({kind})\n\
+         XFRM convergence from empty (median of {rounds}; VM: Debian 6.1 under qemu TCG)\n\
          {:>6} {:>8} {:>12} {:>12} {:>8} {:>14} {:>10}",
         "peers", "objects", "calico-ipsec", "ip -batch", "ratio", "per-object ip", "speed-up"
     );
