@@ -181,7 +181,11 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let kind = kind.split(", BuildID").next().unwrap_or_default().to_string();
+    let kind = kind
+        .split(", BuildID")
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let entry = |endpoint: &str, dir: &str| {
         json!({
             "type": "calico-ipsec", "name": "bench", "cniVersion": "1.0.0",
