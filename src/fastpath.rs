@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::attachment::write_atomic;
-use crate::datastore::ipsec::{Phase, ALGORITHM};
+use crate::datastore::ipsec::Phase;
 use crate::datastore::snapshot::Fingerprint;
-use crate::xfrm::{Desired, Held, PRIORITY};
+use crate::xfrm::{Desired, Held};
 
 /// The record's format; a record of another version is ignored.
 pub const VERSION: u32 = 1;
@@ -98,32 +98,21 @@ impl Converged {
 }
 
 /// Feeds one state in the terms `KernelSa::matches` compares.
-#[allow(clippy::too_many_arguments)]
-fn state(
-    h: &mut Sha256,
-    dst: std::net::Ipv4Addr,
-    spi: u32,
-    src: std::net::Ipv4Addr,
-    reqid: u32,
-    transport: bool,
-    aead: Option<&str>,
-    icv_bits: u32,
-    esn: bool,
-) {
+fn state(h: &mut Sha256, s: &crate::xfrm::KernelSa) {
     h.update(b"S");
-    h.update(dst.octets());
-    h.update(spi.to_be_bytes());
-    h.update(src.octets());
-    h.update(reqid.to_be_bytes());
-    h.update([u8::from(transport), u8::from(esn)]);
-    match aead {
+    h.update(s.dst.octets());
+    h.update(s.spi.to_be_bytes());
+    h.update(s.src.octets());
+    h.update(s.reqid.to_be_bytes());
+    h.update([u8::from(s.transport), u8::from(s.esn)]);
+    match s.aead.as_deref() {
         Some(a) => {
             h.update((a.len() as u64).to_be_bytes());
             h.update(a.as_bytes());
         }
         None => h.update(u64::MAX.to_be_bytes()),
     }
-    h.update(icv_bits.to_be_bytes());
+    h.update(s.icv_bits.to_be_bytes());
 }
 
 /// Feeds one policy in the terms `KernelPolicy::matches` compares.
@@ -162,30 +151,7 @@ pub fn file_digest(path: &Path) -> String {
 /// A digest of the desired states and policies: equal to [`held_digest`]
 /// exactly when the kernel holds what is desired (an empty plan).
 pub fn desired_digest(d: &Desired) -> String {
-    let mut h = Sha256::new();
-    for s in d.states.values() {
-        state(
-            &mut h,
-            s.dst,
-            s.spi,
-            s.src,
-            s.reqid,
-            true,
-            Some(ALGORITHM),
-            s.icv_bits,
-            true,
-        );
-    }
-    h.update(b"/");
-    for (k, p) in &d.policies {
-        policy(
-            &mut h,
-            k,
-            PRIORITY,
-            &[(p.sel.src, p.sel.dst, p.reqid, true)],
-        );
-    }
-    hex(&h.finalize())
+    held_digest(&Held::exactly(d))
 }
 
 /// The digest of what the kernel holds that is ours, comparable with
@@ -193,17 +159,7 @@ pub fn desired_digest(d: &Desired) -> String {
 pub fn held_digest(held: &Held) -> String {
     let mut h = Sha256::new();
     for s in held.states.values() {
-        state(
-            &mut h,
-            s.dst,
-            s.spi,
-            s.src,
-            s.reqid,
-            s.transport,
-            s.aead.as_deref(),
-            s.icv_bits,
-            s.esn,
-        );
+        state(&mut h, s);
     }
     h.update(b"/");
     for (k, p) in &held.policies {
@@ -215,7 +171,7 @@ pub fn held_digest(held: &Held) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xfrm::{Dir, KernelPolicy, KernelSa, Plan, PolicySpec, SaSpec, Selector};
+    use crate::xfrm::{Dir, Plan, PolicySpec, SaSpec, Selector};
     use std::net::Ipv4Addr;
 
     fn ip(n: u8) -> Ipv4Addr {
@@ -255,34 +211,11 @@ mod tests {
         d
     }
 
+    /// The kernel holding exactly `d`, its states having carried packets.
     fn held_of(d: &Desired) -> Held {
-        let mut h = Held::default();
-        for s in d.states.values() {
-            h.states.insert(
-                s.key(),
-                KernelSa {
-                    src: s.src,
-                    dst: s.dst,
-                    spi: s.spi,
-                    reqid: s.reqid,
-                    transport: true,
-                    aead: Some(ALGORITHM.into()),
-                    icv_bits: s.icv_bits,
-                    esn: true,
-                    packets: 7,
-                },
-            );
-        }
-        for p in d.policies.values() {
-            h.policies.insert(
-                p.key(),
-                KernelPolicy {
-                    dir: p.dir,
-                    sel: p.sel,
-                    priority: PRIORITY,
-                    templates: vec![(p.sel.src, p.sel.dst, p.reqid, true)],
-                },
-            );
+        let mut h = Held::exactly(d);
+        for sa in h.states.values_mut() {
+            sa.packets = 7;
         }
         h
     }

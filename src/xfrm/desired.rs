@@ -217,7 +217,7 @@ impl Desired {
 mod tests {
     use super::*;
     use crate::datastore::ipsec::EpochState;
-    use crate::xfrm::{Held, KernelPolicy, KernelSa, Plan, PRIORITY};
+    use crate::xfrm::{Held, Plan};
 
     fn topology() -> Topology {
         let path = format!(
@@ -403,43 +403,11 @@ mod tests {
         ));
     }
 
-    fn held_from(d: &Desired) -> Held {
-        let mut h = Held::default();
-        for s in d.states.values() {
-            h.states.insert(
-                s.key(),
-                KernelSa {
-                    src: s.src,
-                    dst: s.dst,
-                    spi: s.spi,
-                    reqid: s.reqid,
-                    transport: true,
-                    aead: Some(crate::datastore::ipsec::ALGORITHM.into()),
-                    icv_bits: s.icv_bits,
-                    esn: true,
-                    packets: 0,
-                },
-            );
-        }
-        for p in d.policies.values() {
-            h.policies.insert(
-                p.key(),
-                KernelPolicy {
-                    dir: p.dir,
-                    sel: p.sel,
-                    priority: PRIORITY,
-                    templates: vec![(p.sel.src, p.sel.dst, p.reqid, true)],
-                },
-            );
-        }
-        h
-    }
-
     #[test]
     fn diff_of_what_is_held_is_empty_and_rotation_is_an_update() {
         let e1 = [epoch(1, EpochState::Active), epoch(2, EpochState::Pending)];
         let before = compute(Phase::Enforce, &e1);
-        let held = held_from(&before);
+        let held = Held::exactly(&before);
         assert!(Plan::diff(&before, &held).is_empty());
 
         let e2 = [epoch(1, EpochState::Active), epoch(2, EpochState::Active)];
@@ -458,7 +426,7 @@ mod tests {
     #[test]
     fn a_state_that_differs_is_replaced() {
         let d = compute(Phase::Accept, &[epoch(1, EpochState::Active)]);
-        let mut held = held_from(&d);
+        let mut held = Held::exactly(&d);
         let first = *held.states.keys().next().expect("a state");
         if let Some(s) = held.states.get_mut(&first) {
             s.icv_bits = 64;

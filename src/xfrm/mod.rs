@@ -181,6 +181,45 @@ pub struct Held {
     pub policies: BTreeMap<(Dir, Selector), KernelPolicy>,
 }
 
+impl Held {
+    /// What the kernel holds when it holds exactly `d` (no packet carried
+    /// yet): `Plan::diff(d, &Held::exactly(d))` is empty.
+    pub fn exactly(d: &Desired) -> Self {
+        let states = d
+            .states
+            .values()
+            .map(|s| {
+                let sa = KernelSa {
+                    src: s.src,
+                    dst: s.dst,
+                    spi: s.spi,
+                    reqid: s.reqid,
+                    transport: true,
+                    aead: Some(crate::datastore::ipsec::ALGORITHM.into()),
+                    icv_bits: s.icv_bits,
+                    esn: true,
+                    packets: 0,
+                };
+                (s.key(), sa)
+            })
+            .collect();
+        let policies = d
+            .policies
+            .values()
+            .map(|p| {
+                let kp = KernelPolicy {
+                    dir: p.dir,
+                    sel: p.sel,
+                    priority: PRIORITY,
+                    templates: vec![(p.sel.src, p.sel.dst, p.reqid, true)],
+                };
+                (p.key(), kp)
+            })
+            .collect();
+        Self { states, policies }
+    }
+}
+
 /// The changes that take the kernel from what it holds to what is desired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
