@@ -80,6 +80,16 @@ e2e_finish() {
     exit 1
 }
 
+# Sets `bin` to the binary under test (CALICO_IPSEC), or fails the suite at
+# once when it is missing.
+e2e_bin() {
+    bin=${CALICO_IPSEC:-}
+    if [[ -z $bin || ! -x $bin ]]; then
+        fail "CALICO_IPSEC binary '${bin:-<unset>}' is missing: build it first (make build)"
+        e2e_finish
+    fi
+}
+
 # -------------------------------------------------------------- set-up
 
 # Kernel modules the suites use; all are loaded from the 9p root.

@@ -23,11 +23,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 e2e_init
 
-bin=${CALICO_IPSEC:-}
-if [[ -z $bin || ! -x $bin ]]; then
-    fail "CALICO_IPSEC binary '${bin:-<unset>}' is missing: build it first (cargo build --release)"
-    e2e_finish
-fi
+e2e_bin
 tmp=$(mktemp -d)
 daemon_cluster_up "$tmp" "$bin"
 rotate() { nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" >/dev/null; }

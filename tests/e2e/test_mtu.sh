@@ -16,11 +16,7 @@ A_IP=192.0.2.11 B_IP=192.0.2.12           # underlay ("the wire")
 A_TUN=10.244.0.1 B_TUN=10.244.1.1         # tunl0 addresses (pod blocks below)
 tmp=$(mktemp -d)
 
-bin=${CALICO_IPSEC:-}
-if [[ -z $bin || ! -x $bin ]]; then
-    fail "CALICO_IPSEC binary '${bin:-<unset>}' is missing: build it first (cargo build --release)"
-    e2e_finish
-fi
+e2e_bin
 
 # topology EXTMTU ICV: fresh nodes A and B with ESP between them.
 topology() {
