@@ -510,7 +510,7 @@ mod tests {
     #[test]
     fn calico_fixture_entry_is_accepted() {
         let list: Value = serde_json::from_str(include_str!(
-            "../../shared/fixtures/calico/10-calico-with-ipsec.conflist"
+            "../tests/fixtures/calico/10-calico-with-ipsec.conflist"
         ))
         .expect("fixture parses");
         let entry = list["plugins"][1].as_object().expect("entry");

@@ -18,7 +18,7 @@ use common::*;
 use serde_json::{json, Value};
 
 fn fixture_path() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/calico/etcd-3-nodes.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calico/etcd-3-nodes.json")
 }
 
 fn settings(server: &EtcdServer) -> EtcdSettings {

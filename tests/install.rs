@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use common::etcd::EtcdServer;
 use common::PLUGIN;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/calico");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/calico");
 
 fn fixture_text(name: &str) -> String {
     std::fs::read_to_string(format!("{FIXTURES}/{name}")).expect("fixture")

@@ -318,7 +318,7 @@ mod tests {
 
     fn fixture_kvs() -> Vec<(String, Vec<u8>)> {
         let path = format!(
-            "{}/../shared/fixtures/calico/etcd-3-nodes.json",
+            "{}/tests/fixtures/calico/etcd-3-nodes.json",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(path).expect("fixture");

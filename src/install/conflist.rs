@@ -401,9 +401,9 @@ pub fn felix_wireguard_fields(value: &[u8]) -> Vec<&'static str> {
 mod tests {
     use super::*;
 
-    const CALICO: &str = include_str!("../../../shared/fixtures/calico/10-calico.conflist");
+    const CALICO: &str = include_str!("../../tests/fixtures/calico/10-calico.conflist");
     const WITH_IPSEC: &str =
-        include_str!("../../../shared/fixtures/calico/10-calico-with-ipsec.conflist");
+        include_str!("../../tests/fixtures/calico/10-calico-with-ipsec.conflist");
 
     fn install(text: &str) -> String {
         match plan_install(text, &InstallOptions::default()).expect("install plans") {

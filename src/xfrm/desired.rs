@@ -221,7 +221,7 @@ mod tests {
 
     fn topology() -> Topology {
         let path = format!(
-            "{}/../shared/fixtures/calico/etcd-3-nodes.json",
+            "{}/tests/fixtures/calico/etcd-3-nodes.json",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(path).expect("fixture");

@@ -478,10 +478,10 @@ pub fn ptp_conflist(version: &str, tmp: &Path, ipsec_extra: Value) -> Value {
     })
 }
 
-/// Reads a Calico fixture from ../shared/fixtures/calico.
+/// Reads a Calico fixture from tests/fixtures/calico.
 pub fn fixture(name: &str) -> Value {
     let path = format!(
-        "{}/../shared/fixtures/calico/{name}",
+        "{}/tests/fixtures/calico/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));

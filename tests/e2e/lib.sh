@@ -446,12 +446,12 @@ pod_ip() {
 # ------------------------------------------------------------------ cluster
 
 # The Calico fixture's three nodes: underlay addresses, tunl0 addresses and
-# pod blocks, exactly as in ../shared/fixtures/calico/etcd-3-nodes.json.
+# pod blocks, exactly as in tests/fixtures/calico/etcd-3-nodes.json.
 NODES=(node-1 node-2 node-3)
 declare -A NODE_IP=([node-1]=10.0.0.11 [node-2]=10.0.0.12 [node-3]=10.0.0.13)
 declare -A TUNNEL=([node-1]=10.244.135.0 [node-2]=10.244.201.64 [node-3]=10.244.18.128)
 declare -A BLOCK=([node-1]=10.244.135.0/26 [node-2]=10.244.201.64/26 [node-3]=10.244.18.128/26)
-E2E_FIXTURE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../shared/fixtures/calico" && pwd)/etcd-3-nodes.json
+E2E_FIXTURE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../fixtures/calico" && pwd)/etcd-3-nodes.json
 
 # node_conflist NODE: $CNI_CONFLIST_DIR/NODE.conflist: [ptp + host-local on
 # NODE's block, calico-ipsec with its own nodename and state dir].

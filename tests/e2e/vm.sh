@@ -24,10 +24,11 @@ cache=$repo/target/e2e
 script=$(realpath "$1"); shift
 [[ -x $script ]] || { echo "vm.sh: $script is not an executable file" >&2; exit 2; }
 # The guest mounts tmpfs over /tmp, /run, /var/lib, /var/log, /var/tmp and
-# /var/cache. The project's parent directory (the repository and ../shared
-# beside it) is therefore shared on its own and mounted back at the same path,
-# so a checkout anywhere (CI may clone under /tmp) is visible in the guest.
-work=$(cd "$repo/.." && pwd)
+# /var/cache. The repository is therefore shared on its own (never its
+# parent: a checkout at /tmp/calico-ipsec would hide the guest's /tmp behind
+# a read-only share) and mounted back at the same path over that tmpfs, so a
+# checkout anywhere is visible in the guest. Nothing outside it is shared.
+work=$repo
 case $work in
     *[[:space:]]*) echo "vm.sh: $work contains whitespace; the guest cannot mount it" >&2; exit 2 ;;
 esac
