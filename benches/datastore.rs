@@ -46,8 +46,10 @@ fn child(endpoint: &str, kek_hex_file: &str) {
                         sender,
                         incarnation: 1,
                         receiver,
+                        lane: 0,
                     },
-                );
+                )
+                .expect("derives");
                 n += k.0.expose().len() / 20;
             }
         }

@@ -67,7 +67,7 @@ struct State {
     converge_failures: u64,
     watch_restarts: u64,
     lease: Option<i64>,
-    address: Option<std::net::Ipv4Addr>,
+    addresses: Vec<std::net::IpAddr>,
 }
 
 /// Buckets of the convergence histogram, in seconds.
@@ -94,7 +94,7 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
             converge_failures: 0,
             watch_restarts: 0,
             lease: None,
-            address: None,
+            addresses: Vec::new(),
         }));
         if let Some(addr) = opts.listen {
             let listener = crate::metrics::bind(addr).await?;
@@ -260,7 +260,12 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 continue;
             }
         };
-        lock(&state).address = snap.topology.nodes.get(&node).map(|n| n.ipv4);
+        lock(&state).addresses = snap
+            .topology
+            .nodes
+            .get(&node)
+            .map(|n| [n.ipv4, n.ipv6].into_iter().flatten().map(|u| u.addr).collect())
+            .unwrap_or_default();
         match converge_once(&opts.cfg, &etcd, snap, &node).await {
             Ok(report) => {
                 pending = None;
@@ -269,8 +274,8 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                     let mut s = lock(&state);
                     s.converge_seconds.observe(took.as_secs_f64());
                     s.last_success = Some(now_unix());
-                    s.stale = false;
-                    s.stale_reason = None;
+                    s.stale = report.stale.is_some();
+                    s.stale_reason = report.stale.clone();
                     s.report = Some(report.clone());
                 }
                 if report.writes > 0 {
@@ -282,7 +287,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                         "converged"
                     );
                 }
-                let status = status_of(&report, false);
+                let status = status_of(&report, report.stale.is_some());
                 let changed = last_published.as_ref().map(without_heartbeat)
                     != Some(without_heartbeat(&status));
                 if changed && publish(&etcd, &state, &node, &status, opts.lease_ttl).await {
@@ -506,11 +511,11 @@ fn render(state: &Mutex<State>) -> String {
     let node = s.node.as_str();
     if let Some(h) = &held {
         use crate::xfrm::Dir;
-        let me = s.address;
+        let me = &s.addresses;
         let count_sa = |d: Dir| {
             h.states
                 .values()
-                .filter(|x| (Some(x.src) == me) == (d == Dir::Out))
+                .filter(|x| me.contains(&x.src) == (d == Dir::Out))
                 .count() as f64
         };
         let count_pol = |d: Dir| h.policies.values().filter(|x| x.dir == d).count() as f64;
@@ -543,6 +548,11 @@ fn render(state: &Mutex<State>) -> String {
             "calico_ipsec_xfrm_policies",
             &[("dir", "out")],
             count_pol(Dir::Out),
+        )
+        .sample(
+            "calico_ipsec_xfrm_policies",
+            &[("dir", "fwd")],
+            count_pol(Dir::Fwd),
         );
     }
     if let Some(r) = &s.report {
@@ -560,6 +570,11 @@ fn render(state: &Mutex<State>) -> String {
             "calico_ipsec_incarnation",
             "This node's incarnation",
             f64::from(r.incarnation),
+        );
+        e.gauge(
+            "calico_ipsec_unprotected_paths",
+            "Pod blocks toward which no SA can protect traffic (blocked in encrypt and enforce; healthy only at 0)",
+            r.unprotected.len() as f64,
         );
         let phase = format!("{:?}", r.phase).to_lowercase();
         e.family(
