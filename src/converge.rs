@@ -33,9 +33,9 @@ use crate::attachment::write_atomic;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError, Phase};
+use crate::datastore::paths::PathKind;
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fastpath::{self, Converged};
-use crate::datastore::paths::PathKind;
 use crate::keys::{EpochSecret, Kek, KekError, SaId};
 use crate::mtu::{Encapsulation, IcvBits, MtuParams, OuterIp};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
@@ -545,13 +545,11 @@ pub async fn converge_with(
             Err(e) => return Err(e.into()),
         };
         let plan = Plan::diff(&desired, &held);
-        let lost = plan
-            .created_outbound()
-            .any(|s| {
-                ledger
-                    .sent
-                    .contains(&Ledger::entry(s.epoch, &s.receiver, s.lane))
-            });
+        let lost = plan.created_outbound().any(|s| {
+            ledger
+                .sent
+                .contains(&Ledger::entry(s.epoch, &s.receiver, s.lane))
+        });
         match (&mine, lost && !new_incarnation) {
             (Some((ident, rev)), true) => {
                 tracing::warn!(
@@ -587,7 +585,9 @@ pub async fn converge_with(
         let pruned = before != ledger.sent.len();
         let mut grew = false;
         for s in plan.created_outbound() {
-            grew |= ledger.sent.insert(Ledger::entry(s.epoch, &s.receiver, s.lane));
+            grew |= ledger
+                .sent
+                .insert(Ledger::entry(s.epoch, &s.receiver, s.lane));
         }
         if grew || pruned {
             ledger.save(&cfg.state_dir)?;
@@ -898,7 +898,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut l = ledger(3, "b");
-        l.sent.insert(Ledger::entry(2, "node-2", crate::xfrm::Lane::V4Transport));
+        l.sent
+            .insert(Ledger::entry(2, "node-2", crate::xfrm::Lane::V4Transport));
         l.save(dir.path()).expect("save");
         assert_eq!(Ledger::load(dir.path()), Some(l));
         let mode = fs::metadata(Ledger::path(dir.path()))

@@ -279,7 +279,9 @@ mod tests {
             ),
             (
                 "policy template optional",
-                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").templates[0].optional = true),
+                Box::new(move |h| {
+                    h.policies.get_mut(&pk).expect("pk").templates[0].optional = true
+                }),
             ),
             (
                 "policy template mode",

@@ -264,7 +264,13 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
             .topology
             .nodes
             .get(&node)
-            .map(|n| [n.ipv4, n.ipv6].into_iter().flatten().map(|u| u.addr).collect())
+            .map(|n| {
+                [n.ipv4, n.ipv6]
+                    .into_iter()
+                    .flatten()
+                    .map(|u| u.addr)
+                    .collect()
+            })
             .unwrap_or_default();
         match converge_once(&opts.cfg, &etcd, snap, &node).await {
             Ok(report) => {

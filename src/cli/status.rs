@@ -128,7 +128,10 @@ pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
         for f in &p.families {
             let sa = |dir: Dir| {
                 let keys: Vec<_> = f.states.iter().filter(|(d, _)| *d == dir).collect();
-                presence(keys.len(), keys.iter().filter(|(_, k)| missing_state(k)).count())
+                presence(
+                    keys.len(),
+                    keys.iter().filter(|(_, k)| missing_state(k)).count(),
+                )
             };
             let pol = |inbound: bool| {
                 let keys: Vec<_> = f
@@ -136,7 +139,10 @@ pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
                     .iter()
                     .filter(|(d, _)| (*d != Dir::Out) == inbound)
                     .collect();
-                presence(keys.len(), keys.iter().filter(|k| missing_policy(k)).count())
+                presence(
+                    keys.len(),
+                    keys.iter().filter(|k| missing_policy(k)).count(),
+                )
             };
             let v4 = f.family == "ipv4";
             peers.push(PeerStatus {
@@ -277,8 +283,18 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
             word(p.policy_in)
         )?;
     }
-    for r in s.peers.iter().flat_map(|p| p.blocked.iter().map(move |b| (p, b))) {
-        writeln!(out, "  blocked: {} ({}): {}", clean(&r.0.name), r.0.family, clean(r.1))?;
+    for r in s
+        .peers
+        .iter()
+        .flat_map(|p| p.blocked.iter().map(move |b| (p, b)))
+    {
+        writeln!(
+            out,
+            "  blocked: {} ({}): {}",
+            clean(&r.0.name),
+            r.0.family,
+            clean(r.1)
+        )?;
     }
     let unusable: Vec<_> = s
         .unprotected

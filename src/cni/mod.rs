@@ -221,7 +221,11 @@ pub fn encryption_bound(
         }
     };
     let own = [config.mtu];
-    let params = if carriers.is_empty() { &own[..] } else { carriers };
+    let params = if carriers.is_empty() {
+        &own[..]
+    } else {
+        carriers
+    };
     let bounds: Option<Vec<u32>> = params
         .iter()
         .map(|p| p.breakdown(ext).map(|b| b.pod_mtu))

@@ -217,7 +217,10 @@ fn parse_pool(name: &str, v: &Value) -> Result<Pool, String> {
             .map_err(|e| format!("spec.ipipMode: {e}"))?,
         vxlan: EncapMode::parse(spec.and_then(|s| s.get("vxlanMode")))
             .map_err(|e| format!("spec.vxlanMode: {e}"))?,
-        disabled: spec.and_then(|s| s.get("disabled")).and_then(Value::as_bool) == Some(true),
+        disabled: spec
+            .and_then(|s| s.get("disabled"))
+            .and_then(Value::as_bool)
+            == Some(true),
     })
 }
 

@@ -182,10 +182,22 @@ mod tests {
         let b = node("b", "10.0.0.12/24", Some("fd00::12/64"), &[]);
         let c = node("c", "10.0.1.13/24", None, &[]);
         let p = |to: &Node, blk: &str| t.path(&a, to, &blk.parse().expect("block"));
-        assert_eq!(p(&b, "10.244.1.0/26"), Path::Native, "IPIP CrossSubnet, same subnet");
+        assert_eq!(
+            p(&b, "10.244.1.0/26"),
+            Path::Native,
+            "IPIP CrossSubnet, same subnet"
+        );
         assert_eq!(p(&c, "10.244.1.0/26"), Path::Ipip);
-        assert_eq!(p(&b, "10.245.1.0/26"), Path::Native, "VXLAN CrossSubnet, same subnet");
-        assert_eq!(p(&c, "10.245.1.0/26"), Path::Vxlan(8472), "Felix's vxlanPort");
+        assert_eq!(
+            p(&b, "10.245.1.0/26"),
+            Path::Native,
+            "VXLAN CrossSubnet, same subnet"
+        );
+        assert_eq!(
+            p(&c, "10.245.1.0/26"),
+            Path::Vxlan(8472),
+            "Felix's vxlanPort"
+        );
         assert_eq!(p(&c, "10.246.1.0/26"), Path::Native);
         assert_eq!(p(&b, "fd00:244::/122"), Path::Vxlan(4790), "vxlanPortV6");
         assert_eq!(p(&b, "fd00:245::/122"), Path::Native);
@@ -203,6 +215,9 @@ mod tests {
         t.pools[0].disabled = true;
         let a = node("a", "10.0.0.11/24", None, &[]);
         let b = node("b", "10.0.0.12/24", None, &[]);
-        assert_eq!(t.path(&a, &b, &"10.244.1.0/26".parse().expect("block")), Path::Ipip);
+        assert_eq!(
+            t.path(&a, &b, &"10.244.1.0/26".parse().expect("block")),
+            Path::Ipip
+        );
     }
 }

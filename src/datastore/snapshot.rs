@@ -153,7 +153,10 @@ fn build(
             Err(e) => problems.push(format!("{key} is malformed: {e}")),
         }
     }
-    if config.as_ref().is_some_and(|c| c.phase != super::ipsec::Phase::Off) {
+    if config
+        .as_ref()
+        .is_some_and(|c| c.phase != super::ipsec::Phase::Off)
+    {
         for p in &problems {
             tracing::warn!(problem = %p, "skipping a key epoch record");
         }

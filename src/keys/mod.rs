@@ -151,7 +151,10 @@ mod tests {
         want.extend_from_slice(&[0, 0, 0, 2, 0, 6]);
         want.extend_from_slice(b"node-2");
         assert_eq!(id.info(), Some(want.clone()));
-        let tunnel = SaId { lane: 1, ..id.clone() };
+        let tunnel = SaId {
+            lane: 1,
+            ..id.clone()
+        };
         want.push(1);
         assert_eq!(tunnel.info(), Some(want), "other lanes append their number");
         // Without the prefixes "ab"+"c" and "a"+"bc" would collide.
@@ -168,10 +171,7 @@ mod tests {
         assert_ne!(a.info(), b.info());
         // Names past 253 bytes are refused, never truncated into a shared key.
         let long = "a".repeat(70_000);
-        let c = SaId {
-            sender: &long,
-            ..a
-        };
+        let c = SaId { sender: &long, ..a };
         assert_eq!(c.info(), None);
     }
 }

@@ -195,17 +195,18 @@ mod tests {
     #[test]
     fn debug_never_shows_bytes() {
         let s = EpochSecret::from_bytes(vec![0xAB; 32]);
-        let k = s.derive(
-            "guid",
-            &SaId {
-                epoch: 1,
-                sender: "a",
-                incarnation: 0,
-                receiver: "b",
-                lane: 0,
-            },
-        )
-        .expect("derives");
+        let k = s
+            .derive(
+                "guid",
+                &SaId {
+                    epoch: 1,
+                    sender: "a",
+                    incarnation: 0,
+                    receiver: "b",
+                    lane: 0,
+                },
+            )
+            .expect("derives");
         let text = format!("{s:?} {k:?} {:?}", kek(0xAB));
         assert!(
             !text.to_lowercase().contains("ab, ") && !text.contains("171"),
@@ -250,26 +251,54 @@ mod tests {
                 "58786d091a559156737dd0270f90fea07fda96ef",
             ),
         ];
-        let cases = cases.map(|(e, s, i, r, w)| (e, s, i, r, 0, w)).into_iter().chain([
-            // Lanes 1 to 3 (IPv4 tunnel, IPv6 transport, IPv6 tunnel).
-            (1, "node-1", 1, "node-2", 1, "8ddb5190e3362b5c504223f945512b0833705785"),
-            (1, "node-1", 1, "node-2", 2, "f64009fc36648f60eca01c60de5650c7594ff725"),
-            (1, "node-1", 1, "node-2", 3, "ea941b2dc0f9f835a3eae0629ca06e1fda8fda6d"),
-        ]);
+        let cases = cases
+            .map(|(e, s, i, r, w)| (e, s, i, r, 0, w))
+            .into_iter()
+            .chain([
+                // Lanes 1 to 3 (IPv4 tunnel, IPv6 transport, IPv6 tunnel).
+                (
+                    1,
+                    "node-1",
+                    1,
+                    "node-2",
+                    1,
+                    "8ddb5190e3362b5c504223f945512b0833705785",
+                ),
+                (
+                    1,
+                    "node-1",
+                    1,
+                    "node-2",
+                    2,
+                    "f64009fc36648f60eca01c60de5650c7594ff725",
+                ),
+                (
+                    1,
+                    "node-1",
+                    1,
+                    "node-2",
+                    3,
+                    "ea941b2dc0f9f835a3eae0629ca06e1fda8fda6d",
+                ),
+            ]);
         for (epoch, sender, incarnation, receiver, lane, want) in cases {
-            let k = secret.derive(
-                guid,
-                &SaId {
-                    epoch,
-                    sender,
-                    incarnation,
-                    receiver,
-                    lane,
-                },
-            )
-            .expect("derives");
+            let k = secret
+                .derive(
+                    guid,
+                    &SaId {
+                        epoch,
+                        sender,
+                        incarnation,
+                        receiver,
+                        lane,
+                    },
+                )
+                .expect("derives");
             let hex: String = k.0.expose().iter().map(|b| format!("{b:02x}")).collect();
-            assert_eq!(hex, want, "{epoch} {sender} {incarnation} {receiver} {lane}");
+            assert_eq!(
+                hex, want,
+                "{epoch} {sender} {incarnation} {receiver} {lane}"
+            );
         }
     }
 }

@@ -231,18 +231,40 @@ impl Build<'_> {
             };
             if let Some(m) = mine {
                 let spi = keys::spi(epoch, m.incarnation, m.id, tunnel);
-                let out = base(Dir::Out, me_ip, peer_ip, spi, self.i.me, m.incarnation, &peer.name);
+                let out = base(
+                    Dir::Out,
+                    me_ip,
+                    peer_ip,
+                    spi,
+                    self.i.me,
+                    m.incarnation,
+                    &peer.name,
+                );
                 view.states.push((Dir::Out, out.key()));
                 self.d.states.insert(out.key(), out);
             }
             let spi = keys::spi(epoch, theirs.incarnation, theirs.id, tunnel);
-            let inb = base(Dir::In, peer_ip, me_ip, spi, &peer.name, theirs.incarnation, self.i.me);
+            let inb = base(
+                Dir::In,
+                peer_ip,
+                me_ip,
+                spi,
+                &peer.name,
+                theirs.incarnation,
+                self.i.me,
+            );
             view.states.push((Dir::In, inb.key()));
             self.d.states.insert(inb.key(), inb);
         }
     }
 
-    fn family(&mut self, me: &Node, peer: &Node, v4: bool, refused: Option<&str>) -> Option<PathView> {
+    fn family(
+        &mut self,
+        me: &Node,
+        peer: &Node,
+        v4: bool,
+        refused: Option<&str>,
+    ) -> Option<PathView> {
         let fam = |n: &Node| -> Vec<IpNet> {
             n.blocks
                 .iter()
@@ -271,8 +293,14 @@ impl Build<'_> {
         }
         let t = self.i.topology;
         let pair = Pair {
-            out: peer_blocks.iter().map(|b| (*b, t.path(me, peer, b))).collect(),
-            inb: my_blocks.iter().map(|b| (*b, t.path(peer, me, b))).collect(),
+            out: peer_blocks
+                .iter()
+                .map(|b| (*b, t.path(me, peer, b)))
+                .collect(),
+            inb: my_blocks
+                .iter()
+                .map(|b| (*b, t.path(peer, me, b)))
+                .collect(),
         };
         for (_, p) in pair.out.iter().chain(&pair.inb) {
             view.paths.insert(p.kind());
@@ -346,7 +374,10 @@ impl Build<'_> {
             self.policy(&mut view, Dir::In, sel, Action::Allow(t));
         }
         // Tunnel: the pod blocks themselves.
-        if !pair.lanes(v4, me_ip).contains(&Lane::of(me_ip, Mode::Tunnel)) {
+        if !pair
+            .lanes(v4, me_ip)
+            .contains(&Lane::of(me_ip, Mode::Tunnel))
+        {
             return Some(view);
         }
         let sel = |src, dst| Selector {
@@ -389,7 +420,10 @@ impl Desired {
         let mut refused = t.clashes(i.me, ids);
         for (name, id) in i.identities {
             if id.id > keys::MAX_NODE_ID && name != i.me {
-                refused.insert(name.clone(), format!("has node id {}, above {}", id.id, keys::MAX_NODE_ID));
+                refused.insert(
+                    name.clone(),
+                    format!("has node id {}, above {}", id.id, keys::MAX_NODE_ID),
+                );
             }
         }
         let me = t
@@ -422,7 +456,11 @@ impl Desired {
         let mut b = Build {
             i,
             d: Desired::default(),
-            installed: if i.phase == Phase::Off { vec![] } else { installed },
+            installed: if i.phase == Phase::Off {
+                vec![]
+            } else {
+                installed
+            },
             active: active.filter(|_| i.phase != Phase::Off),
         };
         for peer in t.peers(i.me) {
@@ -434,9 +472,15 @@ impl Desired {
             let ident = i.identities.get(&peer.name);
             b.d.peers.push(PeerView {
                 name: peer.name.clone(),
-                addresses: [peer.ipv4, peer.ipv6].into_iter().flatten().map(|u| u.addr).collect(),
+                addresses: [peer.ipv4, peer.ipv6]
+                    .into_iter()
+                    .flatten()
+                    .map(|u| u.addr)
+                    .collect(),
                 id: ident.map(|p| p.id),
-                incarnation: ident.filter(|p| p.incarnation > 0).map_or(0, |p| p.incarnation),
+                incarnation: ident
+                    .filter(|p| p.incarnation > 0)
+                    .map_or(0, |p| p.incarnation),
                 refused: why.map(str::to_string),
                 families,
             });
