@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Decrypt captured ESP with keys derived independently of calico-ipsec.
 
-Usage: esp_decrypt.py PCAP ETCD_DUMP KEK_FILE MARKER
+Usage: esp_decrypt.py PCAP ETCD_DUMP KEK_FILE MARKER [POD_CIDRS]
 
 ETCD_DUMP is `etcdctl get --prefix /calico/ -w json`. From it and the KEK
 this script opens each epoch secret (AES-256-GCM, AAD
@@ -11,17 +11,26 @@ derives each SA's key exactly as the README documents:
     key20 = HKDF-SHA256(IKM = epoch secret, salt = clusterGUID,
                         info = "calico-ipsec/v1/sa" || u32 epoch
                                || u16 len || sender || u32 incarnation
-                               || u16 len || receiver, L = 20)
+                               || u16 len || receiver [|| u8 lane], L = 20)
+
+The lane is 0 for IPv4 transport (IPIP, VXLAN), 1 for IPv4 tunnel mode, 2
+for IPv6 transport (VXLAN over IPv6), 3 for IPv6 tunnel mode; it is appended
+only when it is not 0. The SPI's bit 15 says tunnel mode; its low 15 bits
+are the sender's node id.
 
 HKDF is written out here with hmac/hashlib; AES-GCM comes from the
 `cryptography` package. Every ESP packet between nodes must authenticate
 (rfc4106 with extended sequence numbers: AAD = SPI || seq_hi || seq_lo),
-carry IPIP (next header 4), and MARKER must appear in some plaintext.
-Prints a summary line and exits non-zero on any failure.
+carry IPIP or an IPv4 pod packet (next header 4), VXLAN (17) or an IPv6 pod
+packet (41), and MARKER must appear in some plaintext. With POD_CIDRS
+(comma-separated), any packet on the wire with a pod address in its outer
+header counts as plaintext too. Prints a summary line and exits non-zero on
+any failure.
 """
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import struct
 import sys
@@ -44,9 +53,11 @@ def name_field(name):
     return struct.pack(">H", len(b)) + b
 
 
-def sa_key(secret, guid, epoch, sender, incarnation, receiver):
+def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0):
     info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
             + struct.pack(">I", incarnation) + name_field(receiver))
+    if lane:
+        info += bytes([lane])
     return hkdf_sha256(secret, guid.encode(), info, 20)
 
 
@@ -72,17 +83,18 @@ def read_pcap(path):
             yield None  # truncated: cannot be checked
             continue
         if linktype == 1:  # Ethernet
-            if len(frame) < 14 or frame[12:14] != b"\x08\x00":
+            if len(frame) < 14 or frame[12:14] not in (b"\x08\x00", b"\x86\xdd"):
                 continue
             yield frame[14:]
         elif linktype == 113:  # Linux cooked
-            if frame[14:16] != b"\x08\x00":
+            if frame[14:16] not in (b"\x08\x00", b"\x86\xdd"):
                 continue
             yield frame[16:]
 
 
 def main():
     pcap, dump, kek_file, marker = sys.argv[1:5]
+    pods = [ipaddress.ip_network(c) for c in sys.argv[5].split(",")] if len(sys.argv) > 5 else []
     # "hex:..." names raw bytes (e.g. a ping -p pattern); otherwise text.
     marker = bytes.fromhex(marker[4:]) if marker.startswith("hex:") else marker.encode()
     kek = bytes.fromhex(open(kek_file).read().strip())
@@ -99,7 +111,10 @@ def main():
         if k.startswith("/calico/ipsec/v1/nodeids/"):
             ids[v["id"]] = (k.rsplit("/", 1)[1], v.get("incarnation", 0))
         if k.startswith("/calico/resources/v3/projectcalico.org/nodes/"):
-            ips[v["spec"]["bgp"]["ipv4Address"].split("/")[0]] = v["metadata"]["name"]
+            for fam in ("ipv4Address", "ipv6Address"):
+                a = v["spec"].get("bgp", {}).get(fam)
+                if a:
+                    ips[str(ipaddress.ip_address(a.split("/")[0]))] = v["metadata"]["name"]
 
     counts = {"esp": 0, "ok": 0, "bad": 0, "plain": 0, "truncated": 0}
     found = False
@@ -107,9 +122,19 @@ def main():
         if ip is None:
             counts["truncated"] += 1
             continue
-        ihl = (ip[0] & 0x0F) * 4
-        proto = ip[9]
-        src, dst = ".".join(map(str, ip[12:16])), ".".join(map(str, ip[16:20]))
+        if ip[0] >> 4 == 6:
+            v6, ihl, proto = True, 40, ip[6]
+            src, dst = str(ipaddress.ip_address(ip[8:24])), str(ipaddress.ip_address(ip[24:40]))
+            end = 40 + struct.unpack(">H", ip[4:6])[0]
+        else:
+            v6, ihl, proto = False, (ip[0] & 0x0F) * 4, ip[9]
+            src, dst = str(ipaddress.ip_address(ip[12:16])), str(ipaddress.ip_address(ip[16:20]))
+            end = struct.unpack(">H", ip[2:4])[0]
+        if any(ipaddress.ip_address(a) in n for a in (src, dst) for n in pods
+               if ipaddress.ip_address(a).version == n.version):
+            counts["plain"] += 1
+            print(f"pod address in clear on the wire: proto {proto} {src} -> {dst}")
+            continue
         if src not in ips or dst not in ips:
             continue  # not node to node (e.g. etcd traffic to the wire's address)
         if proto != 50:
@@ -117,20 +142,23 @@ def main():
             print(f"plaintext node-to-node packet: proto {proto} {src} -> {dst}")
             continue
         counts["esp"] += 1
-        esp = ip[ihl:struct.unpack(">H", ip[2:4])[0]]
+        esp = ip[ihl:end]
         spi, seq = struct.unpack(">II", esp[:8])
-        sender_id, inc8, slot = spi & 0xFFFF, (spi >> 16) & 0xFF, spi >> 24
+        sender_id, inc8, slot = spi & 0x7FFF, (spi >> 16) & 0xFF, spi >> 24
+        lane = (2 if v6 else 0) + (1 if spi & 0x8000 else 0)
         try:
             sender, incarnation = ids[sender_id]
             epoch = next(e for e in secrets if e % 255 + 1 == slot)
             assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
             assert ips[src] == sender, f"SPI names {sender} but the packet is from {ips[src]}"
-            key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst])
+            key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane)
             iv, body = esp[8:16], esp[16:]
             aad = struct.pack(">III", spi, 0, seq)  # ESN: SPI, seq_hi, seq_lo
             plain = AESGCM(key[:16]).decrypt(key[16:] + iv, body, aad)
             pad_len, next_header = plain[-2], plain[-1]
-            assert next_header == 4, f"next header {next_header}, want 4 (IPIP)"
+            assert next_header in (4, 17, 41), f"next header {next_header}, want 4, 17 or 41"
+            counts.setdefault(f"nh{next_header}", 0)
+            counts[f"nh{next_header}"] += 1
             inner = plain[:-2 - pad_len]
             if marker in inner:
                 found = True
@@ -138,7 +166,9 @@ def main():
         except Exception as e:  # noqa: BLE001 - report every failure
             counts["bad"] += 1
             print(f"ESP spi 0x{spi:08x} seq {seq} {src} -> {dst}: {type(e).__name__} {e}")
+    inner = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith("nh"))
     print("esp={esp} decrypted={ok} failed={bad} plaintext={plain} truncated={truncated}".format(**counts),
+          inner,
           f"marker={'found' if found else 'missing'}")
     ok = counts["esp"] > 0 and counts["bad"] == 0 and counts["plain"] == 0 and found
     sys.exit(0 if ok else 1)

@@ -384,13 +384,14 @@ etcd_load_fixture() {
 CNI_CONFLIST_DIR=${CNI_CONFLIST_DIR:-/tmp/e2e-cni}
 CNI_BIN_PATH=${CNI_BIN_PATH:-/usr/lib/cni}
 
-# cni_plugin CMD NODE CID NETNS INDEX PREV: run plugin INDEX of NODE's list.
+# cni_plugin CMD NODE CID NETNS INDEX PREV: run plugin INDEX of NODE's list
+# (or of CNI_LIST's, when set: another conflist for the same node).
 cni_plugin() {
     local cmd=$1 node=$2 cid=$3 netns=$4 i=$5 prev=$6 conf type bin d
     conf=$(jq -c --argjson i "$i" --argjson prev "$prev" \
         '.plugins[$i] + {name: .name, cniVersion: .cniVersion}
          + (if $prev == null then {} else {prevResult: $prev} end)' \
-        "$CNI_CONFLIST_DIR/$node.conflist")
+        "$CNI_CONFLIST_DIR/${CNI_LIST:-$node}.conflist")
     type=$(jq -r .type <<<"$conf")
     bin=
     for d in ${CNI_BIN_PATH//:/ }; do
@@ -406,7 +407,7 @@ cni_plugin() {
 cni_add() {
     local node=$1 pod=$2 n i prev=null out
     ip netns add "$E2E_NS_PREFIX$pod"
-    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/$node.conflist")
+    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/${CNI_LIST:-$node}.conflist")
     for ((i = 0; i < n; i++)); do
         out=$(cni_plugin ADD "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" "$prev") \
             || { echo "$out"; return 1; }
@@ -428,7 +429,7 @@ cni_check() {
 # cni_del NODE POD: DEL in reverse order, then remove the namespace.
 cni_del() {
     local node=$1 pod=$2 n i out
-    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/$node.conflist")
+    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/${CNI_LIST:-$node}.conflist")
     for ((i = n - 1; i >= 0; i--)); do
         out=$(cni_plugin DEL "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" \
             "$(cat "$CNI_CONFLIST_DIR/$pod.result" 2>/dev/null || echo null)") \

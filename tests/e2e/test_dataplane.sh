@@ -49,7 +49,7 @@ for n in "${NODES[@]}"; do
     check "$n: CHECK passes for b-$n (no drift)" cni_check "$n" "b-$n"
 done
 check_match "status table names the peers" "$(nsx node-1 "$bin" status --nodename node-1)" \
-    'node-2 +10\.0\.0\.12 +ipip .* ok +ok +ok +ok'
+    'node-2 +v4 +10\.0\.0\.12 +ipip .* ok +ok +ok +ok'
 
 # ------------------------------------------------------------ fast path
 # A no-op ADD checks etcd's fingerprint and the kernel against the record of
@@ -162,8 +162,10 @@ add node-1 d-node-1 "ADD on node-1 after node-3 left etcd"
 check_eq "that ADD did not take the fast path (etcd's fingerprint changed)" "$(fast)" $((f2 + 1))
 check_eq "node-1 holds no state for node-3" "$(ipn node-1 xfrm state list | grep -c 10.0.0.13 || true)" 0
 check_eq "node-1 holds no policy for node-3" "$(ipn node-1 xfrm policy list | grep -c 10.0.0.13 || true)" 0
-check_eq "node-1 still holds node-2's SAs and policies (2 states, 2 policies)" \
-    "$(status node-1 | jq -r '"\(.kernel_states) \(.kernel_policies)"')" "2 2"
+check_eq "node-1 still holds node-2's SAs and policies, and blocks node-3's orphaned block (2 states, 3 policies)" \
+    "$(status node-1 | jq -r '"\(.kernel_states) \(.kernel_policies)"')" "2 3"
+check_match "node-1 blocks node-3's pod block, whose Node left but whose affinity stays" \
+    "$(ipn node-1 xfrm policy list | paste -sd' ')" "src 0\.0\.0\.0/0 dst 10\.244\.18\.128/26 +dir out action block"
 
 # ------------------------------------------- 50 concurrent ADDs, then DELs
 # node-3 comes back while they run: the ADDs serialise on the node lock and
