@@ -164,6 +164,16 @@ impl From<crate::converge::ConvergeError> for CniError {
                 format!("{details}; check state_dir"),
                 "",
             ),
+            E::Unsafe(_) => CniError::new(
+                code::STATE,
+                format!("{details}; calico-ipsec's files under state_dir must be its own regular files"),
+                "",
+            ),
+            E::LockTimeout { .. } => CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{details}; the pod is not started until this node's IPsec state is converged (the runtime retries)"),
+                "",
+            ),
             E::Runtime(_) => CniError::new(code::INTERNAL, details, ""),
         }
     }
