@@ -47,6 +47,9 @@ fn conf(tmp: &Path, version: &str, extra: Value, prev: bool) -> Vec<u8> {
     c.to_string().into_bytes()
 }
 
+/// CNI environment variables.
+type Env = Vec<(&'static str, String)>;
+
 fn without(mut env: Vec<(&'static str, String)>, key: &str) -> Vec<(&'static str, String)> {
     env.retain(|(k, _)| *k != key);
     env
@@ -500,7 +503,8 @@ fn del_with_a_bad_config_succeeds_and_logs_what_is_wrong() {
     let t = tmp.path();
     let env = base_env("/run/netns/calico-ipsec-test-gone");
     let backup = t.join("state").join("abc123_eth0.json");
-    let cases: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>, &str)> = vec![
+    // (name, environment, stdin, a word the warning must hold)
+    let cases: Vec<(&str, Env, Vec<u8>, &str)> = vec![
         (
             "encapsulation invalid",
             env.clone(),
