@@ -24,18 +24,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::attachment::write_atomic;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::paths::PathKind;
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fastpath::{self, Converged};
+use crate::fsutil::{self, SafeFileError};
 use crate::keys::{EpochSecret, Kek, KekError, SaId};
 use crate::mtu::{Encapsulation, IcvBits, MtuParams, OuterIp};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
@@ -45,6 +45,11 @@ use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 /// ICV length used when the config does not say.
 pub const DEFAULT_ICV_BITS: u32 = 128;
+/// How long an ADD (or the agent) waits for the node lock before giving up
+/// with "try again later": a holder does one convergence, each etcd request
+/// bounded by `etcd_timeout_ms`, so a longer wait means a stuck holder, and
+/// the runtime's retry is better than a pod creation that never returns.
+pub const NODE_LOCK_WAIT: Duration = Duration::from_secs(25);
 
 /// Why converging failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,17 @@ pub enum ConvergeError {
         /// The failure.
         #[source]
         source: io::Error,
+    },
+    /// A file under the state directory is a link or not a regular file.
+    #[error(transparent)]
+    Unsafe(#[from] SafeFileError),
+    /// Another process held the node lock for longer than the wait.
+    #[error("the node lock {path} is still held by another calico-ipsec process after {waited:?}; see which with `fuser -v {path}`")]
+    LockTimeout {
+        /// The lock file.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
     },
     /// The async runtime could not start.
     #[error("starting the async runtime: {0}")]
@@ -159,36 +175,44 @@ fn state_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Converg
     move |source| ConvergeError::State { op, path, source }
 }
 
-/// The node-wide lock: an exclusive `flock` on `<state_dir>/node/lock`.
+/// The node-wide lock: an exclusive `flock` on `<state_dir>/node/lock`
+/// (a regular file; a link there is refused, never followed).
 pub struct NodeLock {
     _lock: Flock<File>,
 }
 
 impl NodeLock {
-    /// Waits for and takes the lock.
-    pub fn acquire(state_dir: &Path) -> Result<Self, ConvergeError> {
+    /// Takes the lock, waiting at most `wait` for another holder to let go;
+    /// [`ConvergeError::LockTimeout`] after that.
+    pub fn acquire(state_dir: &Path, wait: Duration) -> Result<Self, ConvergeError> {
         let dir = state_dir.join("node");
         create_private_dir(&dir)?;
         let path = dir.join("lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(state_err("opening", &path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| state_err("locking", &path)(io::Error::from(e)))?;
-        Ok(Self { _lock: lock })
+        let started = Instant::now();
+        let mut file = fsutil::open_lock(&path)?;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Self { _lock: lock }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+                Err((f, nix::errno::Errno::EINTR)) => {
+                    file = f;
+                    continue;
+                }
+                Err((_, e)) => return Err(state_err("locking", &path)(io::Error::from(e))),
+            }
+            let waited = started.elapsed();
+            if waited >= wait {
+                return Err(ConvergeError::LockTimeout { path, waited });
+            }
+            std::thread::sleep(pause.min(wait - waited));
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
     }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), ConvergeError> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(state_err("creating", dir))
+    Ok(fsutil::private_dir(dir)?)
 }
 
 /// The outbound SAs created in the current incarnation (names, no keys).
@@ -210,7 +234,13 @@ impl Ledger {
     /// Reads the ledger; `None` when missing or unreadable (both mean the
     /// history is unknown, which a new incarnation settles).
     pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = fs::read(Self::path(state_dir)).ok()?;
+        let bytes = match fsutil::read_state(&Self::path(state_dir), fastpath::MAX_RECORD_BYTES) {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::warn!(error = %e, "the SA ledger is unusable; a new incarnation will be published");
+                return None;
+            }
+        };
         match serde_json::from_slice(&bytes) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -227,7 +257,7 @@ impl Ledger {
             create_private_dir(dir)?;
         }
         let body = serde_json::to_vec(self).unwrap_or_default();
-        write_atomic(&path, &body).map_err(state_err("writing", &path))
+        fsutil::write_atomic(&path, &body, 0o600).map_err(state_err("writing", &path))
     }
 
     /// "epoch/peer" for IPv4 transport SAs, "epoch/peer/lane" for the others.
@@ -321,7 +351,7 @@ fn ms(t: Instant) -> u64 {
 pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let started = Instant::now();
     let node = cfg.node_name()?;
-    let _lock = NodeLock::acquire(&cfg.state_dir)?;
+    let _lock = NodeLock::acquire(&cfg.state_dir, NODE_LOCK_WAIT)?;
     let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
     let result = std::thread::scope(|scope| {
         // The local checks, the kernel dump and its digest run on their own
@@ -907,5 +937,35 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_node_lock_waits_a_bounded_time_and_refuses_a_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = NodeLock::acquire(dir.path(), Duration::ZERO).expect("first");
+        let started = Instant::now();
+        let err = match NodeLock::acquire(dir.path(), Duration::from_millis(300)) {
+            Err(e) => e,
+            Ok(_) => panic!("two holders of the node lock"),
+        };
+        let waited = started.elapsed();
+        assert!(matches!(err, ConvergeError::LockTimeout { .. }), "{err}");
+        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2));
+        assert!(err.to_string().contains("still held"), "{err}");
+        drop(held);
+        let again = NodeLock::acquire(dir.path(), Duration::from_millis(300));
+        assert!(again.is_ok(), "free once released");
+        drop(again);
+
+        let other = tempfile::tempdir().expect("tempdir");
+        let outside = other.path().join("victim");
+        fs::write(&outside, b"keep").expect("write");
+        fs::create_dir(other.path().join("node")).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, other.path().join("node/lock")).expect("link");
+        let err = NodeLock::acquire(other.path(), Duration::ZERO).err();
+        assert!(
+            matches!(err, Some(ConvergeError::Unsafe(SafeFileError::Symlink(_)))),
+            "{err:?}"
+        );
     }
 }

@@ -24,10 +24,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::attachment::write_atomic;
 use crate::datastore::ipsec::Phase;
 use crate::datastore::snapshot::Fingerprint;
 use crate::xfrm::{Desired, Held};
+
+/// The largest record or ledger read (a ledger lists at most a few
+/// thousand peers per epoch).
+pub const MAX_RECORD_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The record's format; a record of another version is ignored.
 pub const VERSION: u32 = 2;
@@ -73,7 +76,13 @@ impl Converged {
     /// Reads the record; `None` when missing, unreadable or of another
     /// version (each means: converge fully).
     pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = fs::read(Self::path(state_dir)).ok()?;
+        let bytes = match crate::fsutil::read_state(&Self::path(state_dir), MAX_RECORD_BYTES) {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the convergence record");
+                return None;
+            }
+        };
         match serde_json::from_slice::<Self>(&bytes) {
             Ok(c) if c.version == VERSION => Some(c),
             Ok(_) => None,
@@ -88,7 +97,7 @@ impl Converged {
     /// lock lives there).
     pub fn save(&self, state_dir: &Path) -> io::Result<()> {
         let body = serde_json::to_vec(self).map_err(io::Error::other)?;
-        write_atomic(&Self::path(state_dir), &body)
+        crate::fsutil::write_atomic(&Self::path(state_dir), &body, 0o600)
     }
 
     /// Removes the record; a missing one is fine.
@@ -122,7 +131,10 @@ fn hex(d: &[u8]) -> String {
 /// The SHA-256 of a file's bytes; "" when it cannot be read. Comparing it
 /// with the record's is cheaper than parsing the file again.
 pub fn file_digest(path: &Path) -> String {
-    fs::read(path).map_or_else(|_| String::new(), |b| hex(&Sha256::digest(&b)))
+    match crate::fsutil::read_state(path, MAX_RECORD_BYTES) {
+        Ok(Some(b)) => hex(&Sha256::digest(&b)),
+        _ => String::new(),
+    }
 }
 
 /// A digest of the desired states and policies: equal to [`held_digest`]

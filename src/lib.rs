@@ -15,6 +15,7 @@ pub mod config;
 pub mod converge;
 pub mod datastore;
 pub mod fastpath;
+pub mod fsutil;
 /// Installing on a node: our conflist entry, the binary and the KEK file.
 pub mod install;
 pub mod keys;

@@ -1,6 +1,5 @@
 //! Logging with `tracing`, to a file and never to stdout (stdout carries the CNI result).
 
-use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -19,29 +18,34 @@ fn level_filter(level: LogLevel) -> LevelFilter {
 }
 
 /// Sends logs to `path` (appending, created 0640 with its directory), or to
-/// stderr when the file cannot be opened. Only the first call takes effect.
+/// stderr when it is stdout, a link, not a regular file or cannot be opened.
+/// Only the first call takes effect.
 pub fn init_file(path: &Path, level: LogLevel) {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)
+    let file = if crate::fsutil::is_stdout(path) {
+        Err(format!(
+            "{} is this process's stdout, which carries the CNI result",
+            path.display()
+        ))
+    } else {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        crate::fsutil::open_log(path).map_err(|e| e.to_string())
     };
     let builder = tracing_subscriber::fmt()
         .with_max_level(level_filter(level))
         .with_ansi(false)
         .with_target(false);
-    let result = match file {
-        Ok(f) => builder.with_writer(Mutex::new(f)).try_init(),
-        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+    let (result, refused) = match file {
+        Ok(f) => (builder.with_writer(Mutex::new(f)).try_init(), None),
+        Err(e) => (builder.with_writer(std::io::stderr).try_init(), Some(e)),
     };
     // Already initialised (tests run many requests in one process): keep it.
-    let _ = result;
+    if result.is_ok() {
+        if let Some(why) = refused {
+            tracing::warn!(log_file_path = %path.display(), %why, "not logging to log_file_path; logging to stderr");
+        }
+    }
 }
 
 /// Sends logs to stderr, for CLI commands.

@@ -181,8 +181,17 @@ pub fn clamp(
         .collect())
 }
 
-/// Puts back the MTUs in `backup` on links that are still there and still
-/// ours. Missing namespaces and links are fine; other failures are returned.
+/// Whether DEL may put `recorded` back on a link now at `current`: only
+/// when ADD's change is still in place (`current` is the bound it set) and
+/// the recorded value is what ADD lowered from (above the bound). So DEL
+/// only ever raises a link from our bound back to its own pre-ADD MTU.
+pub fn may_restore(current: u32, recorded: u32, bound: u32) -> bool {
+    current == bound && recorded > bound
+}
+
+/// Puts back the MTUs in `backup` on links that are still there, still ours
+/// and still at the bound ADD set ([`may_restore`]). Missing namespaces and
+/// links are fine; other failures are returned.
 pub fn restore(netns_path: &Path, backup: &Backup) -> Result<(), PodMtuError> {
     let mut net = match PodNet::open(netns_path) {
         Ok(n) => n,
@@ -199,13 +208,41 @@ pub fn restore(netns_path: &Path, backup: &Backup) -> Result<(), PodMtuError> {
         Err(PodMtuError::NoInterface { .. }) => return Ok(()),
         Err(e) => return Err(e),
     };
-    if links.pod.mtu != backup.pod_mtu {
-        net.set_mtu(&links.pod, true, backup.pod_mtu)?;
-    }
+    let mut todo = vec![(&links.pod, true, backup.pod_mtu)];
     if let (Some(host), Some(mtu)) = (&links.host, backup.host_mtu) {
-        if host.mtu != mtu && Some(&host.name) == backup.host_ifname.as_ref() {
-            net.set_mtu(host, false, mtu)?;
+        if Some(&host.name) == backup.host_ifname.as_ref() {
+            todo.push((host, false, mtu));
+        }
+    }
+    for (link, in_pod, recorded) in todo {
+        if link.mtu == recorded {
+            continue;
+        }
+        if may_restore(link.mtu, recorded, backup.bound) {
+            net.set_mtu(link, in_pod, recorded)?;
+        } else {
+            tracing::warn!(ifname = %link.name, in_pod, mtu = link.mtu, recorded, bound = backup.bound,
+                "not restoring the MTU: the link is no longer at the bound ADD set, or the backup's value is not one ADD lowered from");
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_restore;
+
+    #[test]
+    fn del_only_undoes_our_own_lowering() {
+        assert!(may_restore(1446, 1480, 1446), "ADD lowered 1480 to 1446");
+        assert!(
+            !may_restore(1300, 1480, 1446),
+            "someone else changed it since"
+        );
+        assert!(
+            !may_restore(1446, 1400, 1446),
+            "ADD never lowered from below the bound"
+        );
+        assert!(!may_restore(1446, 1446, 1446));
+    }
 }

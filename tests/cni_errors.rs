@@ -47,6 +47,9 @@ fn conf(tmp: &Path, version: &str, extra: Value, prev: bool) -> Vec<u8> {
     c.to_string().into_bytes()
 }
 
+/// CNI environment variables.
+type Env = Vec<(&'static str, String)>;
+
 fn without(mut env: Vec<(&'static str, String)>, key: &str) -> Vec<(&'static str, String)> {
     env.retain(|(k, _)| *k != key);
     env
@@ -293,11 +296,40 @@ fn every_error_path_has_its_code() {
         },
         Case {
             name: "encapsulation invalid",
-            command: "DEL",
+            command: "ADD",
             env: env.clone(),
-            stdin: conf(t, "0.3.1", json!({"encapsulation": "gre"}), false),
+            stdin: conf(t, "0.3.1", json!({"encapsulation": "gre"}), true),
             code: 7,
             says: &["encapsulation"],
+        },
+        Case {
+            name: "log file is the plugin's stdout",
+            command: "ADD",
+            env: env.clone(),
+            stdin: conf(t, "0.3.1", json!({"log_file_path": "/dev/stdout"}), true),
+            code: 7,
+            says: &["log_file_path", "stdout"],
+        },
+        Case {
+            name: "log file is fd 1 by another name",
+            command: "ADD",
+            env: env.clone(),
+            stdin: conf(
+                t,
+                "0.3.1",
+                json!({"log_file_path": "/proc/self/fd/1"}),
+                true,
+            ),
+            code: 7,
+            says: &["log_file_path", "stdout"],
+        },
+        Case {
+            name: "no CNI_CONTAINERID on DEL",
+            command: "DEL",
+            env: without(env.clone(), "CNI_CONTAINERID"),
+            stdin: good.clone(),
+            code: 4,
+            says: &["CNI_CONTAINERID"],
         },
         Case {
             name: "pattern invalid",
@@ -459,4 +491,92 @@ fn logs_go_to_the_file() {
         !out.stdout.contains("ERROR"),
         "stdout holds only the CNI error"
     );
+}
+
+/// libcni stops a DEL at the first plugin that fails, and ours runs first:
+/// a DEL with a config it can parse at all succeeds (exit 0, nothing on
+/// stdout), logs what is wrong, and still restores from `state_dir`.
+#[test]
+fn del_with_a_bad_config_succeeds_and_logs_what_is_wrong() {
+    require_root();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let t = tmp.path();
+    let env = base_env("/run/netns/calico-ipsec-test-gone");
+    let backup = t.join("state").join("abc123_eth0.json");
+    // (name, environment, stdin, a word the warning must hold)
+    let cases: Vec<(&str, Env, Vec<u8>, &str)> = vec![
+        (
+            "encapsulation invalid",
+            env.clone(),
+            conf(t, "0.3.1", json!({"encapsulation": "gre"}), false),
+            "encapsulation",
+        ),
+        (
+            "two bad fields",
+            env.clone(),
+            conf(t, "1.0.0", json!({"icv_bits": 100, "ext_mtu": "x"}), false),
+            "icv_bits",
+        ),
+        (
+            "unknown cniVersion",
+            env.clone(),
+            conf(t, "9.9.9", json!({}), false),
+            "9.9.9",
+        ),
+        (
+            "no name",
+            env.clone(),
+            conf(t, "1.0.0", json!({"name": null}), false),
+            "name",
+        ),
+        (
+            "malformed prevResult",
+            env.clone(),
+            {
+                let mut c: Value =
+                    serde_json::from_slice(&conf(t, "0.4.0", json!({}), true)).expect("json");
+                c["prevResult"]["ips"][0]["address"] = json!("10.0.0.1");
+                c.to_string().into_bytes()
+            },
+            "prevResult",
+        ),
+        (
+            "etcd TLS half set",
+            env.clone(),
+            conf(t, "1.0.0", json!({"etcd_key_file": "/k"}), false),
+            "etcd_cert_file",
+        ),
+        (
+            "container id ADD refuses",
+            with(env.clone(), "CNI_CONTAINERID", "../../etc/x"),
+            conf(t, "1.0.0", json!({}), false),
+            "CNI_CONTAINERID",
+        ),
+    ];
+    let log = t.join("calico-ipsec.log");
+    for (name, env, stdin, says) in cases {
+        // A backup DEL must find (its namespace is gone, so it is just removed).
+        std::fs::create_dir_all(t.join("state")).expect("mkdir");
+        std::fs::write(
+            &backup,
+            br#"{"container_id":"abc123","ifname":"eth0","pod_mtu":1500,"host_ifname":null,"host_mtu":null,"bound":1446}"#,
+        )
+        .expect("backup");
+        let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = exec_in("", Path::new(PLUGIN), "DEL", "", &env, &stdin);
+        assert!(out.ok, "{name}: DEL failed: {}", out.stdout);
+        assert_eq!(out.stdout.trim(), "", "{name}: DEL prints nothing");
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        let new = &logged[before.min(logged.len())..];
+        assert!(
+            new.contains("WARN") && new.contains(says),
+            "{name}: the log does not warn about {says:?}:\n{new}"
+        );
+        if name == "container id ADD refuses" {
+            assert!(backup.exists(), "{name}: an ID ADD refuses touches nothing");
+        } else {
+            assert!(!backup.exists(), "{name}: DEL still used state_dir");
+        }
+    }
 }

@@ -395,7 +395,9 @@ async fn converge_once(
 ) -> Result<Report, ConvergeError> {
     let started = Instant::now();
     // The lock serialises with ADDs; they hold it for one convergence.
-    let lock = tokio::task::block_in_place(|| NodeLock::acquire(&cfg.state_dir))?;
+    let lock = tokio::task::block_in_place(|| {
+        NodeLock::acquire(&cfg.state_dir, converge::NODE_LOCK_WAIT)
+    })?;
     let r = converge::converge_with(cfg, etcd, snap, node.to_string(), started).await;
     drop(lock);
     r

@@ -1,41 +1,63 @@
-//! DEL: put back what ADD changed. Idempotent; a missing namespace, interface
-//! or backup is success.
+//! DEL: put back what ADD changed. Idempotent, and it never fails: libcni
+//! runs DEL in reverse chain order and stops at the first failure, and our
+//! entry is last, so a failing DEL here would keep every earlier plugin from
+//! releasing what it holds (pod IPs). A missing namespace, interface or
+//! backup is success; any other problem is logged and left for the operator
+//! (and GC), never returned.
 
-use super::error::CniError;
 use super::Request;
 use crate::attachment::{StateDir, StateError};
 use crate::podmtu;
 
-/// Runs DEL.
-pub fn exec(req: &Request) -> Result<(), CniError> {
+/// Runs DEL; problems are logged, not returned.
+pub fn exec(req: &Request) {
+    if let Some(why) = &req.env.refused {
+        tracing::warn!(%why, "DEL for an attachment ADD would have refused: nothing of ours can exist for it");
+        return;
+    }
     let state = StateDir::new(&req.config.state_dir);
     let (cid, ifname) = (req.container_id(), req.ifname());
     let backup = match state.load(cid, ifname) {
         Ok(b) => b,
         Err(StateError::Corrupt { path, reason }) => {
-            let aside = state
-                .quarantine(cid, ifname)
-                .map_err(podmtu::PodMtuError::from)?;
-            tracing::error!(path = %path.display(), %reason, aside = %aside.display(),
-                "MTU backup is corrupt; moved aside for inspection, the pod's MTU is not restored");
+            match state.quarantine(cid, ifname) {
+                Ok(aside) => {
+                    tracing::error!(path = %path.display(), %reason, aside = %aside.display(),
+                    "MTU backup is unusable; moved aside for inspection, the pod's MTU is not restored")
+                }
+                Err(e) => tracing::error!(path = %path.display(), %reason, error = %e,
+                    "MTU backup is unusable and cannot be moved aside; the pod's MTU is not restored"),
+            }
             None
         }
-        Err(e) => return Err(podmtu::PodMtuError::from(e).into()),
+        Err(e) => {
+            tracing::error!(container = cid, ifname, error = %e,
+                "DEL cannot read the MTU backup; the pod's MTU is not restored (check state_dir)");
+            return;
+        }
     };
     let Some(backup) = backup else {
         tracing::debug!(container = cid, ifname, "DEL: nothing to restore");
-        return Ok(());
+        return;
     };
-    match &req.env.netns {
-        Some(ns) => podmtu::restore(ns, &backup)?,
-        None => tracing::info!(
-            container = cid,
-            "DEL without CNI_NETNS: the pod is gone, nothing to restore"
-        ),
+    let restored = match &req.env.netns {
+        Some(ns) => podmtu::restore(ns, &backup),
+        None => {
+            tracing::info!(
+                container = cid,
+                "DEL without CNI_NETNS: the pod is gone, nothing to restore"
+            );
+            Ok(())
+        }
+    };
+    if let Err(e) = restored {
+        tracing::error!(container = cid, ifname, error = %e,
+            "DEL could not restore the pod's MTU; its backup is kept for inspection and GC");
+        return;
     }
-    state
-        .remove(cid, ifname)
-        .map_err(podmtu::PodMtuError::from)?;
-    tracing::info!(container = cid, ifname, "DEL done");
-    Ok(())
+    match state.remove(cid, ifname) {
+        Ok(_) => tracing::info!(container = cid, ifname, "DEL done"),
+        Err(e) => tracing::error!(container = cid, ifname, error = %e,
+            "DEL restored the MTU but cannot remove its backup; GC removes it later"),
+    }
 }

@@ -167,7 +167,44 @@ impl From<crate::converge::ConvergeError> for CniError {
                 format!("{details}; check state_dir"),
                 "",
             ),
+            E::Unsafe(_) => CniError::new(
+                code::STATE,
+                format!("{details}; calico-ipsec's files under state_dir must be its own regular files"),
+                "",
+            ),
+            E::LockTimeout { .. } => CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{details}; the pod is not started until this node's IPsec state is converged (the runtime retries)"),
+                "",
+            ),
             E::Runtime(_) => CniError::new(code::INTERNAL, details, ""),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::converge::ConvergeError;
+
+    #[test]
+    fn a_held_node_lock_is_try_again_later_and_a_planted_link_is_state() {
+        let e: CniError = ConvergeError::LockTimeout {
+            path: "/var/lib/calico-ipsec/node/lock".into(),
+            waited: std::time::Duration::from_secs(25),
+        }
+        .into();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert!(
+            e.msg.contains("node/lock") && e.msg.contains("retries"),
+            "{}",
+            e.msg
+        );
+        let e: CniError = ConvergeError::Unsafe(crate::fsutil::SafeFileError::Symlink(
+            "/var/lib/calico-ipsec/node/lock".into(),
+        ))
+        .into();
+        assert_eq!(e.code, code::STATE);
+        assert!(e.msg.contains("symbolic link"), "{}", e.msg);
     }
 }

@@ -74,6 +74,9 @@ pub struct Env {
     pub netns: Option<PathBuf>,
     /// `CNI_IFNAME`, validated as a Linux interface name.
     pub ifname: Option<String>,
+    /// DEL only: why `CNI_CONTAINERID` or `CNI_IFNAME` is one ADD refuses
+    /// (so no state can exist for it); both are then `None`.
+    pub refused: Option<String>,
 }
 
 fn bad_env(msg: String) -> CniError {
@@ -96,6 +99,7 @@ impl Env {
             container_id: None,
             netns: None,
             ifname: None,
+            refused: None,
         };
         if command == Command::Version {
             return Ok(env);
@@ -112,19 +116,27 @@ impl Env {
         let per_attachment = matches!(command, Command::Add | Command::Del | Command::Check);
         if per_attachment {
             let cid = need("CNI_CONTAINERID")?;
-            if !valid_container_id(&cid) {
-                return Err(bad_env(format!(
-                    "CNI_CONTAINERID={cid:?} is invalid: it must be letters, digits, '_', '.' and '-' only, starting with a letter or digit"
-                )));
-            }
-            env.container_id = Some(cid);
             let ifname = need("CNI_IFNAME")?;
-            if !valid_ifname(&ifname) {
-                return Err(bad_env(format!(
+            let refused = if !valid_container_id(&cid) {
+                Some(format!(
+                    "CNI_CONTAINERID={cid:?} is invalid: it must be letters, digits, '_', '.' and '-' only, starting with a letter or digit"
+                ))
+            } else if !valid_ifname(&ifname) {
+                Some(format!(
                     "CNI_IFNAME={ifname:?} is not a valid interface name (1-15 characters, no '/', ':' or whitespace)"
-                )));
+                ))
+            } else {
+                None
+            };
+            match refused {
+                // DEL never blocks the chain: nothing of ours can exist here.
+                Some(why) if command == Command::Del => env.refused = Some(why),
+                Some(why) => return Err(bad_env(why)),
+                None => {
+                    env.container_id = Some(cid);
+                    env.ifname = Some(ifname);
+                }
             }
-            env.ifname = Some(ifname);
         }
         match command {
             Command::Add | Command::Check => {
@@ -311,11 +323,18 @@ fn run_inner(
         *version_out = v.clone();
     }
     crate::logging::init_from_raw(&raw);
-    let req = parse_request(env, raw)?;
+    let req = if env.command == Command::Del {
+        parse_del_request(env, raw)?
+    } else {
+        parse_request(env, raw)?
+    };
     tracing::debug!(command = req.env.command.as_str(), cni_version = %req.version, container = ?req.env.container_id, "CNI request");
     match req.env.command {
         Command::Add => add::exec(&req).map(Some),
-        Command::Del => del::exec(&req).map(|()| None),
+        Command::Del => {
+            del::exec(&req);
+            Ok(None)
+        }
         Command::Check => check::exec(&req).map(|()| None),
         Command::Gc => gc::exec(&req).map(|()| None),
         Command::Status => status::exec(&req).map(|()| None),
@@ -324,7 +343,8 @@ fn run_inner(
 }
 
 /// Validates a whole request: version, verb support, our config and
-/// prevResult. Pure: it touches neither the kernel nor the disk.
+/// prevResult. It touches neither the kernel nor the disk (beyond a `stat`
+/// of `log_file_path`, to refuse our own stdout).
 pub fn parse_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniError> {
     let version_str =
         match raw.get("cniVersion") {
@@ -365,6 +385,16 @@ pub fn parse_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniEr
         _ => {}
     }
     let config = PluginConfig::from_json(&raw).map_err(config_error)?;
+    if crate::fsutil::is_stdout(&config.log_file) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "invalid calico-ipsec configuration: log_file_path {} is the plugin's own stdout, which carries the CNI result",
+                config.log_file.display()
+            ),
+            "set \"log_file_path\" of the calico-ipsec entry in the conflist to a file, e.g. /var/log/calico/cni/calico-ipsec.log",
+        ));
+    }
     let network = match raw.get("name") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => {
@@ -388,6 +418,60 @@ pub fn parse_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniEr
         network,
         config,
         prev_result,
+        raw,
+    })
+}
+
+/// Parses a DEL request, which never fails: libcni stops a DEL at the first
+/// plugin that fails, and ours runs first, so a failure here would leak what
+/// every earlier plugin holds (pod IPs). What is invalid is logged and
+/// replaced by its default; DEL needs only `state_dir`.
+pub fn parse_del_request(env: Env, raw: Map<String, Value>) -> Result<Request, CniError> {
+    match parse_request(env.clone(), raw.clone()) {
+        Ok(req) => return Ok(req),
+        Err(e) => tracing::warn!(
+            code = e.code,
+            msg = %e.msg,
+            "DEL: the network configuration is invalid; deleting anyway, with defaults for what is wrong, so that the chain's other DELs run"
+        ),
+    }
+    let version = raw
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .and_then(CniVersion::parse)
+        .unwrap_or(CniVersion::LATEST);
+    // Drop each invalid field in turn (every config error names one).
+    let mut fields = raw.clone();
+    let config = loop {
+        match PluginConfig::from_json(&fields) {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(field = e.field(), error = %e, "DEL: ignoring an invalid field");
+                if fields.remove(e.field()).is_none() {
+                    // An error about a pair of fields: keep state_dir only.
+                    let only: Map<String, Value> = raw
+                        .get("state_dir")
+                        .map(|v| ("state_dir".to_string(), v.clone()))
+                        .into_iter()
+                        .collect();
+                    break PluginConfig::from_json(&only)
+                        .or_else(|_| PluginConfig::from_json(&Map::new()))
+                        .map_err(config_error)?;
+                }
+            }
+        }
+    };
+    let network = raw
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    Ok(Request {
+        env,
+        version,
+        network,
+        config,
+        prev_result: None,
         raw,
     })
 }

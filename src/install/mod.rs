@@ -10,8 +10,7 @@ pub mod owner;
 mod scan;
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub use conflist::{plan_install, plan_uninstall, Edit, InstallOptions, PLUGIN_TYPE};
@@ -174,44 +173,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallF
     write_atomic_with(path, bytes, mode, true)
 }
 
-/// `write_atomic`, keeping the old file's mode only when `keep_mode` is set.
+/// `write_atomic`, keeping the old file's mode only when `keep_mode` is set
+/// (and its owner then); [`crate::fsutil::write_atomic_owned`] does the write.
 fn write_atomic_with(
     path: &Path,
     bytes: &[u8],
     mode: u32,
     keep_mode: bool,
 ) -> Result<(), InstallFileError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let old = fs::metadata(path).ok();
-    let mode = match &old {
-        Some(m) if keep_mode => m.mode() & 0o7777,
-        _ => mode,
+    let old = fs::metadata(path).ok().filter(|_| keep_mode);
+    let (mode, owner) = match &old {
+        Some(m) => (m.mode() & 0o7777, Some((m.uid(), m.gid()))),
+        None => (mode, None),
     };
-    let tmp = dir.join(format!(".{name}.calico-ipsec-{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        if let Some(m) = &old {
-            // Keep the owner; only root can give a file away, so ignore a refusal.
-            let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
-        }
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_at(path))
+    crate::fsutil::write_atomic_owned(path, bytes, mode, owner).map_err(io_at(path))
 }
 
 /// What a file operation did.
@@ -246,18 +221,17 @@ pub fn install_binary(src: &Path, bin_dir: &Path) -> Result<Outcome, InstallFile
 /// Copies a KEK file (validated: 64 hex characters, not group- or world-readable)
 /// to `dst` with mode 0600, unless it is already there.
 pub fn install_kek(src: &Path, dst: &Path) -> Result<Outcome, InstallFileError> {
-    crate::keys::Kek::load(src)?;
-    let new = zeroize::Zeroizing::new(fs::read(src).map_err(io_at(src))?);
-    if let (Ok(old), Ok(meta)) = (fs::read(dst), fs::metadata(dst)) {
-        let old = zeroize::Zeroizing::new(old);
-        if *old == *new && meta.mode() & 0o777 == 0o600 {
+    let kek = crate::keys::Kek::load(src)?;
+    let new = kek.to_hex_line();
+    if let (Ok(old), Ok(meta)) = (crate::keys::Kek::load(dst), fs::symlink_metadata(dst)) {
+        if old.expose() == kek.expose() && meta.is_file() && meta.mode() & 0o777 == 0o600 {
             return Ok(Outcome::Unchanged);
         }
     }
     if let Some(dir) = dst.parent() {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
     }
-    write_atomic_with(dst, &new, 0o600, false)?;
+    write_atomic_with(dst, new.as_bytes(), 0o600, false)?;
     Ok(Outcome::Written)
 }
 

@@ -1,11 +1,24 @@
 //! The key-encryption key: a 32-byte file on each node, 0600, delivered from
 //! a Kubernetes Secret. Epoch secrets are sealed under it before they reach
 //! etcd. The file holds 64 hex characters (a trailing newline is fine).
+//!
+//! # Which KEK files are read
+//!
+//! kubelet mounts a Secret as links (`kek -> ..data/kek`, `..data ->
+//! ..<timestamp>/`) and, with a pod `fsGroup`, makes the file root:fsGroup
+//! and group-readable (`defaultMode: 0400` becomes 0440). So [`Kek::load`]
+//! follows links to a regular file (never a FIFO, socket or device: it
+//! opens without blocking and checks with `fstat`), of at most
+//! [`MAX_KEK_FILE_BYTES`], owned by root or by the user reading it, with no
+//! permission for others and no write permission for group: 0400, 0600,
+//! 0440 and 0640 are read; 0444, 0644 and 0660 are refused.
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::fsutil::{self, Links, SafeFileError};
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -14,6 +27,8 @@ use super::secret::{random, SecretBytes};
 
 /// Bytes of the KEK (AES-256).
 pub const KEK_LEN: usize = 32;
+/// The largest KEK file read: 64 hex characters and some whitespace.
+pub const MAX_KEK_FILE_BYTES: u64 = 256;
 
 /// Why the KEK could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -30,15 +45,53 @@ pub enum KekError {
         #[source]
         source: io::Error,
     },
-    /// The file can be read by others.
+    /// The process may not open the file (not its owner, not in its group).
+    #[error("KEK file {path}: permission denied to uid {uid} (groups {groups}); run as its owner or root, or in its group (a pod's fsGroup)")]
+    Denied {
+        /// The file.
+        path: PathBuf,
+        /// Our effective uid.
+        uid: u32,
+        /// Our groups.
+        groups: String,
+    },
+    /// The path is not a regular file (a FIFO, a socket, a device, a directory).
+    #[error("KEK file {path} is a {kind}, not a regular file; point kek_file at the file holding the KEK (a link to it, as kubelet mounts Secrets, is fine)")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// The file is far larger than a KEK.
     #[error(
-        "KEK file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)"
+        "KEK file {path} is {size} bytes; a KEK file holds 64 hex characters, so this is not a KEK"
     )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// The file belongs to a user other than root or us.
+    #[error("KEK file {path} is owned by uid {owner}; it must be owned by root or by uid {uid} that reads it (chown root)")]
+    Owner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        uid: u32,
+    },
+    /// Others may read it, or group or others may write it.
+    #[error("KEK file {path} has mode {mode:04o}: {why}; use 0400 or 0600 (0440 is fine: kubelet makes a Secret's 0400 that with a pod fsGroup)")]
     Permissions {
         /// The file.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+        /// What the mode allows that it must not.
+        why: &'static str,
     },
     /// The content is not 64 hex characters.
     #[error("KEK file {0} must hold exactly 64 hex characters (32 bytes)")]
@@ -91,28 +144,36 @@ impl Kek {
             .collect()
     }
 
-    /// Reads the KEK file, refusing one that others can read.
+    /// Reads the KEK file under the rule in the module documentation.
     pub fn load(path: &Path) -> Result<Self, KekError> {
-        let io_err = |source: io::Error| {
-            if source.kind() == io::ErrorKind::NotFound {
-                KekError::Missing(path.to_path_buf())
-            } else {
-                KekError::Io {
-                    path: path.to_path_buf(),
-                    source,
+        let file_err = |e: SafeFileError| match e {
+            SafeFileError::Missing(p) => KekError::Missing(p),
+            SafeFileError::NotRegular { path, kind } => KekError::NotRegular { path, kind },
+            SafeFileError::TooLarge { path, size, .. } => KekError::TooLarge { path, size },
+            SafeFileError::Io { path, source }
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                KekError::Denied {
+                    path,
+                    uid: nix::unistd::geteuid().as_raw(),
+                    groups: our_groups(),
                 }
             }
+            SafeFileError::Io { path, source } => KekError::Io { path, source },
+            SafeFileError::Symlink(p) => KekError::NotRegular {
+                path: p,
+                kind: "symbolic link",
+            },
         };
-        let meta = fs::metadata(path).map_err(io_err)?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KekError::Permissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let text = Zeroizing::new(fs::read(path).map_err(io_err)?);
-        let hex = text.trim_ascii();
+        let (file, meta) = fsutil::open_regular(path, Links::Follow).map_err(file_err)?;
+        check_owner_and_mode(path, meta.uid(), meta.permissions().mode())?;
+        let text = Zeroizing::new(
+            fsutil::read_bounded(file, &meta, path, MAX_KEK_FILE_BYTES).map_err(file_err)?,
+        );
+        Self::from_hex(path, text.trim_ascii())
+    }
+
+    fn from_hex(path: &Path, hex: &[u8]) -> Result<Self, KekError> {
         if hex.len() != KEK_LEN * 2 {
             return Err(KekError::Malformed(path.to_path_buf()));
         }
@@ -123,6 +184,17 @@ impl Kek {
             bytes[i] = hi << 4 | lo;
         }
         Ok(Self(SecretBytes::new(bytes)))
+    }
+
+    /// The file form: 64 lower-case hex characters and a newline.
+    pub fn to_hex_line(&self) -> Zeroizing<String> {
+        let mut hex = Zeroizing::new(String::with_capacity(KEK_LEN * 2 + 1));
+        for b in self.expose() {
+            hex.push(char::from(HEX[usize::from(b >> 4)]));
+            hex.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        hex.push('\n');
+        hex
     }
 
     /// Writes this KEK to a new file with mode 0600; never overwrites.
@@ -148,12 +220,7 @@ impl Kek {
                     }
                 }
             })?;
-        let mut hex = Zeroizing::new(String::with_capacity(KEK_LEN * 2 + 1));
-        for b in self.expose() {
-            hex.push(char::from(HEX[usize::from(b >> 4)]));
-            hex.push(char::from(HEX[usize::from(b & 15)]));
-        }
-        hex.push('\n');
+        let hex = self.to_hex_line();
         f.write_all(hex.as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(|source| KekError::Io {
@@ -164,6 +231,47 @@ impl Kek {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The owner and mode rule: owned by root or by us; nothing for others, no
+/// write for group.
+fn check_owner_and_mode(path: &Path, owner: u32, mode: u32) -> Result<(), KekError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    if owner != 0 && owner != uid {
+        return Err(KekError::Owner {
+            path: path.to_path_buf(),
+            owner,
+            uid,
+        });
+    }
+    let why = if mode & 0o007 != 0 {
+        "others have access to it"
+    } else if mode & 0o020 != 0 {
+        "its group can write it"
+    } else {
+        return Ok(());
+    };
+    Err(KekError::Permissions {
+        path: path.to_path_buf(),
+        mode: mode & 0o7777,
+        why,
+    })
+}
+
+fn our_groups() -> String {
+    let mut gids = vec![nix::unistd::getegid().as_raw()];
+    gids.extend(
+        nix::unistd::getgroups()
+            .unwrap_or_default()
+            .iter()
+            .map(|g| g.as_raw()),
+    );
+    gids.sort_unstable();
+    gids.dedup();
+    gids.iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 fn hex_val(c: u8) -> Option<u8> {
     match c {
@@ -196,24 +304,62 @@ mod tests {
     }
 
     #[test]
-    fn refuses_readable_or_malformed_files() {
+    fn reads_owner_and_group_readable_modes_and_refuses_the_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("kek");
         fs::write(&path, "00".repeat(32)).expect("write");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(
-            Kek::load(&path),
-            Err(KekError::Permissions { .. })
-        ));
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert!(Kek::load(&path).is_ok());
+        for (mode, ok) in [
+            (0o400, true),
+            (0o600, true),
+            (0o440, true),
+            (0o640, true),
+            (0o444, false),
+            (0o644, false),
+            (0o660, false),
+            (0o604, false),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            match Kek::load(&path) {
+                Ok(_) => assert!(ok, "mode {mode:o} was read"),
+                Err(e @ KekError::Permissions { .. }) => {
+                    assert!(!ok, "mode {mode:o} refused: {e}");
+                    assert!(e.to_string().contains("0400"), "says what to use: {e}");
+                }
+                Err(e) => panic!("mode {mode:o}: {e}"),
+            }
+        }
+        let err = check_owner_and_mode(&path, 4242, 0o400).expect_err("foreign owner");
+        assert!(err.to_string().contains("chown"), "{err}");
+    }
+
+    #[test]
+    fn refuses_malformed_oversized_and_special_files_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kek");
         fs::write(&path, "zz".repeat(32)).expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
         assert!(matches!(Kek::load(&path), Err(KekError::Malformed(_))));
         fs::write(&path, "00".repeat(31)).expect("write");
         assert!(matches!(Kek::load(&path), Err(KekError::Malformed(_))));
+        fs::write(&path, "00".repeat(4096)).expect("write");
+        assert!(matches!(Kek::load(&path), Err(KekError::TooLarge { .. })));
         assert!(matches!(
             Kek::load(&dir.path().join("none")),
             Err(KekError::Missing(_))
+        ));
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let started = std::time::Instant::now();
+        let err = Kek::load(&fifo).expect_err("a FIFO");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(
+            err.to_string().contains("is a FIFO, not a regular file"),
+            "{err}"
+        );
+        assert!(matches!(
+            Kek::load(dir.path()),
+            Err(KekError::NotRegular { .. })
         ));
     }
 
