@@ -171,7 +171,25 @@ pub fn find_calico_conflist(dir: &Path) -> Result<PathBuf, InstallFileError> {
 /// ignores), fsync, rename, fsync of the directory. Keeps the old file's mode
 /// and owner, or uses `mode` for a new file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallFileError> {
-    write_atomic_with(path, bytes, mode, true)
+    write_atomic_with(path, bytes, mode, true, None).map(|_| ())
+}
+
+/// [`write_atomic`], but only if the file still holds `expected` just before
+/// the rename (another writer's newer file is never replaced by an edit of
+/// the older one); false, writing nothing, when it no longer does.
+pub fn write_atomic_if_unchanged(
+    path: &Path,
+    bytes: &[u8],
+    expected: &[u8],
+) -> Result<bool, InstallFileError> {
+    write_atomic_with(path, bytes, 0o644, true, Some(expected))
+}
+
+/// Where `uninstall` leaves its mark in the CNI config directory, so that a
+/// running agent does not put the entry back; `install` removes it. libcni
+/// reads no subdirectory.
+pub fn uninstalled_marker(conf_dir: &Path) -> PathBuf {
+    conf_dir.join(PLUGIN_TYPE).join("uninstalled")
 }
 
 /// `write_atomic`, keeping the old file's mode only when `keep_mode` is set.
@@ -180,7 +198,8 @@ fn write_atomic_with(
     bytes: &[u8],
     mode: u32,
     keep_mode: bool,
-) -> Result<(), InstallFileError> {
+    expected: Option<&[u8]>,
+) -> Result<bool, InstallFileError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -205,8 +224,15 @@ fn write_atomic_with(
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        if let Some(want) = expected {
+            if fs::read(path)? != want {
+                fs::remove_file(&tmp)?;
+                return Ok(false);
+            }
+        }
         fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        fs::File::open(dir)?.sync_all()?;
+        Ok(true)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -239,7 +265,7 @@ pub fn install_binary(src: &Path, bin_dir: &Path) -> Result<Outcome, InstallFile
         }
     }
     fs::create_dir_all(bin_dir).map_err(io_at(bin_dir))?;
-    write_atomic_with(&dst, &new, 0o755, false)?;
+    write_atomic_with(&dst, &new, 0o755, false, None)?;
     Ok(Outcome::Written)
 }
 
@@ -257,7 +283,7 @@ pub fn install_kek(src: &Path, dst: &Path) -> Result<Outcome, InstallFileError> 
     if let Some(dir) = dst.parent() {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
     }
-    write_atomic_with(dst, &new, 0o600, false)?;
+    write_atomic_with(dst, &new, 0o600, false, None)?;
     Ok(Outcome::Written)
 }
 
