@@ -52,7 +52,9 @@ pub struct UninstallArgs {
     /// The CNI config directory; our entry is removed from every `*.conflist` in it.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub conf_dir: PathBuf,
-    /// Also remove BIN_DIR/calico-ipsec (the binary `install --bin-dir` copied).
+    /// Also remove BIN_DIR/calico-ipsec (the binary `install --bin-dir` copied);
+    /// only once no pod created with the entry remains (a runtime that caches
+    /// the config runs our DEL for them).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     /// Also remove the KEK file named by our entry's `kek_file` (and by --kek-file).
