@@ -336,6 +336,20 @@ mod tests {
     }
 
     #[test]
+    fn with_no_entry_ever_seen_the_entry_is_the_one_install_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("10-calico.conflist");
+        std::fs::write(&path, CALICO).expect("write");
+        let mut r = Repairer::new(dir.path());
+        assert_eq!(r.check().expect("check"), Outcome::Repaired(path.clone()));
+        let Ok(Edit::Changed(by_install)) = inst::plan_install(CALICO, &InstallOptions::default())
+        else {
+            panic!("install plans a change")
+        };
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), by_install);
+    }
+
+    #[test]
     fn a_failure_is_reported_and_counted() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("10-calico.conflist"), "{ half").expect("write");

@@ -188,6 +188,8 @@ async fn connect(opts: &AgentOptions, state: &Mutex<State>) -> Etcd {
             Ok(e) => return e,
             Err(e) => {
                 mark_stale(state, &e.to_string());
+                // Still alive: etcd being away is no reason to restart.
+                lock(state).last_loop = Instant::now();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

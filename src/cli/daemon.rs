@@ -120,7 +120,21 @@ fn find_entry(config: Option<&Path>, dir: &Path) -> Result<PluginConfig, CliErro
 
 /// Runs `calico-ipsec agent`.
 pub fn exec_agent(args: &AgentArgs) -> Result<(), CliError> {
-    let mut cfg = find_entry(args.config.as_deref(), &args.conf_dir)?;
+    let repair = args.config.is_none() && !args.no_conflist_repair;
+    let mut cfg = match find_entry(args.config.as_deref(), &args.conf_dir) {
+        // calico-node may have rewritten the conflist since `install` ran.
+        Err(e) if repair => {
+            use crate::agent::conflist_watch::{Outcome, Repairer};
+            match Repairer::new(&args.conf_dir).check() {
+                Ok(Outcome::Repaired(path)) => {
+                    tracing::warn!(conflist = %path.display(), "the conflist had lost the calico-ipsec entry; put it back as install writes it");
+                    find_entry(None, &args.conf_dir)?
+                }
+                _ => return Err(e),
+            }
+        }
+        r => r?,
+    };
     if let Some(k) = &args.kek_file {
         cfg.kek_file = k.clone();
     }
@@ -131,7 +145,6 @@ pub fn exec_agent(args: &AgentArgs) -> Result<(), CliError> {
         let s = args.etcd.settings()?;
         cfg.etcd = s.tls;
     }
-    let repair = args.config.is_none() && !args.no_conflist_repair;
     let opts = crate::agent::AgentOptions {
         cfg,
         listen: listen_addr(&args.listen)?,

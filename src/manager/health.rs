@@ -102,7 +102,7 @@ pub(super) struct KekCheck {
 impl KekCheck {
     /// Checks the KEK every `every`, recording the outcome in `stats`.
     pub(super) async fn run(&mut self, path: &Path, every: Duration, stats: &Mutex<Stats>) {
-        if self.pending.is_none() && self.last.is_some_and(|t| t.elapsed() < every) {
+        if self.last.is_some_and(|t| t.elapsed() < every) {
             return;
         }
         let handle = self.pending.take().unwrap_or_else(|| {
