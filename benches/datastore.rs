@@ -39,15 +39,18 @@ fn child(endpoint: &str, kek_hex_file: &str) {
         let secret = rec.open(&kek).expect("unseal");
         for peer in snap.topology.peers(me) {
             for (sender, receiver) in [(me, peer.name.as_str()), (peer.name.as_str(), me)] {
-                let k = secret.derive(
-                    &guid,
-                    &SaId {
-                        epoch: rec.epoch,
-                        sender,
-                        incarnation: 1,
-                        receiver,
-                    },
-                );
+                let k = secret
+                    .derive(
+                        &guid,
+                        &SaId {
+                            epoch: rec.epoch,
+                            sender,
+                            incarnation: 1,
+                            receiver,
+                            lane: 0,
+                        },
+                    )
+                    .expect("derives");
                 n += k.0.expose().len() / 20;
             }
         }

@@ -33,9 +33,11 @@ use crate::attachment::write_atomic;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError, Phase};
+use crate::datastore::paths::PathKind;
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fastpath::{self, Converged};
 use crate::keys::{EpochSecret, Kek, KekError, SaId};
+use crate::mtu::{Encapsulation, IcvBits, MtuParams, OuterIp};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
 
@@ -123,6 +125,16 @@ pub struct Report {
     /// True when the last convergence was found to still hold (etcd's
     /// fingerprint and the kernel unchanged), so nothing else was read.
     pub unchanged: bool,
+    /// Paths toward pod blocks that no SA can protect (blocked once
+    /// encryption is on), with their reasons.
+    pub unprotected: Vec<crate::xfrm::desired::Unprotected>,
+    /// What the pod MTU must fit: one entry per way a pod packet of this node
+    /// may leave it (empty when the datastore has no pool for its families).
+    pub mtu: Vec<MtuParams>,
+    /// Why the kernel was left as it was although etcd could not be
+    /// followed (a missing or malformed config, an epoch that cannot be
+    /// used): the node keeps what it has and reports itself stale.
+    pub stale: Option<String>,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -218,8 +230,12 @@ impl Ledger {
         write_atomic(&path, &body).map_err(state_err("writing", &path))
     }
 
-    fn entry(epoch: u32, peer: &str) -> String {
-        format!("{epoch}/{peer}")
+    /// "epoch/peer" for IPv4 transport SAs, "epoch/peer/lane" for the others.
+    fn entry(epoch: u32, peer: &str, lane: crate::xfrm::Lane) -> String {
+        match lane.index() {
+            0 => format!("{epoch}/{peer}"),
+            n => format!("{epoch}/{peer}/{n}"),
+        }
     }
 }
 
@@ -408,6 +424,9 @@ fn still_converged(
         policies_by_dir: (0, 0),
         identities_digest: String::new(),
         unchanged: true,
+        unprotected: Vec::new(),
+        mtu: last.mtu,
+        stale: None,
     };
     tracing::debug!(?report, "still converged");
     Some(report)
@@ -431,6 +450,28 @@ pub async fn converge_with(
     let store = IpsecStore::new(etcd);
     let mut xfrm = Xfrm::open()?;
     let held = xfrm.held()?;
+    let mtu = mtu_params(&snap, &node);
+    // A config record that is missing or unparsable never turns encryption
+    // off: a node that holds IPsec state keeps it; one that holds nothing
+    // cannot tell whether encryption is required, and refuses (fail closed).
+    let config_gone = match (&snap.config, &snap.config_problem) {
+        (None, Some(why)) => Some(why.clone()),
+        (None, None) if !held.is_empty() => Some(format!(
+            "{} is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)",
+            crate::datastore::ipsec::config_key()
+        )),
+        _ => None,
+    };
+    if let Some(why) = config_gone {
+        if held.is_empty() {
+            return Err(IpsecStoreError::Malformed {
+                key: crate::datastore::ipsec::config_key(),
+                reason: why,
+            }
+            .into());
+        }
+        return Ok(kept(node, &snap, &held, why, started, mtu));
+    }
 
     // Off: remove whatever is ours; no identity needed.
     let mut mine: Option<(Identity, i64)> = None;
@@ -485,7 +526,7 @@ pub async fn converge_with(
 
     let mut identity_millis = ms(t_identity);
     let (desired, plan) = loop {
-        let desired = Desired::compute(&Inputs {
+        let computed = Desired::compute(&Inputs {
             topology: &snap.topology,
             me: &node,
             my_identity: mine.as_ref().map(|(i, _)| i),
@@ -493,11 +534,22 @@ pub async fn converge_with(
             phase,
             epochs: &snap.epochs,
             icv_bits,
-        })?;
+        });
+        let desired = match computed {
+            Ok(d) => d,
+            // What etcd says cannot be followed: keep what protects the
+            // node now rather than tear it down.
+            Err(e) if !held.is_empty() => {
+                return Ok(kept(node, &snap, &held, e.to_string(), started, mtu));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let plan = Plan::diff(&desired, &held);
-        let lost = plan
-            .created_outbound()
-            .any(|s| ledger.sent.contains(&Ledger::entry(s.epoch, &s.receiver)));
+        let lost = plan.created_outbound().any(|s| {
+            ledger
+                .sent
+                .contains(&Ledger::entry(s.epoch, &s.receiver, s.lane))
+        });
         match (&mine, lost && !new_incarnation) {
             (Some((ident, rev)), true) => {
                 tracing::warn!(
@@ -533,7 +585,9 @@ pub async fn converge_with(
         let pruned = before != ledger.sent.len();
         let mut grew = false;
         for s in plan.created_outbound() {
-            grew |= ledger.sent.insert(Ledger::entry(s.epoch, &s.receiver));
+            grew |= ledger
+                .sent
+                .insert(Ledger::entry(s.epoch, &s.receiver, s.lane));
         }
         if grew || pruned {
             ledger.save(&cfg.state_dir)?;
@@ -561,6 +615,7 @@ pub async fn converge_with(
             revision: snap.revision,
             fingerprint: snap.fingerprint.clone(),
             digest: fastpath::desired_digest(&desired),
+            mtu: mtu.clone(),
         };
         if let Err(e) = record.save(&cfg.state_dir) {
             tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
@@ -591,9 +646,97 @@ pub async fn converge_with(
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         identities_digest: crate::datastore::ipsec::identities_digest(&snap.identities),
         unchanged: false,
+        unprotected: desired.unprotected.clone(),
+        mtu,
+        stale: None,
     };
+    if phase >= Phase::Encrypt {
+        for u in &report.unprotected {
+            tracing::warn!(peer = %u.peer.escape_debug(), blocks = ?u.blocks, reason = %u.reason, "a path cannot be protected: its traffic is blocked");
+        }
+    }
     tracing::debug!(?report, "converged");
     Ok(report)
+}
+
+/// The report of a convergence that left the kernel as it was, and why.
+fn kept(
+    node: String,
+    snap: &Snapshot,
+    held: &Held,
+    why: String,
+    started: Instant,
+    mtu: Vec<MtuParams>,
+) -> Report {
+    tracing::error!(node = %node, reason = %why, "cannot follow etcd; keeping the XFRM state this node holds");
+    let (phase, _) = phase_of(snap);
+    let me = snap.identities.get(&node);
+    // The epochs the kernel still holds (so that none is deleted under it);
+    // the phase generation stays 0, so nothing is acknowledged.
+    let mut installed: Vec<u32> = held
+        .states
+        .values()
+        .map(|s| (s.reqid & 0xffff).saturating_sub(1))
+        .collect();
+    installed.sort_unstable();
+    installed.dedup();
+    Report {
+        node,
+        phase,
+        id: me.map(|i| i.id),
+        incarnation: me.map_or(0, |i| i.incarnation),
+        new_incarnation: false,
+        states: held.states.len(),
+        policies: held.policies.len(),
+        writes: 0,
+        revision: snap.revision,
+        millis: ms(started),
+        read_millis: ms(started),
+        identity_millis: 0,
+        apply_millis: 0,
+        installed_epochs: installed,
+        active_epoch: None,
+        phase_generation: 0,
+        states_by_dir: (0, 0),
+        policies_by_dir: (0, 0),
+        identities_digest: String::new(),
+        unchanged: false,
+        unprotected: Vec::new(),
+        mtu,
+        stale: Some(why),
+    }
+}
+
+/// What the pod MTU of `node` must fit, from the pools and its families,
+/// with the cluster's ICV length.
+pub fn mtu_params(snap: &Snapshot, node: &str) -> Vec<MtuParams> {
+    let (_, icv_bits) = phase_of(snap);
+    let icv = IcvBits::from_bits(icv_bits.into()).unwrap_or(IcvBits::B128);
+    let Some(me) = snap.topology.nodes.get(node) else {
+        return Vec::new();
+    };
+    let mut out: Vec<MtuParams> = snap
+        .topology
+        .carriers(me)
+        .into_iter()
+        .filter_map(|(kind, v4)| {
+            let encapsulation = match kind {
+                PathKind::Ipip => Encapsulation::Ipip,
+                PathKind::Vxlan => Encapsulation::Vxlan,
+                PathKind::Tunnel => Encapsulation::None,
+                PathKind::Blocked => return None,
+            };
+            Some(MtuParams {
+                encapsulation,
+                icv,
+                outer: if v4 { OuterIp::V4 } else { OuterIp::V6 },
+                udp_encap: false,
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize) {
@@ -682,15 +825,18 @@ fn apply_with_keys(
                 v.insert(rec.open(kek).map_err(|e| e.to_string())?)
             }
         };
-        Ok(secret.derive(
-            &guid,
-            &SaId {
-                epoch: s.epoch,
-                sender: &s.sender,
-                incarnation: s.incarnation,
-                receiver: &s.receiver,
-            },
-        ))
+        secret
+            .derive(
+                &guid,
+                &SaId {
+                    epoch: s.epoch,
+                    sender: &s.sender,
+                    incarnation: s.incarnation,
+                    receiver: &s.receiver,
+                    lane: s.lane.index(),
+                },
+            )
+            .ok_or_else(|| "a node name is longer than 253 bytes".to_string())
     })?;
     let outbound = plan.add_states.iter().filter(|s| s.dir == Dir::Out).count();
     tracing::info!(
@@ -752,7 +898,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut l = ledger(3, "b");
-        l.sent.insert(Ledger::entry(2, "node-2"));
+        l.sent
+            .insert(Ledger::entry(2, "node-2", crate::xfrm::Lane::V4Transport));
         l.save(dir.path()).expect("save");
         assert_eq!(Ledger::load(dir.path()), Some(l));
         let mode = fs::metadata(Ledger::path(dir.path()))

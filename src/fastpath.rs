@@ -30,7 +30,7 @@ use crate::datastore::snapshot::Fingerprint;
 use crate::xfrm::{Desired, Held};
 
 /// The record's format; a record of another version is ignored.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The last convergence that needs no etcd write to stay valid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +59,9 @@ pub struct Converged {
     pub fingerprint: Fingerprint,
     /// [`desired_digest`] of the desired state.
     pub digest: String,
+    /// What the pod MTU must fit (as [`crate::converge::Report::mtu`]).
+    #[serde(default)]
+    pub mtu: Vec<crate::mtu::MtuParams>,
 }
 
 impl Converged {
@@ -97,44 +100,18 @@ impl Converged {
     }
 }
 
-/// Feeds one state in the terms `KernelSa::matches` compares.
-fn state(h: &mut Sha256, s: &crate::xfrm::KernelSa) {
-    h.update(b"S");
-    h.update(s.dst.octets());
-    h.update(s.spi.to_be_bytes());
-    h.update(s.src.octets());
-    h.update(s.reqid.to_be_bytes());
-    h.update([u8::from(s.transport), u8::from(s.esn)]);
-    match s.aead.as_deref() {
-        Some(a) => {
-            h.update((a.len() as u64).to_be_bytes());
-            h.update(a.as_bytes());
-        }
-        None => h.update(u64::MAX.to_be_bytes()),
-    }
-    h.update(s.icv_bits.to_be_bytes());
-}
+/// A `Hasher` that feeds SHA-256, so that the `Hash` of the terms compared
+/// (in one binary: the record's version is bumped with the format) becomes
+/// a digest.
+struct ShaHasher(Sha256);
 
-/// Feeds one policy in the terms `KernelPolicy::matches` compares.
-fn policy(
-    h: &mut Sha256,
-    key: &(crate::xfrm::Dir, crate::xfrm::Selector),
-    priority: u32,
-    templates: &[(std::net::Ipv4Addr, std::net::Ipv4Addr, u32, bool)],
-) {
-    let (dir, sel) = key;
-    h.update(b"P");
-    h.update([*dir as u8, sel.proto]);
-    h.update(sel.src.octets());
-    h.update(sel.dst.octets());
-    h.update(sel.dport.to_be_bytes());
-    h.update(priority.to_be_bytes());
-    h.update((templates.len() as u64).to_be_bytes());
-    for (src, dst, reqid, esp) in templates {
-        h.update(src.octets());
-        h.update(dst.octets());
-        h.update(reqid.to_be_bytes());
-        h.update([u8::from(*esp)]);
+impl std::hash::Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
     }
 }
 
@@ -157,25 +134,27 @@ pub fn desired_digest(d: &Desired) -> String {
 /// The digest of what the kernel holds that is ours, comparable with
 /// [`desired_digest`].
 pub fn held_digest(held: &Held) -> String {
-    let mut h = Sha256::new();
+    use std::hash::Hash;
+    let mut h = ShaHasher(Sha256::new());
+    held.states.len().hash(&mut h);
     for s in held.states.values() {
-        state(&mut h, s);
+        s.terms().hash(&mut h);
     }
-    h.update(b"/");
-    for (k, p) in &held.policies {
-        policy(&mut h, k, p.priority, &p.templates);
+    held.policies.len().hash(&mut h);
+    for p in held.policies.values() {
+        p.hash(&mut h);
     }
-    hex(&h.finalize())
+    hex(&h.0.finalize())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xfrm::{Dir, Plan, PolicySpec, SaSpec, Selector};
-    use std::net::Ipv4Addr;
+    use crate::xfrm::{Action, Dir, Lane, Mode, Plan, PolicySpec, SaSpec, Selector, Template};
+    use std::net::{IpAddr, Ipv4Addr};
 
-    fn ip(n: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 0, n)
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
     }
 
     fn desired() -> Desired {
@@ -193,17 +172,24 @@ mod tests {
                     incarnation: 1,
                     receiver: "b".into(),
                     icv_bits: 128,
+                    lane: Lane::V4Transport,
                 };
                 d.states.insert(s.key(), s);
                 let p = PolicySpec {
                     dir,
                     sel: Selector {
-                        src,
-                        dst,
+                        src: src.into(),
+                        dst: dst.into(),
                         proto: 4,
                         dport: 0,
                     },
-                    reqid: if dir == Dir::Out { 0xCA10_0001 } else { 0 },
+                    action: Action::Allow(Template {
+                        src,
+                        dst,
+                        mode: Mode::Transport,
+                        reqid: if dir == Dir::Out { 0xCA10_0001 } else { 0 },
+                        optional: false,
+                    }),
                 };
                 d.policies.insert(p.key(), p);
             }
@@ -261,7 +247,7 @@ mod tests {
             ),
             (
                 "tunnel mode",
-                Box::new(move |h| h.states.get_mut(&k).expect("k").transport = false),
+                Box::new(move |h| h.states.get_mut(&k).expect("k").mode = Some(Mode::Tunnel)),
             ),
             (
                 "no aead",
@@ -289,7 +275,27 @@ mod tests {
             ),
             (
                 "policy reqid",
-                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").templates[0].2 += 1),
+                Box::new(move |h| h.policies.get_mut(&pk).expect("pk").templates[0].reqid += 1),
+            ),
+            (
+                "policy template optional",
+                Box::new(move |h| {
+                    h.policies.get_mut(&pk).expect("pk").templates[0].optional = true
+                }),
+            ),
+            (
+                "policy template mode",
+                Box::new(move |h| {
+                    h.policies.get_mut(&pk).expect("pk").templates[0].mode = Mode::Tunnel
+                }),
+            ),
+            (
+                "policy blocks",
+                Box::new(move |h| {
+                    let p = h.policies.get_mut(&pk).expect("pk");
+                    p.block = true;
+                    p.templates.clear();
+                }),
             ),
             (
                 "policy priority",
@@ -344,6 +350,7 @@ mod tests {
             revision: 42,
             fingerprint: Fingerprint::default(),
             digest: desired_digest(&desired()),
+            mtu: vec![crate::mtu::MtuParams::default()],
         };
         c.save(dir.path()).expect("save");
         assert_eq!(Converged::load(dir.path()), Some(c.clone()));

@@ -11,7 +11,7 @@
 //! L_max = floor4(X) - 2 - E
 //! ```
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::link::{Link, LinkError, RouteSocket};
 
@@ -27,13 +27,15 @@ pub const UDP_ENCAP: u32 = 8;
 pub const VXLAN_INNER: u32 = 30;
 
 /// How Calico carries pod traffic between nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encapsulation {
     /// IP-in-IP: the tunnel's outer header is the packet ESP protects.
     Ipip,
-    /// VXLAN: UDP 4789 with an inner Ethernet frame.
+    /// VXLAN: UDP (Felix's vxlanPort) with an inner Ethernet frame.
     Vxlan,
+    /// No tunnel: ESP tunnel mode adds the outer header itself.
+    None,
 }
 
 impl Encapsulation {
@@ -42,6 +44,7 @@ impl Encapsulation {
         match s.to_ascii_lowercase().as_str() {
             "ipip" => Some(Self::Ipip),
             "vxlan" => Some(Self::Vxlan),
+            "none" => Some(Self::None),
             _ => None,
         }
     }
@@ -49,14 +52,14 @@ impl Encapsulation {
     /// Bytes of this encapsulation that travel inside the ESP payload.
     pub fn inner_bytes(self) -> u32 {
         match self {
-            Self::Ipip => 0,
+            Self::Ipip | Self::None => 0,
             Self::Vxlan => VXLAN_INNER,
         }
     }
 }
 
 /// The AES-GCM integrity check value length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum IcvBits {
     /// 64-bit ICV.
     B64,
@@ -93,7 +96,7 @@ impl IcvBits {
 }
 
 /// The IP version of the outer (node-to-node) header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum OuterIp {
     /// IPv4 outer header, 20 bytes.
     #[serde(rename = "ipv4")]
@@ -123,7 +126,7 @@ impl OuterIp {
 }
 
 /// Everything the bound depends on apart from EXTMTU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MtuParams {
     /// IPIP or VXLAN.
     pub encapsulation: Encapsulation,

@@ -234,7 +234,7 @@ fn the_agent_puts_its_entry_back_after_every_rewrite_and_its_probes_tell_the_tru
     // etcd gone: still alive, not ready once the grace has passed.
     server.stop();
     let body = probe::wait_for(a.port, "/readyz", 503, 15);
-    assert!(body.contains("etcd has not answered"), "{body}");
+    assert!(body.contains("has not followed etcd"), "{body}");
     let (code, body) = probe::get(a.port, "/livez").expect("livez");
     assert_eq!(code, 200);
     assert!(body.contains("stale"), "{body}");

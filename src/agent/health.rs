@@ -97,7 +97,7 @@ fn readyz(s: &State, p: &Probes, now: Instant) -> Reply {
         let age = now.saturating_duration_since(since);
         if age > p.stale_grace && s.last_success_at.is_some() {
             why.push(format!(
-                "etcd has not answered for {}s (grace {}s): {}",
+                "the node has not followed etcd for {}s (grace {}s): {}",
                 age.as_secs(),
                 p.stale_grace.as_secs(),
                 s.stale_reason.as_deref().unwrap_or("unreachable")

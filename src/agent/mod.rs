@@ -80,7 +80,7 @@ struct State {
     converge_failures: u64,
     watch_restarts: u64,
     lease: Option<i64>,
-    address: Option<std::net::Ipv4Addr>,
+    addresses: Vec<std::net::IpAddr>,
 }
 
 impl State {
@@ -100,7 +100,7 @@ impl State {
             converge_failures: 0,
             watch_restarts: 0,
             lease: None,
-            address: None,
+            addresses: Vec::new(),
         }
     }
 }
@@ -306,7 +306,18 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 continue;
             }
         };
-        lock(&state).address = snap.topology.nodes.get(&node).map(|n| n.ipv4);
+        lock(&state).addresses = snap
+            .topology
+            .nodes
+            .get(&node)
+            .map(|n| {
+                [n.ipv4, n.ipv6]
+                    .into_iter()
+                    .flatten()
+                    .map(|u| u.addr)
+                    .collect()
+            })
+            .unwrap_or_default();
         match converge_once(&opts.cfg, &etcd, snap, &node).await {
             Ok(report) => {
                 pending = None;
@@ -317,9 +328,16 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                     s.last_success = Some(now_unix());
                     s.last_success_at = Some(Instant::now());
                     s.converge_error = None;
-                    s.stale = false;
-                    s.stale_reason = None;
-                    s.stale_since = None;
+                    // A convergence may keep the kernel as it was because
+                    // etcd cannot be followed (stale, with the reason).
+                    let was_stale = s.stale;
+                    s.stale = report.stale.is_some();
+                    s.stale_reason = report.stale.clone();
+                    if !s.stale {
+                        s.stale_since = None;
+                    } else if !was_stale || s.stale_since.is_none() {
+                        s.stale_since = Some(Instant::now());
+                    }
                     s.report = Some(report.clone());
                 }
                 if report.writes > 0 {
@@ -331,7 +349,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                         "converged"
                     );
                 }
-                let status = status_of(&report, false);
+                let status = status_of(&report, report.stale.is_some());
                 let changed = last_published.as_ref().map(without_heartbeat)
                     != Some(without_heartbeat(&status));
                 if changed && publish(&etcd, &state, &node, &status, opts.lease_ttl).await {
@@ -532,11 +550,11 @@ fn render(state: &Mutex<State>) -> String {
     let node = s.node.as_str();
     if let Some(h) = &held {
         use crate::xfrm::Dir;
-        let me = s.address;
+        let me = &s.addresses;
         let count_sa = |d: Dir| {
             h.states
                 .values()
-                .filter(|x| (Some(x.src) == me) == (d == Dir::Out))
+                .filter(|x| me.contains(&x.src) == (d == Dir::Out))
                 .count() as f64
         };
         let count_pol = |d: Dir| h.policies.values().filter(|x| x.dir == d).count() as f64;
@@ -569,6 +587,11 @@ fn render(state: &Mutex<State>) -> String {
             "calico_ipsec_xfrm_policies",
             &[("dir", "out")],
             count_pol(Dir::Out),
+        )
+        .sample(
+            "calico_ipsec_xfrm_policies",
+            &[("dir", "fwd")],
+            count_pol(Dir::Fwd),
         );
     }
     if let Some(r) = &s.report {
@@ -586,6 +609,11 @@ fn render(state: &Mutex<State>) -> String {
             "calico_ipsec_incarnation",
             "This node's incarnation",
             f64::from(r.incarnation),
+        );
+        e.gauge(
+            "calico_ipsec_unprotected_paths",
+            "Pod blocks toward which no SA can protect traffic (blocked in encrypt and enforce; healthy only at 0)",
+            r.unprotected.len() as f64,
         );
         let phase = format!("{:?}", r.phase).to_lowercase();
         e.family(

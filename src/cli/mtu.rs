@@ -32,6 +32,8 @@ pub enum EncapArg {
     Ipip,
     /// VXLAN (UDP 4789).
     Vxlan,
+    /// No tunnel (Never, or CrossSubnet within a subnet): ESP tunnel mode.
+    None,
 }
 
 /// Outer header family as a CLI value.
@@ -83,6 +85,7 @@ pub fn exec(args: &MtuArgs, out: &mut dyn Write) -> Result<(), MtuCliError> {
         encapsulation: match args.encap {
             EncapArg::Ipip => Encapsulation::Ipip,
             EncapArg::Vxlan => Encapsulation::Vxlan,
+            EncapArg::None => Encapsulation::None,
         },
         icv: IcvBits::from_bits(args.icv.into()).unwrap_or(IcvBits::B128),
         outer: match args.outer {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use clap::Args;
 use serde::Serialize;
@@ -43,15 +43,19 @@ pub enum Presence {
     None,
 }
 
-/// One peer's row.
+/// One peer's row, for one address family.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerStatus {
     /// Node name.
     pub name: String,
-    /// Underlay address.
-    pub address: Ipv4Addr,
-    /// ipip, vxlan or none.
-    pub tunnel: &'static str,
+    /// "ipv4" or "ipv6".
+    pub family: &'static str,
+    /// Underlay address in that family, if the peer has one.
+    pub address: Option<IpAddr>,
+    /// Every path in use: ipip, vxlan, tunnel, blocked.
+    pub paths: Vec<String>,
+    /// Why a path is blocked, when one is.
+    pub blocked: Vec<String>,
     /// The peer's id.
     pub id: Option<u16>,
     /// The peer's incarnation.
@@ -60,9 +64,9 @@ pub struct PeerStatus {
     pub sa_out: Presence,
     /// Inbound states.
     pub sa_in: Presence,
-    /// Outbound policy.
+    /// Outbound policies.
     pub policy_out: Presence,
-    /// Inbound policy.
+    /// Inbound policies (`in` and `fwd`).
     pub policy_in: Presence,
 }
 
@@ -91,8 +95,12 @@ pub struct Status {
     pub kernel_policies: usize,
     /// The etcd revision read.
     pub revision: i64,
-    /// Peers.
+    /// Peers, one row per family.
     pub peers: Vec<PeerStatus>,
+    /// Pod blocks no SA protects (blocked once encryption is on).
+    pub unprotected: Vec<crate::xfrm::desired::Unprotected>,
+    /// Our records in etcd that were skipped, and why.
+    pub problems: Vec<String>,
     /// /proc/net/xfrm_stat, every counter.
     pub xfrm_stat: BTreeMap<String, u64>,
 }
@@ -107,7 +115,7 @@ fn presence(wanted: usize, missing: usize) -> Presence {
 
 /// Builds the report from what `observe` saw.
 pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
-    let missing_state = |k: &(Ipv4Addr, u32)| {
+    let missing_state = |k: &(IpAddr, u32)| {
         let want = &o.desired.states[k];
         o.held.states.get(k).is_none_or(|h| !h.matches(want))
     };
@@ -115,52 +123,53 @@ pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
         let want = &o.desired.policies[k];
         o.held.policies.get(k).is_none_or(|h| !h.matches(want))
     };
-    let peers = o
-        .desired
-        .peers
-        .iter()
-        .map(|p| {
-            let count = |dir: Dir| {
-                let keys: Vec<_> = o
-                    .desired
-                    .states
-                    .iter()
-                    .filter(|(_, s)| {
-                        s.dir == dir && (if dir == Dir::Out { s.dst } else { s.src }) == p.address
-                    })
-                    .map(|(k, _)| *k)
-                    .collect();
-                presence(keys.len(), keys.iter().filter(|k| missing_state(k)).count())
+    let mut peers = Vec::new();
+    for p in &o.desired.peers {
+        for f in &p.families {
+            let sa = |dir: Dir| {
+                let keys: Vec<_> = f.states.iter().filter(|(d, _)| *d == dir).collect();
+                presence(
+                    keys.len(),
+                    keys.iter().filter(|(_, k)| missing_state(k)).count(),
+                )
             };
-            let pol = |dir: Dir| {
-                let keys: Vec<_> = o
-                    .desired
+            let pol = |inbound: bool| {
+                let keys: Vec<_> = f
                     .policies
-                    .keys()
-                    .filter(|(d, sel)| {
-                        *d == dir && (if dir == Dir::Out { sel.dst } else { sel.src }) == p.address
-                    })
-                    .copied()
+                    .iter()
+                    .filter(|(d, _)| (*d != Dir::Out) == inbound)
                     .collect();
                 presence(
                     keys.len(),
                     keys.iter().filter(|k| missing_policy(k)).count(),
                 )
             };
-            PeerStatus {
+            let v4 = f.family == "ipv4";
+            peers.push(PeerStatus {
                 name: p.name.clone(),
-                address: p.address,
-                tunnel: p.tunnel,
+                family: f.family,
+                address: p.addresses.iter().find(|a| a.is_ipv4() == v4).copied(),
+                paths: f.paths.iter().map(ToString::to_string).collect(),
+                blocked: f.blocked.clone(),
                 id: p.id,
                 incarnation: p.incarnation,
-                sa_out: count(Dir::Out),
-                sa_in: count(Dir::In),
-                policy_out: pol(Dir::Out),
-                policy_in: pol(Dir::In),
-            }
-        })
-        .collect();
+                sa_out: sa(Dir::Out),
+                sa_in: sa(Dir::In),
+                policy_out: pol(false),
+                policy_in: pol(true),
+            });
+        }
+    }
     let me = o.snapshot.identities.get(&o.node);
+    let mut problems = o.snapshot.problems.clone();
+    problems.extend(o.snapshot.config_problem.clone());
+    problems.extend(
+        o.snapshot
+            .topology
+            .skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.key, s.reason)),
+    );
     Status {
         node: o.node.clone(),
         phase: o.phase,
@@ -178,8 +187,16 @@ pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
         kernel_policies: o.held.policies.len(),
         revision: o.snapshot.revision,
         peers,
+        unprotected: o.desired.unprotected.clone(),
+        problems,
         xfrm_stat,
     }
+}
+
+/// `s` safe for a terminal: control characters and escapes printed as
+/// Rust escapes (names come from etcd, which anyone with write access fills).
+pub fn clean(s: &str) -> String {
+    s.chars().flat_map(char::escape_debug).collect()
 }
 
 /// Parses /proc/net/xfrm_stat ("XfrmInError   0" per line).
@@ -247,16 +264,17 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<20} {:<15} {:<6} {:>5} {:>4}  {:<7} {:<7} {:<7} {:<7}",
-        "PEER", "ADDRESS", "TUNNEL", "ID", "INC", "SA-OUT", "SA-IN", "POL-OUT", "POL-IN"
+        "{:<20} {:<4} {:<15} {:<14} {:>5} {:>4}  {:<7} {:<7} {:<7} {:<7}",
+        "PEER", "FAM", "ADDRESS", "PATH", "ID", "INC", "SA-OUT", "SA-IN", "POL-OUT", "POL-IN"
     )?;
     for p in &s.peers {
         writeln!(
             out,
-            "{:<20} {:<15} {:<6} {:>5} {:>4}  {:<7} {:<7} {:<7} {:<7}",
-            p.name,
-            p.address.to_string(),
-            p.tunnel,
+            "{:<20} {:<4} {:<15} {:<14} {:>5} {:>4}  {:<7} {:<7} {:<7} {:<7}",
+            clean(&p.name),
+            if p.family == "ipv4" { "v4" } else { "v6" },
+            p.address.map_or("-".into(), |a| a.to_string()),
+            p.paths.join(","),
             p.id.map_or("-".into(), |i| i.to_string()),
             p.incarnation,
             word(p.sa_out),
@@ -265,6 +283,49 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
             word(p.policy_in)
         )?;
     }
+    for r in s
+        .peers
+        .iter()
+        .flat_map(|p| p.blocked.iter().map(move |b| (p, b)))
+    {
+        writeln!(
+            out,
+            "  blocked: {} ({}): {}",
+            clean(&r.0.name),
+            r.0.family,
+            clean(r.1)
+        )?;
+    }
+    let unusable: Vec<_> = s
+        .unprotected
+        .iter()
+        .filter(|u| !s.peers.iter().any(|p| p.name == u.peer))
+        .collect();
+    for u in unusable {
+        let blocks: Vec<String> = u.blocks.iter().map(ToString::to_string).collect();
+        writeln!(
+            out,
+            "  blocked: pods of {} ({}): {}",
+            clean(&u.peer),
+            blocks.join(", "),
+            clean(&u.reason)
+        )?;
+    }
+    for p in &s.problems {
+        writeln!(out, "  skipped: {}", clean(p))?;
+    }
+    writeln!(
+        out,
+        "unprotected:  {} pod block path(s){}",
+        s.unprotected.len(),
+        if s.unprotected.is_empty() {
+            ""
+        } else if s.phase >= Phase::Encrypt {
+            " (blocked, never in clear)"
+        } else {
+            " (not yet blocked: the phase is before encrypt)"
+        }
+    )?;
     writeln!(out)?;
     let nonzero: Vec<String> = s
         .xfrm_stat

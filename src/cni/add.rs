@@ -8,6 +8,9 @@ use super::Request;
 use crate::attachment::StateDir;
 use crate::podmtu::{self, PodNet};
 
+/// IPv6's minimum link MTU (RFC 8200).
+const IPV6_MIN_MTU: u32 = 1280;
+
 /// Runs ADD and returns the result to print.
 pub fn exec(req: &Request) -> Result<Value, CniError> {
     let prev = req.prev_result.as_ref().ok_or_else(|| {
@@ -18,12 +21,16 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
         )
     })?;
     let netns = req.netns()?;
-    let bound = super::encryption_bound(&req.config)?;
     // IPsec first, under the node lock: an unreachable etcd (code 11) or a
     // refused state fails the ADD before the pod is touched, so a pod never
     // starts while its node cannot encrypt (fail closed).
+    let mut carriers = Vec::new();
     if !req.config.etcd.endpoints.is_empty() {
         let report = crate::converge::converge(&req.config)?;
+        if let Some(why) = &report.stale {
+            tracing::warn!(reason = %why, "the node keeps its XFRM state but cannot follow etcd");
+        }
+        carriers = report.mtu.clone();
         tracing::info!(
             node = %report.node,
             phase = ?report.phase,
@@ -37,6 +44,16 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
         );
     }
 
+    // The pools and this node's families decide what the pod MTU must fit;
+    // the conflist's encapsulation only without a datastore (MTU-only).
+    let bound = super::encryption_bound(&req.config, &carriers)?;
+    if bound < IPV6_MIN_MTU && result::has_ipv6(prev) {
+        return Err(CniError::new(
+            code::MTU_TOO_SMALL,
+            format!("the pod MTU after encryption would be {bound}, below IPv6's minimum of 1280, and the pod has an IPv6 address: the kernel would remove its IPv6 addresses"),
+            "raise the underlay MTU (or ext_mtu) so that the bound reaches 1280, or give the pod no IPv6 address",
+        ));
+    }
     let mut net = PodNet::open(netns)?;
     let links = net.find(req.ifname())?;
     let state = StateDir::new(&req.config.state_dir);

@@ -15,7 +15,23 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
         ));
     }
     let netns = req.netns()?;
-    let bound = super::encryption_bound(&req.config)?;
+    let seen = if req.config.etcd.endpoints.is_empty() {
+        None
+    } else {
+        let node = req
+            .config
+            .node_name()
+            .map_err(crate::converge::ConvergeError::from)?;
+        Some(crate::converge::observe(
+            &crate::converge::settings(&req.config),
+            node,
+        )?)
+    };
+    let carriers = seen
+        .as_ref()
+        .map(|o| crate::converge::mtu_params(&o.snapshot, &o.node))
+        .unwrap_or_default();
+    let bound = super::encryption_bound(&req.config, &carriers)?;
     let mut net = PodNet::open(netns)?;
     let links = net.find(req.ifname())?;
     if let Some((link, in_pod)) = links.above(bound).next() {
@@ -33,12 +49,7 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
             format!("netns {}", netns.display()),
         ));
     }
-    if !req.config.etcd.endpoints.is_empty() {
-        let node = req
-            .config
-            .node_name()
-            .map_err(crate::converge::ConvergeError::from)?;
-        let seen = crate::converge::observe(&crate::converge::settings(&req.config), node)?;
+    if let Some(seen) = seen {
         if !seen.plan.is_empty() {
             return Err(CniError::new(
                 code::XFRM_DRIFT,

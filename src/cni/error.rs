@@ -35,6 +35,9 @@ pub mod code {
     pub const KEYS: u32 = 106;
     /// CHECK found the kernel's XFRM states or policies differ from etcd's.
     pub const XFRM_DRIFT: u32 = 107;
+    /// The bound after encryption is below IPv6's minimum MTU (1280) for a
+    /// pod with an IPv6 address.
+    pub const MTU_TOO_SMALL: u32 = 108;
     /// A bug: the plugin panicked.
     pub const INTERNAL: u32 = 199;
 }

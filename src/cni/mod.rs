@@ -198,8 +198,14 @@ impl Request {
     }
 }
 
-/// The largest pod MTU that fits after encryption, from `ext_mtu` or detection.
-pub fn encryption_bound(config: &PluginConfig) -> Result<u32, CniError> {
+/// The largest pod MTU that fits after encryption, from `ext_mtu` or
+/// detection: the smallest over `carriers` (every way this node's pod
+/// packets may leave it), or over the conflist's `mtu` settings when there
+/// is none (MTU-only, without a datastore).
+pub fn encryption_bound(
+    config: &PluginConfig,
+    carriers: &[crate::mtu::MtuParams],
+) -> Result<u32, CniError> {
     let ext = match config.ext_mtu {
         Some(m) => m,
         None => {
@@ -214,7 +220,17 @@ pub fn encryption_bound(config: &PluginConfig) -> Result<u32, CniError> {
             mtu
         }
     };
-    config.mtu.breakdown(ext).map(|b| b.pod_mtu).ok_or_else(|| {
+    let own = [config.mtu];
+    let params = if carriers.is_empty() {
+        &own[..]
+    } else {
+        carriers
+    };
+    let bounds: Option<Vec<u32>> = params
+        .iter()
+        .map(|p| p.breakdown(ext).map(|b| b.pod_mtu))
+        .collect();
+    bounds.and_then(|b| b.into_iter().min()).ok_or_else(|| {
         CniError::new(
             code::NO_UNDERLAY,
             format!("the underlay MTU {ext} leaves no room for a pod packet after encryption"),

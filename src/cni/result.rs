@@ -113,6 +113,20 @@ fn expect_string<'a>(
     }
 }
 
+/// Whether the result carries an IPv6 address (it was validated first).
+pub fn has_ipv6(prev: &Value) -> bool {
+    prev.get("ips")
+        .and_then(Value::as_array)
+        .is_some_and(|ips| {
+            ips.iter().any(|ip| {
+                ip.get("address")
+                    .and_then(Value::as_str)
+                    .and_then(parse_cidr)
+                    .is_some_and(|(a, _)| a.is_ipv6())
+            })
+        })
+}
+
 /// Parses "a.b.c.d/nn" or an IPv6 CIDR; `None` when malformed.
 pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, len) = s.split_once('/')?;

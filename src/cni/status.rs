@@ -6,15 +6,14 @@ use super::Request;
 
 /// Runs STATUS.
 pub fn exec(req: &Request) -> Result<(), CniError> {
-    let bound = super::encryption_bound(&req.config).map_err(|e| {
-        CniError::new(
-            code::NOT_AVAILABLE,
-            format!("calico-ipsec is not ready: {}", e.msg),
-            e.details,
-        )
-    })?;
+    let snap = super::read_snapshot(&req.config).map_err(unavailable)?;
+    let carriers = match (&snap, req.config.node_name()) {
+        (Some(s), Ok(node)) => crate::converge::mtu_params(s, &node),
+        _ => Vec::new(),
+    };
+    let bound = super::encryption_bound(&req.config, &carriers).map_err(unavailable)?;
     super::warn_tunnel_above(bound);
-    if let Some(snap) = super::read_snapshot(&req.config).map_err(unavailable)? {
+    if let Some(snap) = snap {
         keys_ready(&req.config, &snap).map_err(|why| {
             CniError::new(
                 code::NOT_AVAILABLE,

@@ -16,8 +16,8 @@ use crate::keys::{EpochSecret, Kek, SealError};
 
 /// The prefix of everything we store.
 pub const PREFIX: &str = "/calico/ipsec/v1/";
-/// The algorithm every SA uses.
-pub const ALGORITHM: &str = "rfc4106(gcm(aes))";
+/// The algorithm every SA uses (owned by `keys`).
+pub use crate::keys::ALGORITHM;
 
 /// A failure reading or writing our records.
 #[derive(Debug, thiserror::Error)]

@@ -4,4 +4,5 @@
 pub mod calico;
 pub mod etcd;
 pub mod ipsec;
+pub mod paths;
 pub mod snapshot;

@@ -12,7 +12,12 @@ use super::ipsec::{config_key, ClusterConfig, EpochRecord, Identity, IpsecStoreE
 
 /// The Calico resource kinds a node needs, under [`RESOURCES`]. Workload
 /// endpoints and policies (the bulk of a big cluster) are not read.
-const KINDS: [&str; 3] = ["nodes/", "ippools/", "clusterinformations/"];
+const KINDS: [&str; 4] = [
+    "nodes/",
+    "ippools/",
+    "clusterinformations/",
+    "felixconfigurations/",
+];
 
 /// Every key and prefix a snapshot reads, in a fixed order: Calico's
 /// [`KINDS`], the IPAM host affinities, our config, epochs and node
@@ -56,10 +61,16 @@ pub struct Fingerprint {
 pub struct Snapshot {
     /// Calico's nodes, pools, blocks and clusterGUID.
     pub topology: Topology,
-    /// Our config; `None` before `keys init` (encryption off).
+    /// Our config; `None` before `keys init` (encryption off), or when the
+    /// record cannot be parsed (then `config_problem` says why).
     pub config: Option<ClusterConfig>,
-    /// Every epoch's record (secrets still sealed).
+    /// Why the config record exists but cannot be used: the node must then
+    /// keep what it has, never read it as "off".
+    pub config_problem: Option<String>,
+    /// Every usable epoch's record (secrets still sealed).
     pub epochs: Vec<EpochRecord>,
+    /// Records of ours that were skipped, each with its key and reason.
+    pub problems: Vec<String>,
     /// Every node's id and incarnation, by node name. A malformed record is
     /// left out (with a warning): that one peer gets no SAs.
     pub identities: BTreeMap<String, Identity>,
@@ -118,21 +129,37 @@ fn build(
             .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
     );
     let mut config = None;
+    let mut config_problem = None;
+    let mut problems = Vec::new();
     let mut epochs = Vec::new();
     let mut identities = BTreeMap::new();
     let mut identity_revisions = BTreeMap::new();
     let id_prefix = format!("{PREFIX}nodeids/");
-    let malformed = |kv: &Kv, e: serde_json::Error| IpsecStoreError::Malformed {
-        key: kv.key.clone(),
-        reason: e.to_string(),
-    };
     let base = KINDS.len() + 1;
     for kv in at(base).iter().filter(|kv| kv.key == config_key()) {
-        config = Some(serde_json::from_slice(&kv.value).map_err(|e| malformed(kv, e))?);
+        match serde_json::from_slice::<ClusterConfig>(&kv.value) {
+            Ok(c) => config = Some(c),
+            Err(e) => {
+                tracing::error!(key = %kv.key, error = %e, "our config record is malformed; keeping the current XFRM state");
+                config_problem = Some(format!("{} is malformed: {e}", kv.key));
+            }
+        }
     }
     for kv in at(base + 1) {
-        epochs
-            .push(serde_json::from_slice::<EpochRecord>(&kv.value).map_err(|e| malformed(kv, e))?);
+        let key = kv.key.escape_debug().to_string();
+        match serde_json::from_slice::<EpochRecord>(&kv.value) {
+            Ok(e) if kv.key.ends_with(&format!("/{}", e.epoch)) => epochs.push(e),
+            Ok(e) => problems.push(format!("{key} holds epoch {}, not its own number", e.epoch)),
+            Err(e) => problems.push(format!("{key} is malformed: {e}")),
+        }
+    }
+    if config
+        .as_ref()
+        .is_some_and(|c| c.phase != super::ipsec::Phase::Off)
+    {
+        for p in &problems {
+            tracing::warn!(problem = %p, "skipping a key epoch record");
+        }
     }
     for kv in at(base + 2) {
         let Some(node) = kv.key.strip_prefix(&id_prefix) else {
@@ -152,7 +179,9 @@ fn build(
     Ok(Snapshot {
         topology,
         config,
+        config_problem,
         epochs,
+        problems,
         identities,
         identity_revisions,
         revision,

@@ -9,11 +9,15 @@
 //!     IKM  = epoch secret (32 bytes),
 //!     salt = clusterGUID as ASCII bytes,
 //!     info = "calico-ipsec/v1/sa" || u32be(epoch) || u16be(len(sender)) || sender
-//!            || u32be(sender incarnation) || u16be(len(receiver)) || receiver,
+//!            || u32be(sender incarnation) || u16be(len(receiver)) || receiver
+//!            [|| u8(lane), only when the lane is not 0],
 //!     L    = 20)
 //! AES-GCM key = key20[0..16], salt (nonce prefix) = key20[16..20]
 //! ```
-//! One key per (epoch, sender, sender incarnation, receiver): an outbound SA
+//! The lane is the SA's family and mode: 0 IPv4 transport (IPIP, VXLAN),
+//! 1 IPv4 tunnel (no encapsulation), 2 IPv6 transport (VXLAN over IPv6),
+//! 3 IPv6 tunnel. One key per (epoch, sender, sender incarnation, receiver,
+//! lane): an outbound SA
 //! is created once with its own key, so two SAs never share a GCM key and the
 //! nonce space of each starts fresh (DESIGN §5, invariant 1).
 
@@ -22,6 +26,9 @@ mod secret;
 
 pub use kek::{Kek, KekError};
 pub use secret::{EpochSecret, SaKey, SealError, SecretBytes, SA_KEY_LEN};
+
+/// The AEAD every SA uses: AES-GCM as RFC 4106 puts it in ESP.
+pub const ALGORITHM: &str = "rfc4106(gcm(aes))";
 
 /// The HKDF info label's prefix; bump the version to change the derivation.
 pub const INFO_LABEL: &[u8] = b"calico-ipsec/v1/sa";
@@ -37,37 +44,57 @@ pub struct SaId<'a> {
     pub incarnation: u32,
     /// The receiving node's name.
     pub receiver: &'a str,
+    /// The SA's lane (0 to 3; see the derivation above).
+    pub lane: u8,
 }
 
 impl SaId<'_> {
-    /// The HKDF info bytes for this SA, as documented above.
-    pub fn info(&self) -> Vec<u8> {
+    /// The HKDF info bytes for this SA, as documented above; `None` when a
+    /// name is longer than a Kubernetes node name may be (253 bytes): names
+    /// are never truncated, so two names never share a key.
+    pub fn info(&self) -> Option<Vec<u8>> {
         let mut info =
-            Vec::with_capacity(INFO_LABEL.len() + 12 + self.sender.len() + self.receiver.len());
+            Vec::with_capacity(INFO_LABEL.len() + 13 + self.sender.len() + self.receiver.len());
         info.extend_from_slice(INFO_LABEL);
         info.extend_from_slice(&self.epoch.to_be_bytes());
-        push_name(&mut info, self.sender);
+        push_name(&mut info, self.sender)?;
         info.extend_from_slice(&self.incarnation.to_be_bytes());
-        push_name(&mut info, self.receiver);
-        info
+        push_name(&mut info, self.receiver)?;
+        if self.lane != 0 {
+            info.push(self.lane);
+        }
+        Some(info)
     }
 }
 
-fn push_name(buf: &mut Vec<u8>, name: &str) {
-    // Kubernetes node names are at most 253 bytes, so u16 always suffices.
-    let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+/// The longest node name Kubernetes allows.
+pub const MAX_NAME_LEN: usize = 253;
+
+fn push_name(buf: &mut Vec<u8>, name: &str) -> Option<()> {
+    let len = u16::try_from(name.len())
+        .ok()
+        .filter(|l| usize::from(*l) <= MAX_NAME_LEN)?;
     buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&name.as_bytes()[..usize::from(len)]);
+    buf.extend_from_slice(name.as_bytes());
+    Some(())
 }
+
+/// The largest node id: bit 15 of an SPI tells tunnel from transport SAs.
+pub const MAX_NODE_ID: u16 = 0x7fff;
 
 /// The SPI of the SA from `sender_id` in `epoch` at `incarnation`.
 ///
-/// `SPI = (epoch % 255 + 1) << 24 | (incarnation % 256) << 16 | sender_id`.
-/// The top byte is never 0, so SPIs stay clear of the reserved range below
-/// 256; a receiver sees distinct SPIs for distinct senders, for up to 255
-/// epochs and 256 incarnations installed at once.
-pub fn spi(epoch: u32, incarnation: u32, sender_id: u16) -> u32 {
-    ((epoch % 255 + 1) << 24) | ((incarnation % 256) << 16) | u32::from(sender_id)
+/// `SPI = (epoch % 255 + 1) << 24 | (incarnation % 256) << 16 | tunnel << 15
+/// | sender_id`, with `sender_id` at most [`MAX_NODE_ID`]. The top byte is
+/// never 0, so SPIs stay clear of the reserved range below 256; a receiver
+/// sees distinct SPIs for distinct senders and modes, for up to 255 epochs
+/// and 256 incarnations installed at once (IPv4 and IPv6 SAs have distinct
+/// destination addresses).
+pub fn spi(epoch: u32, incarnation: u32, sender_id: u16, tunnel: bool) -> u32 {
+    ((epoch % 255 + 1) << 24)
+        | ((incarnation % 256) << 16)
+        | (u32::from(tunnel) << 15)
+        | u32::from(sender_id & MAX_NODE_ID)
 }
 
 /// The top 16 bits of every reqid we use: they mark a state as ours.
@@ -96,14 +123,17 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for epoch in [1u32, 2, 3, 254, 255] {
             for inc in [0u32, 1, 255] {
-                for sender in [1u16, 2, 65535] {
-                    let s = spi(epoch, inc, sender);
-                    assert!(s >= 256, "SPI {s:#x} is in the reserved range");
-                    assert!(seen.insert(s), "SPI {s:#x} repeats");
+                for sender in [1u16, 2, MAX_NODE_ID] {
+                    for tunnel in [false, true] {
+                        let s = spi(epoch, inc, sender, tunnel);
+                        assert!(s >= 256, "SPI {s:#x} is in the reserved range");
+                        assert!(seen.insert(s), "SPI {s:#x} repeats");
+                    }
                 }
             }
         }
-        assert_eq!(spi(1, 0, 7), 0x0200_0007);
+        assert_eq!(spi(1, 0, 7, false), 0x0200_0007);
+        assert_eq!(spi(1, 0, 7, true), 0x0200_8007);
     }
 
     #[test]
@@ -113,13 +143,20 @@ mod tests {
             sender: "node-1",
             incarnation: 2,
             receiver: "node-2",
+            lane: 0,
         };
         let mut want = b"calico-ipsec/v1/sa".to_vec();
         want.extend_from_slice(&[0, 0, 0, 1, 0, 6]);
         want.extend_from_slice(b"node-1");
         want.extend_from_slice(&[0, 0, 0, 2, 0, 6]);
         want.extend_from_slice(b"node-2");
-        assert_eq!(id.info(), want);
+        assert_eq!(id.info(), Some(want.clone()));
+        let tunnel = SaId {
+            lane: 1,
+            ..id.clone()
+        };
+        want.push(1);
+        assert_eq!(tunnel.info(), Some(want), "other lanes append their number");
         // Without the prefixes "ab"+"c" and "a"+"bc" would collide.
         let a = SaId {
             sender: "ab",
@@ -132,5 +169,9 @@ mod tests {
             ..id
         };
         assert_ne!(a.info(), b.info());
+        // Names past 253 bytes are refused, never truncated into a shared key.
+        let long = "a".repeat(70_000);
+        let c = SaId { sender: &long, ..a };
+        assert_eq!(c.info(), None);
     }
 }

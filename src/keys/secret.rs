@@ -159,14 +159,13 @@ impl EpochSecret {
     }
 
     /// The key of one SA; see the module docs for the exact derivation.
-    pub fn derive(&self, cluster_guid: &str, id: &SaId<'_>) -> SaKey {
+    pub fn derive(&self, cluster_guid: &str, id: &SaId<'_>) -> Option<SaKey> {
+        let info = id.info()?;
         let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), self.0.expose());
         let mut okm = Zeroizing::new(vec![0u8; SA_KEY_LEN]);
-        // 20 bytes is far below HKDF-SHA256's limit of 255 * 32, so this cannot fail.
-        if hk.expand(&id.info(), &mut okm).is_err() {
-            okm.fill(0);
-        }
-        SaKey(SecretBytes(okm))
+        // 20 bytes is far below HKDF-SHA256's limit of 255 * 32.
+        hk.expand(&info, &mut okm).ok()?;
+        Some(SaKey(SecretBytes(okm)))
     }
 }
 
@@ -196,15 +195,18 @@ mod tests {
     #[test]
     fn debug_never_shows_bytes() {
         let s = EpochSecret::from_bytes(vec![0xAB; 32]);
-        let k = s.derive(
-            "guid",
-            &SaId {
-                epoch: 1,
-                sender: "a",
-                incarnation: 0,
-                receiver: "b",
-            },
-        );
+        let k = s
+            .derive(
+                "guid",
+                &SaId {
+                    epoch: 1,
+                    sender: "a",
+                    incarnation: 0,
+                    receiver: "b",
+                    lane: 0,
+                },
+            )
+            .expect("derives");
         let text = format!("{s:?} {k:?} {:?}", kek(0xAB));
         assert!(
             !text.to_lowercase().contains("ab, ") && !text.contains("171"),
@@ -249,18 +251,54 @@ mod tests {
                 "58786d091a559156737dd0270f90fea07fda96ef",
             ),
         ];
-        for (epoch, sender, incarnation, receiver, want) in cases {
-            let k = secret.derive(
-                guid,
-                &SaId {
-                    epoch,
-                    sender,
-                    incarnation,
-                    receiver,
-                },
-            );
+        let cases = cases
+            .map(|(e, s, i, r, w)| (e, s, i, r, 0, w))
+            .into_iter()
+            .chain([
+                // Lanes 1 to 3 (IPv4 tunnel, IPv6 transport, IPv6 tunnel).
+                (
+                    1,
+                    "node-1",
+                    1,
+                    "node-2",
+                    1,
+                    "8ddb5190e3362b5c504223f945512b0833705785",
+                ),
+                (
+                    1,
+                    "node-1",
+                    1,
+                    "node-2",
+                    2,
+                    "f64009fc36648f60eca01c60de5650c7594ff725",
+                ),
+                (
+                    1,
+                    "node-1",
+                    1,
+                    "node-2",
+                    3,
+                    "ea941b2dc0f9f835a3eae0629ca06e1fda8fda6d",
+                ),
+            ]);
+        for (epoch, sender, incarnation, receiver, lane, want) in cases {
+            let k = secret
+                .derive(
+                    guid,
+                    &SaId {
+                        epoch,
+                        sender,
+                        incarnation,
+                        receiver,
+                        lane,
+                    },
+                )
+                .expect("derives");
             let hex: String = k.0.expose().iter().map(|b| format!("{b:02x}")).collect();
-            assert_eq!(hex, want, "{epoch} {sender} {incarnation} {receiver}");
+            assert_eq!(
+                hex, want,
+                "{epoch} {sender} {incarnation} {receiver} {lane}"
+            );
         }
     }
 }

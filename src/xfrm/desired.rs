@@ -1,35 +1,47 @@
 //! The desired XFRM state of one node: a pure function of what etcd says.
 //!
-//! Per peer with a tunnel toward it, and for each installed epoch (pending or
-//! active): an outbound state me→peer and an inbound state peer→me. By phase
-//! (DESIGN §6):
-//! - `off`: nothing;
-//! - `accept`: the states only, so peers may start sending;
-//! - `encrypt`: plus an outbound policy per peer whose template picks the
-//!   active epoch's reqid;
-//! - `enforce`: plus an inbound policy per peer whose template accepts any
-//!   installed epoch (reqid 0), so plaintext tunnel packets are refused.
+//! For every peer and address family, the path of each pod block between the
+//! two nodes (see [`crate::datastore::paths`]) decides what protects it:
+//! - IPIP or VXLAN: ESP transport mode on the node-to-node packet (outbound
+//!   policy on the tunnel's protocol and port, inbound in enforce);
+//! - no tunnel: ESP tunnel mode between the nodes' addresses, selecting the
+//!   pod blocks (outbound toward the peer's blocks and from this node's pods
+//!   to the peer's address; `in` and `fwd` policies for what the peer sends);
+//! - blocked: a block policy, so the path is dropped, never left in clear.
 //!
-//! Outbound policies are installed toward every peer with a tunnel, even one
-//! that has not published an incarnation yet: with no SA the kernel drops
-//! the traffic rather than sending it in clear (fail closed).
+//! Each lane (family and mode) has its own SAs per installed epoch: an
+//! outbound state me→peer and an inbound state peer→me. By phase (DESIGN §6):
+//! - `off`: nothing;
+//! - `accept`: the states, plus the `in`/`fwd` tunnel policies with an
+//!   optional template (tunnel-mode ESP from a peer would otherwise be
+//!   refused as `XfrmInNoPols`, and plaintext must still pass);
+//! - `encrypt`: plus the outbound policies picking the active epoch, and
+//!   block policies for every path that cannot be protected;
+//! - `enforce`: the inbound templates become required, plus the transport
+//!   inbound policies, so plaintext from peers is refused.
+//!
+//! Outbound policies are installed toward every peer, even one that has not
+//! published an incarnation yet: with no SA the kernel drops the traffic
+//! rather than sending it in clear (fail closed).
 
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
-use super::{Dir, PolicySpec, SaSpec, Selector, PROTO_IPIP, PROTO_UDP, VXLAN_PORT};
-use crate::datastore::calico::Topology;
+use super::{Action, Dir, Lane, Mode, PolicySpec, SaSpec, Selector, Template};
+use super::{PROTO_IPIP, PROTO_UDP};
+use crate::datastore::calico::{Node, Topology};
 use crate::datastore::ipsec::{EpochRecord, EpochState, Identity, Phase};
+use crate::datastore::paths::{Path, PathKind};
 use crate::keys;
-use crate::mtu::Encapsulation;
 
 /// Why the desired state cannot be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DesiredError {
     /// This node is not a usable Calico node in the datastore.
-    #[error("node {0} is not in Calico's datastore (or has no spec.bgp.ipv4Address): check the nodename and the Node resource")]
+    #[error("node {0} is not a usable node in Calico's datastore (no Node resource, or one without spec.bgp.ipv4Address/ipv6Address, or one that shares its address): check the nodename and the Node resource")]
     UnknownNode(String),
     /// Encryption is on but no epoch is active.
     #[error("the phase is {0:?} but no key epoch is active: run `calico-ipsec keys init`, or check /calico/ipsec/v1/epochs/")]
@@ -61,42 +73,360 @@ pub struct Inputs<'a> {
     pub icv_bits: u32,
 }
 
+/// One peer's traffic in one address family (for `status` and metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathView {
+    /// "ipv4" or "ipv6".
+    pub family: &'static str,
+    /// Every path in use, either way (several when pools differ).
+    pub paths: BTreeSet<PathKind>,
+    /// Why a path is blocked, when one is.
+    pub blocked: Vec<String>,
+    /// The states desired for this peer and family.
+    #[serde(skip)]
+    pub states: Vec<(Dir, (IpAddr, u32))>,
+    /// The policies desired for this peer and family.
+    #[serde(skip)]
+    pub policies: Vec<(Dir, Selector)>,
+}
+
 /// One peer as this node sees it (for `status` and logs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PeerView {
     /// Node name.
     pub name: String,
-    /// Underlay address.
-    pub address: Ipv4Addr,
-    /// "ipip", "vxlan", or "none" (no tunnel: traffic cannot be selected).
-    pub tunnel: &'static str,
-    /// The peer's id and incarnation, once it has published them.
+    /// Underlay addresses (IPv4 first).
+    pub addresses: Vec<IpAddr>,
+    /// The peer's id, once it has published one.
     pub id: Option<u16>,
     /// The peer's incarnation (0 before it published one).
     pub incarnation: u32,
+    /// Why the peer is refused (its pods are blocked), if it is.
+    pub refused: Option<String>,
+    /// Per family.
+    pub families: Vec<PathView>,
+}
+
+/// A path no SA protects, and why (counted by `calico_ipsec_unprotected_paths`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unprotected {
+    /// The peer (or the owner of the blocks).
+    pub peer: String,
+    /// The destination blocks concerned.
+    pub blocks: Vec<IpNet>,
+    /// Why.
+    pub reason: String,
 }
 
 /// The states and policies this node should hold.
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
     /// States by (dst, spi).
-    pub states: BTreeMap<(Ipv4Addr, u32), SaSpec>,
+    pub states: BTreeMap<(IpAddr, u32), SaSpec>,
     /// Policies by (dir, selector).
     pub policies: BTreeMap<(Dir, Selector), PolicySpec>,
     /// Every peer considered.
     pub peers: Vec<PeerView>,
+    /// Paths that are blocked rather than encrypted.
+    pub unprotected: Vec<Unprotected>,
     /// Epochs whose states are installed (pending and active).
     pub installed_epochs: Vec<u32>,
     /// The epoch outbound policies pick.
     pub active_epoch: Option<u32>,
 }
 
+fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+fn any(v4: bool) -> IpNet {
+    if v4 {
+        IpNet::V4(ipnet::Ipv4Net::default())
+    } else {
+        IpNet::V6(ipnet::Ipv6Net::default())
+    }
+}
+
+/// What one (peer, family) pair needs, before phases and epochs.
+struct Pair {
+    /// Peer blocks by outbound path.
+    out: Vec<(IpNet, Path)>,
+    /// This node's blocks by the path the peer uses toward them.
+    inb: Vec<(IpNet, Path)>,
+}
+
+impl Pair {
+    fn lanes(&self, v4: bool, me: IpAddr) -> BTreeSet<Lane> {
+        let _ = v4;
+        self.out
+            .iter()
+            .chain(&self.inb)
+            .filter_map(|(_, p)| match p {
+                Path::Ipip | Path::Vxlan(_) => Some(Lane::of(me, Mode::Transport)),
+                Path::Native => Some(Lane::of(me, Mode::Tunnel)),
+                Path::Blocked(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The builder of one computation.
+struct Build<'a> {
+    i: &'a Inputs<'a>,
+    d: Desired,
+    installed: Vec<u32>,
+    active: Option<u32>,
+}
+
+impl Build<'_> {
+    fn policy(&mut self, view: &mut PathView, dir: Dir, sel: Selector, action: Action) {
+        let p = PolicySpec { dir, sel, action };
+        view.policies.push(p.key());
+        self.d.policies.insert(p.key(), p);
+    }
+
+    fn block_out(&mut self, view: &mut PathView, peer: &str, block: IpNet, reason: &str) {
+        if self.i.phase >= Phase::Encrypt {
+            let sel = Selector {
+                src: any(matches!(block, IpNet::V4(_))),
+                dst: block,
+                proto: 0,
+                dport: 0,
+            };
+            self.policy(view, Dir::Out, sel, Action::Block);
+        }
+        self.d.unprotected.push(Unprotected {
+            peer: peer.to_string(),
+            blocks: vec![block],
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The SAs of one lane with a peer, for every installed epoch.
+    #[allow(clippy::too_many_arguments)]
+    fn sas(
+        &mut self,
+        view: &mut PathView,
+        lane: Lane,
+        peer: &Node,
+        (me_ip, peer_ip): (IpAddr, IpAddr),
+        mine: Option<&Identity>,
+        theirs: Option<&Identity>,
+    ) {
+        let Some(theirs) = theirs else { return };
+        let tunnel = lane.mode() == Mode::Tunnel;
+        for epoch in self.installed.clone() {
+            let base = |dir, src, dst, spi, sender: &str, inc, receiver: &str| SaSpec {
+                dir,
+                src,
+                dst,
+                spi,
+                reqid: keys::reqid(epoch),
+                epoch,
+                sender: sender.to_string(),
+                incarnation: inc,
+                receiver: receiver.to_string(),
+                icv_bits: self.i.icv_bits,
+                lane,
+            };
+            if let Some(m) = mine {
+                let spi = keys::spi(epoch, m.incarnation, m.id, tunnel);
+                let out = base(
+                    Dir::Out,
+                    me_ip,
+                    peer_ip,
+                    spi,
+                    self.i.me,
+                    m.incarnation,
+                    &peer.name,
+                );
+                view.states.push((Dir::Out, out.key()));
+                self.d.states.insert(out.key(), out);
+            }
+            let spi = keys::spi(epoch, theirs.incarnation, theirs.id, tunnel);
+            let inb = base(
+                Dir::In,
+                peer_ip,
+                me_ip,
+                spi,
+                &peer.name,
+                theirs.incarnation,
+                self.i.me,
+            );
+            view.states.push((Dir::In, inb.key()));
+            self.d.states.insert(inb.key(), inb);
+        }
+    }
+
+    fn family(
+        &mut self,
+        me: &Node,
+        peer: &Node,
+        v4: bool,
+        refused: Option<&str>,
+    ) -> Option<PathView> {
+        let fam = |n: &Node| -> Vec<IpNet> {
+            n.blocks
+                .iter()
+                .filter(|b| matches!(b, IpNet::V4(_)) == v4)
+                .copied()
+                .collect()
+        };
+        let (peer_blocks, my_blocks) = (fam(peer), fam(me));
+        if peer_blocks.is_empty() && my_blocks.is_empty() {
+            return None;
+        }
+        let mut view = PathView {
+            family: if v4 { "ipv4" } else { "ipv6" },
+            paths: BTreeSet::new(),
+            blocked: Vec::new(),
+            states: Vec::new(),
+            policies: Vec::new(),
+        };
+        if let Some(reason) = refused {
+            for b in peer_blocks {
+                self.block_out(&mut view, &peer.name, b, reason);
+            }
+            view.paths.insert(PathKind::Blocked);
+            view.blocked.push(reason.to_string());
+            return Some(view);
+        }
+        let t = self.i.topology;
+        let pair = Pair {
+            out: peer_blocks
+                .iter()
+                .map(|b| (*b, t.path(me, peer, b)))
+                .collect(),
+            inb: my_blocks
+                .iter()
+                .map(|b| (*b, t.path(peer, me, b)))
+                .collect(),
+        };
+        for (_, p) in pair.out.iter().chain(&pair.inb) {
+            view.paths.insert(p.kind());
+            if let Path::Blocked(r) = p {
+                if !view.blocked.contains(r) {
+                    view.blocked.push(r.clone());
+                }
+            }
+        }
+        for (b, p) in &pair.out {
+            if let Path::Blocked(r) = p {
+                self.block_out(&mut view, &peer.name, *b, r);
+            }
+        }
+        let (Some(mu), Some(pu)) = (me.underlay(v4), peer.underlay(v4)) else {
+            return Some(view);
+        };
+        let (me_ip, peer_ip) = (mu.addr, pu.addr);
+        if self.i.phase == Phase::Off {
+            return Some(view);
+        }
+        let theirs = self
+            .i
+            .identities
+            .get(&peer.name)
+            .filter(|p| p.incarnation > 0);
+        let mine = self.i.my_identity.filter(|m| m.incarnation > 0);
+        for lane in pair.lanes(v4, me_ip) {
+            self.sas(&mut view, lane, peer, (me_ip, peer_ip), mine, theirs);
+        }
+        let encrypt = self.i.phase >= Phase::Encrypt;
+        let enforce = self.i.phase == Phase::Enforce;
+        let tmpl = |src, dst, mode, reqid, optional| Template {
+            src,
+            dst,
+            mode,
+            reqid,
+            optional,
+        };
+        let out_reqid = self.active.map(keys::reqid).unwrap_or(0);
+        // Transport: one selector per tunnel protocol and port, either way.
+        let outer = |src: IpAddr, dst: IpAddr, p: &Path| {
+            let (proto, dport) = match p {
+                Path::Ipip => (PROTO_IPIP, 0),
+                Path::Vxlan(port) => (PROTO_UDP, *port),
+                _ => return None,
+            };
+            Some(Selector {
+                src: host(src),
+                dst: host(dst),
+                proto,
+                dport,
+            })
+        };
+        let out_sels: BTreeSet<Selector> = pair
+            .out
+            .iter()
+            .filter_map(|(_, p)| outer(me_ip, peer_ip, p))
+            .collect();
+        let in_sels: BTreeSet<Selector> = pair
+            .inb
+            .iter()
+            .filter_map(|(_, p)| outer(peer_ip, me_ip, p))
+            .collect();
+        for sel in out_sels.into_iter().filter(|_| encrypt) {
+            let t = tmpl(me_ip, peer_ip, Mode::Transport, out_reqid, false);
+            self.policy(&mut view, Dir::Out, sel, Action::Allow(t));
+        }
+        for sel in in_sels.into_iter().filter(|_| enforce) {
+            let t = tmpl(peer_ip, me_ip, Mode::Transport, 0, false);
+            self.policy(&mut view, Dir::In, sel, Action::Allow(t));
+        }
+        // Tunnel: the pod blocks themselves.
+        if !pair
+            .lanes(v4, me_ip)
+            .contains(&Lane::of(me_ip, Mode::Tunnel))
+        {
+            return Some(view);
+        }
+        let sel = |src, dst| Selector {
+            src,
+            dst,
+            proto: 0,
+            dport: 0,
+        };
+        if encrypt {
+            let t = Action::Allow(tmpl(me_ip, peer_ip, Mode::Tunnel, out_reqid, false));
+            for (b, _) in pair.out.iter().filter(|(_, p)| *p == Path::Native) {
+                self.policy(&mut view, Dir::Out, sel(any(v4), *b), t);
+            }
+            for m in &my_blocks {
+                self.policy(&mut view, Dir::Out, sel(*m, host(peer_ip)), t);
+            }
+        }
+        let t = Action::Allow(tmpl(peer_ip, me_ip, Mode::Tunnel, 0, !enforce));
+        for (m, _) in pair.inb.iter().filter(|(_, p)| *p == Path::Native) {
+            for src in peer_blocks.iter().copied().chain([host(peer_ip)]) {
+                self.policy(&mut view, Dir::Fwd, sel(src, *m), t);
+            }
+        }
+        for p in &peer_blocks {
+            self.policy(&mut view, Dir::In, sel(*p, host(me_ip)), t);
+        }
+        Some(view)
+    }
+}
+
 impl Desired {
     /// Computes the desired state.
     pub fn compute(i: &Inputs<'_>) -> Result<Self, DesiredError> {
-        let mut d = Desired::default();
-        let me = i
-            .topology
+        let t = i.topology;
+        let ids = i
+            .identities
+            .iter()
+            .filter(|(n, _)| t.nodes.contains_key(*n))
+            .map(|(n, id)| (n.as_str(), id.id));
+        let mut refused = t.clashes(i.me, ids);
+        for (name, id) in i.identities {
+            if id.id > keys::MAX_NODE_ID && name != i.me {
+                refused.insert(
+                    name.clone(),
+                    format!("has node id {}, above {}", id.id, keys::MAX_NODE_ID),
+                );
+            }
+        }
+        let me = t
             .nodes
             .get(i.me)
             .ok_or_else(|| DesiredError::UnknownNode(i.me.to_string()))?;
@@ -112,327 +442,68 @@ impl Desired {
             .filter(|e| e.state == EpochState::Active)
             .map(|e| e.epoch)
             .max();
-        for peer in i.topology.peers(i.me) {
-            let tunnel = i.topology.encapsulation(me, peer);
-            let ident = i.identities.get(&peer.name).filter(|p| p.incarnation > 0);
-            d.peers.push(PeerView {
+        if i.phase != Phase::Off {
+            if !matches!(i.icv_bits, 64 | 96 | 128) {
+                return Err(DesiredError::BadIcv(i.icv_bits));
+            }
+            if t.cluster_guid.is_none() {
+                return Err(DesiredError::NoClusterGuid);
+            }
+            if i.phase >= Phase::Encrypt && active.is_none() {
+                return Err(DesiredError::NoActiveEpoch(i.phase));
+            }
+        }
+        let mut b = Build {
+            i,
+            d: Desired::default(),
+            installed: if i.phase == Phase::Off {
+                vec![]
+            } else {
+                installed
+            },
+            active: active.filter(|_| i.phase != Phase::Off),
+        };
+        for peer in t.peers(i.me) {
+            let why = refused.get(&peer.name).map(String::as_str);
+            let families: Vec<PathView> = [true, false]
+                .into_iter()
+                .filter_map(|v4| b.family(me, peer, v4, why))
+                .collect();
+            let ident = i.identities.get(&peer.name);
+            b.d.peers.push(PeerView {
                 name: peer.name.clone(),
-                address: peer.ipv4,
-                tunnel: match tunnel {
-                    Some(Encapsulation::Ipip) => "ipip",
-                    Some(Encapsulation::Vxlan) => "vxlan",
-                    None => "none",
-                },
-                id: i.identities.get(&peer.name).map(|p| p.id),
-                incarnation: ident.map_or(0, |p| p.incarnation),
+                addresses: [peer.ipv4, peer.ipv6]
+                    .into_iter()
+                    .flatten()
+                    .map(|u| u.addr)
+                    .collect(),
+                id: ident.map(|p| p.id),
+                incarnation: ident
+                    .filter(|p| p.incarnation > 0)
+                    .map_or(0, |p| p.incarnation),
+                refused: why.map(str::to_string),
+                families,
             });
         }
-        if i.phase == Phase::Off {
-            return Ok(d);
-        }
-        if !matches!(i.icv_bits, 64 | 96 | 128) {
-            return Err(DesiredError::BadIcv(i.icv_bits));
-        }
-        if i.topology.cluster_guid.is_none() {
-            return Err(DesiredError::NoClusterGuid);
-        }
-        if i.phase >= Phase::Encrypt && active.is_none() {
-            return Err(DesiredError::NoActiveEpoch(i.phase));
-        }
-        d.installed_epochs = installed.clone();
-        d.active_epoch = active;
-        for peer in i.topology.peers(i.me) {
-            let (proto, dport) = match i.topology.encapsulation(me, peer) {
-                Some(Encapsulation::Ipip) => (PROTO_IPIP, 0),
-                Some(Encapsulation::Vxlan) => (PROTO_UDP, VXLAN_PORT),
-                None => continue,
+        // Pods of nodes that cannot be peers: blocked, never in clear.
+        for u in &t.unusable {
+            let mut view = PathView {
+                family: "",
+                paths: BTreeSet::new(),
+                blocked: vec![],
+                states: vec![],
+                policies: vec![],
             };
-            // States only toward peers that take part (have published an
-            // incarnation): they are the ones that install our inbound SAs.
-            let peer_ident = i.identities.get(&peer.name).filter(|p| p.incarnation > 0);
-            for &epoch in installed.iter().filter(|_| peer_ident.is_some()) {
-                if let Some(mine) = i.my_identity.filter(|m| m.incarnation > 0) {
-                    let out = SaSpec {
-                        dir: Dir::Out,
-                        src: me.ipv4,
-                        dst: peer.ipv4,
-                        spi: keys::spi(epoch, mine.incarnation, mine.id),
-                        reqid: keys::reqid(epoch),
-                        epoch,
-                        sender: i.me.to_string(),
-                        incarnation: mine.incarnation,
-                        receiver: peer.name.clone(),
-                        icv_bits: i.icv_bits,
-                    };
-                    d.states.insert(out.key(), out);
-                }
-                if let Some(theirs) = peer_ident {
-                    let inb = SaSpec {
-                        dir: Dir::In,
-                        src: peer.ipv4,
-                        dst: me.ipv4,
-                        spi: keys::spi(epoch, theirs.incarnation, theirs.id),
-                        reqid: keys::reqid(epoch),
-                        epoch,
-                        sender: peer.name.clone(),
-                        incarnation: theirs.incarnation,
-                        receiver: i.me.to_string(),
-                        icv_bits: i.icv_bits,
-                    };
-                    d.states.insert(inb.key(), inb);
-                }
-            }
-            if let (true, Some(active)) = (i.phase >= Phase::Encrypt, active) {
-                let out = PolicySpec {
-                    dir: Dir::Out,
-                    sel: Selector {
-                        src: me.ipv4,
-                        dst: peer.ipv4,
-                        proto,
-                        dport,
-                    },
-                    reqid: keys::reqid(active),
-                };
-                d.policies.insert(out.key(), out);
-            }
-            if i.phase == Phase::Enforce {
-                let inb = PolicySpec {
-                    dir: Dir::In,
-                    sel: Selector {
-                        src: peer.ipv4,
-                        dst: me.ipv4,
-                        proto,
-                        dport,
-                    },
-                    reqid: 0,
-                };
-                d.policies.insert(inb.key(), inb);
+            for blk in &u.blocks {
+                b.block_out(&mut view, &u.name, *blk, &u.reason);
             }
         }
-        Ok(d)
+        b.d.installed_epochs = b.installed.clone();
+        b.d.active_epoch = b.active;
+        Ok(b.d)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::datastore::ipsec::EpochState;
-    use crate::xfrm::{Held, Plan};
-
-    fn topology() -> Topology {
-        let path = format!(
-            "{}/tests/fixtures/calico/etcd-3-nodes.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(path).expect("fixture");
-        let v: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&text).expect("JSON");
-        let kvs: Vec<(String, Vec<u8>)> = v
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::to_vec(&v).expect("compact")))
-            .collect();
-        Topology::from_kvs(kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-    }
-
-    fn epoch(n: u32, state: EpochState) -> EpochRecord {
-        EpochRecord {
-            epoch: n,
-            state,
-            created: String::new(),
-            algorithm: String::new(),
-            kek_fingerprint: String::new(),
-            sealed_secret: String::new(),
-            activated: None,
-        }
-    }
-
-    fn ids() -> BTreeMap<String, Identity> {
-        (1..=3)
-            .map(|n| {
-                (
-                    format!("node-{n}"),
-                    Identity {
-                        id: n,
-                        incarnation: 10 * u32::from(n),
-                        boot_id: String::new(),
-                    },
-                )
-            })
-            .collect()
-    }
-
-    fn compute(phase: Phase, epochs: &[EpochRecord]) -> Desired {
-        let t = topology();
-        let ids = ids();
-        Desired::compute(&Inputs {
-            topology: &t,
-            me: "node-1",
-            my_identity: ids.get("node-1"),
-            identities: &ids,
-            phase,
-            epochs,
-            icv_bits: 128,
-        })
-        .expect("computes")
-    }
-
-    #[test]
-    fn phases_add_states_then_outbound_then_inbound_policies() {
-        let epochs = [epoch(1, EpochState::Active)];
-        let off = compute(Phase::Off, &epochs);
-        assert!(off.states.is_empty() && off.policies.is_empty());
-        assert_eq!(off.peers.len(), 2);
-
-        let accept = compute(Phase::Accept, &epochs);
-        assert_eq!(
-            accept.states.len(),
-            4,
-            "an outbound and an inbound state per peer"
-        );
-        assert!(accept.policies.is_empty());
-
-        let encrypt = compute(Phase::Encrypt, &epochs);
-        assert_eq!(encrypt.states.len(), 4);
-        assert_eq!(encrypt.policies.len(), 2);
-        assert!(encrypt.policies.values().all(|p| p.dir == Dir::Out));
-
-        let enforce = compute(Phase::Enforce, &epochs);
-        assert_eq!(enforce.policies.len(), 4);
-        let inbound: Vec<_> = enforce
-            .policies
-            .values()
-            .filter(|p| p.dir == Dir::In)
-            .collect();
-        assert_eq!(inbound.len(), 2);
-        assert!(
-            inbound.iter().all(|p| p.reqid == 0),
-            "inbound accepts any epoch"
-        );
-    }
-
-    #[test]
-    fn spis_and_keys_follow_the_documented_layout() {
-        let d = compute(Phase::Encrypt, &[epoch(1, EpochState::Active)]);
-        let me = &topology().nodes["node-1"];
-        let out: Vec<_> = d.states.values().filter(|s| s.dir == Dir::Out).collect();
-        for s in &out {
-            assert_eq!(s.src, me.ipv4);
-            assert_eq!(
-                s.spi,
-                (2 << 24) | (10 << 16) | 1,
-                "epoch 1, incarnation 10, id 1"
-            );
-            assert_eq!((s.sender.as_str(), s.incarnation), ("node-1", 10));
-        }
-        let inb: Vec<_> = d.states.values().filter(|s| s.dir == Dir::In).collect();
-        let spis: Vec<u32> = inb.iter().map(|s| s.spi).collect();
-        assert_eq!(spis.len(), 2);
-        assert!(spis.contains(&((2 << 24) | (20 << 16) | 2)));
-        assert!(spis.contains(&((2 << 24) | (30 << 16) | 3)));
-        for p in d.policies.values() {
-            assert_eq!(p.sel.proto, PROTO_IPIP, "the fixture's pool is IPIP Always");
-            assert_eq!(p.reqid, keys::reqid(1));
-        }
-    }
-
-    #[test]
-    fn rotation_installs_pending_inbound_and_keeps_senders_on_active() {
-        let d = compute(
-            Phase::Enforce,
-            &[
-                epoch(1, EpochState::Retired),
-                epoch(2, EpochState::Active),
-                epoch(3, EpochState::Pending),
-            ],
-        );
-        assert_eq!(d.installed_epochs, vec![2, 3]);
-        assert_eq!(d.states.len(), 8, "2 epochs x 2 peers x 2 directions");
-        let out = d
-            .policies
-            .values()
-            .find(|p| p.dir == Dir::Out)
-            .expect("out");
-        assert_eq!(out.reqid, keys::reqid(2));
-    }
-
-    #[test]
-    fn a_peer_without_incarnation_gets_no_states_but_is_still_blocked() {
-        let t = topology();
-        let mut ids = ids();
-        ids.remove("node-3");
-        let epochs = [epoch(1, EpochState::Active)];
-        let d = Desired::compute(&Inputs {
-            topology: &t,
-            me: "node-1",
-            my_identity: ids.get("node-1"),
-            identities: &ids,
-            phase: Phase::Encrypt,
-            epochs: &epochs,
-            icv_bits: 128,
-        })
-        .expect("computes");
-        let n3 = t.nodes["node-3"].ipv4;
-        assert!(d.states.values().all(|s| s.src != n3 && s.dst != n3));
-        assert!(d.policies.values().any(|p| p.sel.dst == n3), "fail closed");
-    }
-
-    #[test]
-    fn errors_name_what_to_fix() {
-        let t = topology();
-        let ids = ids();
-        let base = Inputs {
-            topology: &t,
-            me: "node-1",
-            my_identity: ids.get("node-1"),
-            identities: &ids,
-            phase: Phase::Encrypt,
-            epochs: &[],
-            icv_bits: 128,
-        };
-        assert_eq!(
-            Desired::compute(&base).err(),
-            Some(DesiredError::NoActiveEpoch(Phase::Encrypt))
-        );
-        let unknown = Inputs {
-            me: "node-9",
-            ..base
-        };
-        assert!(matches!(
-            Desired::compute(&unknown),
-            Err(DesiredError::UnknownNode(_))
-        ));
-    }
-
-    #[test]
-    fn diff_of_what_is_held_is_empty_and_rotation_is_an_update() {
-        let e1 = [epoch(1, EpochState::Active), epoch(2, EpochState::Pending)];
-        let before = compute(Phase::Enforce, &e1);
-        let held = Held::exactly(&before);
-        assert!(Plan::diff(&before, &held).is_empty());
-
-        let e2 = [epoch(1, EpochState::Active), epoch(2, EpochState::Active)];
-        let after = compute(Phase::Enforce, &e2);
-        let plan = Plan::diff(&after, &held);
-        assert_eq!(plan.update_policies.len(), 2, "{}", plan.summary());
-        assert!(plan.add_policies.is_empty() && plan.del_policies.is_empty());
-        assert!(plan.add_states.is_empty() && plan.del_states.is_empty());
-
-        let off = compute(Phase::Off, &e2);
-        let plan = Plan::diff(&off, &held);
-        assert_eq!(plan.del_states.len(), held.states.len());
-        assert_eq!(plan.del_policies.len(), held.policies.len());
-    }
-
-    #[test]
-    fn a_state_that_differs_is_replaced() {
-        let d = compute(Phase::Accept, &[epoch(1, EpochState::Active)]);
-        let mut held = Held::exactly(&d);
-        let first = *held.states.keys().next().expect("a state");
-        if let Some(s) = held.states.get_mut(&first) {
-            s.icv_bits = 64;
-        }
-        let plan = Plan::diff(&d, &held);
-        assert_eq!(plan.replace_states.len(), 1);
-        assert_eq!(plan.writes(), 2);
-    }
-}
+#[path = "desired_tests.rs"]
+mod tests;

@@ -11,26 +11,28 @@
 //! zeroized as soon as the message is decoded, as are the receive buffer and
 //! the encoded requests; no message is ever logged.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use netlink_packet_core::{NlasIterator, NLA_TYPE_MASK};
 use netlink_packet_xfrm::{
     constants::{
-        AF_INET, IPPROTO_ESP, XFRMA_ALG_AEAD, XFRMA_TMPL, XFRM_INF, XFRM_MODE_TRANSPORT,
-        XFRM_MSG_NEWPOLICY, XFRM_MSG_NEWSA, XFRM_POLICY_ALLOW, XFRM_POLICY_IN, XFRM_POLICY_OUT,
-        XFRM_STATE_ESN,
+        AF_INET, AF_INET6, IPPROTO_ESP, XFRMA_ALG_AEAD, XFRMA_TMPL, XFRM_MODE_TRANSPORT,
+        XFRM_MODE_TUNNEL, XFRM_MSG_NEWPOLICY, XFRM_MSG_NEWSA, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD,
+        XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_STATE_ESN,
     },
-    policy::{DelGetMessage as PolicyId, ModifyMessage as PolicyMsg},
-    state::{DelGetMessage as SaId, GetDumpMessage, ModifyMessage as SaMsg},
-    Address, AlgAead, Id, LifetimeConfig, ReplayEsn, Selector as XSelector, UserPolicyId,
-    UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate, XfrmAttrs, XfrmMessage,
-    XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_INFO_LEN, XFRM_USER_TEMPLATE_LEN,
+    policy::DelGetMessage as PolicyId,
+    state::GetDumpMessage,
+    Address, UserPolicyInfo, UserSaInfo, UserTemplate, XfrmMessage, XFRM_USER_POLICY_INFO_LEN,
+    XFRM_USER_SA_INFO_LEN, XFRM_USER_TEMPLATE_LEN,
 };
-use zeroize::Zeroize;
 
-use super::{Dir, Held, KernelPolicy, KernelSa, Plan, PolicySpec, SaSpec, Selector, REPLAY_WINDOW};
-use crate::datastore::ipsec::ALGORITHM;
-use crate::keys::{is_our_reqid, SaKey, SA_KEY_LEN};
+use super::encode::{
+    del_policy_message, del_sa_message, describe_policy, describe_sa, policy_message, sa_message,
+    scrub,
+};
+use super::{Dir, Held, KernelPolicy, KernelSa, Mode, Plan, SaSpec, Selector, Template};
+use crate::keys::{is_our_reqid, SaKey};
 use crate::netlink::{NetlinkError, Socket};
 
 /// A failure talking XFRM to the kernel.
@@ -87,195 +89,25 @@ pub struct Xfrm {
     sock: Socket<XfrmMessage>,
 }
 
-fn addr(ip: Ipv4Addr) -> Address {
-    Address::from_ipv4(&ip)
-}
-
-fn infinite() -> LifetimeConfig {
-    LifetimeConfig {
-        soft_byte_limit: XFRM_INF,
-        hard_byte_limit: XFRM_INF,
-        soft_packet_limit: XFRM_INF,
-        hard_packet_limit: XFRM_INF,
-        ..Default::default()
+/// The address `a` of the kernel's family `family` (`None`: another family).
+fn ip(a: &Address, family: u16) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(a.to_ipv4())),
+        AF_INET6 => Some(IpAddr::V6(a.to_ipv6())),
+        _ => None,
     }
 }
 
-fn xdir(d: Dir) -> u8 {
-    match d {
-        Dir::In => XFRM_POLICY_IN,
-        Dir::Out => XFRM_POLICY_OUT,
+fn mode(m: u8) -> Option<Mode> {
+    match m {
+        XFRM_MODE_TRANSPORT => Some(Mode::Transport),
+        XFRM_MODE_TUNNEL => Some(Mode::Tunnel),
+        _ => None,
     }
 }
 
-fn xselector(s: &Selector) -> XSelector {
-    XSelector {
-        daddr: addr(s.dst),
-        saddr: addr(s.src),
-        dport: s.dport,
-        dport_mask: if s.dport == 0 { 0 } else { 0xffff },
-        family: AF_INET,
-        prefixlen_d: 32,
-        prefixlen_s: 32,
-        proto: s.proto,
-        ..Default::default()
-    }
-}
-
-fn describe_sa(s: &SaSpec) -> String {
-    format!(
-        "{} state {} -> {} spi 0x{:08x} (epoch {})",
-        match s.dir {
-            Dir::In => "inbound",
-            Dir::Out => "outbound",
-        },
-        s.src,
-        s.dst,
-        s.spi,
-        s.epoch
-    )
-}
-
-fn describe_policy(dir: Dir, s: &Selector) -> String {
-    let d = match dir {
-        Dir::In => "in",
-        Dir::Out => "out",
-    };
-    if s.dport == 0 {
-        format!(
-            "policy src {}/32 dst {}/32 proto {} dir {d}",
-            s.src, s.dst, s.proto
-        )
-    } else {
-        format!(
-            "policy src {}/32 dst {}/32 proto {} dport {} dir {d}",
-            s.src, s.dst, s.proto, s.dport
-        )
-    }
-}
-
-/// Builds the add request of one state around its key.
-fn sa_message(s: &SaSpec, key: &SaKey) -> XfrmMessage {
-    let mut alg_name = [0u8; 64];
-    alg_name[..ALGORITHM.len()].copy_from_slice(ALGORITHM.as_bytes());
-    let info = UserSaInfo {
-        selector: XSelector {
-            family: AF_INET,
-            ..Default::default()
-        },
-        id: Id {
-            daddr: addr(s.dst),
-            spi: s.spi,
-            proto: IPPROTO_ESP,
-        },
-        saddr: addr(s.src),
-        lifetime_cfg: infinite(),
-        reqid: s.reqid,
-        family: AF_INET,
-        mode: XFRM_MODE_TRANSPORT,
-        flags: XFRM_STATE_ESN,
-        ..Default::default()
-    };
-    let words = REPLAY_WINDOW.div_ceil(32);
-    XfrmMessage::AddSa(SaMsg {
-        user_sa_info: info,
-        nlas: vec![
-            XfrmAttrs::EncryptionAlgAead(AlgAead {
-                alg_name,
-                alg_key_len: (SA_KEY_LEN * 8) as u32,
-                alg_icv_len: s.icv_bits,
-                alg_key: key.0.expose().to_vec(),
-            }),
-            XfrmAttrs::ReplayStateEsn(ReplayEsn {
-                bmp_len: words,
-                oseq: 0,
-                seq: 0,
-                oseq_hi: 0,
-                seq_hi: 0,
-                replay_window: REPLAY_WINDOW,
-                bmp: vec![0; words as usize],
-            }),
-        ],
-    })
-}
-
-fn del_sa_message(dst: Ipv4Addr, spi: u32) -> XfrmMessage {
-    XfrmMessage::DeleteSa(SaId {
-        user_sa_id: UserSaId {
-            daddr: addr(dst),
-            spi,
-            family: AF_INET,
-            proto: IPPROTO_ESP,
-        },
-        nlas: vec![],
-    })
-}
-
-fn policy_message(p: &PolicySpec, update: bool) -> XfrmMessage {
-    let info = UserPolicyInfo {
-        selector: xselector(&p.sel),
-        lifetime_cfg: infinite(),
-        priority: super::PRIORITY,
-        direction: xdir(p.dir),
-        action: XFRM_POLICY_ALLOW,
-        ..Default::default()
-    };
-    let tmpl = UserTemplate {
-        id: Id {
-            daddr: addr(p.sel.dst),
-            spi: 0,
-            proto: IPPROTO_ESP,
-        },
-        family: AF_INET,
-        saddr: addr(p.sel.src),
-        reqid: p.reqid,
-        mode: XFRM_MODE_TRANSPORT,
-        share: 0,
-        optional: 0,
-        aalgos: !0,
-        ealgos: !0,
-        calgos: !0,
-    };
-    let msg = PolicyMsg {
-        user_policy_info: info,
-        nlas: vec![XfrmAttrs::Template(vec![tmpl])],
-    };
-    if update {
-        XfrmMessage::UpdatePolicy(msg)
-    } else {
-        XfrmMessage::AddPolicy(msg)
-    }
-}
-
-fn del_policy_message(dir: Dir, sel: &Selector) -> XfrmMessage {
-    XfrmMessage::DeletePolicy(PolicyId {
-        user_policy_id: UserPolicyId {
-            selector: xselector(sel),
-            index: 0,
-            direction: xdir(dir),
-        },
-        nlas: vec![],
-    })
-}
-
-/// Overwrites every key a message carries.
-fn scrub(msg: &mut XfrmMessage) {
-    if let XfrmMessage::AddSa(m) | XfrmMessage::UpdateSa(m) = msg {
-        for nla in &mut m.nlas {
-            match nla {
-                XfrmAttrs::EncryptionAlgAead(a) => a.alg_key.zeroize(),
-                XfrmAttrs::EncryptionAlg(a)
-                | XfrmAttrs::AuthenticationAlg(a)
-                | XfrmAttrs::CompressionAlg(a) => a.alg_key.zeroize(),
-                XfrmAttrs::AuthenticationAlgTrunc(a) => a.alg_key.zeroize(),
-                _ => {}
-            }
-        }
-    }
-}
-
-fn ipv4(a: &Address) -> Ipv4Addr {
-    a.to_ipv4()
+fn net(a: &Address, family: u16, len: u8) -> Option<IpNet> {
+    IpNet::new(ip(a, family)?, len).ok()
 }
 
 /// Reads a native-endian u32 at `at` (the caller checked the length).
@@ -295,15 +127,18 @@ const AEAD_NAME_LEN: usize = 64;
 /// key bytes are never copied (the receive buffer is zeroized afterwards).
 fn our_state(payload: &[u8]) -> Result<Option<KernelSa>, NetlinkError> {
     let i = UserSaInfo::parse(payload).map_err(|e| decode_err("state", e))?;
-    if i.id.proto != IPPROTO_ESP || i.family != AF_INET || !is_our_reqid(i.reqid) {
+    if i.id.proto != IPPROTO_ESP || !is_our_reqid(i.reqid) {
         return Ok(None);
     }
+    let (Some(src), Some(dst)) = (ip(&i.saddr, i.family), ip(&i.id.daddr, i.family)) else {
+        return Ok(None);
+    };
     let mut sa = KernelSa {
-        src: ipv4(&i.saddr),
-        dst: ipv4(&i.id.daddr),
+        src,
+        dst,
         spi: i.id.spi,
         reqid: i.reqid,
-        transport: i.mode == XFRM_MODE_TRANSPORT,
+        mode: mode(i.mode),
         aead: None,
         icv_bits: 0,
         esn: i.flags & XFRM_STATE_ESN != 0,
@@ -329,41 +164,56 @@ fn our_state(payload: &[u8]) -> Result<Option<KernelSa>, NetlinkError> {
 /// Our policy in a dumped `XFRM_MSG_NEWPOLICY` payload, if it is ours.
 fn our_policy(payload: &[u8]) -> Result<Option<KernelPolicy>, NetlinkError> {
     let i = UserPolicyInfo::parse(payload).map_err(|e| decode_err("policy", e))?;
-    if i.priority != super::PRIORITY || i.selector.family != AF_INET {
+    if i.priority != super::PRIORITY {
         return Ok(None);
     }
     let dir = match i.direction {
         XFRM_POLICY_IN => Dir::In,
         XFRM_POLICY_OUT => Dir::Out,
+        XFRM_POLICY_FWD => Dir::Fwd,
         _ => return Ok(None),
     };
     let s = &i.selector;
+    let (Some(src), Some(dst)) = (
+        net(&s.saddr, s.family, s.prefixlen_s),
+        net(&s.daddr, s.family, s.prefixlen_d),
+    ) else {
+        return Ok(None);
+    };
     let mut templates = Vec::new();
+    let mut other_templates = 0;
     let attrs = payload.get(XFRM_USER_POLICY_INFO_LEN..).unwrap_or_default();
     for nla in NlasIterator::new(attrs) {
         let nla = nla.map_err(|e| decode_err("policy attribute", e))?;
         if nla.kind() & NLA_TYPE_MASK == XFRMA_TMPL {
             for raw in nla.value().chunks_exact(XFRM_USER_TEMPLATE_LEN) {
                 let t = UserTemplate::parse(raw).map_err(|e| decode_err("template", e))?;
-                templates.push((
-                    ipv4(&t.saddr),
-                    ipv4(&t.id.daddr),
-                    t.reqid,
-                    t.id.proto == IPPROTO_ESP && t.mode == XFRM_MODE_TRANSPORT,
-                ));
+                let addrs = (ip(&t.saddr, t.family), ip(&t.id.daddr, t.family));
+                match (t.id.proto == IPPROTO_ESP, addrs, mode(t.mode)) {
+                    (true, (Some(src), Some(dst)), Some(mode)) => templates.push(Template {
+                        src,
+                        dst,
+                        mode,
+                        reqid: t.reqid,
+                        optional: t.optional != 0,
+                    }),
+                    _ => other_templates += 1,
+                }
             }
         }
     }
     Ok(Some(KernelPolicy {
         dir,
         sel: Selector {
-            src: ipv4(&s.saddr),
-            dst: ipv4(&s.daddr),
+            src,
+            dst,
             proto: s.proto,
             dport: if s.dport_mask == 0 { 0 } else { s.dport },
         },
         priority: i.priority,
+        block: i.action == XFRM_POLICY_BLOCK,
         templates,
+        other_templates,
     }))
 }
 
@@ -536,12 +386,16 @@ impl Xfrm {
                 .filter(|(j, _)| !bad.contains(j))
                 .filter_map(|(_, p)| held.policies.get(&p.key()))
                 .filter_map(|old| {
-                    let (_, _, reqid, _) = *old.templates.first()?;
+                    let action = match (old.block, old.templates.first()) {
+                        (true, _) => super::Action::Block,
+                        (false, Some(t)) => super::Action::Allow(*t),
+                        (false, None) => return None,
+                    };
                     Some(policy_message(
-                        &PolicySpec {
+                        &super::PolicySpec {
                             dir: old.dir,
                             sel: old.sel,
-                            reqid,
+                            action,
                         },
                         true,
                     ))

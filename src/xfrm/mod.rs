@@ -14,14 +14,18 @@
 //! nothing else is ever changed.
 
 pub mod desired;
+mod encode;
 pub mod kernel;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
-pub use desired::{Desired, DesiredError, Inputs, PeerView};
+use crate::keys::ALGORITHM;
+
+pub use desired::{Desired, DesiredError, Inputs, PathView, PeerView};
 
 /// The priority of every policy we install (lower wins in the kernel; this
 /// value mostly serves to recognise ours).
@@ -30,8 +34,6 @@ pub const PRIORITY: u32 = 0xCA1C;
 pub const PROTO_IPIP: u8 = 4;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
-/// Calico's VXLAN port.
-pub const VXLAN_PORT: u16 = 4789;
 /// The anti-replay window of every SA, in packets (extended sequence numbers).
 pub const REPLAY_WINDOW: u32 = 128;
 
@@ -39,34 +41,101 @@ pub const REPLAY_WINDOW: u32 = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dir {
-    /// Received by this node.
+    /// Received by this node for itself.
     In,
-    /// Sent by this node.
+    /// Sent by this node (its own or forwarded traffic).
     Out,
+    /// Received by this node and forwarded (to a local pod).
+    Fwd,
 }
 
-/// Which tunnel packets a policy matches: node to node, one protocol.
+/// ESP mode of an SA or a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The node-to-node packet (IPIP or VXLAN) is protected as it is.
+    Transport,
+    /// The pod packet is wrapped in a new outer header between the nodes.
+    Tunnel,
+}
+
+/// Which packets a policy matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Selector {
-    /// Source node address (/32).
-    pub src: Ipv4Addr,
-    /// Destination node address (/32).
-    pub dst: Ipv4Addr,
-    /// IP protocol: 4 (IPIP) or 17 (UDP).
+    /// Source network.
+    pub src: IpNet,
+    /// Destination network (same family as `src`).
+    pub dst: IpNet,
+    /// IP protocol (4 IPIP, 17 UDP), 0 for any.
     pub proto: u8,
-    /// Destination port for UDP (4789), 0 for any.
+    /// Destination port for UDP, 0 for any.
     pub dport: u16,
 }
 
-/// One ESP transport-mode SA we want, without its key.
+/// The ESP template of an allowing policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Template {
+    /// Tunnel source (the sending node).
+    pub src: IpAddr,
+    /// Tunnel destination (the receiving node).
+    pub dst: IpAddr,
+    /// Transport or tunnel.
+    pub mode: Mode,
+    /// The epoch's reqid when outbound, 0 (any installed epoch) inbound.
+    pub reqid: u32,
+    /// Plaintext may also pass (inbound tunnel policies before enforce).
+    pub optional: bool,
+}
+
+/// One SA lane between two nodes: an address family and a mode. Each lane
+/// has its own SAs, SPIs and keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lane {
+    /// IPv4 outer, transport mode (IPIP and VXLAN over IPv4).
+    V4Transport,
+    /// IPv4 outer, tunnel mode (IPv4 pods without a tunnel).
+    V4Tunnel,
+    /// IPv6 outer, transport mode (VXLAN over IPv6).
+    V6Transport,
+    /// IPv6 outer, tunnel mode (IPv6 pods without a tunnel).
+    V6Tunnel,
+}
+
+impl Lane {
+    /// The lane of `mode` between addresses of the family of `ip`.
+    pub fn of(ip: IpAddr, mode: Mode) -> Self {
+        match (ip.is_ipv4(), mode) {
+            (true, Mode::Transport) => Self::V4Transport,
+            (true, Mode::Tunnel) => Self::V4Tunnel,
+            (false, Mode::Transport) => Self::V6Transport,
+            (false, Mode::Tunnel) => Self::V6Tunnel,
+        }
+    }
+
+    /// The lane's number in key derivations and SPIs (0 to 3).
+    pub fn index(self) -> u8 {
+        self as u8
+    }
+
+    /// The lane's mode.
+    pub fn mode(self) -> Mode {
+        match self {
+            Self::V4Transport | Self::V6Transport => Mode::Transport,
+            Self::V4Tunnel | Self::V6Tunnel => Mode::Tunnel,
+        }
+    }
+}
+
+/// One ESP SA we want, without its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SaSpec {
     /// Outbound (this node sends) or inbound.
     pub dir: Dir,
     /// Sender address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Receiver address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// Security parameter index.
     pub spi: u32,
     /// The epoch's reqid.
@@ -81,13 +150,25 @@ pub struct SaSpec {
     pub receiver: String,
     /// ICV length in bits.
     pub icv_bits: u32,
+    /// Family and mode.
+    pub lane: Lane,
 }
 
 impl SaSpec {
     /// The kernel's identity of a state: destination and SPI (proto is ESP).
-    pub fn key(&self) -> (Ipv4Addr, u32) {
+    pub fn key(&self) -> (IpAddr, u32) {
         (self.dst, self.spi)
     }
+}
+
+/// What a policy does with the packets it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Protect them with the template's SA.
+    Allow(Template),
+    /// Drop them: a path that cannot be protected (fail closed).
+    Block,
 }
 
 /// One policy we want.
@@ -97,9 +178,8 @@ pub struct PolicySpec {
     pub dir: Dir,
     /// The traffic it matches.
     pub sel: Selector,
-    /// The template's reqid: the active epoch's when outbound, 0 (any
-    /// installed epoch) when inbound.
-    pub reqid: u32,
+    /// What happens to it.
+    pub action: Action,
 }
 
 impl PolicySpec {
@@ -113,15 +193,15 @@ impl PolicySpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSa {
     /// Sender address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Receiver address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// SPI.
     pub spi: u32,
     /// reqid.
     pub reqid: u32,
-    /// True when transport mode.
-    pub transport: bool,
+    /// Transport or tunnel (`None`: another mode).
+    pub mode: Option<Mode>,
     /// AEAD algorithm name, if the state has one.
     pub aead: Option<String>,
     /// ICV length in bits.
@@ -141,15 +221,29 @@ impl KernelSa {
             && self.dst == spec.dst
             && self.spi == spec.spi
             && self.reqid == spec.reqid
-            && self.transport
-            && self.aead.as_deref() == Some(crate::datastore::ipsec::ALGORITHM)
+            && self.mode == Some(spec.lane.mode())
+            && self.aead.as_deref() == Some(ALGORITHM)
             && self.icv_bits == spec.icv_bits
             && self.esn
+    }
+
+    /// The terms [`KernelSa::matches`] compares, for digests (not packets).
+    pub fn terms(&self) -> impl std::hash::Hash + '_ {
+        (
+            self.src,
+            self.dst,
+            self.spi,
+            self.reqid,
+            self.mode,
+            self.aead.as_deref(),
+            self.icv_bits,
+            self.esn,
+        )
     }
 }
 
 /// A policy as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KernelPolicy {
     /// Direction.
     pub dir: Dir,
@@ -157,18 +251,43 @@ pub struct KernelPolicy {
     pub sel: Selector,
     /// Priority.
     pub priority: u32,
-    /// Templates as (src, dst, reqid, is ESP transport).
-    pub templates: Vec<(Ipv4Addr, Ipv4Addr, u32, bool)>,
+    /// True when the action is block.
+    pub block: bool,
+    /// ESP templates (anything else the policy carries is left out, so it
+    /// never matches a spec).
+    pub templates: Vec<Template>,
+    /// Templates of another protocol than ESP.
+    pub other_templates: usize,
 }
 
 impl KernelPolicy {
     /// Whether the policy is what `spec` asks for.
     pub fn matches(&self, spec: &PolicySpec) -> bool {
-        let want = (spec.sel.src, spec.sel.dst, spec.reqid, true);
-        self.dir == spec.dir
+        let shape_ok = self.dir == spec.dir
             && self.sel == spec.sel
             && self.priority == PRIORITY
-            && self.templates == [want]
+            && self.other_templates == 0;
+        shape_ok
+            && match spec.action {
+                Action::Block => self.block && self.templates.is_empty(),
+                Action::Allow(t) => !self.block && self.templates == [t],
+            }
+    }
+
+    /// The kernel's policy for a spec (what the kernel holds once it is added).
+    pub fn of(p: &PolicySpec) -> Self {
+        let (block, templates) = match p.action {
+            Action::Block => (true, vec![]),
+            Action::Allow(t) => (false, vec![t]),
+        };
+        Self {
+            dir: p.dir,
+            sel: p.sel,
+            priority: PRIORITY,
+            block,
+            templates,
+            other_templates: 0,
+        }
     }
 }
 
@@ -176,7 +295,7 @@ impl KernelPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct Held {
     /// Our states, by (dst, spi).
-    pub states: BTreeMap<(Ipv4Addr, u32), KernelSa>,
+    pub states: BTreeMap<(IpAddr, u32), KernelSa>,
     /// Our policies, by (dir, selector).
     pub policies: BTreeMap<(Dir, Selector), KernelPolicy>,
 }
@@ -194,8 +313,8 @@ impl Held {
                     dst: s.dst,
                     spi: s.spi,
                     reqid: s.reqid,
-                    transport: true,
-                    aead: Some(crate::datastore::ipsec::ALGORITHM.into()),
+                    mode: Some(s.lane.mode()),
+                    aead: Some(ALGORITHM.into()),
                     icv_bits: s.icv_bits,
                     esn: true,
                     packets: 0,
@@ -206,17 +325,14 @@ impl Held {
         let policies = d
             .policies
             .values()
-            .map(|p| {
-                let kp = KernelPolicy {
-                    dir: p.dir,
-                    sel: p.sel,
-                    priority: PRIORITY,
-                    templates: vec![(p.sel.src, p.sel.dst, p.reqid, true)],
-                };
-                (p.key(), kp)
-            })
+            .map(|p| (p.key(), KernelPolicy::of(p)))
             .collect();
         Self { states, policies }
+    }
+
+    /// True when the kernel holds nothing of ours.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.policies.is_empty()
     }
 }
 
@@ -229,7 +345,7 @@ pub struct Plan {
     /// added again.
     pub replace_states: Vec<SaSpec>,
     /// States to delete, by (dst, spi).
-    pub del_states: Vec<(Ipv4Addr, u32)>,
+    pub del_states: Vec<(IpAddr, u32)>,
     /// Policies to add.
     pub add_policies: Vec<PolicySpec>,
     /// Policies to switch in place (one atomic XFRM_MSG_UPDPOLICY each).
