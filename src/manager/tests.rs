@@ -1,7 +1,7 @@
 //! Unit tests of [`super::decide`].
 
 use super::*;
-use crate::datastore::ipsec;
+use crate::datastore::ipsec::{self, EpochRecord, NodeStatus};
 
 fn epoch(n: u32, state: EpochState, activated: Option<u64>) -> (EpochRecord, i64) {
     (
