@@ -13,11 +13,13 @@ HOST_BIN     := target/release/calico-ipsec
 VM_BIN        = $$(if [ -x $(BIN) ]; then echo $(CURDIR)/$(BIN); else echo $(CURDIR)/$(HOST_BIN); fi)
 FUZZ_SECONDS ?= 60
 
-# Debian packages the build and the tests need (see DESIGN §7).
+# Debian packages the build and the tests need (see DESIGN §7); prometheus
+# brings promtool, which checks both /metrics endpoints in `make unit`.
 APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
 	musl-tools iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
-	qemu-system-x86 linux-image-amd64 python3-venv python3-cryptography
+	qemu-system-x86 linux-image-amd64 python3-venv python3-cryptography \
+	prometheus
 
 # The manifest validator (PyPI; Debian packages none with the Kubernetes schemas).
 VALIDATOR_VERSION := 1.37.0

@@ -1,5 +1,5 @@
 //! Prometheus text exposition and a minimal HTTP/1.1 endpoint for
-//! `/metrics` and `/healthz`, shared by the agent and the manager.
+//! `/metrics` and the health probes, shared by the agent and the manager.
 //!
 //! The endpoint answers GET only, one request per connection, and never
 //! reads more than a small header; it serves numbers and names, never keys.
@@ -87,6 +87,11 @@ impl Exposition {
     /// A whole gauge family with a single unlabelled sample.
     pub fn gauge(&mut self, name: &str, help: &str, v: f64) -> &mut Self {
         self.family(name, "gauge", help).sample(name, &[], v)
+    }
+
+    /// A whole counter family with a single unlabelled sample (its name ends in `_total`).
+    pub fn counter(&mut self, name: &str, help: &str, v: f64) -> &mut Self {
+        self.family(name, "counter", help).sample(name, &[], v)
     }
 
     /// A whole histogram family.

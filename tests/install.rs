@@ -168,12 +168,18 @@ fn fixture_install_is_exact_idempotent_and_uninstall_restores_the_bytes() {
     assert!(r.ok && r.stdout.contains("unchanged"), "{}", r.stdout);
     assert_eq!(stamp(&path), before, "a second uninstall writes nothing");
 
-    // No temp files left behind.
+    // No temp files left behind; only uninstall's mark, which tells a
+    // running agent not to put the entry back.
     let names: Vec<_> = std::fs::read_dir(node.conf_dir())
         .expect("ls")
         .map(|e| e.expect("entry").file_name())
+        .filter(|n| n != "calico-ipsec")
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
+    let marker = node.conf_dir().join("calico-ipsec/uninstalled");
+    assert!(marker.exists(), "uninstall leaves its mark");
+    assert!(node.install(&[]).ok);
+    assert!(!marker.exists(), "install removes the mark");
 }
 
 #[test]

@@ -51,5 +51,16 @@ for i in "${!broken[@]}"; do
 	fi
 done
 
+# The probes ask the endpoints that tell the truth: /livez for liveness,
+# /readyz for readiness, on both the agent and the manager.
+for probe in livenessProbe:/livez readinessProbe:/readyz; do
+	n=$(grep -A2 -E "^ *${probe%%:*}:" "$manifest" | grep -c "path: ${probe#*:}\$")
+	if [ "$n" -eq 2 ]; then
+		ok "the agent's and the manager's ${probe%%:*} ask ${probe#*:}"
+	else
+		fail "expected 2 ${probe%%:*} on ${probe#*:}, found $n"
+	fi
+done
+
 echo "manifests: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -11,12 +11,17 @@
 //! - A shutdown (SIGTERM, SIGINT) leaves the kernel state and the lease as
 //!   they are: a restart within the lease's TTL is invisible to the manager.
 //!
-//! It serves `/metrics` and `/healthz`.
+//! - It keeps our entry in Calico's conflist ([`conflist_watch`]).
+//!
+//! It serves `/metrics`, `/livez`, `/readyz` and `/healthz` ([`health`]).
 
+pub mod conflist_watch;
+mod health;
 pub mod watch;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,8 +40,13 @@ use watch::{Change, WatchMsg};
 pub struct AgentOptions {
     /// The plugin's settings (etcd, node name, KEK, state directory).
     pub cfg: PluginConfig,
-    /// Where to serve `/metrics` and `/healthz`; `None` serves nothing.
+    /// Where to serve `/metrics` and the probes; `None` serves nothing.
     pub listen: Option<SocketAddr>,
+    /// The CNI config directory whose Calico conflist must keep our entry;
+    /// `None` leaves the conflist alone.
+    pub conf_dir: Option<PathBuf>,
+    /// How long etcd may be unreachable before `/readyz` fails.
+    pub stale_grace: Duration,
     /// TTL of the lease the status record is bound to, in seconds.
     pub lease_ttl: i64,
     /// Full re-convergence period even without events.
@@ -60,7 +70,10 @@ struct State {
     node: String,
     stale: bool,
     stale_reason: Option<String>,
+    stale_since: Option<Instant>,
     last_success: Option<u64>,
+    last_success_at: Option<Instant>,
+    converge_error: Option<String>,
     last_loop: Instant,
     report: Option<Report>,
     converge_seconds: Histogram,
@@ -68,6 +81,28 @@ struct State {
     watch_restarts: u64,
     lease: Option<i64>,
     addresses: Vec<std::net::IpAddr>,
+}
+
+impl State {
+    /// Nothing known yet: stale until etcd answers.
+    fn new(node: String) -> Self {
+        State {
+            node,
+            stale: true,
+            stale_reason: Some("not yet connected to etcd".into()),
+            stale_since: Some(Instant::now()),
+            last_success: None,
+            last_success_at: None,
+            converge_error: None,
+            last_loop: Instant::now(),
+            report: None,
+            converge_seconds: Histogram::new(&CONVERGE_BUCKETS),
+            converge_failures: 0,
+            watch_restarts: 0,
+            lease: None,
+            addresses: Vec::new(),
+        }
+    }
 }
 
 /// Buckets of the convergence histogram, in seconds.
@@ -83,26 +118,28 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let state = Arc::new(Mutex::new(State {
-            node: node.clone(),
-            stale: true,
-            stale_reason: Some("not yet connected to etcd".into()),
-            last_success: None,
-            last_loop: Instant::now(),
-            report: None,
-            converge_seconds: Histogram::new(&CONVERGE_BUCKETS),
-            converge_failures: 0,
-            watch_restarts: 0,
-            lease: None,
-            addresses: Vec::new(),
-        }));
+        let state = Arc::new(Mutex::new(State::new(node.clone())));
+        let repairs = match &opts.conf_dir {
+            Some(dir) => {
+                let stats = Arc::new(conflist_watch::RepairStats::default());
+                conflist_watch::spawn(dir.clone(), Arc::clone(&stats))?;
+                tracing::info!(dir = %dir.display(), "keeping the calico-ipsec entry in Calico's conflist");
+                Some(stats)
+            }
+            None => None,
+        };
         if let Some(addr) = opts.listen {
             let listener = crate::metrics::bind(addr).await?;
             let st = Arc::clone(&state);
-            let ttl = opts.lease_ttl;
-            let handler = Arc::new(move |path: &str| handle(&st, path, ttl));
+            let probes = health::Probes {
+                ttl: opts.lease_ttl,
+                resync: opts.resync,
+                stale_grace: opts.stale_grace,
+                repairs,
+            };
+            let handler = Arc::new(move |path: &str| health::handle(&st, path, &probes));
             tokio::spawn(crate::metrics::serve(listener, handler));
-            tracing::info!(%addr, "serving /metrics and /healthz");
+            tracing::info!(%addr, "serving /metrics, /livez, /readyz and /healthz");
         }
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
@@ -151,6 +188,8 @@ async fn connect(opts: &AgentOptions, state: &Mutex<State>) -> Etcd {
             Ok(e) => return e,
             Err(e) => {
                 mark_stale(state, &e.to_string());
+                // Still alive: etcd being away is no reason to restart.
+                lock(state).last_loop = Instant::now();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -165,6 +204,9 @@ fn mark_stale(state: &Mutex<State>, reason: &str) {
             reason,
             "etcd is unreachable: keeping the last known good XFRM state (stale)"
         );
+    }
+    if !s.stale || s.stale_since.is_none() {
+        s.stale_since = Some(Instant::now());
     }
     s.stale = true;
     s.stale_reason = Some(reason.to_string());
@@ -224,6 +266,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                         tracing::info!("etcd answers again");
                         s.stale = false;
                         s.stale_reason = None;
+                        s.stale_since = None;
                     }
                 }
                 // Publish again after a lost lease, and refresh the record's
@@ -255,7 +298,10 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "the datastore holds a malformed record; keeping the current XFRM state");
-                lock(&state).converge_failures += 1;
+                let mut s = lock(&state);
+                s.converge_failures += 1;
+                s.converge_error = Some(format!("the datastore holds a malformed record: {e}"));
+                drop(s);
                 pending = None;
                 continue;
             }
@@ -280,8 +326,18 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                     let mut s = lock(&state);
                     s.converge_seconds.observe(took.as_secs_f64());
                     s.last_success = Some(now_unix());
+                    s.last_success_at = Some(Instant::now());
+                    s.converge_error = None;
+                    // A convergence may keep the kernel as it was because
+                    // etcd cannot be followed (stale, with the reason).
+                    let was_stale = s.stale;
                     s.stale = report.stale.is_some();
                     s.stale_reason = report.stale.clone();
+                    if !s.stale {
+                        s.stale_since = None;
+                    } else if !was_stale || s.stale_since.is_none() {
+                        s.stale_since = Some(Instant::now());
+                    }
                     s.report = Some(report.clone());
                 }
                 if report.writes > 0 {
@@ -311,7 +367,10 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 } else {
                     tracing::error!(error = %e, "convergence failed; the current XFRM state is kept; retrying in 1s");
                 }
-                lock(&state).converge_failures += 1;
+                let mut s = lock(&state);
+                s.converge_failures += 1;
+                s.converge_error = Some(e.to_string());
+                drop(s);
                 retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
             }
         }
@@ -481,33 +540,7 @@ async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool> {
     }
 }
 
-/// Answers `/metrics` and `/healthz`.
-fn handle(state: &Mutex<State>, path: &str, ttl: i64) -> crate::metrics::Reply {
-    match path {
-        "/healthz" => {
-            let s = lock(state);
-            // The loop wakes at least every heartbeat (a third of the TTL).
-            let wedged = s.last_loop.elapsed()
-                > Duration::from_secs(u64::try_from(ttl).unwrap_or(30).max(3) * 2);
-            if wedged {
-                (503, "the agent's loop has not run recently\n".into())
-            } else if s.stale {
-                (
-                    200,
-                    format!(
-                        "ok (stale: {})\n",
-                        s.stale_reason.as_deref().unwrap_or("etcd unreachable")
-                    ),
-                )
-            } else {
-                (200, "ok\n".into())
-            }
-        }
-        "/metrics" => (200, render(state)),
-        _ => (404, "not found: try /metrics or /healthz\n".into()),
-    }
-}
-
+/// The agent's metrics (the conflist watcher's are added by [`health`]).
 fn render(state: &Mutex<State>) -> String {
     // Read the kernel outside the lock.
     let held = crate::xfrm::kernel::Xfrm::open()
@@ -605,7 +638,7 @@ fn render(state: &Mutex<State>) -> String {
         "Time from an etcd change to the node's kernel matching it",
         &s.converge_seconds,
     );
-    e.gauge(
+    e.counter(
         "calico_ipsec_converge_failures_total",
         "Convergences that failed (the XFRM state was kept)",
         s.converge_failures as f64,
@@ -620,7 +653,7 @@ fn render(state: &Mutex<State>) -> String {
         "1 when etcd answers, 0 while the agent is stale",
         if s.stale { 0.0 } else { 1.0 },
     );
-    e.gauge(
+    e.counter(
         "calico_ipsec_watch_restarts_total",
         "etcd watches that were lost and resumed",
         s.watch_restarts as f64,

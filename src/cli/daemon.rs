@@ -22,18 +22,25 @@ pub struct AgentArgs {
     /// absent, the first *.conflist in --conf-dir holding one is used.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Where Calico's conflist lives.
+    /// Where Calico's conflist lives. Without --config, the agent also keeps
+    /// our entry in it: when calico-node rewrites the file, the entry is put back.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub conf_dir: PathBuf,
+    /// Leave Calico's conflist alone even when it loses our entry.
+    #[arg(long)]
+    pub no_conflist_repair: bool,
     /// The KEK file; overrides the entry's kek_file.
     #[arg(long)]
     pub kek_file: Option<PathBuf>,
     /// This node's name; overrides the entry's nodename.
     #[arg(long, env = "NODENAME")]
     pub nodename: Option<String>,
-    /// Address for /metrics and /healthz ("none" to serve nothing).
+    /// Address for /metrics, /livez and /readyz ("none" to serve nothing).
     #[arg(long, default_value = "0.0.0.0:9094")]
     pub listen: String,
+    /// How long etcd may be unreachable before /readyz fails, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub stale_grace_seconds: u64,
     /// TTL of the status record's lease, in seconds.
     #[arg(long, default_value_t = 30)]
     pub lease_ttl_seconds: i64,
@@ -54,7 +61,7 @@ pub struct ManagerArgs {
     /// This manager's name in the leader record (default: POD_NAME, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub id: Option<String>,
-    /// Address for /metrics and /healthz ("none" to serve nothing).
+    /// Address for /metrics, /livez and /readyz ("none" to serve nothing).
     #[arg(long, default_value = "0.0.0.0:9095")]
     pub listen: String,
     /// TTL of the leadership lease, in seconds: how long a dead leader blocks.
@@ -113,7 +120,21 @@ fn find_entry(config: Option<&Path>, dir: &Path) -> Result<PluginConfig, CliErro
 
 /// Runs `calico-ipsec agent`.
 pub fn exec_agent(args: &AgentArgs) -> Result<(), CliError> {
-    let mut cfg = find_entry(args.config.as_deref(), &args.conf_dir)?;
+    let repair = args.config.is_none() && !args.no_conflist_repair;
+    let mut cfg = match find_entry(args.config.as_deref(), &args.conf_dir) {
+        // calico-node may have rewritten the conflist since `install` ran.
+        Err(e) if repair => {
+            use crate::agent::conflist_watch::{Outcome, Repairer};
+            match Repairer::new(&args.conf_dir).check() {
+                Ok(Outcome::Repaired(path)) => {
+                    tracing::warn!(conflist = %path.display(), "the conflist had lost the calico-ipsec entry; put it back as install writes it");
+                    find_entry(None, &args.conf_dir)?
+                }
+                _ => return Err(e),
+            }
+        }
+        r => r?,
+    };
     if let Some(k) = &args.kek_file {
         cfg.kek_file = k.clone();
     }
@@ -127,6 +148,8 @@ pub fn exec_agent(args: &AgentArgs) -> Result<(), CliError> {
     let opts = crate::agent::AgentOptions {
         cfg,
         listen: listen_addr(&args.listen)?,
+        conf_dir: repair.then(|| args.conf_dir.clone()),
+        stale_grace: Duration::from_secs(args.stale_grace_seconds),
         lease_ttl: args.lease_ttl_seconds.max(2),
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
@@ -169,20 +192,40 @@ pub fn exec_phase(args: &PhaseArgs, target: Phase, out: &mut dyn Write) -> Resul
             name(cfg.phase)
         )?;
         if args.wait {
-            let cfg = crate::manager::wait_for_phase(
-                &etcd,
-                Duration::from_secs(args.timeout_seconds),
-            )
-            .await?;
-            if cfg.phase != cfg.target_phase {
-                return Err(CliError::Io(std::io::Error::other(format!(
-                    "the cluster is still at phase {} after {}s (is a manager running? see `calico-ipsec status` on the nodes)",
-                    name(cfg.phase),
-                    args.timeout_seconds
-                ))));
-            }
-            writeln!(out, "phase {} reached", name(cfg.phase))?;
+            wait_for_target(&etcd, args.timeout_seconds, out).await?;
         }
         Ok(())
     })
+}
+
+/// Waits until the phase reaches the target, printing what the manager
+/// says it waits for whenever that changes; on timeout, fails with it.
+async fn wait_for_target(etcd: &Etcd, timeout: u64, out: &mut dyn Write) -> Result<(), CliError> {
+    let name = |p: Phase| format!("{p:?}").to_lowercase();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let mut said = String::new();
+    let mut asked = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let cfg = crate::manager::wait_for_phase(etcd, Duration::ZERO).await?;
+        if cfg.phase == cfg.target_phase {
+            writeln!(out, "phase {} reached", name(cfg.phase))?;
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= asked || now >= deadline {
+            asked = now + Duration::from_secs(2);
+            let why = crate::manager::explain(etcd).await?;
+            if now >= deadline {
+                return Err(CliError::Io(std::io::Error::other(format!(
+                    "the cluster is still at phase {} after {timeout}s: {why}",
+                    name(cfg.phase)
+                ))));
+            }
+            if why != said {
+                writeln!(out, "phase {}: {why}", name(cfg.phase))?;
+                said = why;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -52,9 +52,29 @@ pub struct UninstallArgs {
     /// The CNI config directory; our entry is removed from every `*.conflist` in it.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub conf_dir: PathBuf,
-    /// Also remove the KEK file named by our entry's `kek_file`.
+    /// Also remove BIN_DIR/calico-ipsec (the binary `install --bin-dir` copied);
+    /// only once no pod created with the entry remains (a runtime that caches
+    /// the config runs our DEL for them).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Also remove the KEK file named by our entry's `kek_file` (and by --kek-file).
     #[arg(long)]
     pub remove_kek: bool,
+    /// With --remove-kek, the KEK file to remove even when no entry names it.
+    #[arg(long)]
+    pub kek_file: Option<String>,
+    /// Accepted so that uninstall takes install's command line; ignored (the source is not ours).
+    #[arg(long)]
+    pub kek_from: Option<PathBuf>,
+    /// Accepted so that uninstall takes install's command line; ignored (uninstall reads no datastore).
+    #[arg(long)]
+    pub skip_datastore_check: bool,
+    /// Accepted so that uninstall takes install's command line; ignored.
+    #[arg(long, default_value_t = 2000)]
+    pub etcd_timeout_ms: u64,
+    /// Accepted so that uninstall takes install's command line; ignored.
+    #[arg(long, default_value = "/sys/class/net", hide = true)]
+    pub sys_class_net: PathBuf,
     /// Print each conflist as it would be written, and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -96,6 +116,7 @@ pub fn exec_install(args: &InstallArgs, out: &mut dyn Write) -> Result<(), CliEr
 
     let opts = InstallOptions {
         kek_file: args.kek_file.clone(),
+        ..InstallOptions::default()
     };
     let edit = inst::plan_install(&text, &opts).map_err(conflist_err(&path))?;
     if args.dry_run {
@@ -125,6 +146,8 @@ pub fn exec_install(args: &InstallArgs, out: &mut dyn Write) -> Result<(), CliEr
             text
         }
     };
+    // The agent keeps the entry in place again.
+    inst::remove_file(&inst::uninstalled_marker(&args.conf_dir))?;
 
     if let Some(src) = &args.kek_from {
         let kek_file = conflist::our_kek_file(&new_text)
@@ -232,7 +255,11 @@ pub fn exec_uninstall(args: &UninstallArgs, out: &mut dyn Write) -> Result<(), C
             }
         }
     }
+    if !args.dry_run {
+        mark_uninstalled(&args.conf_dir)?;
+    }
     let mut removed_any = false;
+    let mut keks: Vec<String> = args.kek_file.iter().cloned().collect();
     for path in inst::conflists(&args.conf_dir)? {
         let text = read(&path)?;
         // Files that are not ours to judge (malformed, not a conflist) are left alone.
@@ -256,10 +283,21 @@ pub fn exec_uninstall(args: &UninstallArgs, out: &mut dyn Write) -> Result<(), C
         removed_any = true;
         tracing::info!(conflist = %path.display(), "removed the calico-ipsec entry");
         writeln!(out, "removed: calico-ipsec entry from {}", path.display())?;
-        if let (true, Some(kek)) = (args.remove_kek, kek) {
+        keks.extend(kek);
+    }
+    if args.remove_kek && !args.dry_run {
+        keks.sort();
+        keks.dedup();
+        for kek in keks {
             if inst::remove_file(Path::new(&kek))? == Outcome::Removed {
                 writeln!(out, "removed: KEK {kek}")?;
             }
+        }
+    }
+    if let (Some(bin_dir), false) = (&args.bin_dir, args.dry_run) {
+        let bin = bin_dir.join(inst::PLUGIN_TYPE);
+        if inst::remove_file(&bin)? == Outcome::Removed {
+            writeln!(out, "removed: {}", bin.display())?;
         }
     }
     if !removed_any && !args.dry_run {
@@ -270,4 +308,21 @@ pub fn exec_uninstall(args: &UninstallArgs, out: &mut dyn Write) -> Result<(), C
         )?;
     }
     Ok(())
+}
+
+/// Leaves the mark that stops a running agent from putting the entry back,
+/// before any entry is removed.
+fn mark_uninstalled(conf_dir: &Path) -> Result<(), InstallFileError> {
+    let marker = inst::uninstalled_marker(conf_dir);
+    if let Some(dir) = marker.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| InstallFileError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    inst::write_atomic(
+        &marker,
+        b"`calico-ipsec uninstall` ran: the agent does not put its conflist entry back; `calico-ipsec install` removes this file\n",
+        0o644,
+    )
 }

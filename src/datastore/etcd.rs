@@ -334,6 +334,27 @@ impl Etcd {
         Ok((rev, kvs))
     }
 
+    /// Reads every key under `prefix` with the lease each is bound to (0: none).
+    pub async fn get_prefix_leased(&self, prefix: &str) -> Result<Vec<(Kv, i64)>, EtcdError> {
+        let mut kv = self.kv();
+        let opts = GetOptions::new().with_prefix();
+        let resp = self
+            .bounded(&format!("get {prefix}*"), kv.get(prefix, Some(opts)))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let item = Kv {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                };
+                (item, kv.lease())
+            })
+            .collect())
+    }
+
     /// Reads one key.
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
         let mut kv = self.kv();

@@ -180,6 +180,22 @@ pub struct NodeStatus {
     pub identities: String,
 }
 
+/// The status records under `nodes/`, sorted by what they can tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatuses {
+    /// Well-formed records under a lease: the live nodes.
+    pub live: Vec<(String, NodeStatus)>,
+    /// Records under a lease that do not parse: (node, why).
+    pub unreadable: Vec<(String, String)>,
+    /// Records bound to no lease (not an agent's): ignored.
+    pub unleased: Vec<String>,
+}
+
+/// The key of the leader's published status (bound to the leader's lease).
+pub fn manager_status_key() -> String {
+    format!("{PREFIX}manager/status")
+}
+
 /// A short digest of every node's (name, id, incarnation), the same on
 /// every node that has seen the same identity records.
 pub fn identities_digest(ids: &std::collections::BTreeMap<String, Identity>) -> String {
@@ -584,16 +600,29 @@ impl<'a> IpsecStore<'a> {
             .collect())
     }
 
-    /// Every live node's status.
+    /// Every live node's status: well-formed records under a lease.
     pub async fn statuses(&self) -> Result<Vec<(String, NodeStatus)>, IpsecStoreError> {
+        Ok(self.node_statuses().await?.live)
+    }
+
+    /// Every status record, sorted into live, unreadable and unleased.
+    pub async fn node_statuses(&self) -> Result<NodeStatuses, IpsecStoreError> {
         let prefix = format!("{PREFIX}nodes/");
-        let (_, kvs) = self.etcd.get_prefix(&prefix, false).await?;
-        kvs.iter()
-            .map(|kv| {
-                let name = kv.key.trim_start_matches(&prefix).to_string();
-                decode(&kv.key, &kv.value).map(|s| (name, s))
-            })
-            .collect()
+        let mut out = NodeStatuses::default();
+        for (kv, lease) in self.etcd.get_prefix_leased(&prefix).await? {
+            let name = kv.key.trim_start_matches(&prefix).to_string();
+            if lease == 0 {
+                // An agent always writes under its lease: this record would
+                // never expire, so it cannot vouch for a live node.
+                out.unleased.push(name);
+                continue;
+            }
+            match decode::<NodeStatus>(&kv.key, &kv.value) {
+                Ok(s) => out.live.push((name, s)),
+                Err(e) => out.unreadable.push((name, e.to_string())),
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -30,6 +30,10 @@ pub struct InstallOptions {
     /// `kek_file` for our entry; the default path when `None`. An existing
     /// entry keeps its own value unless this is set.
     pub kek_file: Option<String>,
+    /// The entry to put back when the file holds none of ours (the agent's
+    /// last-seen entry, after Calico rewrote the file); Calico's etcd fields
+    /// are still copied into it.
+    pub restore: Option<Map<String, Value>>,
 }
 
 /// The result of planning an edit.
@@ -274,7 +278,10 @@ pub fn plan_install(text: &str, opts: &InstallOptions) -> Result<Edit, InstallEr
     if ours.len() > 1 {
         return Err(InstallError::Duplicate { count: ours.len() });
     }
-    let existing = ours.first().and_then(|&i| doc.plugins[i].as_object());
+    let existing = ours
+        .first()
+        .and_then(|&i| doc.plugins[i].as_object())
+        .or(opts.restore.as_ref());
     let want = desired_entry(&calico, existing, opts);
     PluginConfig::from_json(&want).map_err(|e| InstallError::InvalidEntry { source: e })?;
     let want = Value::Object(want);
@@ -355,6 +362,15 @@ pub fn our_kek_file(text: &str) -> Result<Option<String>, InstallError> {
             .unwrap_or(DEFAULT_KEK_FILE)
             .to_string()
     }))
+}
+
+/// Our entry, if the conflist holds one.
+pub fn our_entry(text: &str) -> Result<Option<Map<String, Value>>, InstallError> {
+    let doc = Doc::parse(text)?;
+    Ok(doc
+        .indices(PLUGIN_TYPE)
+        .first()
+        .and_then(|&i| doc.plugins[i].as_object().cloned()))
 }
 
 /// Calico's entry, if the conflist has one.
@@ -564,6 +580,7 @@ mod tests {
     fn kek_file_option_and_wireguard_fields() {
         let opts = InstallOptions {
             kek_file: Some("/etc/kek".into()),
+            ..InstallOptions::default()
         };
         let Edit::Changed(t) = plan_install(CALICO, &opts).expect("plans") else {
             panic!("must change")

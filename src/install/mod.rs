@@ -170,7 +170,25 @@ pub fn find_calico_conflist(dir: &Path) -> Result<PathBuf, InstallFileError> {
 /// ignores), fsync, rename, fsync of the directory. Keeps the old file's mode
 /// and owner, or uses `mode` for a new file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallFileError> {
-    write_atomic_with(path, bytes, mode, true)
+    write_atomic_with(path, bytes, mode, true, None).map(|_| ())
+}
+
+/// [`write_atomic`], but only if the file still holds `expected` just before
+/// the rename (another writer's newer file is never replaced by an edit of
+/// the older one); false, writing nothing, when it no longer does.
+pub fn write_atomic_if_unchanged(
+    path: &Path,
+    bytes: &[u8],
+    expected: &[u8],
+) -> Result<bool, InstallFileError> {
+    write_atomic_with(path, bytes, 0o644, true, Some(expected))
+}
+
+/// Where `uninstall` leaves its mark in the CNI config directory, so that a
+/// running agent does not put the entry back; `install` removes it. libcni
+/// reads no subdirectory.
+pub fn uninstalled_marker(conf_dir: &Path) -> PathBuf {
+    conf_dir.join(PLUGIN_TYPE).join("uninstalled")
 }
 
 /// `write_atomic`, keeping the old file's mode only when `keep_mode` is set
@@ -180,13 +198,22 @@ fn write_atomic_with(
     bytes: &[u8],
     mode: u32,
     keep_mode: bool,
-) -> Result<(), InstallFileError> {
+    expected: Option<&[u8]>,
+) -> Result<bool, InstallFileError> {
+    if let Some(want) = expected {
+        // Another writer's newer file is never replaced by an edit of the
+        // older one (the window left is the write itself).
+        if fs::read(path).map_err(io_at(path))? != want {
+            return Ok(false);
+        }
+    }
     let old = fs::metadata(path).ok().filter(|_| keep_mode);
     let (mode, owner) = match &old {
         Some(m) => (m.mode() & 0o7777, Some((m.uid(), m.gid()))),
         None => (mode, None),
     };
-    crate::fsutil::write_atomic_owned(path, bytes, mode, owner).map_err(io_at(path))
+    crate::fsutil::write_atomic_owned(path, bytes, mode, owner).map_err(io_at(path))?;
+    Ok(true)
 }
 
 /// What a file operation did.
@@ -214,7 +241,7 @@ pub fn install_binary(src: &Path, bin_dir: &Path) -> Result<Outcome, InstallFile
         }
     }
     fs::create_dir_all(bin_dir).map_err(io_at(bin_dir))?;
-    write_atomic_with(&dst, &new, 0o755, false)?;
+    write_atomic_with(&dst, &new, 0o755, false, None)?;
     Ok(Outcome::Written)
 }
 
@@ -231,7 +258,7 @@ pub fn install_kek(src: &Path, dst: &Path) -> Result<Outcome, InstallFileError> 
     if let Some(dir) = dst.parent() {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
     }
-    write_atomic_with(dst, new.as_bytes(), 0o600, false)?;
+    write_atomic_with(dst, new.as_bytes(), 0o600, false, None)?;
     Ok(Outcome::Written)
 }
 

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,0 +1,215 @@
+//! The leader's decision: at most one step from what it sees, a pure
+//! function (see the module above for the rules).
+
+use crate::datastore::ipsec::{
+    parse_rfc3339, ClusterConfig, EpochRecord, EpochState, NodeStatus, Phase,
+};
+
+/// What the leader sees in one tick.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The config and its revision.
+    pub config: (ClusterConfig, i64),
+    /// Every epoch record and its revision, in epoch order.
+    pub epochs: Vec<(EpochRecord, i64)>,
+    /// Every live node's status (their leases alive).
+    pub live: Vec<(String, NodeStatus)>,
+    /// Nodes whose leased status record cannot be read: they may hold SAs,
+    /// so no step that needs every node's acknowledgement is taken.
+    pub unreadable: Vec<String>,
+    /// [`crate::datastore::ipsec::identities_digest`] of the identity records now.
+    pub identities: String,
+    /// Unix seconds now.
+    pub now: u64,
+}
+
+/// The one step a tick takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Move the phase one step.
+    SetPhase {
+        /// From.
+        from: Phase,
+        /// To.
+        to: Phase,
+    },
+    /// Make a pending epoch active.
+    Activate(u32),
+    /// Retire these active epochs (older than the newest).
+    Retire(Vec<u32>),
+    /// Delete a retired epoch's record.
+    Delete(u32),
+    /// Add a pending epoch (scheduled rotation).
+    Rotate,
+    /// Nothing to do; why the cluster is where it is.
+    Wait(String),
+}
+
+/// The phase one step from `from` toward `to`.
+pub fn step(from: Phase, to: Phase) -> Phase {
+    use Phase::*;
+    let order = [Off, Accept, Encrypt, Enforce];
+    let i = order.iter().position(|p| *p == from).unwrap_or(0);
+    let j = order.iter().position(|p| *p == to).unwrap_or(0);
+    match i.cmp(&j) {
+        std::cmp::Ordering::Less => order[i + 1],
+        std::cmp::Ordering::Greater => order[i - 1],
+        std::cmp::Ordering::Equal => from,
+    }
+}
+
+fn names(v: &[&(String, NodeStatus)]) -> String {
+    let mut n: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
+    n.truncate(5);
+    n.join(", ")
+}
+
+/// Decides the next step (a pure function of the view).
+pub fn decide(v: &View) -> Action {
+    let (cfg, _) = &v.config;
+    if v.live.is_empty() && v.unreadable.is_empty() {
+        return Action::Wait(
+            "no node agent is alive (no leased status record under /calico/ipsec/v1/nodes/)".into(),
+        );
+    }
+    // A step every node must acknowledge waits for nodes we cannot read.
+    let unreadable = |what: &str| {
+        let mut n = v.unreadable.clone();
+        n.truncate(5);
+        Action::Wait(format!(
+            "{what}: {} node(s) publish a status record that cannot be read: {}",
+            v.unreadable.len(),
+            n.join(", ")
+        ))
+    };
+    let blocked = !v.unreadable.is_empty();
+    // Out of phase off, a node's acknowledgement counts only once it has
+    // converged with every node's current incarnation (the same identity
+    // digest as ours): then it holds the SAs of every peer.
+    let current = |s: &NodeStatus| cfg.phase == Phase::Off || s.identities == v.identities;
+    if cfg.phase != cfg.target_phase {
+        let behind: Vec<&(String, NodeStatus)> = v
+            .live
+            .iter()
+            .filter(|(_, s)| {
+                s.acked_phase != cfg.phase
+                    || s.acked_generation != cfg.phase_generation
+                    || !current(s)
+            })
+            .collect();
+        if behind.is_empty() && blocked {
+            return unreadable(&format!("phase {:?} → {:?}", cfg.phase, cfg.target_phase));
+        }
+        if behind.is_empty() {
+            return Action::SetPhase {
+                from: cfg.phase,
+                to: step(cfg.phase, cfg.target_phase),
+            };
+        }
+        return Action::Wait(format!(
+            "phase {:?} → {:?}: waiting for {} node(s) to acknowledge {:?}: {}",
+            cfg.phase,
+            cfg.target_phase,
+            behind.len(),
+            cfg.phase,
+            names(&behind)
+        ));
+    }
+    // With the phase off no node holds SAs: epochs need no acknowledgement.
+    let acks = cfg.phase != Phase::Off;
+    let of = |s: EpochState| {
+        v.epochs
+            .iter()
+            .filter(move |(e, _)| e.state == s)
+            .map(|(e, _)| e)
+    };
+    let newest_active = of(EpochState::Active).map(|e| e.epoch).max();
+    if let Some(p) = of(EpochState::Pending).map(|e| e.epoch).min() {
+        if newest_active.is_some_and(|a| p < a) {
+            // A pending epoch older than the active one can never be used.
+            return Action::Retire(vec![p]);
+        }
+        let missing: Vec<_> = v
+            .live
+            .iter()
+            .filter(|(_, s)| !s.installed_epochs.contains(&p) || !current(s))
+            .collect();
+        if acks && missing.is_empty() && blocked {
+            return unreadable(&format!("epoch {p} pending"));
+        }
+        if !acks || missing.is_empty() {
+            return Action::Activate(p);
+        }
+        return Action::Wait(format!(
+            "epoch {p} pending: not yet installed on {} node(s): {}",
+            missing.len(),
+            names(&missing)
+        ));
+    }
+    if let Some(newest) = newest_active {
+        let older: Vec<u32> = of(EpochState::Active)
+            .map(|e| e.epoch)
+            .filter(|e| *e < newest)
+            .collect();
+        if !older.is_empty() {
+            let rec = of(EpochState::Active).find(|e| e.epoch == newest);
+            let since = rec
+                .and_then(|e| e.activated.as_deref().or(Some(e.created.as_str())))
+                .and_then(parse_rfc3339)
+                .unwrap_or(0);
+            let lagging: Vec<_> = v
+                .live
+                .iter()
+                .filter(|(_, s)| s.active_epoch != Some(newest))
+                .collect();
+            if !acks {
+                return Action::Retire(older);
+            }
+            if !lagging.is_empty() {
+                return Action::Wait(format!(
+                    "epoch {newest} active: {} node(s) do not send with it yet: {}",
+                    lagging.len(),
+                    names(&lagging)
+                ));
+            }
+            if blocked {
+                return unreadable(&format!("epoch {newest} active"));
+            }
+            let due = since.saturating_add(cfg.overlap_seconds);
+            if v.now >= due {
+                return Action::Retire(older);
+            }
+            return Action::Wait(format!(
+                "epoch {newest} active: older epochs {older:?} retire in {}s (overlap)",
+                due - v.now
+            ));
+        }
+    }
+    for (e, _) in v
+        .epochs
+        .iter()
+        .filter(|(e, _)| e.state == EpochState::Retired)
+    {
+        let holding: Vec<_> = v
+            .live
+            .iter()
+            .filter(|(_, s)| s.installed_epochs.contains(&e.epoch))
+            .collect();
+        if !acks || (holding.is_empty() && !blocked) {
+            return Action::Delete(e.epoch);
+        }
+    }
+    if let Some(newest) = newest_active {
+        if cfg.rotation_interval_seconds > 0 {
+            let rec = of(EpochState::Active).find(|e| e.epoch == newest);
+            let born = rec.and_then(|e| parse_rfc3339(&e.created)).unwrap_or(v.now);
+            if v.now >= born.saturating_add(cfg.rotation_interval_seconds) {
+                return Action::Rotate;
+            }
+        }
+    }
+    Action::Wait(format!(
+        "steady: phase {:?}, epoch {:?}",
+        cfg.phase, newest_active
+    ))
+}

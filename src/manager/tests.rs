@@ -1,0 +1,275 @@
+//! Unit tests of [`super::decide`].
+
+use super::*;
+use crate::datastore::ipsec::{self, EpochRecord, NodeStatus};
+
+fn epoch(n: u32, state: EpochState, activated: Option<u64>) -> (EpochRecord, i64) {
+    (
+        EpochRecord {
+            epoch: n,
+            state,
+            created: ipsec::rfc3339(1000),
+            algorithm: ipsec::ALGORITHM.into(),
+            kek_fingerprint: String::new(),
+            sealed_secret: String::new(),
+            activated: activated.map(ipsec::rfc3339),
+        },
+        1,
+    )
+}
+
+fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeStatus {
+    NodeStatus {
+        id: 1,
+        incarnation: 1,
+        installed_epochs: installed.to_vec(),
+        acked_phase: phase,
+        acked_generation: gen,
+        active_epoch: active,
+        heartbeat: String::new(),
+        stale: false,
+        identities: "d".into(),
+    }
+}
+
+fn view(
+    phase: Phase,
+    target: Phase,
+    gen: u64,
+    epochs: Vec<(EpochRecord, i64)>,
+    live: Vec<NodeStatus>,
+) -> View {
+    View {
+        config: (
+            ClusterConfig {
+                phase,
+                target_phase: target,
+                phase_generation: gen,
+                rotation_interval_seconds: 0,
+                overlap_seconds: 10,
+                ..ClusterConfig::default()
+            },
+            1,
+        ),
+        epochs,
+        live: live
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (format!("node-{}", i + 1), s))
+            .collect(),
+        unreadable: vec![],
+        identities: "d".into(),
+        now: 2000,
+    }
+}
+
+#[test]
+fn phases_step_one_at_a_time_in_both_directions() {
+    use Phase::*;
+    assert_eq!(step(Off, Enforce), Accept);
+    assert_eq!(step(Accept, Enforce), Encrypt);
+    assert_eq!(step(Encrypt, Enforce), Enforce);
+    assert_eq!(step(Enforce, Off), Encrypt);
+    assert_eq!(step(Accept, Off), Off);
+    assert_eq!(step(Encrypt, Encrypt), Encrypt);
+}
+
+#[test]
+fn a_phase_advances_only_when_every_live_node_acknowledged_it() {
+    let e = vec![epoch(1, EpochState::Active, Some(1000))];
+    let lagging = view(
+        Phase::Accept,
+        Phase::Enforce,
+        1,
+        e.clone(),
+        vec![
+            node(Phase::Accept, 1, &[1], Some(1)),
+            node(Phase::Off, 0, &[], None),
+        ],
+    );
+    assert!(matches!(decide(&lagging), Action::Wait(w) if w.contains("node-2")));
+    // The same phase acknowledged under an older generation is not an ack.
+    let old_gen = view(
+        Phase::Accept,
+        Phase::Enforce,
+        3,
+        e.clone(),
+        vec![node(Phase::Accept, 1, &[1], Some(1))],
+    );
+    assert!(matches!(decide(&old_gen), Action::Wait(_)));
+    let all = view(
+        Phase::Accept,
+        Phase::Enforce,
+        1,
+        e,
+        vec![
+            node(Phase::Accept, 1, &[1], Some(1)),
+            node(Phase::Accept, 1, &[1], Some(1)),
+        ],
+    );
+    assert_eq!(
+        decide(&all),
+        Action::SetPhase {
+            from: Phase::Accept,
+            to: Phase::Encrypt
+        }
+    );
+}
+
+#[test]
+fn an_acknowledgement_made_before_a_peer_incarnation_does_not_count() {
+    let e = vec![epoch(1, EpochState::Active, Some(1000))];
+    let mut v = view(
+        Phase::Accept,
+        Phase::Enforce,
+        1,
+        e,
+        vec![node(Phase::Accept, 1, &[1], Some(1)); 2],
+    );
+    v.live[1].1.identities = "older".into();
+    assert!(matches!(decide(&v), Action::Wait(w) if w.contains("node-2")));
+}
+
+#[test]
+fn no_live_node_means_no_step() {
+    let v = view(
+        Phase::Off,
+        Phase::Enforce,
+        0,
+        vec![epoch(1, EpochState::Active, None)],
+        vec![],
+    );
+    assert!(matches!(decide(&v), Action::Wait(_)));
+}
+
+#[test]
+fn rotation_activates_when_installed_everywhere_then_retires_after_overlap_then_deletes() {
+    let e = |s2: EpochState, act2: Option<u64>| {
+        vec![epoch(1, EpochState::Active, Some(1000)), epoch(2, s2, act2)]
+    };
+    let p = Phase::Enforce;
+    // Pending, one node lacks it.
+    let v = view(
+        p,
+        p,
+        3,
+        e(EpochState::Pending, None),
+        vec![node(p, 3, &[1, 2], Some(1)), node(p, 3, &[1], Some(1))],
+    );
+    assert!(matches!(decide(&v), Action::Wait(w) if w.contains("epoch 2 pending")));
+    // Installed everywhere: activate.
+    let v = view(
+        p,
+        p,
+        3,
+        e(EpochState::Pending, None),
+        vec![node(p, 3, &[1, 2], Some(1)); 2],
+    );
+    assert_eq!(decide(&v), Action::Activate(2));
+    // Active, one node still sends with 1: wait.
+    let v = view(
+        p,
+        p,
+        3,
+        e(EpochState::Active, Some(1995)),
+        vec![node(p, 3, &[1, 2], Some(2)), node(p, 3, &[1, 2], Some(1))],
+    );
+    assert!(matches!(decide(&v), Action::Wait(w) if w.contains("do not send")));
+    // Everyone sends with 2, overlap (10 s) not over: wait.
+    let v = view(
+        p,
+        p,
+        3,
+        e(EpochState::Active, Some(1995)),
+        vec![node(p, 3, &[1, 2], Some(2)); 2],
+    );
+    assert!(matches!(decide(&v), Action::Wait(w) if w.contains("overlap")));
+    // Overlap over: retire 1.
+    let v = view(
+        p,
+        p,
+        3,
+        e(EpochState::Active, Some(1990)),
+        vec![node(p, 3, &[1, 2], Some(2)); 2],
+    );
+    assert_eq!(decide(&v), Action::Retire(vec![1]));
+    // Retired but still installed somewhere: wait; then delete.
+    let retired = vec![
+        epoch(1, EpochState::Retired, Some(1000)),
+        epoch(2, EpochState::Active, Some(1990)),
+    ];
+    let v = view(
+        p,
+        p,
+        3,
+        retired.clone(),
+        vec![node(p, 3, &[2], Some(2)), node(p, 3, &[1, 2], Some(2))],
+    );
+    assert!(matches!(decide(&v), Action::Wait(_)));
+    let v = view(p, p, 3, retired, vec![node(p, 3, &[2], Some(2)); 2]);
+    assert_eq!(decide(&v), Action::Delete(1));
+}
+
+#[test]
+fn with_the_phase_off_epochs_move_without_acknowledgement() {
+    let p = Phase::Off;
+    let v = view(
+        p,
+        p,
+        0,
+        vec![
+            epoch(1, EpochState::Active, Some(1000)),
+            epoch(2, EpochState::Pending, None),
+        ],
+        vec![node(p, 0, &[], None)],
+    );
+    assert_eq!(decide(&v), Action::Activate(2));
+}
+
+#[test]
+fn scheduled_rotation_adds_an_epoch_when_the_newest_is_old() {
+    let p = Phase::Enforce;
+    let mut v = view(
+        p,
+        p,
+        3,
+        vec![epoch(1, EpochState::Active, Some(1000))],
+        vec![node(p, 3, &[1], Some(1))],
+    );
+    v.config.0.rotation_interval_seconds = 500;
+    assert_eq!(decide(&v), Action::Rotate);
+    v.config.0.rotation_interval_seconds = 5000;
+    assert!(matches!(decide(&v), Action::Wait(_)));
+}
+
+#[test]
+fn an_unreadable_leased_record_holds_acknowledged_steps_and_no_record_is_named() {
+    let p = Phase::Enforce;
+    let mut v = view(
+        Phase::Accept,
+        p,
+        1,
+        vec![epoch(1, EpochState::Active, Some(1000))],
+        vec![node(Phase::Accept, 1, &[1], Some(1))],
+    );
+    v.unreadable = vec!["node-9".into()];
+    assert!(
+        matches!(decide(&v), Action::Wait(w) if w.contains("node-9") && w.contains("cannot be read"))
+    );
+    v.unreadable.clear();
+    assert!(matches!(decide(&v), Action::SetPhase { .. }));
+    // With the phase off nothing waits for acknowledgement.
+    let mut off = view(
+        Phase::Off,
+        Phase::Off,
+        0,
+        vec![
+            epoch(1, EpochState::Active, Some(1000)),
+            epoch(2, EpochState::Pending, None),
+        ],
+        vec![],
+    );
+    assert!(matches!(decide(&off), Action::Wait(w) if w.contains("no node agent is alive")));
+    off.unreadable = vec!["node-9".into()];
+    assert_eq!(decide(&off), Action::Activate(2));
+}
