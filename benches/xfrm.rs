@@ -30,9 +30,10 @@ use calico_ipsec::datastore::ipsec::{ClusterConfig, Identity, Phase, PREFIX};
 use calico_ipsec::datastore::snapshot;
 use calico_ipsec::keys::Kek;
 use calico_ipsec::xfrm::kernel::Xfrm;
-use calico_ipsec::xfrm::{Desired, Dir, Inputs, PRIORITY};
+use calico_ipsec::keys::{SaKey, SecretBytes};
+use calico_ipsec::xfrm::{Action, Desired, Dir, Held, Inputs, Mode, Plan, PRIORITY};
 use serde_json::json;
-use support::{load, median, rt, settings, time};
+use support::{load_modes, median, rt, settings, time};
 
 const ME: &str = "node-1";
 
@@ -64,47 +65,95 @@ fn random_hex(n: usize) -> String {
     })
 }
 
+fn mode(m: Mode) -> &'static str {
+    match m {
+        Mode::Transport => "transport",
+        Mode::Tunnel => "tunnel",
+    }
+}
+
 /// The same objects calico-ipsec installs, as `ip -batch` lines.
 fn batch_lines(d: &Desired) -> Vec<String> {
     let mut out = Vec::new();
     for s in d.states.values() {
         out.push(format!(
-            "xfrm state add src {} dst {} proto esp spi 0x{:08x} reqid {} mode transport \
+            "xfrm state add src {} dst {} proto esp spi 0x{:08x} reqid {} mode {} \
              replay-window 128 flag esn aead rfc4106(gcm(aes)) 0x{} {}",
             s.src,
             s.dst,
             s.spi,
             s.reqid,
+            mode(s.lane.mode()),
             random_hex(20),
             s.icv_bits
         ));
     }
     for p in d.policies.values() {
-        let dir = if p.dir == Dir::Out { "out" } else { "in" };
-        out.push(format!(
-            "xfrm policy add src {}/32 dst {}/32 proto {} dir {dir} priority {PRIORITY} \
-             tmpl src {} dst {} proto esp reqid {} mode transport",
-            p.sel.src, p.sel.dst, p.sel.proto, p.sel.src, p.sel.dst, p.reqid
-        ));
+        let dir = match p.dir {
+            Dir::Out => "out",
+            Dir::In => "in",
+            Dir::Fwd => "fwd",
+        };
+        let mut l = format!("xfrm policy add src {} dst {}", p.sel.src, p.sel.dst);
+        if p.sel.proto != 0 {
+            let _ = write!(l, " proto {}", p.sel.proto);
+        }
+        if p.sel.dport != 0 {
+            let _ = write!(l, " dport {}", p.sel.dport);
+        }
+        let _ = write!(l, " dir {dir} priority {PRIORITY}");
+        match p.action {
+            Action::Block => l.push_str(" action block"),
+            Action::Allow(t) => {
+                let _ = write!(
+                    l,
+                    " tmpl src {} dst {} proto esp reqid {} mode {}{}",
+                    t.src,
+                    t.dst,
+                    t.reqid,
+                    mode(t.mode),
+                    if t.optional { " level use" } else { "" }
+                );
+            }
+        }
+        out.push(l);
     }
     out
 }
 
+/// The floor: the same plan applied in this process through the project's
+/// own netlink layer, in one batch per stage, keys random (no etcd, no
+/// unsealing, no key derivation, no process start).
+fn floor(d: &Desired) -> Duration {
+    let plan = Plan::diff(d, &Held::default());
+    let mut x = Xfrm::open().expect("xfrm");
+    let start = std::time::Instant::now();
+    x.apply(&plan, &Held::default(), |_| {
+        let mut k = vec![0u8; 20];
+        getrandom::fill(&mut k).map_err(|e| e.to_string())?;
+        Ok(SaKey(SecretBytes::new(k)))
+    })
+    .expect("apply");
+    start.elapsed()
+}
+
 struct Row {
+    mode: &'static str,
     peers: usize,
     objects: usize,
     ours: Duration,
     batch: Duration,
     per_object: Option<Duration>,
+    floor: Duration,
 }
 
-fn setup(endpoint: &str, peers: usize, kek: &Kek) {
+fn setup(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
     let config = ClusterConfig {
         phase: Phase::Enforce,
         target_phase: Phase::Enforce,
         ..ClusterConfig::default()
     };
-    load(endpoint, kek, peers + 1, &config);
+    load_modes(endpoint, kek, peers + 1, &config, ipip, "Never");
     rt().block_on(async {
         let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
         let ids: Vec<(String, Vec<u8>)> = (1..=peers + 1)
@@ -162,10 +211,23 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let sizes: Vec<usize> = std::env::var("E2E_BENCH_PEERS")
-        .unwrap_or_else(|_| "100 1000 5000".into())
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
+    let sizes = |var: &str, default: &str| -> Vec<usize> {
+        std::env::var(var)
+            .unwrap_or_else(|_| default.into())
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    };
+    // IPIP everywhere (transport mode), and no encapsulation (tunnel mode
+    // over the pod blocks: per peer 4 states and 5 policies in enforce).
+    let runs: Vec<(&'static str, usize)> = sizes("E2E_BENCH_PEERS", "100 1000 5000")
+        .into_iter()
+        .map(|n| ("Always", n))
+        .chain(
+            sizes("E2E_BENCH_NATIVE_PEERS", "1000")
+                .into_iter()
+                .map(|n| ("Never", n)),
+        )
         .collect();
     let tmp = tempfile::tempdir().expect("tempdir");
     let kek_path = tmp.path().join("kek");
@@ -196,10 +258,10 @@ fn main() {
         })
     };
     let mut rows = Vec::new();
-    for &peers in &sizes {
+    for &(pool_mode, peers) in &runs {
         // A fresh etcd per size.
         let server = etcd_server::EtcdServer::start();
-        setup(&server.endpoint, peers, &kek);
+        setup(&server.endpoint, peers, &kek, pool_mode);
         let want = desired(&server.endpoint);
         let lines = batch_lines(&want);
         let batch_file = tmp.path().join("batch");
@@ -212,7 +274,15 @@ fn main() {
         time(c);
         let mut ours = Vec::new();
         let mut batch = Vec::new();
+        let mut floors = Vec::new();
         for r in 0..rounds {
+            flush();
+            floors.push(floor(&want));
+            assert_eq!(
+                held(),
+                (want.states.len(), want.policies.len()),
+                "the floor installed all"
+            );
             flush();
             // A fresh state dir each round: a new ledger, so a new incarnation
             // is published, exactly like a node's first start.
@@ -247,7 +317,7 @@ fn main() {
                 "ip -batch installed all"
             );
         }
-        let per_object = (peers <= 1000).then(|| {
+        let per_object = (peers <= 1000 && pool_mode == "Always").then(|| {
             flush();
             let start = std::time::Instant::now();
             for l in &lines {
@@ -260,15 +330,17 @@ fn main() {
             d
         });
         let row = Row {
+            mode: if pool_mode == "Always" { "ipip" } else { "none" },
             peers,
             objects: lines.len(),
             ours: median(&mut ours),
             batch: median(&mut batch),
             per_object,
+            floor: median(&mut floors),
         };
         eprintln!(
-            "{peers} peers: ours {:?}, ip -batch {:?}, per-object {:?}",
-            row.ours, row.batch, row.per_object
+            "{pool_mode} {peers} peers: ours {:?}, ip -batch {:?}, floor {:?}, per-object {:?}",
+            row.ours, row.batch, row.floor, row.per_object
         );
         rows.push(row);
     }
@@ -288,18 +360,22 @@ fn main() {
         table,
         "calico-ipsec: {bin}\n  ({kind})\n\
          XFRM convergence from empty (median of {rounds}; VM: Debian 6.1 under qemu TCG)\n\
-         {:>6} {:>8} {:>12} {:>12} {:>8} {:>14} {:>10}",
-        "peers", "objects", "calico-ipsec", "ip -batch", "ratio", "per-object ip", "speed-up"
+         {:>6} {:>6} {:>8} {:>12} {:>12} {:>8} {:>12} {:>9} {:>14} {:>10}",
+        "encap", "peers", "objects", "calico-ipsec", "ip -batch", "ratio", "floor", "vs floor",
+        "per-object ip", "speed-up"
     );
     for r in &rows {
         let _ = writeln!(
             table,
-            "{:>6} {:>8} {:>10.1}ms {:>10.1}ms {:>7.2}x {:>14} {:>10}",
+            "{:>6} {:>6} {:>8} {:>10.1}ms {:>10.1}ms {:>7.2}x {:>10.1}ms {:>8.2}x {:>14} {:>10}",
+            r.mode,
             r.peers,
             r.objects,
             ms(r.ours),
             ms(r.batch),
             ms(r.ours) / ms(r.batch),
+            ms(r.floor),
+            ms(r.ours) / ms(r.floor),
             r.per_object
                 .map_or("-".into(), |d| format!("{:.0}ms", ms(d))),
             r.per_object
@@ -356,7 +432,7 @@ fn noop_add(
     bin: &str,
     rounds: usize,
 ) -> Option<Noop> {
-    setup(endpoint, 1000, kek);
+    setup(endpoint, 1000, kek, "Always");
     flush();
     let pod = "benchpod";
     let _ = Command::new("ip").args(["netns", "del", pod]).status();

@@ -77,7 +77,10 @@ fn check_topology(server: &EtcdServer) {
         t.nodes.keys().collect::<Vec<_>>(),
         ["node-1", "node-2", "node-3"]
     );
-    assert_eq!(t.nodes["node-2"].ipv4.to_string(), "10.0.0.12");
+    assert_eq!(
+        t.nodes["node-2"].ipv4.map(|u| u.addr.to_string()).as_deref(),
+        Some("10.0.0.12")
+    );
     assert_eq!(t.nodes["node-3"].blocks[0].to_string(), "10.244.18.128/26");
     assert_eq!(
         t.cluster_guid.as_deref(),

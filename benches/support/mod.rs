@@ -32,6 +32,19 @@ pub fn rt() -> tokio::runtime::Runtime {
 /// Writes `nodes` Calico nodes (node-1..node-N, 10.0.a.b/16, one /26 block
 /// each), an IPIP-Always pool and the clusterGUID, then `keys init` with `config`.
 pub fn load(endpoint: &str, kek: &Kek, nodes: usize, config: &ClusterConfig) {
+    load_modes(endpoint, kek, nodes, config, "Always", "Never");
+}
+
+/// [`load`] with the pool's `ipipMode` and `vxlanMode` (e.g. "Never" twice:
+/// no encapsulation, so every peer is protected by tunnel mode).
+pub fn load_modes(
+    endpoint: &str,
+    kek: &Kek,
+    nodes: usize,
+    config: &ClusterConfig,
+    ipip: &str,
+    vxlan: &str,
+) {
     rt().block_on(async {
         let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
         let res = "/calico/resources/v3/projectcalico.org";
@@ -39,7 +52,7 @@ pub fn load(endpoint: &str, kek: &Kek, nodes: usize, config: &ClusterConfig) {
             (format!("{res}/clusterinformations/default"),
              r#"{"apiVersion":"projectcalico.org/v3","kind":"ClusterInformation","metadata":{"name":"default"},"spec":{"clusterGUID":"5b0e2f9c8d4a4e61b7a39c2d1e0f4a66","datastoreReady":true}}"#.into()),
             (format!("{res}/ippools/default-ipv4-ippool"),
-             r#"{"apiVersion":"projectcalico.org/v3","kind":"IPPool","metadata":{"name":"default-ipv4-ippool"},"spec":{"cidr":"10.128.0.0/9","blockSize":26,"ipipMode":"Always","vxlanMode":"Never","natOutgoing":true}}"#.into()),
+             r#"{"apiVersion":"projectcalico.org/v3","kind":"IPPool","metadata":{"name":"default-ipv4-ippool"},"spec":{"cidr":"10.128.0.0/9","blockSize":26,"ipipMode":"IPIP","vxlanMode":"VXLAN","natOutgoing":true}}"#.replace("IPIP", ipip).replace("VXLAN", vxlan)),
         ];
         for i in 1..=nodes {
             let (a, b) = (i / 250, i % 250 + 1);

@@ -396,9 +396,12 @@ impl Build<'_> {
             }
         }
         let t = Action::Allow(tmpl(peer_ip, me_ip, Mode::Tunnel, 0, !enforce));
+        // Forwarded to this node's pods, or delivered to one of its own
+        // addresses inside its blocks (tunnel or gateway addresses).
         for (m, _) in pair.inb.iter().filter(|(_, p)| *p == Path::Native) {
             for src in peer_blocks.iter().copied().chain([host(peer_ip)]) {
                 self.policy(&mut view, Dir::Fwd, sel(src, *m), t);
+                self.policy(&mut view, Dir::In, sel(src, *m), t);
             }
         }
         for p in &peer_blocks {

@@ -14,6 +14,10 @@
 # while enforced; each rotation activates the new epoch and deletes the old;
 # the agents serve /metrics and /healthz. Prints packets sent and lost per
 # phase, the time per phase, and the time per rotation.
+#
+# E2E_POOL_MODE=Never (test_lifecycle_native.sh) runs the same with the
+# pool's ipipMode and vxlanMode Never and Calico's routes without a tunnel
+# ("BLOCK via PEER dev eth0"): every path is protected by ESP tunnel mode.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -25,6 +29,20 @@ e2e_bin
 tmp=$(mktemp -d)
 daemon_cluster_up "$tmp" "$bin"
 cfg() { ipsec_cfg; }
+OUT_POLICIES=2
+if [[ ${E2E_POOL_MODE:-Always} == Never ]]; then
+    info "no encapsulation: the pool says Never, pod blocks routed via the peer on eth0"
+    pool_key=/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool
+    ectl get --print-value-only "$pool_key" | jq -c '.spec.ipipMode = "Never" | .spec.vxlanMode = "Never"' \
+        | ectl put "$pool_key" >/dev/null
+    for n in "${NODES[@]}"; do
+        for p in "${NODES[@]}"; do
+            [[ $p == "$n" ]] || ipn "$n" route replace "${BLOCK[$p]}" via "${NODE_IP[$p]}" dev eth0
+        done
+    done
+    # Per peer: any -> its block, and this node's block -> the peer's address.
+    OUT_POLICIES=4
+fi
 
 for n in "${NODES[@]}"; do agent_start "$n"; done
 manager_start mgr-a
@@ -69,12 +87,14 @@ esp=$(cap_ipv4 "$tmp/enforced.pcap" | awk '$1 == "ESP"' | grep -c . || true)
 ipip=$(cap_ipv4 "$tmp/enforced.pcap" | awk '$1 == "IPIP"' | grep -c . || true)
 check_ge "ESP packets on node-1's wire port while enforced" "$esp" 50
 check_eq "plaintext IPIP packets on node-1's wire port while enforced" "$ipip" 0
+clear=$(cap_ipv4 "$tmp/enforced.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)
+check_eq "packets with a pod address in clear on node-1's wire port while enforced" "$clear" 0
 
 # Metrics and health from node-1's agent.
 metrics=$(nsx node-1 curl -sf http://127.0.0.1:9094/metrics || true)
 check_match "agent /metrics: epoch 1 active" "$metrics" 'calico_ipsec_epoch_active 1'
 check_match "agent /metrics: etcd reachable" "$metrics" 'calico_ipsec_etcd_reachable 1'
-check_match "agent /metrics: outbound policies toward 2 peers" "$metrics" 'calico_ipsec_xfrm_policies\{dir="out"\} 2'
+check_match "agent /metrics: outbound policies toward 2 peers" "$metrics" "calico_ipsec_xfrm_policies\\{dir=\"out\"\\} $OUT_POLICIES"
 check_match "agent /metrics: convergence histogram" "$metrics" 'calico_ipsec_converge_seconds_count [1-9]'
 check_match "agent /healthz" "$(nsx node-1 curl -sf http://127.0.0.1:9094/healthz || true)" '^ok'
 

@@ -278,7 +278,9 @@ round() {
         "$(nsx node-1 "$bin" status --nodename node-1 --json | jq -r '[.pending_changes] + [.peers[] | .sa_out, .sa_in, .policy_out] | map(tostring) | unique | join(",")')" "0,ok"
 
     marker=$(od -An -tx1 -N8 /dev/urandom | tr -d ' \n')
-    for n in node-1 node-2 node-3; do cap_start "$n" eth0 "$tmp/$name-$n.pcap" 0; done
+    # On the wire side of each node's link: inside the node, tcpdump also
+    # shows what tunnel-mode ESP decrypted, as if received in clear.
+    for n in node-1 node-2 node-3; do cap_start "$(wire_of "$n")" "w-$n" "$tmp/$name-$n.pcap" 0; done
     for n in node-1 node-2 node-3; do
         for p in node-1 node-2 node-3; do
             [[ $p == "$n" ]] && continue
@@ -292,7 +294,7 @@ round() {
         nsx a-node-1 ping -n -c 2 -i 0.2 -W 5 -p "$marker" "$q"
     check "$name: TCP and UDP a-node-1 <-> a-node-3" tcp_udp a-node-1 a-node-3 "${P4[node-3]}"
     check "$name: ping from node-1's host to a-node-2" nsx node-1 ping -n -c 2 -i 0.2 -W 5 -p "$marker" "${P4[node-2]}"
-    for n in node-1 node-2 node-3; do cap_stop_pid "$n"; done
+    for n in node-1 node-2 node-3; do cap_stop_pid "w-$n"; done
     ectl get --prefix /calico/ -w json >"$tmp/etcd.json"
     for n in node-1 node-2 node-3; do
         if out=$(python3 "$here/esp_decrypt.py" "$tmp/$name-$n.pcap" "$tmp/etcd.json" "$tmp/kek" "hex:$marker" "$PODS4,$PODS6" 2>&1); then
@@ -336,7 +338,8 @@ for _ in range(5):
 declare -A CAPS
 cap_start_orig=$(declare -f cap_start)
 eval "${cap_start_orig/cap_start/cap_start_one}"
-cap_start() { cap_start_one "$@"; CAPS[$1]=$CAP_PID; }
+cap_start() { cap_start_one "$@"; CAPS[$2]=$CAP_PID; }
+wire_of() { if [[ ${SEG[$1]} == b ]]; then echo wireb; else echo wire; fi; }
 cap_stop_pid() { CAP_PID=${CAPS[$1]}; cap_stop; }
 
 # mtu_round NAME ADDR4 ADDR6 OPTIONS: the pod MTU is the smallest bound over
@@ -405,7 +408,7 @@ converge_all() {
 # (WANT2: ok or blocked) and a-node-3, and nothing pod-addressed is in clear.
 fault() {
     local name=$1 w2=$2 w3=$3 r
-    cap_start node-1 eth0 "$tmp/f.pcap" 0
+    cap_start wire w-node-1 "$tmp/f.pcap" 0
     for r in "2 $p2 $w2" "3 $p3 $w3"; do
         read -r i a w <<<"$r"
         if [[ $w == ok ]]; then
@@ -414,7 +417,7 @@ fault() {
             check_fails "$name: a-node-1 -> a-node-$i is blocked" nsx a-node-1 ping -n -c 2 -i 0.2 -W 2 "$a"
         fi
     done
-    cap_stop_pid node-1
+    cap_stop_pid w-node-1
     ectl get --prefix /calico/ -w json >"$tmp/etcd.json"
     local out
     out=$(python3 "$here/esp_decrypt.py" "$tmp/f.pcap" "$tmp/etcd.json" "$tmp/kek" "" "$PODS4" 2>&1 || true)
