@@ -29,8 +29,8 @@ use calico_ipsec::datastore::etcd::Etcd;
 use calico_ipsec::datastore::ipsec::{ClusterConfig, Identity, Phase, PREFIX};
 use calico_ipsec::datastore::snapshot;
 use calico_ipsec::keys::Kek;
-use calico_ipsec::xfrm::kernel::Xfrm;
 use calico_ipsec::keys::{SaKey, SecretBytes};
+use calico_ipsec::xfrm::kernel::Xfrm;
 use calico_ipsec::xfrm::{Action, Desired, Dir, Held, Inputs, Mode, Plan, PRIORITY};
 use serde_json::json;
 use support::{load_modes, median, rt, settings, time};
@@ -330,7 +330,11 @@ fn main() {
             d
         });
         let row = Row {
-            mode: if pool_mode == "Always" { "ipip" } else { "none" },
+            mode: if pool_mode == "Always" {
+                "ipip"
+            } else {
+                "none"
+            },
             peers,
             objects: lines.len(),
             ours: median(&mut ours),
@@ -361,8 +365,16 @@ fn main() {
         "calico-ipsec: {bin}\n  ({kind})\n\
          XFRM convergence from empty (median of {rounds}; VM: Debian 6.1 under qemu TCG)\n\
          {:>6} {:>6} {:>8} {:>12} {:>12} {:>8} {:>12} {:>9} {:>14} {:>10}",
-        "encap", "peers", "objects", "calico-ipsec", "ip -batch", "ratio", "floor", "vs floor",
-        "per-object ip", "speed-up"
+        "encap",
+        "peers",
+        "objects",
+        "calico-ipsec",
+        "ip -batch",
+        "ratio",
+        "floor",
+        "vs floor",
+        "per-object ip",
+        "speed-up"
     );
     for r in &rows {
         let _ = writeln!(

@@ -78,7 +78,10 @@ fn check_topology(server: &EtcdServer) {
         ["node-1", "node-2", "node-3"]
     );
     assert_eq!(
-        t.nodes["node-2"].ipv4.map(|u| u.addr.to_string()).as_deref(),
+        t.nodes["node-2"]
+            .ipv4
+            .map(|u| u.addr.to_string())
+            .as_deref(),
         Some("10.0.0.12")
     );
     assert_eq!(t.nodes["node-3"].blocks[0].to_string(), "10.244.18.128/26");

@@ -156,8 +156,8 @@ struct Pair {
 }
 
 impl Pair {
-    fn lanes(&self, v4: bool, me: IpAddr) -> BTreeSet<Lane> {
-        let _ = v4;
+    /// The lanes either direction uses (both nodes compute the same set).
+    fn lanes(&self, me: IpAddr) -> BTreeSet<Lane> {
         self.out
             .iter()
             .chain(&self.inb)
@@ -328,7 +328,7 @@ impl Build<'_> {
             .get(&peer.name)
             .filter(|p| p.incarnation > 0);
         let mine = self.i.my_identity.filter(|m| m.incarnation > 0);
-        for lane in pair.lanes(v4, me_ip) {
+        for lane in pair.lanes(me_ip) {
             self.sas(&mut view, lane, peer, (me_ip, peer_ip), mine, theirs);
         }
         let encrypt = self.i.phase >= Phase::Encrypt;
