@@ -374,10 +374,7 @@ impl Build<'_> {
             self.policy(&mut view, Dir::In, sel, Action::Allow(t));
         }
         // Tunnel: the pod blocks themselves.
-        if !pair
-            .lanes(v4, me_ip)
-            .contains(&Lane::of(me_ip, Mode::Tunnel))
-        {
+        if !pair.lanes(me_ip).contains(&Lane::of(me_ip, Mode::Tunnel)) {
             return Some(view);
         }
         let sel = |src, dst| Selector {
