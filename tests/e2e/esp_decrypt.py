@@ -137,6 +137,8 @@ def main():
             continue
         if src not in ips or dst not in ips:
             continue  # not node to node (e.g. etcd traffic to the wire's address)
+        if v6 and proto == 58 and len(ip) > 40 and 133 <= ip[40] <= 137:
+            continue  # neighbour discovery between the nodes: no pod packet
         if proto != 50:
             counts["plain"] += 1
             print(f"plaintext node-to-node packet: proto {proto} {src} -> {dst}")
