@@ -431,6 +431,9 @@ fault "malformed node-3" ok blocked
 check_match "status reports node-3's pods blocked" "$(nsx node-1 "$bin" status --nodename node-1)" 'blocked: pods of node-3'
 check_match "the gauge counts it" "$(nsx node-1 "$bin" status --nodename node-1 --json | jq .unprotected)" '10\.244\.18\.128/26'
 printf '%s' "$n3" | ectl put "$R/nodes/node-3" >/dev/null
+# Twice: a node that re-creates the SAs it had removed toward node-3 must
+# publish a new incarnation (no key for two SAs), which the others then learn.
+converge_all
 converge_all
 
 cfg=$(ipsec_cfg)
