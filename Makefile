@@ -65,7 +65,7 @@ unit:
 
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
 e2e: build
-	CALICO_IPSEC=$(VM_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-600} E2E_TIMEOUT=$${E2E_TIMEOUT:-1800} tests/e2e/vm.sh tests/e2e/run-all.sh
+	CALICO_IPSEC=$(VM_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/vm.sh tests/e2e/run-all.sh
 
 ## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
 validate-manifests: deps $(VALIDATOR)
