@@ -12,8 +12,8 @@
 //! - Every request carries `hasleader=true` (etcd's `--require-leader`): a
 //!   member that lost its leader refuses it at once, and cancels a watch,
 //!   instead of serving stale data; the request moves to another member.
-//! - When every member fails fast (an election in progress), the request
-//!   goes round again until its budget is spent.
+//! - When no member answers (an election in progress), the request goes
+//!   round again until its budget is spent, members that hung last.
 //!
 //! Writes are retried on another member only when the first did not answer.
 //! Every write here is idempotent or a compare-and-swap, so a write that did
@@ -93,11 +93,16 @@ fn classify(e: etcd_client::Error) -> Failure {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         // A lease keep-alive or watch stream that broke.
         etcd_client::Error::LeaseKeepAliveError(_) | etcd_client::Error::WatchError(_) => true,
-        // Named by text: tonic is not a direct dependency.
-        etcd_client::Error::GRpcStatus(status) => matches!(
-            format!("{:?}", status.code()).as_str(),
-            "Unavailable" | "DeadlineExceeded" | "Cancelled"
-        ),
+        // Codes named by text: tonic is not a direct dependency. A status
+        // with a source was made on this side from a transport failure (a
+        // connection the member broke: "Unknown", "transport error"); one
+        // that etcd sent has none.
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                format!("{:?}", status.code()).as_str(),
+                "Unavailable" | "DeadlineExceeded" | "Cancelled"
+            ) || std::error::Error::source(status).is_some()
+        }
         _ => false,
     };
     if unavailable {
@@ -216,24 +221,20 @@ impl Members {
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let start = Instant::now();
-        let order = self.order();
-        let mut hung = vec![false; self.members.len()];
+        let mut order = self.order();
         let mut failures: Vec<String> = Vec::new();
         'rounds: loop {
-            let candidates: Vec<usize> = order.iter().copied().filter(|&i| !hung[i]).collect();
-            if candidates.is_empty() {
-                break;
-            }
-            for &i in &candidates {
+            let mut timed_out = Vec::new();
+            for &i in &order {
                 let left = self.budget.saturating_sub(start.elapsed());
                 if left.is_zero() {
                     break 'rounds;
                 }
-                let slice = if candidates.len() == 1 {
-                    left
-                } else {
-                    left.min(self.slice)
-                };
+                // Never more than a slice, even on the last member: a write
+                // proposed while the cluster elects a leader is dropped by
+                // etcd and answered only after its own 7 s timeout, while
+                // the same write proposed again a moment later succeeds.
+                let slice = left.min(self.slice);
                 let m = &self.members[i];
                 let reason = match tokio::time::timeout(slice, f(m.client.clone())).await {
                     Ok(Ok(v)) => {
@@ -251,7 +252,7 @@ impl Members {
                         Failure::Unavailable(reason) => reason,
                     },
                     Err(_) => {
-                        hung[i] = true;
+                        timed_out.push(i);
                         format!("no answer within {}ms", slice.as_millis())
                     }
                 };
@@ -262,9 +263,12 @@ impl Members {
                     failures.push(line);
                 }
             }
+            // Round again (an election, a restart), members that did not
+            // answer at all last.
             if start.elapsed() + ROUND_PAUSE >= self.budget {
                 break;
             }
+            order.sort_by_key(|i| timed_out.contains(i));
             tokio::time::sleep(ROUND_PAUSE).await;
         }
         Err(EtcdError::Unreachable {
