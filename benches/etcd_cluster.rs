@@ -52,18 +52,21 @@ fn main() {
         .output()
         .expect("keys init");
     assert!(out.status.success(), "keys init: {out:?}");
-    for (k, v) in fixture("etcd-3-nodes.json")
-        .as_object()
-        .expect("fixture")
-    {
+    for (k, v) in fixture("etcd-3-nodes.json").as_object().expect("fixture") {
         let out = cluster.etcdctl_at(&[0, 1, 2], &["put", k, &v.to_string()]);
         assert!(out.status.success(), "put {k}: {out:?}");
     }
     let bin = plugin_dir(tmp.path());
     let extra = json!({"etcd_endpoints": eps, "kek_file": kek, "log_level": "warning"});
-    let mut chain = Chain::new(ptp_conflist("1.0.0", tmp.path(), extra.clone()), &bin, &node);
+    let mut chain = Chain::new(
+        ptp_conflist("1.0.0", tmp.path(), extra.clone()),
+        &bin,
+        &node,
+    );
     let cid = unique("bench");
-    chain.add(&cid, &pod.path(), "eth0").expect("ptp + calico-ipsec ADD");
+    chain
+        .add(&cid, &pod.path(), "eth0")
+        .expect("ptp + calico-ipsec ADD");
     let ns = pod.path().to_string_lossy().into_owned();
     let env = [
         ("CNI_CONTAINERID", cid.as_str()),
