@@ -285,6 +285,7 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
     let mut k = 0;
     let mut probe = |what: String, etcd: &Etcd, rotate: bool| {
         k += 1;
+        eprintln!("{what}: probing the agent");
         let took = rt.block_on(agent_follows(etcd, k, &agent_log));
         if rotate {
             cli(&eps, &["keys", "rotate", "--kek-file", kek_s]);
@@ -310,10 +311,12 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
             });
         }
         let leader = rt.block_on(manager_leader(etcd));
-        report.push(format!(
+        let line = format!(
             "{what}: agent current in {:.1}s, manager leader {leader}",
             took.as_secs_f64()
-        ));
+        );
+        eprintln!("{line}");
+        report.push(line);
     };
     // Each fault lasts at least FAULT_HOLD, so that ADDs run through it.
     let hold = |since: Instant| {
@@ -399,15 +402,29 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
         "the slowest ADD took {:?} (limit {ADD_LIMIT:?})",
         pct(1.0)
     );
-    // The managers never fought: whoever led last still holds the record,
-    // and neither logged a failed step.
-    for log in &m_logs {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        assert!(
-            !text.contains("manager step failed"),
-            "a manager step failed:\n{}",
-            tail(log)
-        );
+    // Leadership was kept or handed over once, never fought over, and a
+    // step failed only while no member could answer (an election longer
+    // than the budget); the next step retried it.
+    let logs: Vec<String> = m_logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    let won = logs
+        .iter()
+        .map(|t| t.matches("became the leader").count())
+        .sum::<usize>();
+    assert!(
+        (1..=2).contains(&won),
+        "leadership changed hands {won} times:\n{}\n{}",
+        tail(&m_logs[0]),
+        tail(&m_logs[1])
+    );
+    for (log, text) in m_logs.iter().zip(&logs) {
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("manager step failed") && !l.contains("unreachable"))
+            .collect();
+        assert!(bad.is_empty(), "{}: {bad:?}", log.display());
     }
     chain.del(&cid, Some(&pod.path()), "eth0").expect("DEL");
 }

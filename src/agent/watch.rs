@@ -2,9 +2,10 @@
 //! last revision it delivered, and re-reading its prefix only when etcd has
 //! compacted that revision away.
 //!
-//! A watch lives on one member. When that member dies, hangs (HTTP/2
-//! keep-alive finds it) or loses its leader (it cancels the watch, since
-//! every request asks for a leader), the watch is reopened on another.
+//! A watch lives on one member. When that member dies, hangs (another
+//! request of this process timed out on it, or HTTP/2 keep-alive found it)
+//! or loses its leader (it cancels the watch, since every request asks for
+//! a leader), the watch is reopened on another.
 
 use std::time::Duration;
 
@@ -12,6 +13,9 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 
 use crate::datastore::etcd::{Etcd, Kv};
+
+/// How often a watch checks whether its member has been found dead or hung.
+const MEMBER_CHECK: Duration = Duration::from_millis(500);
 
 /// One change inside a prefix, in the order etcd applied it.
 #[derive(Debug, Clone)]
@@ -118,8 +122,22 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
         };
         tracing::debug!(prefix = %prefix, member = %watching.endpoint, "watching");
         let mut announced = false;
+        let mut check = tokio::time::interval(MEMBER_CHECK);
         loop {
-            match watching.stream.message().await {
+            let next = tokio::select! {
+                next = watching.stream.message() => next,
+                _ = check.tick() => {
+                    if etcd.member_failed_since(&watching) {
+                        // Another request found this member dead or hung:
+                        // its watch may be silent without an error.
+                        let reason = format!("watch {prefix}: {} stopped answering", watching.endpoint);
+                        let _ = tx.send(WatchMsg::Down { idx, reason }).await;
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match next {
                 Ok(Some(resp)) => {
                     if !announced {
                         announced = true;

@@ -23,7 +23,7 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -47,8 +47,14 @@ const HINT_MAX_BYTES: u64 = 1024;
 
 struct Member {
     endpoint: String,
+    /// Requests ask for a leader (`hasleader`).
     client: Client,
+    /// The same member without that requirement, for serializable reads
+    /// while no member has a leader (connected only when used).
+    leaderless: Client,
     failed_at: Mutex<Option<Instant>>,
+    /// How many times it failed to answer (watches on it check this).
+    failures: AtomicU64,
 }
 
 impl Member {
@@ -145,16 +151,22 @@ impl Members {
         }
         let mut members = Vec::with_capacity(endpoints.len());
         for ep in endpoints {
-            let client = Client::connect([ep.as_str()], Some(opts.clone()))
-                .await
-                .map_err(|e| EtcdError::Unreachable {
-                    endpoints: ep.clone(),
-                    reason: e.to_string(),
-                })?;
+            let connect = |opts: ConnectOptions| async move {
+                Client::connect([ep.as_str()], Some(opts))
+                    .await
+                    .map_err(|e| EtcdError::Unreachable {
+                        endpoints: ep.clone(),
+                        reason: e.to_string(),
+                    })
+            };
+            let client = connect(opts.clone()).await?;
+            let leaderless = connect(opts.clone().with_require_leader(false)).await?;
             members.push(Member {
                 endpoint: ep.clone(),
                 client,
+                leaderless,
                 failed_at: Mutex::new(None),
+                failures: AtomicU64::new(0),
             });
         }
         let hinted = s
@@ -188,9 +200,17 @@ impl Members {
         order
     }
 
+    /// How many times member `i` failed to answer.
+    pub(super) fn failures(&self, i: usize) -> u64 {
+        self.members
+            .get(i)
+            .map_or(0, |m| m.failures.load(Ordering::Relaxed))
+    }
+
     /// Records that member `i` failed to answer: later requests try it last.
     pub(super) fn failed(&self, i: usize, reason: &str) {
         let Some(m) = self.members.get(i) else { return };
+        m.failures.fetch_add(1, Ordering::Relaxed);
         let was = lock(&m.failed_at).replace(Instant::now());
         if self.members.len() > 1 && (was.is_none() || self.preferred.load(Ordering::Relaxed) == i)
         {
@@ -215,7 +235,18 @@ impl Members {
 
     /// Runs `f` on one member after another until one answers, within the
     /// budget. Returns the answer and the member that gave it.
-    pub(super) async fn call<T, F, Fut>(&self, op: &str, mut f: F) -> Result<(T, usize), EtcdError>
+    ///
+    /// `stale_ok` (serializable reads): when every member says it has no
+    /// leader (the whole cluster is electing one), ask again without the
+    /// requirement: no member has newer data, and an ADD need not wait
+    /// out the election. A member cut off alone still is not read: the
+    /// others have a leader.
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        op: &str,
+        stale_ok: bool,
+        mut f: F,
+    ) -> Result<(T, usize), EtcdError>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -223,8 +254,10 @@ impl Members {
         let start = Instant::now();
         let mut order = self.order();
         let mut failures: Vec<String> = Vec::new();
+        let mut need_leader = true;
         'rounds: loop {
             let mut timed_out = Vec::new();
+            let mut leaderless = 0;
             for &i in &order {
                 let left = self.budget.saturating_sub(start.elapsed());
                 if left.is_zero() {
@@ -236,7 +269,12 @@ impl Members {
                 // the same write proposed again a moment later succeeds.
                 let slice = left.min(self.slice);
                 let m = &self.members[i];
-                let reason = match tokio::time::timeout(slice, f(m.client.clone())).await {
+                let client = if need_leader {
+                    &m.client
+                } else {
+                    &m.leaderless
+                };
+                let reason = match tokio::time::timeout(slice, f(client.clone())).await {
                     Ok(Ok(v)) => {
                         self.answered(i);
                         return Ok((v, i));
@@ -249,7 +287,12 @@ impl Members {
                                 reason: format!("{} ({})", e, m.endpoint),
                             });
                         }
-                        Failure::Unavailable(reason) => reason,
+                        Failure::Unavailable(reason) => {
+                            if reason.contains("no leader") {
+                                leaderless += 1;
+                            }
+                            reason
+                        }
                     },
                     Err(_) => {
                         timed_out.push(i);
@@ -269,6 +312,14 @@ impl Members {
                 break;
             }
             order.sort_by_key(|i| timed_out.contains(i));
+            if stale_ok && need_leader && leaderless == order.len() {
+                tracing::info!(
+                    op,
+                    "no etcd member has a leader (an election): reading without one"
+                );
+                need_leader = false;
+                continue;
+            }
             tokio::time::sleep(ROUND_PAUSE).await;
         }
         Err(EtcdError::Unreachable {

@@ -110,6 +110,8 @@ pub struct Watching {
     /// The member's endpoint, for messages.
     pub endpoint: String,
     member: usize,
+    /// The member's failure count when the watch was opened.
+    failures: u64,
 }
 
 /// One key and its value from a read.
@@ -202,7 +204,7 @@ impl Etcd {
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.members.call(op, f).await.map(|(v, _)| v)
+        self.members.call(op, false, f).await.map(|(v, _)| v)
     }
 
     /// Runs a transaction on the members in turn.
@@ -212,6 +214,19 @@ impl Etcd {
             async move { kv(&c).txn(txn).await }
         })
         .await
+    }
+
+    /// Runs a read-only transaction of serializable reads, which may be
+    /// answered without a leader when no member has one.
+    async fn read_txn(&self, op: &str, txn: Txn) -> Result<etcd_client::TxnResponse, EtcdError> {
+        let (resp, _) = self
+            .members
+            .call(op, true, |c| {
+                let txn = txn.clone();
+                async move { kv(&c).txn(txn).await }
+            })
+            .await?;
+        Ok(resp)
     }
 
     /// Reads every range in one serializable transaction: one round trip,
@@ -241,7 +256,7 @@ impl Etcd {
         ops: Vec<TxnOp>,
     ) -> Result<(Header, Vec<etcd_client::GetResponse>), EtcdError> {
         let n = ops.len();
-        let resp = self.run_txn(op, Txn::new().and_then(ops)).await?;
+        let resp = self.read_txn(op, Txn::new().and_then(ops)).await?;
         let header = header_of(resp.header());
         let mut out = Vec::with_capacity(n);
         for r in resp.op_responses() {
@@ -302,8 +317,9 @@ impl Etcd {
         if serializable {
             opts = opts.with_serializable();
         }
-        let resp = self
-            .call(&format!("get {prefix}*"), |c| {
+        let (resp, _) = self
+            .members
+            .call(&format!("get {prefix}*"), serializable, |c| {
                 let opts = opts.clone();
                 async move { kv(&c).get(prefix, Some(opts)).await }
             })
@@ -421,7 +437,7 @@ impl Etcd {
     pub async fn watch(&self, key: &str, opts: WatchOptions) -> Result<Watching, EtcdError> {
         let (stream, member) = self
             .members
-            .call(&format!("watch {key}"), |c| {
+            .call(&format!("watch {key}"), false, |c| {
                 let opts = opts.clone();
                 async move { c.watch_client().watch(key, Some(opts)).await }
             })
@@ -430,6 +446,7 @@ impl Etcd {
             stream,
             endpoint: self.members.endpoint(member).to_string(),
             member,
+            failures: self.members.failures(member),
         })
     }
 
@@ -437,6 +454,12 @@ impl Etcd {
     /// and watches try the other members first.
     pub fn watch_failed(&self, w: &Watching, reason: &str) {
         self.members.failed(w.member, reason);
+    }
+
+    /// Whether a request found the watch's member dead or hung since the
+    /// watch was opened.
+    pub fn member_failed_since(&self, w: &Watching) -> bool {
+        self.members.failures(w.member) != w.failures
     }
 
     /// The endpoints, as one string for messages.
