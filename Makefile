@@ -88,11 +88,13 @@ test: deps lint unit validate-manifests e2e fuzz
 demo: deps build
 	CALICO_IPSEC=$(VM_BIN) tests/e2e/vm.sh tests/e2e/demo.sh
 
-## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl (host);
+## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl; ADD
+## against a 3-member etcd cluster with one member hung against healthy (host);
 ## XFRM convergence against ip -batch and per-object ip, no-op ADD with 1,000 peers (VM).
 bench: deps build
 	$(CARGO) bench --locked --bench cni_add
 	$(CARGO) bench --locked --bench datastore
+	$(CARGO) bench --locked --bench etcd_cluster
 	exe=$$($(CARGO) bench --locked --no-run --bench xfrm --message-format=json 2>/dev/null \
 		| jq -r 'select(.target.name == "xfrm" and .executable != null) | .executable'); \
 	CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"

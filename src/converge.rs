@@ -293,9 +293,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, ConvergeError> {
         .map_err(ConvergeError::Runtime)
 }
 
-/// The plugin's etcd settings.
+/// The plugin's etcd settings. The member that answered last is remembered
+/// in `<state_dir>/node/etcd-member`, shared by the ADDs and the agent.
 pub fn settings(cfg: &PluginConfig) -> EtcdSettings {
     EtcdSettings::from_config(&cfg.etcd, cfg.etcd_timeout)
+        .with_hint_file(cfg.state_dir.join("node").join("etcd-member"))
 }
 
 fn phase_of(s: &Snapshot) -> (Phase, u32) {

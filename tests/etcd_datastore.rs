@@ -104,8 +104,8 @@ fn reads_calico_topology_over_tls() {
     check_topology(&server);
     // Without the client certificate the server refuses us.
     let mut s = settings(&server);
-    s.tls.cert_file = None;
-    s.tls.key_file = None;
+    s.config.cert_file = None;
+    s.config.key_file = None;
     let err = rt()
         .block_on(async { Etcd::connect(&s).await?.get("/x").await })
         .expect_err("no client certificate");

@@ -1,6 +1,11 @@
 //! One etcd watch per key prefix, each resuming after a reconnect from the
 //! last revision it delivered, and re-reading its prefix only when etcd has
 //! compacted that revision away.
+//!
+//! A watch lives on one member. When that member dies, hangs (another
+//! request of this process timed out on it, or HTTP/2 keep-alive found it)
+//! or loses its leader (it cancels the watch, since every request asks for
+//! a leader), the watch is reopened on another.
 
 use std::time::Duration;
 
@@ -8,6 +13,9 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 
 use crate::datastore::etcd::{Etcd, Kv};
+
+/// How often a watch checks whether its member has been found dead or hung.
+const MEMBER_CHECK: Duration = Duration::from_millis(500);
 
 /// One change inside a prefix, in the order etcd applied it.
 #[derive(Debug, Clone)]
@@ -98,30 +106,13 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
             .with_prefix()
             .with_start_revision(rev + 1)
             .with_progress_notify();
-        let mut client = etcd.client().watch_client();
-        let started = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.watch(prefix.as_bytes(), Some(opts)),
-        )
-        .await;
-        let mut stream = match started {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let mut watching = match etcd.watch(&prefix, opts).await {
+            Ok(w) => w,
+            Err(e) => {
                 let _ = tx
                     .send(WatchMsg::Down {
                         idx,
-                        reason: format!("watch {prefix}: {e}"),
-                    })
-                    .await;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(max_backoff);
-                continue;
-            }
-            Err(_) => {
-                let _ = tx
-                    .send(WatchMsg::Down {
-                        idx,
-                        reason: format!("watch {prefix}: no answer within 5s"),
+                        reason: e.to_string(),
                     })
                     .await;
                 tokio::time::sleep(backoff).await;
@@ -129,9 +120,24 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
                 continue;
             }
         };
+        tracing::debug!(prefix = %prefix, member = %watching.endpoint, "watching");
         let mut announced = false;
+        let mut check = tokio::time::interval(MEMBER_CHECK);
         loop {
-            match stream.message().await {
+            let next = tokio::select! {
+                next = watching.stream.message() => next,
+                _ = check.tick() => {
+                    if etcd.member_failed_since(&watching) {
+                        // Another request found this member dead or hung:
+                        // its watch may be silent without an error.
+                        let reason = format!("watch {prefix}: {} stopped answering", watching.endpoint);
+                        let _ = tx.send(WatchMsg::Down { idx, reason }).await;
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match next {
                 Ok(Some(resp)) => {
                     if !announced {
                         announced = true;
@@ -151,7 +157,8 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
                         break;
                     }
                     if resp.canceled() {
-                        tracing::warn!(prefix = %prefix, reason = resp.cancel_reason(), "etcd cancelled the watch; resuming");
+                        tracing::warn!(prefix = %prefix, member = %watching.endpoint, reason = resp.cancel_reason(), "etcd cancelled the watch; resuming on another member");
+                        etcd.watch_failed(&watching, resp.cancel_reason());
                         break;
                     }
                     let mut changes = Vec::with_capacity(resp.events().len());
@@ -169,9 +176,13 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
                             EventType::Delete => Change::Delete(key),
                         });
                     }
-                    if changes.is_empty() {
-                        // A progress notification: every event up to the
-                        // header's revision has been delivered.
+                    // A progress notification (no events, for this watch,
+                    // not its creation): every event up to the header's
+                    // revision has been delivered. A creation reply, or a
+                    // reply to a progress request (watch id -1; etcd 3.4
+                    // sends it even while the watch is catching up), says
+                    // nothing about what was delivered.
+                    if changes.is_empty() && !resp.created() && resp.watch_id() >= 0 {
                         if let Some(h) = resp.header() {
                             high = high.max(h.revision());
                         }
@@ -191,21 +202,15 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
                     }
                 }
                 Ok(None) => {
-                    let _ = tx
-                        .send(WatchMsg::Down {
-                            idx,
-                            reason: format!("watch {prefix}: stream ended"),
-                        })
-                        .await;
+                    let reason = format!("watch {prefix} on {}: stream ended", watching.endpoint);
+                    etcd.watch_failed(&watching, &reason);
+                    let _ = tx.send(WatchMsg::Down { idx, reason }).await;
                     break;
                 }
                 Err(e) => {
-                    let _ = tx
-                        .send(WatchMsg::Down {
-                            idx,
-                            reason: format!("watch {prefix}: {e}"),
-                        })
-                        .await;
+                    let reason = format!("watch {prefix} on {}: {e}", watching.endpoint);
+                    etcd.watch_failed(&watching, &reason);
+                    let _ = tx.send(WatchMsg::Down { idx, reason }).await;
                     break;
                 }
             }

@@ -143,7 +143,7 @@ pub fn exec_agent(args: &AgentArgs) -> Result<(), CliError> {
     }
     if args.etcd.etcd_endpoints.is_some() {
         let s = args.etcd.settings()?;
-        cfg.etcd = s.tls;
+        cfg.etcd = s.config;
     }
     let opts = crate::agent::AgentOptions {
         cfg,

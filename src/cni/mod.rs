@@ -258,8 +258,7 @@ pub fn read_snapshot(
     if config.etcd.endpoints.is_empty() {
         return Ok(None);
     }
-    let settings =
-        crate::datastore::etcd::EtcdSettings::from_config(&config.etcd, config.etcd_timeout);
+    let settings = crate::converge::settings(config);
     Ok(Some(crate::datastore::snapshot::read_blocking(&settings)?))
 }
 

@@ -18,6 +18,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod etcd;
 pub mod probe;
 
@@ -113,6 +114,16 @@ impl Netns {
         let out = self.ip(&["-j", "link", "show", "dev", ifname]);
         let v: Value = serde_json::from_str(&out).expect("ip -j output");
         v[0]["mtu"].as_u64().expect("mtu field") as u32
+    }
+
+    /// Moves the calling thread into this namespace: everything it starts
+    /// afterwards (processes, threads, sockets) lives there.
+    pub fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(self.path()).expect("open netns");
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     }
 
     /// Whether `ifname` exists here.

@@ -1,16 +1,22 @@
 //! A thin etcd v3 client: endpoints and TLS as Calico configures them, every
-//! request bounded by a timeout, and errors that say which endpoint failed.
+//! request bounded by a timeout and failed over between the cluster's
+//! members ([`failover`]), and errors that say which endpoints failed.
 
-use std::path::{Path, PathBuf};
+mod failover;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
-    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, GetOptions, KvClient, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::config::EtcdConfig;
+
+pub use failover::MAX_ATTEMPT;
 
 /// Default bound on connecting to etcd and on each request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,41 +67,51 @@ impl EtcdError {
 /// Everything needed to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
-    /// The cluster's endpoints.
-    pub endpoints: Vec<String>,
-    /// CA, client certificate and client key, as in Calico's conflist.
-    pub tls: EtcdConfig,
-    /// Bound on connecting.
+    /// The members' endpoints, CA, client certificate and client key, as in
+    /// Calico's conflist.
+    pub config: EtcdConfig,
+    /// Bound on connecting to one member.
     pub connect_timeout: Duration,
-    /// Bound on each request.
+    /// Bound on each request, failovers included.
     pub request_timeout: Duration,
+    /// Where to remember the member that answered last, across processes.
+    pub hint_file: Option<PathBuf>,
 }
 
 impl EtcdSettings {
-    /// Settings from a conflist's etcd fields, bounding connect and each request by `timeout`.
+    /// Settings from a conflist's etcd fields, bounding each request by `timeout`.
     pub fn from_config(c: &EtcdConfig, timeout: Duration) -> Self {
         Self {
-            endpoints: c.endpoints.clone(),
-            tls: c.clone(),
+            config: c.clone(),
             connect_timeout: timeout,
             request_timeout: timeout,
+            hint_file: None,
         }
+    }
+
+    /// The same settings, remembering the member that answered in `path`.
+    pub fn with_hint_file(mut self, path: PathBuf) -> Self {
+        self.hint_file = Some(path);
+        self
     }
 }
 
-fn read_tls(path: &Path) -> Result<Vec<u8>, EtcdError> {
-    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// A connected client with a per-request timeout.
+/// A client of every member, with a per-request time budget.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
-    timeout: Duration,
+    members: Arc<failover::Members>,
     endpoints: String,
+}
+
+/// A watch stream on one member.
+pub struct Watching {
+    /// The stream.
+    pub stream: WatchStream,
+    /// The member's endpoint, for messages.
+    pub endpoint: String,
+    member: usize,
+    /// The member's failure count when the watch was opened.
+    failures: u64,
 }
 
 /// One key and its value from a read.
@@ -177,11 +193,40 @@ fn to_kv(kv: etcd_client::KeyValue) -> Kv {
     }
 }
 
+fn kv(c: &Client) -> KvClient {
+    c.kv_client().max_decoding_message_size(MAX_REPLY_BYTES)
+}
+
 impl Etcd {
-    fn kv(&self) -> KvClient {
-        self.client
-            .kv_client()
-            .max_decoding_message_size(MAX_REPLY_BYTES)
+    /// Runs `f` on the members in turn until one answers, within the budget.
+    async fn call<T, F, Fut>(&self, op: &str, f: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.members.call(op, false, f).await.map(|(v, _)| v)
+    }
+
+    /// Runs a transaction on the members in turn.
+    async fn run_txn(&self, op: &str, txn: Txn) -> Result<etcd_client::TxnResponse, EtcdError> {
+        self.call(op, |c| {
+            let txn = txn.clone();
+            async move { kv(&c).txn(txn).await }
+        })
+        .await
+    }
+
+    /// Runs a read-only transaction of serializable reads, which may be
+    /// answered without a leader when no member has one.
+    async fn read_txn(&self, op: &str, txn: Txn) -> Result<etcd_client::TxnResponse, EtcdError> {
+        let (resp, _) = self
+            .members
+            .call(op, true, |c| {
+                let txn = txn.clone();
+                async move { kv(&c).txn(txn).await }
+            })
+            .await?;
+        Ok(resp)
     }
 
     /// Reads every range in one serializable transaction: one round trip,
@@ -211,8 +256,7 @@ impl Etcd {
         ops: Vec<TxnOp>,
     ) -> Result<(Header, Vec<etcd_client::GetResponse>), EtcdError> {
         let n = ops.len();
-        let mut kv = self.kv();
-        let resp = self.bounded(op, kv.txn(Txn::new().and_then(ops))).await?;
+        let resp = self.read_txn(op, Txn::new().and_then(ops)).await?;
         let header = header_of(resp.header());
         let mut out = Vec::with_capacity(n);
         for r in resp.op_responses() {
@@ -252,58 +296,14 @@ impl Etcd {
         Ok((header, out))
     }
 
-    /// Connects, bounded by the connect timeout.
+    /// Prepares a client of every member; connections are made by the
+    /// first requests, so this fails only on bad settings.
     pub async fn connect(s: &EtcdSettings) -> Result<Self, EtcdError> {
-        if s.endpoints.is_empty() {
-            return Err(EtcdError::NoEndpoints);
-        }
-        let endpoints = s.endpoints.join(",");
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(s.connect_timeout)
-            .with_timeout(s.request_timeout);
-        let wants_tls = s.endpoints.iter().any(|e| e.starts_with("https://"))
-            || s.tls.ca_cert_file.is_some()
-            || s.tls.cert_file.is_some();
-        if wants_tls {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &s.tls.ca_cert_file {
-                tls = tls.ca_certificate(Certificate::from_pem(read_tls(ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&s.tls.cert_file, &s.tls.key_file) {
-                tls = tls.identity(Identity::from_pem(read_tls(cert)?, read_tls(key)?));
-            }
-            opts = opts.with_tls(tls);
-        }
-        let unreachable = |reason: String| EtcdError::Unreachable {
-            endpoints: endpoints.clone(),
-            reason,
-        };
-        let client = tokio::time::timeout(
-            s.connect_timeout,
-            Client::connect(s.endpoints.clone(), Some(opts)),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no connection within {:?}", s.connect_timeout)))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        let members = failover::Members::new(s).await?;
         Ok(Self {
-            client,
-            timeout: s.request_timeout,
-            endpoints,
+            members: Arc::new(members),
+            endpoints: s.config.endpoints.join(","),
         })
-    }
-
-    async fn bounded<T, F>(&self, op: &str, f: F) -> Result<T, EtcdError>
-    where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
-    {
-        match tokio::time::timeout(self.timeout, f).await {
-            Err(_) => Err(EtcdError::Unreachable {
-                endpoints: self.endpoints.clone(),
-                reason: format!("{op}: no answer within {:?}", self.timeout),
-            }),
-            Ok(Err(e)) => Err(classify(op, &self.endpoints, e)),
-            Ok(Ok(v)) => Ok(v),
-        }
     }
 
     /// Reads every key under `prefix`; `serializable` reads from the local
@@ -317,9 +317,12 @@ impl Etcd {
         if serializable {
             opts = opts.with_serializable();
         }
-        let mut kv = self.kv();
-        let resp = self
-            .bounded(&format!("get {prefix}*"), kv.get(prefix, Some(opts)))
+        let (resp, _) = self
+            .members
+            .call(&format!("get {prefix}*"), serializable, |c| {
+                let opts = opts.clone();
+                async move { kv(&c).get(prefix, Some(opts)).await }
+            })
             .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         let kvs = resp
@@ -357,9 +360,10 @@ impl Etcd {
 
     /// Reads one key.
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
-        let mut kv = self.kv();
         let resp = self
-            .bounded(&format!("get {key}"), kv.get(key, None))
+            .call(&format!("get {key}"), |c| async move {
+                kv(&c).get(key, None).await
+            })
             .await?;
         Ok(resp.kvs().first().map(|kv| Kv {
             key: key.to_string(),
@@ -375,11 +379,13 @@ impl Etcd {
         value: Vec<u8>,
         lease: Option<i64>,
     ) -> Result<(), EtcdError> {
-        let mut kv = self.kv();
         let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        self.bounded(&format!("put {key}"), kv.put(key, value, opts))
-            .await
-            .map(|_| ())
+        self.call(&format!("put {key}"), |c| {
+            let (value, opts) = (value.clone(), opts.clone());
+            async move { kv(&c).put(key, value, opts).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Writes every `(key, value)` only if none of the keys exists yet.
@@ -393,10 +399,9 @@ impl Etcd {
             .iter()
             .map(|(k, v)| TxnOp::put(*k, v.clone(), None))
             .collect();
-        let mut kv = self.kv();
         let op = format!("create {}", items.first().map(|i| i.0).unwrap_or_default());
         let resp = self
-            .bounded(&op, kv.txn(Txn::new().when(cmp).and_then(ops)))
+            .run_txn(&op, Txn::new().when(cmp).and_then(ops))
             .await?;
         Ok(resp.succeeded())
     }
@@ -407,9 +412,8 @@ impl Etcd {
             .iter()
             .map(|(k, v)| TxnOp::put(*k, v.clone(), None))
             .collect();
-        let mut kv = self.kv();
         let op = format!("put {} keys", items.len());
-        self.bounded(&op, kv.txn(Txn::new().and_then(ops)))
+        self.run_txn(&op, Txn::new().and_then(ops))
             .await
             .map(|_| ())
     }
@@ -441,18 +445,42 @@ impl Etcd {
         } else {
             Compare::mod_revision(key, CompareOp::Equal, mod_revision)
         };
-        let mut kv = self.kv();
         let txn = Txn::new()
             .when([cmp])
             .and_then([TxnOp::put(key, value, None)]);
-        let resp = self.bounded(&format!("update {key}"), kv.txn(txn)).await?;
+        let resp = self.run_txn(&format!("update {key}"), txn).await?;
         // A transaction that wrote has its put's revision in the header.
         Ok(resp.succeeded().then(|| header_of(resp.header()).revision))
     }
 
-    /// The underlying client, for watches and lease keep-alives.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// Opens a watch on the first member that answers. A member without a
+    /// leader refuses it, and cancels it when it loses its leader later.
+    pub async fn watch(&self, key: &str, opts: WatchOptions) -> Result<Watching, EtcdError> {
+        let (stream, member) = self
+            .members
+            .call(&format!("watch {key}"), false, |c| {
+                let opts = opts.clone();
+                async move { c.watch_client().watch(key, Some(opts)).await }
+            })
+            .await?;
+        Ok(Watching {
+            stream,
+            endpoint: self.members.endpoint(member).to_string(),
+            member,
+            failures: self.members.failures(member),
+        })
+    }
+
+    /// Records that a watch's member stopped answering: the next requests
+    /// and watches try the other members first.
+    pub fn watch_failed(&self, w: &Watching, reason: &str) {
+        self.members.failed(w.member, reason);
+    }
+
+    /// Whether a request found the watch's member dead or hung since the
+    /// watch was opened.
+    pub fn member_failed_since(&self, w: &Watching) -> bool {
+        self.members.failures(w.member) != w.failures
     }
 
     /// The endpoints, as one string for messages.
@@ -463,15 +491,15 @@ impl Etcd {
     /// Runs a transaction; `op` names it in errors. Returns whether its
     /// comparisons held.
     pub async fn txn(&self, op: &str, txn: Txn) -> Result<bool, EtcdError> {
-        let mut kv = self.client.kv_client();
-        Ok(self.bounded(op, kv.txn(txn)).await?.succeeded())
+        Ok(self.run_txn(op, txn).await?.succeeded())
     }
 
     /// Deletes one key; true when it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, EtcdError> {
-        let mut kv = self.client.kv_client();
         let resp = self
-            .bounded(&format!("delete {key}"), kv.delete(key, None))
+            .call(&format!("delete {key}"), |c| async move {
+                kv(&c).delete(key, None).await
+            })
             .await?;
         Ok(resp.deleted() > 0)
     }
@@ -479,28 +507,31 @@ impl Etcd {
     /// Refreshes a lease once; returns its remaining TTL in seconds (0 or
     /// less when it has expired).
     pub async fn keep_alive_once(&self, lease: i64) -> Result<i64, EtcdError> {
-        let mut client = self.client.lease_client();
         let op = format!("lease keep-alive {lease:x}");
-        let (mut keeper, mut stream) = self.bounded(&op, client.keep_alive(lease)).await?;
-        self.bounded(&op, keeper.keep_alive()).await?;
-        match self.bounded(&op, stream.message()).await? {
-            Some(resp) => Ok(resp.ttl()),
-            None => Ok(0),
-        }
+        self.call(&op, |c| async move {
+            let (mut keeper, mut stream) = c.lease_client().keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(stream.message().await?.map_or(0, |resp| resp.ttl()))
+        })
+        .await
     }
 
     /// Revokes a lease (its keys vanish).
     pub async fn revoke_lease(&self, lease: i64) -> Result<(), EtcdError> {
-        let mut client = self.client.lease_client();
-        self.bounded("lease revoke", client.revoke(lease))
-            .await
-            .map(|_| ())
+        self.call("lease revoke", |c| async move {
+            c.lease_client().revoke(lease).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Grants a lease of `ttl` seconds.
     pub async fn grant_lease(&self, ttl: i64) -> Result<i64, EtcdError> {
-        let mut lease = self.client.lease_client();
-        let resp = self.bounded("lease grant", lease.grant(ttl, None)).await?;
+        let resp = self
+            .call("lease grant", |c| async move {
+                c.lease_client().grant(ttl, None).await
+            })
+            .await?;
         Ok(resp.id())
     }
 }
@@ -516,28 +547,5 @@ fn unexpected(op: &str) -> EtcdError {
     EtcdError::Request {
         op: op.to_string(),
         reason: "the reply does not answer every range".into(),
-    }
-}
-
-/// Maps a client error to unreachable (retry later) or a request failure.
-fn classify(op: &str, endpoints: &str, e: etcd_client::Error) -> EtcdError {
-    let unavailable = match &e {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => matches!(
-            format!("{:?}", status.code()).as_str(),
-            "Unavailable" | "DeadlineExceeded" | "Cancelled"
-        ),
-        _ => false,
-    };
-    if unavailable {
-        EtcdError::Unreachable {
-            endpoints: endpoints.to_string(),
-            reason: format!("{op}: {e}"),
-        }
-    } else {
-        EtcdError::Request {
-            op: op.to_string(),
-            reason: e.to_string(),
-        }
     }
 }
