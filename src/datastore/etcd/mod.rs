@@ -339,10 +339,13 @@ impl Etcd {
 
     /// Reads every key under `prefix` with the lease each is bound to (0: none).
     pub async fn get_prefix_leased(&self, prefix: &str) -> Result<Vec<(Kv, i64)>, EtcdError> {
-        let mut kv = self.kv();
         let opts = GetOptions::new().with_prefix();
-        let resp = self
-            .bounded(&format!("get {prefix}*"), kv.get(prefix, Some(opts)))
+        let (resp, _) = self
+            .members
+            .call(&format!("get {prefix}*"), false, |c| {
+                let opts = opts.clone();
+                async move { kv(&c).get(prefix, Some(opts)).await }
+            })
             .await?;
         Ok(resp
             .kvs()
