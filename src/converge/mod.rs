@@ -20,36 +20,35 @@
 //! - the ledger is missing or belongs to another incarnation or boot;
 //! - an outbound SA the ledger says was created is missing or altered.
 
-use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
-use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError, Phase};
-use crate::datastore::paths::PathKind;
+use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fastpath::{self, Converged};
-use crate::fsutil::{self, SafeFileError};
-use crate::keys::{EpochSecret, Kek, KekError, SaId};
-use crate::mtu::{Encapsulation, IcvBits, MtuParams, OuterIp};
+use crate::fsutil::SafeFileError;
+use crate::keys::KekError;
+use crate::mtu::MtuParams;
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
 
-/// The kernel's boot id: changes on every boot.
-pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+mod apply;
+mod identity;
+
+pub use apply::mtu_params;
+use apply::{apply_with_keys, kept};
+use identity::bump;
+pub use identity::{
+    boot_id, needs_new_incarnation, Ledger, NodeLock, BOOT_ID_PATH, NODE_LOCK_WAIT,
+};
+
 /// ICV length used when the config does not say.
 pub const DEFAULT_ICV_BITS: u32 = 128;
-/// How long an ADD (or the agent) waits for the node lock before giving up
-/// with "try again later": a holder does one convergence, each etcd request
-/// bounded by `etcd_timeout_ms`, so a longer wait means a stuck holder, and
-/// the runtime's retry is better than a pod creation that never returns.
-pub const NODE_LOCK_WAIT: Duration = Duration::from_secs(25);
 
 /// Why converging failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,117 +172,6 @@ pub struct Observed {
 fn state_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConvergeError {
     let path = path.to_path_buf();
     move |source| ConvergeError::State { op, path, source }
-}
-
-/// The node-wide lock: an exclusive `flock` on `<state_dir>/node/lock`
-/// (a regular file; a link there is refused, never followed).
-pub struct NodeLock {
-    _lock: Flock<File>,
-}
-
-impl NodeLock {
-    /// Takes the lock, waiting at most `wait` for another holder to let go;
-    /// [`ConvergeError::LockTimeout`] after that.
-    pub fn acquire(state_dir: &Path, wait: Duration) -> Result<Self, ConvergeError> {
-        let dir = state_dir.join("node");
-        create_private_dir(&dir)?;
-        let path = dir.join("lock");
-        let started = Instant::now();
-        let mut file = fsutil::open_lock(&path)?;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(Self { _lock: lock }),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
-                Err((f, nix::errno::Errno::EINTR)) => {
-                    file = f;
-                    continue;
-                }
-                Err((_, e)) => return Err(state_err("locking", &path)(io::Error::from(e))),
-            }
-            let waited = started.elapsed();
-            if waited >= wait {
-                return Err(ConvergeError::LockTimeout { path, waited });
-            }
-            std::thread::sleep(pause.min(wait - waited));
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-    }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), ConvergeError> {
-    Ok(fsutil::private_dir(dir)?)
-}
-
-/// The outbound SAs created in the current incarnation (names, no keys).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ledger {
-    /// The boot id it belongs to.
-    pub boot_id: String,
-    /// The incarnation it belongs to.
-    pub incarnation: u32,
-    /// "epoch/peer" of every outbound SA created.
-    pub sent: BTreeSet<String>,
-}
-
-impl Ledger {
-    fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("node").join("ledger")
-    }
-
-    /// Reads the ledger; `None` when missing or unreadable (both mean the
-    /// history is unknown, which a new incarnation settles).
-    pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = match fsutil::read_state(&Self::path(state_dir), fastpath::MAX_RECORD_BYTES) {
-            Ok(b) => b?,
-            Err(e) => {
-                tracing::warn!(error = %e, "the SA ledger is unusable; a new incarnation will be published");
-                return None;
-            }
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "the SA ledger is unreadable; a new incarnation will be published");
-                None
-            }
-        }
-    }
-
-    /// Writes the ledger atomically (0600), synced before any SA it lists.
-    pub fn save(&self, state_dir: &Path) -> Result<(), ConvergeError> {
-        let path = Self::path(state_dir);
-        if let Some(dir) = path.parent() {
-            create_private_dir(dir)?;
-        }
-        let body = serde_json::to_vec(self).unwrap_or_default();
-        fsutil::write_atomic(&path, &body, 0o600).map_err(state_err("writing", &path))
-    }
-
-    /// "epoch/peer" for IPv4 transport SAs, "epoch/peer/lane" for the others.
-    fn entry(epoch: u32, peer: &str, lane: crate::xfrm::Lane) -> String {
-        match lane.index() {
-            0 => format!("{epoch}/{peer}"),
-            n => format!("{epoch}/{peer}/{n}"),
-        }
-    }
-}
-
-/// Whether the published incarnation cannot be trusted to have fresh keys:
-/// never published, published before a reboot, or without a matching ledger
-/// (so which SAs were created under it is unknown).
-pub fn needs_new_incarnation(ident: &Identity, ledger: Option<&Ledger>, boot: &str) -> bool {
-    ident.incarnation == 0
-        || ident.boot_id != boot
-        || ledger.is_none_or(|l| l.incarnation != ident.incarnation || l.boot_id != boot)
-}
-
-/// Reads the kernel's boot id.
-pub fn boot_id() -> Result<String, ConvergeError> {
-    let p = Path::new(BOOT_ID_PATH);
-    fs::read_to_string(p)
-        .map(|s| s.trim().to_string())
-        .map_err(state_err("reading", p))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ConvergeError> {
@@ -691,283 +579,9 @@ pub async fn converge_with(
     Ok(report)
 }
 
-/// The report of a convergence that left the kernel as it was, and why.
-fn kept(
-    node: String,
-    snap: &Snapshot,
-    held: &Held,
-    why: String,
-    started: Instant,
-    mtu: Vec<MtuParams>,
-) -> Report {
-    tracing::error!(node = %node, reason = %why, "cannot follow etcd; keeping the XFRM state this node holds");
-    let (phase, _) = phase_of(snap);
-    let me = snap.identities.get(&node);
-    // The epochs the kernel still holds (so that none is deleted under it);
-    // the phase generation stays 0, so nothing is acknowledged.
-    let mut installed: Vec<u32> = held
-        .states
-        .values()
-        .map(|s| (s.reqid & 0xffff).saturating_sub(1))
-        .collect();
-    installed.sort_unstable();
-    installed.dedup();
-    Report {
-        node,
-        phase,
-        id: me.map(|i| i.id),
-        incarnation: me.map_or(0, |i| i.incarnation),
-        new_incarnation: false,
-        states: held.states.len(),
-        policies: held.policies.len(),
-        writes: 0,
-        revision: snap.revision,
-        millis: ms(started),
-        read_millis: ms(started),
-        identity_millis: 0,
-        apply_millis: 0,
-        installed_epochs: installed,
-        active_epoch: None,
-        phase_generation: 0,
-        states_by_dir: (0, 0),
-        policies_by_dir: (0, 0),
-        identities_digest: String::new(),
-        unchanged: false,
-        unprotected: Vec::new(),
-        mtu,
-        stale: Some(why),
-    }
-}
-
-/// What the pod MTU of `node` must fit, from the pools and its families,
-/// with the cluster's ICV length.
-pub fn mtu_params(snap: &Snapshot, node: &str) -> Vec<MtuParams> {
-    let (_, icv_bits) = phase_of(snap);
-    let icv = IcvBits::from_bits(icv_bits.into()).unwrap_or(IcvBits::B128);
-    let Some(me) = snap.topology.nodes.get(node) else {
-        return Vec::new();
-    };
-    let mut out: Vec<MtuParams> = snap
-        .topology
-        .carriers(me)
-        .into_iter()
-        .filter_map(|(kind, v4)| {
-            let encapsulation = match kind {
-                PathKind::Ipip => Encapsulation::Ipip,
-                PathKind::Vxlan => Encapsulation::Vxlan,
-                PathKind::Tunnel => Encapsulation::None,
-                PathKind::Blocked => return None,
-            };
-            Some(MtuParams {
-                encapsulation,
-                icv,
-                outer: if v4 { OuterIp::V4 } else { OuterIp::V6 },
-                udp_encap: false,
-            })
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize) {
     dirs.fold((0, 0), |(i, o), d| match d {
         Dir::In => (i + 1, o),
         _ => (i, o + 1),
     })
-}
-
-/// Publishes the next incarnation (compare-and-swap on the identity record
-/// at its revision), above both the published one and `floor` (the local
-/// ledger's), and starts an empty ledger for it.
-async fn bump(
-    store: &IpsecStore<'_>,
-    store_etcd: &Etcd,
-    node: &str,
-    (mut ident, mut rev): (Identity, i64),
-    floor: u32,
-    boot: &str,
-    state_dir: &Path,
-) -> Result<((Identity, i64), Ledger), ConvergeError> {
-    for _ in 0..16 {
-        let next = Identity {
-            id: ident.id,
-            incarnation: ident.incarnation.max(floor) + 1,
-            boot_id: boot.to_string(),
-        };
-        // The same record `IpsecStore::publish_identity` writes; the reply's
-        // revision saves reading it back.
-        let body = serde_json::to_vec(&next).map_err(|e| IpsecStoreError::Malformed {
-            key: nodeid_key(node),
-            reason: e.to_string(),
-        })?;
-        let written = store_etcd
-            .compare_and_put_at(&nodeid_key(node), rev, body)
-            .await
-            .map_err(IpsecStoreError::from)?;
-        if let Some(new_rev) = written {
-            let ledger = Ledger {
-                boot_id: boot.to_string(),
-                incarnation: next.incarnation,
-                sent: BTreeSet::new(),
-            };
-            ledger.save(state_dir)?;
-            tracing::info!(
-                node,
-                incarnation = next.incarnation,
-                "published a new incarnation"
-            );
-            // A missing revision (0) only makes a later compare-and-swap
-            // fail and read the record back.
-            return Ok(((next, new_rev), ledger));
-        }
-        (ident, rev) = store.identity(node).await?;
-    }
-    Err(IpsecStoreError::Contended(format!("publishing a new incarnation of {node}")).into())
-}
-
-/// Unseals the epochs the plan needs and applies it, deriving each key just
-/// before its state is added.
-fn apply_with_keys(
-    cfg: &PluginConfig,
-    snap: &Snapshot,
-    xfrm: &mut Xfrm,
-    plan: &Plan,
-    held: &Held,
-) -> Result<Applied, ConvergeError> {
-    let needs_keys = !(plan.add_states.is_empty() && plan.replace_states.is_empty());
-    let kek = if needs_keys {
-        Some(Kek::load(&cfg.kek_file)?)
-    } else {
-        None
-    };
-    let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
-    let mut secrets: HashMap<u32, EpochSecret> = HashMap::new();
-    let applied = xfrm.apply(plan, held, |s| {
-        let kek = kek.as_ref().ok_or("no KEK loaded")?;
-        let secret = match secrets.entry(s.epoch) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let rec = snap
-                    .epochs
-                    .iter()
-                    .find(|e| e.epoch == s.epoch)
-                    .ok_or_else(|| format!("epoch {} has no record", s.epoch))?;
-                v.insert(rec.open(kek).map_err(|e| e.to_string())?)
-            }
-        };
-        secret
-            .derive(
-                &guid,
-                &SaId {
-                    epoch: s.epoch,
-                    sender: &s.sender,
-                    incarnation: s.incarnation,
-                    receiver: &s.receiver,
-                    lane: s.lane.index(),
-                },
-            )
-            .ok_or_else(|| "a node name is longer than 253 bytes".to_string())
-    })?;
-    let outbound = plan.add_states.iter().filter(|s| s.dir == Dir::Out).count();
-    tracing::info!(
-        states_added = applied.states_added,
-        outbound_added = outbound,
-        states_deleted = applied.states_deleted,
-        policies_added = applied.policies_added,
-        policies_updated = applied.policies_updated,
-        policies_deleted = applied.policies_deleted,
-        "applied"
-    );
-    Ok(applied)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ident(inc: u32, boot: &str) -> Identity {
-        Identity {
-            id: 1,
-            incarnation: inc,
-            boot_id: boot.into(),
-        }
-    }
-
-    fn ledger(inc: u32, boot: &str) -> Ledger {
-        Ledger {
-            boot_id: boot.into(),
-            incarnation: inc,
-            sent: BTreeSet::new(),
-        }
-    }
-
-    #[test]
-    fn a_new_incarnation_after_reboot_first_start_or_lost_ledger() {
-        let l = ledger(4, "b1");
-        assert!(!needs_new_incarnation(&ident(4, "b1"), Some(&l), "b1"));
-        assert!(
-            needs_new_incarnation(&ident(0, ""), None, "b1"),
-            "first start"
-        );
-        assert!(
-            needs_new_incarnation(&ident(4, "b1"), Some(&l), "b2"),
-            "rebooted"
-        );
-        assert!(
-            needs_new_incarnation(&ident(4, "b1"), None, "b1"),
-            "ledger lost"
-        );
-        assert!(
-            needs_new_incarnation(&ident(5, "b1"), Some(&l), "b1"),
-            "ledger of another incarnation"
-        );
-    }
-
-    #[test]
-    fn ledger_round_trip_is_0600() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut l = ledger(3, "b");
-        l.sent
-            .insert(Ledger::entry(2, "node-2", crate::xfrm::Lane::V4Transport));
-        l.save(dir.path()).expect("save");
-        assert_eq!(Ledger::load(dir.path()), Some(l));
-        let mode = fs::metadata(Ledger::path(dir.path()))
-            .expect("stat")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn the_node_lock_waits_a_bounded_time_and_refuses_a_link() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let held = NodeLock::acquire(dir.path(), Duration::ZERO).expect("first");
-        let started = Instant::now();
-        let err = match NodeLock::acquire(dir.path(), Duration::from_millis(300)) {
-            Err(e) => e,
-            Ok(_) => panic!("two holders of the node lock"),
-        };
-        let waited = started.elapsed();
-        assert!(matches!(err, ConvergeError::LockTimeout { .. }), "{err}");
-        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2));
-        assert!(err.to_string().contains("still held"), "{err}");
-        drop(held);
-        let again = NodeLock::acquire(dir.path(), Duration::from_millis(300));
-        assert!(again.is_ok(), "free once released");
-        drop(again);
-
-        let other = tempfile::tempdir().expect("tempdir");
-        let outside = other.path().join("victim");
-        fs::write(&outside, b"keep").expect("write");
-        fs::create_dir(other.path().join("node")).expect("mkdir");
-        std::os::unix::fs::symlink(&outside, other.path().join("node/lock")).expect("link");
-        let err = NodeLock::acquire(other.path(), Duration::ZERO).err();
-        assert!(
-            matches!(err, Some(ConvergeError::Unsafe(SafeFileError::Symlink(_)))),
-            "{err:?}"
-        );
-    }
 }
