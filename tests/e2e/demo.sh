@@ -52,7 +52,7 @@ echo "  first packets seen:"
 tcpdump -r "$tmp/wire.pcap" -nn 'host 10.0.0.11 and host 10.0.0.12' 2>/dev/null | head -4 | sed 's/^/    /'
 ectl get --prefix /calico/ -w json >"$tmp/etcd.json"
 echo "  decrypting the capture with keys derived independently from etcd and the KEK:"
-python3 "$here/esp_decrypt.py" "$tmp/wire.pcap" "$tmp/etcd.json" "$tmp/kek" "" | tail -1 | sed 's/^/    /'
+python3 "$here/esp_decrypt.py" "$tmp/wire.pcap" "$tmp/etcd.json" "$tmp/kek" "" 10.244.0.0/16 | tail -1 | sed 's/^/    /'
 
 say "Done: pod traffic between nodes left only as ESP (AES-GCM), with per-pair keys from etcd"
 e2e_cleanup
