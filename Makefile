@@ -14,12 +14,13 @@ VM_BIN        = $$(if [ -x $(BIN) ]; then echo $(CURDIR)/$(BIN); else echo $(CUR
 FUZZ_SECONDS ?= 60
 
 # Debian packages the build and the tests need (see DESIGN §7); prometheus
-# brings promtool, which checks both /metrics endpoints in `make unit`.
+# brings promtool, which checks both /metrics endpoints in `make unit`;
+# podman (with crun and conmon) runs real containers in `make podman`.
 APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
 	musl-tools iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
 	qemu-system-x86 linux-image-amd64 python3-venv python3-cryptography \
-	prometheus
+	prometheus podman
 
 # The manifest validator (PyPI; Debian packages none with the Kubernetes schemas).
 VALIDATOR_VERSION := 1.37.0
@@ -27,7 +28,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build dist deps lint unit e2e test demo bench fuzz clean validate-manifests image
+.PHONY: all build dist deps lint unit podman e2e test demo bench fuzz clean validate-manifests image
 
 all: build
 
@@ -63,6 +64,11 @@ lint:
 unit:
 	$(CARGO) test --locked
 
+## podman: real containers through [bridge + host-local, calico-ipsec] with
+## Debian's podman (CNI backend), on the host, in MTU-only mode (root).
+podman: deps build
+	tests/podman.sh $(VM_BIN)
+
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
 e2e: build
 	CALICO_IPSEC=$(VM_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/vm.sh tests/e2e/run-all.sh
@@ -81,7 +87,7 @@ image:
 	$$engine build -f install/Dockerfile -t $(IMAGE) .
 
 ## test: everything CI runs.
-test: deps lint unit validate-manifests e2e fuzz
+test: deps lint unit podman validate-manifests e2e fuzz
 
 ## demo: the main job: a three-node cluster in the VM, pods through [ptp, calico-ipsec],
 ## `calico-ipsec status`, and ESP on the wire while pods ping.
