@@ -293,6 +293,9 @@ round() {
     [[ -n $q ]] && check "$name: ping a-node-1 -> q-node-2 in the second pool ($q)" \
         nsx a-node-1 ping -n -c 2 -i 0.2 -W 5 -p "$marker" "$q"
     check "$name: TCP and UDP a-node-1 <-> a-node-3" tcp_udp a-node-1 a-node-3 "${P4[node-3]}"
+    if [[ -n $v6 ]]; then
+        check "$name: TCP and UDP over IPv6 a-node-1 <-> a-node-3" tcp_udp a-node-1 a-node-3 "${P6[node-3]}"
+    fi
     check "$name: ping from node-1's host to a-node-2" nsx node-1 ping -n -c 2 -i 0.2 -W 5 -p "$marker" "${P4[node-2]}"
     for n in node-1 node-2 node-3; do cap_stop_pid "w-$n"; done
     ectl get --prefix /calico/ -w json >"$tmp/etcd.json"
@@ -311,23 +314,25 @@ round() {
 
 # tcp_udp POD_A POD_B ADDR_B: 64 KiB over TCP and a UDP datagram, checked.
 tcp_udp() {
+    rm -f "$tmp/tcpudp.out"
     nsx "$2" python3 -c '
-import socket, sys, threading
-t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(("0.0.0.0", 5001)); t.listen(1)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5002)); u.settimeout(15); t.settimeout(15)
+import socket, sys
+f = socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET
+t = socket.socket(f); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((sys.argv[2], 5001)); t.listen(1)
+u = socket.socket(f, socket.SOCK_DGRAM); u.bind((sys.argv[2], 5002)); u.settimeout(15); t.settimeout(15)
 c, _ = t.accept(); n = 0
 while True:
     b = c.recv(65536)
     if not b: break
     n += len(b)
 d, a = u.recvfrom(2048)
-open(sys.argv[1], "w").write(f"{n} {d.decode()}\n")' "$tmp/tcpudp.out" &
+open(sys.argv[1], "w").write(f"{n} {d.decode()}\n")' "$tmp/tcpudp.out" "$3" &
     local srv=$! i
     sleep 1
     nsx "$1" python3 -c '
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 5001), timeout=15); s.sendall(b"x" * 65536); s.close()
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(5):
     u.sendto(b"udp-ok", (sys.argv[1], 5002)); time.sleep(0.2)' "$3"
     wait "$srv" || return 1
@@ -374,6 +379,9 @@ mtu_round() {
     if [[ -n $a6 ]]; then
         check "$name: IPv6 packet of $want bytes crosses to a-node-3" \
             nsx a-node-1 ping -6 -n -c 1 -W 5 -M 'do' -s $((want - 48)) "$a6"
+        res=$(nsx a-node-1 ping -6 -n -c 1 -W 2 -M 'do' -s $((want - 47)) "$a6" 2>&1 || true)
+        check_match "$name: one byte more over IPv6 is refused (not sent, nothing received)" \
+            "$(paste -sd' ' <<<"$res")" "([Tt]oo long|[Tt]oo big).* 0 received"
     fi
 }
 
