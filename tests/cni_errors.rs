@@ -356,6 +356,21 @@ fn every_error_path_has_its_code() {
             says: &["log_file_path"],
         },
         Case {
+            name: "a pod with an IPv6 address and a bound below 1280",
+            command: "ADD",
+            env: env.clone(),
+            stdin: {
+                let mut c: Value =
+                    serde_json::from_slice(&conf(t, "0.3.1", json!({"ext_mtu": 1300}), true))
+                        .expect("json");
+                let ips = c["prevResult"]["ips"].as_array_mut().expect("ips");
+                ips.push(json!({"version": "6", "address": "fd00:10:244::5/128", "interface": 1}));
+                c.to_string().into_bytes()
+            },
+            code: 108,
+            says: &["1280", "1246", "IPv6"],
+        },
+        Case {
             name: "no underlay interface",
             command: "ADD",
             env: env.clone(),
