@@ -165,7 +165,7 @@ check_eq "node-1 holds no policy for node-3" "$(ipn node-1 xfrm policy list | gr
 check_eq "node-1 still holds node-2's SAs and policies, and blocks node-3's orphaned block (2 states, 3 policies)" \
     "$(status node-1 | jq -r '"\(.kernel_states) \(.kernel_policies)"')" "2 3"
 check_match "node-1 blocks node-3's pod block, whose Node left but whose affinity stays" \
-    "$(ipn node-1 xfrm policy list | paste -sd' ')" "src 0\.0\.0\.0/0 dst 10\.244\.18\.128/26 +dir out action block"
+    "$(ipn node-1 xfrm policy list | paste -sd' ')" "src 0\.0\.0\.0/0 dst 10\.244\.18\.128/26[[:space:]]+dir out action block"
 
 # ------------------------------------------- 50 concurrent ADDs, then DELs
 # node-3 comes back while they run: the ADDs serialise on the node lock and
