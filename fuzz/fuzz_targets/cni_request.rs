@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         container_id: Some("fuzz".into()),
         netns: Some("/run/netns/fuzz".into()),
         ifname: Some("eth0".into()),
+        refused: None,
     };
     let Ok(raw) = cni::parse_stdin(stdin) else {
         return;
