@@ -89,6 +89,11 @@ check_ge "ESP packets on node-1's wire port while enforced" "$esp" 50
 check_eq "plaintext IPIP packets on node-1's wire port while enforced" "$ipip" 0
 clear=$(cap_ipv4 "$tmp/enforced.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)
 check_eq "packets with a pod address in clear on node-1's wire port while enforced" "$clear" 0
+if [[ $clear != 0 ]]; then
+    tcpdump -r "$tmp/enforced.pcap" -nn 'net 10.244.0.0/16' 2>/dev/null | head -8 | indent
+    ipn node-1 xfrm policy | head -30 | indent
+    tail -20 "$tmp/agent-node-1.log" | indent
+fi
 
 # Metrics and health from node-1's agent.
 metrics=$(nsx node-1 curl -sf http://127.0.0.1:9094/metrics || true)
@@ -116,8 +121,14 @@ mark "disable"
 t0=$(now)
 check "calico-ipsec disable --wait" nsx wire "$bin" disable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
 info "disable (enforce → encrypt → accept → off) took $(echo "$(now) - $t0" | bc)s"
-wait_until 30 "every node holds none of our states once off" \
-    bash -c "! ip netns exec ${E2E_NS_PREFIX}node-1 ip xfrm state | grep -q . && ! ip netns exec ${E2E_NS_PREFIX}node-2 ip xfrm state | grep -q . && ! ip netns exec ${E2E_NS_PREFIX}node-3 ip xfrm state | grep -q ."
+if ! wait_until 30 "every node holds none of our states once off" \
+    bash -c "! ip netns exec ${E2E_NS_PREFIX}node-1 ip xfrm state | grep -q . && ! ip netns exec ${E2E_NS_PREFIX}node-2 ip xfrm state | grep -q . && ! ip netns exec ${E2E_NS_PREFIX}node-3 ip xfrm state | grep -q ."; then
+    for n in "${NODES[@]}"; do
+        info "$n still holds:"
+        ipn "$n" xfrm state | grep '^src' | indent
+        grep -E 'WARN|ERROR' "$tmp/agent-$n.log" | tail -5 | indent
+    done
+fi
 sleep 2
 
 # Stop the traffic and count.
