@@ -552,10 +552,11 @@ E2E_DAEMON_PIDS=()
 declare -A AGENT_PID MANAGER_PID
 
 # agent_start NODE: the node agent in NODE's namespace, metrics on that
-# namespace's loopback, a 6 s status lease; AGENT_PID[NODE].
+# namespace's loopback, a status lease of E2E_LEASE_TTL seconds (6 by
+# default); AGENT_PID[NODE].
 agent_start() {
     ip netns exec "$E2E_NS_PREFIX$1" "$E2E_BIN" agent --config "$CNI_CONFLIST_DIR/$1.conflist" \
-        --listen 127.0.0.1:9094 --lease-ttl-seconds 6 >>"$E2E_TMP/agent-$1.log" 2>&1 &
+        --listen 127.0.0.1:9094 --lease-ttl-seconds "${E2E_LEASE_TTL:-6}" >>"$E2E_TMP/agent-$1.log" 2>&1 &
     AGENT_PID[$1]=$!
     E2E_DAEMON_PIDS+=("$!")
 }
