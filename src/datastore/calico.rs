@@ -161,12 +161,7 @@ fn parse_underlay(s: &str, v4: bool) -> Option<Underlay> {
 /// Checks a node name as `nodename` is checked: a DNS subdomain of at most
 /// 253 bytes (it feeds key derivations and is printed by `status`).
 pub fn valid_node_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 253
-        && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !n.starts_with(['-', '.'])
-        && !n.ends_with(['-', '.'])
+    !n.is_empty() && crate::config::validate_nodename(n).is_ok()
 }
 
 fn parse_node(name: &str, v: &Value) -> Result<Node, String> {
