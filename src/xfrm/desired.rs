@@ -328,7 +328,8 @@ impl Build<'_> {
             .get(&peer.name)
             .filter(|p| p.incarnation > 0);
         let mine = self.i.my_identity.filter(|m| m.incarnation > 0);
-        for lane in pair.lanes(me_ip) {
+        let lanes = pair.lanes(me_ip);
+        for &lane in &lanes {
             self.sas(&mut view, lane, peer, (me_ip, peer_ip), mine, theirs);
         }
         let encrypt = self.i.phase >= Phase::Encrypt;
@@ -374,7 +375,7 @@ impl Build<'_> {
             self.policy(&mut view, Dir::In, sel, Action::Allow(t));
         }
         // Tunnel: the pod blocks themselves.
-        if !pair.lanes(me_ip).contains(&Lane::of(me_ip, Mode::Tunnel)) {
+        if !lanes.contains(&Lane::of(me_ip, Mode::Tunnel)) {
             return Some(view);
         }
         let sel = |src, dst| Selector {
