@@ -20,7 +20,7 @@ APT_PACKAGES := build-essential pkg-config protobuf-compiler libprotobuf-dev \
 	musl-tools iproute2 iputils-ping tcpdump jq kmod cpio busybox-static openssl \
 	containernetworking-plugins etcd-server etcd-client \
 	qemu-system-x86 linux-image-amd64 python3-venv python3-cryptography \
-	prometheus podman
+	prometheus podman nftables
 
 # The manifest validator (PyPI; Debian packages none with the Kubernetes schemas).
 VALIDATOR_VERSION := 1.37.0
@@ -81,7 +81,7 @@ $(VALIDATOR):
 	python3 -m venv $(VALIDATOR_VENV)
 	$(VALIDATOR_VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==$(VALIDATOR_VERSION)
 
-## image: the container image (static musl binary on scratch), with docker or podman.
+## image: the container image (static musl binary, with nft for the guard), with docker or podman.
 image:
 	@engine=$$(command -v docker || command -v podman) || { echo "image: neither docker nor podman is installed" >&2; exit 1; }; \
 	$$engine build -f install/Dockerfile -t $(IMAGE) .

@@ -6,6 +6,10 @@
 //! - On every change it converges at once (the same code as an ADD, under the
 //!   same node lock), and publishes the node's status under its lease:
 //!   id, incarnation, installed epochs, active epoch, acknowledged phase.
+//! - It watches the kernel too ([`kernel_watch`]): any XFRM or link
+//!   notification converges again within a second, so a flushed state or
+//!   policy table is put back at once; each repair is counted and logged
+//!   with what was missing.
 //! - While etcd cannot be reached it changes nothing in the kernel (the last
 //!   known good data plane stays) and reports itself stale.
 //! - A shutdown (SIGTERM, SIGINT) leaves the kernel state and the lease as
@@ -16,7 +20,9 @@
 //! It serves `/metrics`, `/livez`, `/readyz` and `/healthz` ([`health`]).
 
 pub mod conflist_watch;
+mod exposition;
 mod health;
+pub mod kernel_watch;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -32,7 +38,9 @@ use crate::converge::{self, ConvergeError, NodeLock, Report};
 use crate::datastore::etcd::{Etcd, EtcdError, Kv};
 use crate::datastore::ipsec::{now_rfc3339, now_unix, IpsecStore, IpsecStoreError, NodeStatus};
 use crate::datastore::snapshot::{self, Snapshot};
-use crate::metrics::{Exposition, Histogram};
+use crate::metrics::Histogram;
+use exposition::render;
+use kernel_watch::KernelEvent;
 use watch::{Change, WatchMsg};
 
 /// How the agent runs.
@@ -80,7 +88,8 @@ struct State {
     converge_failures: u64,
     watch_restarts: u64,
     lease: Option<i64>,
-    addresses: Vec<std::net::IpAddr>,
+    kernel_events: u64,
+    kernel_repairs: u64,
 }
 
 impl State {
@@ -100,10 +109,15 @@ impl State {
             converge_failures: 0,
             watch_restarts: 0,
             lease: None,
-            addresses: Vec::new(),
+            kernel_events: 0,
+            kernel_repairs: 0,
         }
     }
 }
+
+/// How long a burst of kernel notifications may take before the agent
+/// converges on it.
+const KERNEL_SETTLE: Duration = Duration::from_millis(20);
 
 /// Buckets of the convergence histogram, in seconds.
 const CONVERGE_BUCKETS: [f64; 11] = [
@@ -226,6 +240,12 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
         ));
     }
     drop(tx);
+    let (ktx, mut krx) = mpsc::channel::<KernelEvent>(64);
+    if let Err(e) = kernel_watch::spawn(ktx) {
+        tracing::error!(error = %e, "cannot watch the kernel's XFRM and link notifications; drift is found by the periodic resync only");
+    }
+    // Kernel notifications not yet answered by a convergence.
+    let mut drift: std::collections::BTreeSet<KernelEvent> = Default::default();
 
     let mut cache: Vec<Option<(i64, BTreeMap<String, Kv>)>> = vec![None; prefixes.len()];
     let mut down: Vec<bool> = vec![false; prefixes.len()];
@@ -278,6 +298,17 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                     pending.get_or_insert_with(Instant::now);
                 }
             }
+            Some(ev) = krx.recv() => {
+                // A flush or a burst of writes arrives as many messages:
+                // let it finish, then converge once.
+                tokio::time::sleep(KERNEL_SETTLE).await;
+                drift.insert(ev);
+                while let Ok(more) = krx.try_recv() {
+                    drift.insert(more);
+                }
+                lock(&state).kernel_events += 1;
+                pending.get_or_insert_with(Instant::now);
+            }
             _ = resync.tick() => {
                 pending.get_or_insert_with(Instant::now);
             }
@@ -306,21 +337,20 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 continue;
             }
         };
-        lock(&state).addresses = snap
-            .topology
-            .nodes
-            .get(&node)
-            .map(|n| {
-                [n.ipv4, n.ipv6]
-                    .into_iter()
-                    .flatten()
-                    .map(|u| u.addr)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let noticed = std::mem::take(&mut drift);
         match converge_once(&opts.cfg, &etcd, snap, &node).await {
             Ok(report) => {
                 pending = None;
+                if report.writes > 0 && !noticed.is_empty() {
+                    let kinds: Vec<String> = noticed.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        noticed = %kinds.join(", "),
+                        repaired = %report.changes.join("; "),
+                        writes = report.writes,
+                        "the kernel's XFRM state drifted outside calico-ipsec; put back"
+                    );
+                    lock(&state).kernel_repairs += 1;
+                }
                 let took = since.elapsed();
                 {
                     let mut s = lock(&state);
@@ -538,131 +568,4 @@ async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool> {
             None
         }
     }
-}
-
-/// The agent's metrics (the conflist watcher's are added by [`health`]).
-fn render(state: &Mutex<State>) -> String {
-    // Read the kernel outside the lock.
-    let held = crate::xfrm::kernel::Xfrm::open()
-        .and_then(|mut x| x.held())
-        .ok();
-    let xfrm_stat = crate::cli::status::read_xfrm_stat();
-    let s = lock(state);
-    let mut e = Exposition::default();
-    let node = s.node.as_str();
-    if let Some(h) = &held {
-        use crate::xfrm::Dir;
-        let me = &s.addresses;
-        let count_sa = |d: Dir| {
-            h.states
-                .values()
-                .filter(|x| me.contains(&x.src) == (d == Dir::Out))
-                .count() as f64
-        };
-        let count_pol = |d: Dir| h.policies.values().filter(|x| x.dir == d).count() as f64;
-        e.family(
-            "calico_ipsec_xfrm_states",
-            "gauge",
-            "XFRM states this product owns on the node, by direction",
-        )
-        .sample(
-            "calico_ipsec_xfrm_states",
-            &[("dir", "in")],
-            count_sa(Dir::In),
-        )
-        .sample(
-            "calico_ipsec_xfrm_states",
-            &[("dir", "out")],
-            count_sa(Dir::Out),
-        );
-        e.family(
-            "calico_ipsec_xfrm_policies",
-            "gauge",
-            "XFRM policies this product owns on the node, by direction",
-        )
-        .sample(
-            "calico_ipsec_xfrm_policies",
-            &[("dir", "in")],
-            count_pol(Dir::In),
-        )
-        .sample(
-            "calico_ipsec_xfrm_policies",
-            &[("dir", "out")],
-            count_pol(Dir::Out),
-        )
-        .sample(
-            "calico_ipsec_xfrm_policies",
-            &[("dir", "fwd")],
-            count_pol(Dir::Fwd),
-        );
-    }
-    if let Some(r) = &s.report {
-        e.gauge(
-            "calico_ipsec_epochs_installed",
-            "Key epochs whose SAs are installed on the node",
-            r.installed_epochs.len() as f64,
-        );
-        e.gauge(
-            "calico_ipsec_epoch_active",
-            "The epoch outbound policies send with (0: none)",
-            f64::from(r.active_epoch.unwrap_or(0)),
-        );
-        e.gauge(
-            "calico_ipsec_incarnation",
-            "This node's incarnation",
-            f64::from(r.incarnation),
-        );
-        e.gauge(
-            "calico_ipsec_unprotected_paths",
-            "Pod blocks toward which no SA can protect traffic (blocked in encrypt and enforce; healthy only at 0)",
-            r.unprotected.len() as f64,
-        );
-        let phase = format!("{:?}", r.phase).to_lowercase();
-        e.family(
-            "calico_ipsec_phase",
-            "gauge",
-            "The phase this node has converged to (1 for the current one)",
-        )
-        .sample("calico_ipsec_phase", &[("phase", &phase)], 1.0);
-    }
-    e.family(
-        "calico_ipsec_xfrm_stat_total",
-        "counter",
-        "Counters of /proc/net/xfrm_stat",
-    );
-    for (k, v) in &xfrm_stat {
-        e.sample("calico_ipsec_xfrm_stat_total", &[("counter", k)], *v as f64);
-    }
-    e.histogram(
-        "calico_ipsec_converge_seconds",
-        "Time from an etcd change to the node's kernel matching it",
-        &s.converge_seconds,
-    );
-    e.counter(
-        "calico_ipsec_converge_failures_total",
-        "Convergences that failed (the XFRM state was kept)",
-        s.converge_failures as f64,
-    );
-    e.gauge(
-        "calico_ipsec_last_success_timestamp_seconds",
-        "When the node last converged, Unix seconds",
-        s.last_success.unwrap_or(0) as f64,
-    );
-    e.gauge(
-        "calico_ipsec_etcd_reachable",
-        "1 when etcd answers, 0 while the agent is stale",
-        if s.stale { 0.0 } else { 1.0 },
-    );
-    e.counter(
-        "calico_ipsec_watch_restarts_total",
-        "etcd watches that were lost and resumed",
-        s.watch_restarts as f64,
-    );
-    e.family(
-        "calico_ipsec_agent_info",
-        "gauge",
-        "The node this agent serves",
-    )
-    .sample("calico_ipsec_agent_info", &[("node", node)], 1.0);
-    e.finish()
 }

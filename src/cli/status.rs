@@ -14,8 +14,8 @@ use crate::converge::{observe, Observed};
 use crate::datastore::ipsec::Phase;
 use crate::xfrm::Dir;
 
-/// Where the kernel's IPsec counters are.
-pub const XFRM_STAT: &str = "/proc/net/xfrm_stat";
+/// The kernel's IPsec counters (read by [`crate::xfrm::kernel`]).
+pub use crate::xfrm::kernel::{parse_xfrm_stat, read_xfrm_stat, XFRM_STAT};
 
 /// Arguments of `calico-ipsec status`.
 #[derive(Debug, Args)]
@@ -197,23 +197,6 @@ pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
 /// Rust escapes (names come from etcd, which anyone with write access fills).
 pub fn clean(s: &str) -> String {
     s.chars().flat_map(char::escape_debug).collect()
-}
-
-/// Parses /proc/net/xfrm_stat ("XfrmInError   0" per line).
-pub fn parse_xfrm_stat(text: &str) -> BTreeMap<String, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Reads this namespace's XFRM counters (empty when the kernel has none).
-pub fn read_xfrm_stat() -> BTreeMap<String, u64> {
-    std::fs::read_to_string(XFRM_STAT)
-        .map(|t| parse_xfrm_stat(&t))
-        .unwrap_or_default()
 }
 
 fn phase_name(p: Phase) -> String {

@@ -52,12 +52,14 @@ pub(super) fn kept(
         active_epoch: None,
         phase_generation: 0,
         states_by_dir: (0, 0),
-        policies_by_dir: (0, 0),
+        policies_by_dir: (0, 0, 0),
+        changes: Vec::new(),
         identities_digest: String::new(),
         unchanged: false,
         unprotected: Vec::new(),
         mtu,
         stale: Some(why),
+        guard: None,
     }
 }
 

@@ -34,6 +34,7 @@ use crate::fastpath::{self, Converged};
 use crate::fsutil::SafeFileError;
 use crate::keys::KekError;
 use crate::mtu::MtuParams;
+use crate::xfrm::guard::{self, Guard};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
 
@@ -133,8 +134,10 @@ pub struct Report {
     pub phase_generation: u64,
     /// Our states by direction: (inbound, outbound).
     pub states_by_dir: (usize, usize),
-    /// Our policies by direction: (inbound, outbound).
-    pub policies_by_dir: (usize, usize),
+    /// Our policies by direction: (inbound, outbound, forward).
+    pub policies_by_dir: (usize, usize, usize),
+    /// What the convergence changed, named (at most 8; empty when nothing).
+    pub changes: Vec<String>,
     /// The digest of the node identities converged with.
     pub identities_digest: String,
     /// True when the last convergence was found to still hold (etcd's
@@ -150,6 +153,10 @@ pub struct Report {
     /// followed (a missing or malformed config, an epoch that cannot be
     /// used): the node keeps what it has and reports itself stale.
     pub stale: Option<String>,
+    /// Why the nftables guard that drops clear traffic of our paths while
+    /// the XFRM policies are missing could not be written (`None`: in place,
+    /// or not needed).
+    pub guard: Option<String>,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -341,12 +348,14 @@ fn still_converged(
         active_epoch: None,
         phase_generation: 0,
         states_by_dir: (0, 0),
-        policies_by_dir: (0, 0),
+        policies_by_dir: (0, 0, 0),
+        changes: Vec::new(),
         identities_digest: String::new(),
         unchanged: true,
         unprotected: Vec::new(),
         mtu: last.mtu,
         stale: None,
+        guard: None,
     };
     tracing::debug!(?report, "still converged");
     Some(report)
@@ -512,8 +521,24 @@ pub async fn converge_with(
         if grew || pruned {
             ledger.save(&cfg.state_dir)?;
         }
+        // Outbound policies about to go leave the plaintext guard first.
+        if let Some(g) = Guard::before(&desired, &held, &plan) {
+            guard::forget(&cfg.state_dir);
+            if let Err(e) = g.apply() {
+                tracing::warn!(error = %e, "cannot narrow the plaintext guard before removing outbound policies");
+            }
+        }
         applied = apply_with_keys(cfg, &snap, &mut xfrm, &plan, &held)?;
     }
+    let guard = match Guard::after(&desired).sync(&cfg.state_dir) {
+        Ok(_) => None,
+        Err(e) => {
+            if phase >= Phase::Encrypt {
+                tracing::warn!(error = %e, "the plaintext guard is not in place");
+            }
+            Some(e.to_string())
+        }
+    };
     let (id, incarnation) = mine
         .as_ref()
         .map_or((None, 0), |(i, _)| (Some(i.id), i.incarnation));
@@ -563,12 +588,14 @@ pub async fn converge_with(
         active_epoch: desired.active_epoch,
         phase_generation: snap.config.as_ref().map_or(0, |c| c.phase_generation),
         states_by_dir: by_dir(desired.states.values().map(|s| s.dir)),
-        policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
+        policies_by_dir: by_dir3(desired.policies.values().map(|p| p.dir)),
+        changes: plan.describe(8),
         identities_digest: crate::datastore::ipsec::identities_digest(&snap.identities),
         unchanged: false,
         unprotected: desired.unprotected.clone(),
         mtu,
         stale: None,
+        guard,
     };
     if phase >= Phase::Encrypt {
         for u in &report.unprotected {
@@ -577,6 +604,14 @@ pub async fn converge_with(
     }
     tracing::debug!(?report, "converged");
     Ok(report)
+}
+
+fn by_dir3(dirs: impl Iterator<Item = Dir>) -> (usize, usize, usize) {
+    dirs.fold((0, 0, 0), |(i, o, f), d| match d {
+        Dir::In => (i + 1, o, f),
+        Dir::Out => (i, o + 1, f),
+        Dir::Fwd => (i, o, f + 1),
+    })
 }
 
 fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize) {

@@ -11,6 +11,7 @@
 //! zeroized as soon as the message is decoded, as are the receive buffer and
 //! the encoded requests; no message is ever logged.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -455,4 +456,24 @@ fn clone_err(e: &NetlinkError) -> NetlinkError {
         NetlinkError::Kernel(c) => NetlinkError::Kernel(*c),
         other => NetlinkError::Decode(other.to_string()),
     }
+}
+
+/// The kernel's XFRM counters of this namespace.
+pub const XFRM_STAT: &str = "/proc/net/xfrm_stat";
+
+/// Parses /proc/net/xfrm_stat ("XfrmInError   0" per line).
+pub fn parse_xfrm_stat(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Reads this namespace's XFRM counters (empty when the kernel has none).
+pub fn read_xfrm_stat() -> BTreeMap<String, u64> {
+    std::fs::read_to_string(XFRM_STAT)
+        .map(|t| parse_xfrm_stat(&t))
+        .unwrap_or_default()
 }

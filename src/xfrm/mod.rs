@@ -15,6 +15,7 @@
 
 pub mod desired;
 mod encode;
+pub mod guard;
 pub mod kernel;
 
 use std::collections::BTreeMap;
@@ -413,6 +414,49 @@ impl Plan {
             .iter()
             .chain(&self.replace_states)
             .filter(|s| s.dir == Dir::Out)
+    }
+
+    /// The objects the plan adds, replaces or deletes, named without key
+    /// material (at most `limit`), for the log of a repair.
+    pub fn describe(&self, limit: usize) -> Vec<String> {
+        let sa = |verb: &str, s: &SaSpec| {
+            format!(
+                "{verb} {:?} state {}->{} spi {:#010x} (epoch {}, {:?})",
+                s.dir, s.src, s.dst, s.spi, s.epoch, s.lane
+            )
+        };
+        let pol = |verb: &str, d: &Dir, sel: &Selector| {
+            format!(
+                "{verb} {d:?} policy {}->{} proto {} dport {}",
+                sel.src, sel.dst, sel.proto, sel.dport
+            )
+        };
+        self.add_states
+            .iter()
+            .map(|s| sa("missing", s))
+            .chain(self.replace_states.iter().map(|s| sa("altered", s)))
+            .chain(
+                self.del_states
+                    .iter()
+                    .map(|(dst, spi)| format!("extra state ->{dst} spi {spi:#010x}")),
+            )
+            .chain(
+                self.add_policies
+                    .iter()
+                    .map(|p| pol("missing", &p.dir, &p.sel)),
+            )
+            .chain(
+                self.update_policies
+                    .iter()
+                    .map(|p| pol("altered", &p.dir, &p.sel)),
+            )
+            .chain(
+                self.del_policies
+                    .iter()
+                    .map(|(d, sel)| pol("extra", d, sel)),
+            )
+            .take(limit)
+            .collect()
     }
 
     /// A one-line summary with counts, for logs and errors.
