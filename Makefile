@@ -105,7 +105,11 @@ bench: deps build
 		| jq -r 'select(.target.name == "xfrm" and .executable != null) | .executable'); \
 	CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"
 	mkdir -p target/bench && cp target/e2e/last/bench-xfrm.txt target/bench/xfrm.txt
-	@echo "table written to target/bench/xfrm.txt"
+	exe=$$($(CARGO) bench --locked --no-run --bench scrape --message-format=json 2>/dev/null \
+		| jq -r 'select(.target.name == "scrape" and .executable != null) | .executable'); \
+	CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"
+	cp target/e2e/last/bench-scrape.txt target/bench/scrape.txt
+	@echo "tables written to target/bench/xfrm.txt and target/bench/scrape.txt"
 
 ## fuzz: fuzz the config/prevResult parsers for FUZZ_SECONDS.
 fuzz:

@@ -26,14 +26,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use calico_ipsec::datastore::etcd::Etcd;
-use calico_ipsec::datastore::ipsec::{ClusterConfig, Identity, Phase, PREFIX};
+use calico_ipsec::datastore::ipsec::{Identity, Phase};
 use calico_ipsec::datastore::snapshot;
 use calico_ipsec::keys::Kek;
 use calico_ipsec::keys::{SaKey, SecretBytes};
 use calico_ipsec::xfrm::kernel::Xfrm;
 use calico_ipsec::xfrm::{Action, Desired, Dir, Held, Inputs, Mode, Plan, PRIORITY};
 use serde_json::json;
-use support::{load_modes, median, rt, settings, time};
+use support::{median, rt, settings, setup, time};
 
 const ME: &str = "node-1";
 
@@ -145,37 +145,6 @@ struct Row {
     batch: Duration,
     per_object: Option<Duration>,
     floor: Duration,
-}
-
-fn setup(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
-    let config = ClusterConfig {
-        phase: Phase::Enforce,
-        target_phase: Phase::Enforce,
-        ..ClusterConfig::default()
-    };
-    load_modes(endpoint, kek, peers + 1, &config, ipip, "Never");
-    rt().block_on(async {
-        let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
-        let ids: Vec<(String, Vec<u8>)> = (1..=peers + 1)
-            .filter(|i| *i != 1)
-            .map(|i| {
-                let id = Identity {
-                    id: u16::try_from(i).expect("id"),
-                    incarnation: 1,
-                    boot_id: "bench".into(),
-                };
-                (
-                    format!("{PREFIX}nodeids/node-{i}"),
-                    serde_json::to_vec(&id).expect("json"),
-                )
-            })
-            .collect();
-        for chunk in ids.chunks(100) {
-            let b: Vec<(&str, Vec<u8>)> =
-                chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            etcd.put_all(&b).await.expect("ids");
-        }
-    });
 }
 
 fn desired(endpoint: &str) -> Desired {

@@ -299,6 +299,7 @@ fn node_status_vanishes_with_its_lease() {
             heartbeat: calico_ipsec::datastore::ipsec::now_rfc3339(),
             stale: false,
             identities: String::new(),
+            handover: false,
         };
         store
             .put_status("node-1", &status, lease)

@@ -130,6 +130,7 @@ fn stand_in_agent(server: &EtcdServer) {
             heartbeat: now_rfc3339(),
             stale: false,
             identities: identities_digest(&ids),
+            handover: false,
         };
         let lease = etcd.grant_lease(120).await.expect("lease");
         IpsecStore::new(&etcd)

@@ -130,6 +130,7 @@ impl Nodes {
                 heartbeat: now_rfc3339(),
                 stale: false,
                 identities: self.digest.clone(),
+                handover: false,
             };
             IpsecStore::new(etcd)
                 .put_status(name, &status, *lease)

@@ -49,6 +49,7 @@ fn status(phase: Phase, gen: u64) -> NodeStatus {
         stale: false,
         // No identity records: the digest of none, as the manager computes it.
         identities: identities_digest(&std::collections::BTreeMap::new()),
+        handover: false,
     }
 }
 

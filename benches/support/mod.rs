@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use calico_ipsec::config::EtcdConfig;
 use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
-use calico_ipsec::datastore::ipsec::{ClusterConfig, IpsecStore};
+use calico_ipsec::datastore::ipsec::{ClusterConfig, Identity, IpsecStore, Phase, PREFIX};
 use calico_ipsec::keys::Kek;
 
 /// etcd settings for one endpoint with a generous timeout.
@@ -69,6 +69,39 @@ pub fn load_modes(
             etcd.put_all(&batch).await.expect("put batch");
         }
         IpsecStore::new(&etcd).init(kek, config).await.expect("keys init");
+    });
+}
+
+/// A cluster of `peers + 1` nodes in enforce, one epoch, every peer with a
+/// published identity (node-1, the node under test, has none yet).
+pub fn setup(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
+    let config = ClusterConfig {
+        phase: Phase::Enforce,
+        target_phase: Phase::Enforce,
+        ..ClusterConfig::default()
+    };
+    load_modes(endpoint, kek, peers + 1, &config, ipip, "Never");
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
+        let ids: Vec<(String, Vec<u8>)> = (1..=peers + 1)
+            .filter(|i| *i != 1)
+            .map(|i| {
+                let id = Identity {
+                    id: u16::try_from(i).expect("id"),
+                    incarnation: 1,
+                    boot_id: "bench".into(),
+                };
+                (
+                    format!("{PREFIX}nodeids/node-{i}"),
+                    serde_json::to_vec(&id).expect("json"),
+                )
+            })
+            .collect();
+        for chunk in ids.chunks(100) {
+            let b: Vec<(&str, Vec<u8>)> =
+                chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            etcd.put_all(&b).await.expect("ids");
+        }
     });
 }
 

@@ -39,6 +39,7 @@ use crate::datastore::etcd::{Etcd, EtcdError, Kv};
 use crate::datastore::ipsec::{now_rfc3339, now_unix, IpsecStore, IpsecStoreError, NodeStatus};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::metrics::Histogram;
+use crate::xfrm::handover::{PeerAck, PeerAcks};
 use exposition::render;
 use kernel_watch::KernelEvent;
 use watch::{Change, WatchMsg};
@@ -229,7 +230,11 @@ fn mark_stale(state: &Mutex<State>, reason: &str) {
 /// The agent proper: watches, converges, publishes.
 async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
     let etcd = connect(&opts, &state).await;
-    let prefixes: Vec<String> = snapshot::watched().into_iter().map(|(k, _)| k).collect();
+    let mut prefixes: Vec<String> = snapshot::watched().into_iter().map(|(k, _)| k).collect();
+    // The peers' statuses, last: they are not part of the snapshot, and
+    // matter only while a hand-over between incarnations is pending.
+    let statuses_idx = prefixes.len();
+    prefixes.push(format!("{}nodes/", crate::datastore::ipsec::PREFIX));
     let (tx, mut rx) = mpsc::channel::<WatchMsg>(256);
     for (idx, p) in prefixes.iter().enumerate() {
         tokio::spawn(watch::watch_prefix(
@@ -269,10 +274,19 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
-                let mut changed = absorb(msg, &mut cache, &mut down, &state);
+                let handing_over = lock(&state)
+                    .report
+                    .as_ref()
+                    .is_some_and(|r| !r.waiting_for.is_empty() || r.kept_inbound > 0);
+                // A status change matters only while a hand-over is pending.
+                let take = |m: WatchMsg, cache: &mut Vec<_>, down: &mut Vec<bool>| {
+                    let status = m.idx() == statuses_idx;
+                    absorb(m, cache, down, &state) && (!status || handing_over)
+                };
+                let mut changed = take(msg, &mut cache, &mut down);
                 // Take everything already queued before converging once.
                 while let Ok(more) = rx.try_recv() {
-                    changed |= absorb(more, &mut cache, &mut down, &state);
+                    changed |= take(more, &mut cache, &mut down);
                 }
                 if changed && pending.is_none() {
                     pending = Some(Instant::now());
@@ -325,7 +339,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
         if cache.iter().any(Option::is_none) || retry_at.is_some() {
             continue;
         }
-        let snap = match build_snapshot(&cache) {
+        let snap = match build_snapshot(&cache[..statuses_idx]) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "the datastore holds a malformed record; keeping the current XFRM state");
@@ -338,7 +352,8 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
             }
         };
         let noticed = std::mem::take(&mut drift);
-        match converge_once(&opts.cfg, &etcd, snap, &node).await {
+        let acks = peer_acks(cache[statuses_idx].as_ref());
+        match converge_once(&opts.cfg, &etcd, snap, &acks, &node).await {
             Ok(report) => {
                 pending = None;
                 if report.writes > 0 && !noticed.is_empty() {
@@ -476,10 +491,39 @@ fn build_snapshot(
     Snapshot::from_ranges(&read, revision)
 }
 
+/// The peers' status records as the hand-over reads them (a record that
+/// does not parse counts as absent).
+fn peer_acks(statuses: Option<&(i64, BTreeMap<String, Kv>)>) -> PeerAcks {
+    let prefix = format!("{}nodes/", crate::datastore::ipsec::PREFIX);
+    let peers = statuses
+        .map(|(_, m)| {
+            m.values()
+                .filter_map(|kv| {
+                    let name = kv.key.strip_prefix(&prefix)?;
+                    let st: NodeStatus = serde_json::from_slice(&kv.value).ok()?;
+                    Some((
+                        name.to_string(),
+                        PeerAck {
+                            incarnation: st.incarnation,
+                            identities: st.identities,
+                            handover: st.handover,
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    PeerAcks {
+        current: String::new(),
+        peers,
+    }
+}
+
 async fn converge_once(
     cfg: &PluginConfig,
     etcd: &Etcd,
     snap: Snapshot,
+    acks: &PeerAcks,
     node: &str,
 ) -> Result<Report, ConvergeError> {
     let started = Instant::now();
@@ -487,7 +531,7 @@ async fn converge_once(
     let lock = tokio::task::block_in_place(|| {
         NodeLock::acquire(&cfg.state_dir, converge::NODE_LOCK_WAIT)
     })?;
-    let r = converge::converge_with(cfg, etcd, snap, node.to_string(), started).await;
+    let r = converge::converge_with(cfg, etcd, snap, Some(acks), node.to_string(), started).await;
     drop(lock);
     r
 }
@@ -503,6 +547,7 @@ fn status_of(r: &Report, stale: bool) -> NodeStatus {
         heartbeat: now_rfc3339(),
         stale,
         identities: r.identities_digest.clone(),
+        handover: !r.waiting_for.is_empty(),
     }
 }
 

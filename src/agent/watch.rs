@@ -61,6 +61,18 @@ pub enum WatchMsg {
     },
 }
 
+impl WatchMsg {
+    /// The prefix the message is about.
+    pub fn idx(&self) -> usize {
+        match self {
+            WatchMsg::Reset { idx, .. }
+            | WatchMsg::Changes { idx, .. }
+            | WatchMsg::Up { idx }
+            | WatchMsg::Down { idx, .. } => *idx,
+        }
+    }
+}
+
 /// Watches `prefix` for ever, sending what it sees to `tx`; ends when `tx`
 /// is closed.
 pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Sender<WatchMsg>) {

@@ -60,6 +60,8 @@ pub(super) fn kept(
         mtu,
         stale: Some(why),
         guard: None,
+        waiting_for: Vec::new(),
+        kept_inbound: 0,
     }
 }
 

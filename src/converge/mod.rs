@@ -35,6 +35,7 @@ use crate::fsutil::SafeFileError;
 use crate::keys::KekError;
 use crate::mtu::MtuParams;
 use crate::xfrm::guard::{self, Guard};
+use crate::xfrm::handover::{hand_over, PeerAcks};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
 
@@ -157,6 +158,12 @@ pub struct Report {
     /// the XFRM policies are missing could not be written (`None`: in place,
     /// or not needed).
     pub guard: Option<String>,
+    /// Peers toward which this node still sends on an older incarnation's
+    /// SAs, waiting for them to acknowledge its new one (make-before-break).
+    pub waiting_for: Vec<String>,
+    /// Inbound SAs of peers' older incarnations kept while those peers may
+    /// still send on them.
+    pub kept_inbound: usize,
 }
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
@@ -223,7 +230,11 @@ pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, Co
         epochs: &snapshot.epochs,
         icv_bits,
     })?;
+    let mut desired = desired;
     let held = Xfrm::open()?.held()?;
+    // As an ADD would converge: without the peers' statuses, a hand-over
+    // between incarnations waits.
+    hand_over(&mut desired, &held, &snapshot.identities, None);
     let plan = Plan::diff(&desired, &held);
     Ok(Observed {
         snapshot,
@@ -279,7 +290,7 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
                 }
             }
             let snap = snapshot::read(&etcd).await?;
-            converge_with(cfg, &etcd, snap, node, started).await
+            converge_with(cfg, &etcd, snap, None, node, started).await
         })
     });
     if result.is_err() {
@@ -356,6 +367,8 @@ fn still_converged(
         mtu: last.mtu,
         stale: None,
         guard: None,
+        waiting_for: Vec::new(),
+        kept_inbound: 0,
     };
     tracing::debug!(?report, "still converged");
     Some(report)
@@ -363,10 +376,14 @@ fn still_converged(
 
 /// Converges from a snapshot with a connected client; the caller holds the
 /// node lock.
+///
+/// `acks` are the peers' status records (the agent watches them; an ADD
+/// reads none): they let a hand-over to a new incarnation complete.
 pub async fn converge_with(
     cfg: &PluginConfig,
     etcd: &Etcd,
     snap: Snapshot,
+    acks: Option<&PeerAcks>,
     node: String,
     started: Instant,
 ) -> Result<Report, ConvergeError> {
@@ -454,7 +471,7 @@ pub async fn converge_with(
     }
 
     let mut identity_millis = ms(t_identity);
-    let (desired, plan) = loop {
+    let (desired, plan, handover) = loop {
         let computed = Desired::compute(&Inputs {
             topology: &snap.topology,
             me: &node,
@@ -464,7 +481,7 @@ pub async fn converge_with(
             epochs: &snap.epochs,
             icv_bits,
         });
-        let desired = match computed {
+        let mut desired = match computed {
             Ok(d) => d,
             // What etcd says cannot be followed: keep what protects the
             // node now rather than tear it down.
@@ -473,6 +490,11 @@ pub async fn converge_with(
             }
             Err(e) => return Err(e.into()),
         };
+        let mut acks = acks.cloned();
+        if let Some(a) = acks.as_mut() {
+            a.current = crate::datastore::ipsec::identities_digest(&snap.identities);
+        }
+        let handover = hand_over(&mut desired, &held, &snap.identities, acks.as_ref());
         let plan = Plan::diff(&desired, &held);
         let lost = plan.created_outbound().any(|s| {
             ledger
@@ -495,7 +517,7 @@ pub async fn converge_with(
                 new_incarnation = true;
                 identity_millis = ms(t_identity);
             }
-            _ => break (desired, plan),
+            _ => break (desired, plan, handover),
         }
     };
 
@@ -542,7 +564,14 @@ pub async fn converge_with(
     let (id, incarnation) = mine
         .as_ref()
         .map_or((None, 0), |(i, _)| (Some(i.id), i.incarnation));
-    if from_snapshot && !new_incarnation {
+    if !handover.is_done() {
+        tracing::info!(
+            waiting_for = ?handover.waiting_for,
+            kept_inbound = handover.kept_inbound,
+            "handing over between incarnations: older SAs carry the traffic until the peers hold the new ones"
+        );
+    }
+    if from_snapshot && !new_incarnation && handover.is_done() {
         let record = Converged {
             version: fastpath::VERSION,
             node: node.clone(),
@@ -596,6 +625,8 @@ pub async fn converge_with(
         mtu,
         stale: None,
         guard,
+        waiting_for: handover.waiting_for.into_iter().collect(),
+        kept_inbound: handover.kept_inbound,
     };
     if phase >= Phase::Encrypt {
         for u in &report.unprotected {

@@ -178,6 +178,11 @@ pub struct NodeStatus {
     /// every peer's current incarnation.
     #[serde(default)]
     pub identities: String,
+    /// True while the node still sends on an older incarnation's SAs toward
+    /// a peer that has not acknowledged its new one (peers keep accepting
+    /// them until it is false).
+    #[serde(default)]
+    pub handover: bool,
 }
 
 /// The status records under `nodes/`, sorted by what they can tell.

@@ -29,6 +29,7 @@ fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeS
         heartbeat: String::new(),
         stale: false,
         identities: "d".into(),
+        handover: false,
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod desired;
 mod encode;
 pub mod guard;
+pub mod handover;
 pub mod kernel;
 
 use std::collections::BTreeMap;

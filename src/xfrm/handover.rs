@@ -1,0 +1,153 @@
+//! Make-before-break when a node changes incarnation.
+//!
+//! A node publishes a new incarnation when it cannot vouch for an outbound
+//! SA it created (lost, altered, a ledger it cannot trust): every outbound
+//! SA then gets a new SPI and key, so that no key is ever used twice. The
+//! kernel sends on the newest state that fits a policy's template, so
+//! installing the new SAs at once would switch each peer's traffic to keys
+//! the peer may not hold yet. The hand-over avoids that:
+//!
+//! - **Sender.** Toward a peer whose status does not yet acknowledge the new
+//!   identities (its `identities` digest differs from the current one), an
+//!   outbound SA of an older incarnation that is still in the kernel, intact,
+//!   keeps carrying the traffic, and the new one waits. Once the peer
+//!   acknowledges, the new SA is added (the kernel switches to it) and the
+//!   old one deleted. Where no old SA is left there is nothing to wait for:
+//!   the new SA goes in at once, and the outage lasts until the peer installs
+//!   its inbound twin (one etcd round trip and one convergence).
+//! - **Receiver.** An inbound SA of a peer's older incarnation is kept while
+//!   the peer may still send on it: while its status says it is handing over,
+//!   or predates its new identity.
+//!
+//! A kept SA is one the kernel holds exactly as specified: it is never added
+//! or replaced, so no key of an older incarnation is ever installed again.
+//! Without the peers' statuses (a CNI ADD reads none) the hand-over waits,
+//! and the agent, which watches them, completes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Desired, Dir, Held, KernelSa, SaSpec};
+use crate::datastore::ipsec::Identity;
+
+/// What one peer's status record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAck {
+    /// The incarnation the status was published with.
+    pub incarnation: u32,
+    /// The identities digest the peer converged with.
+    pub identities: String,
+    /// True while the peer still sends on an older incarnation somewhere.
+    pub handover: bool,
+}
+
+/// The peers' status records, for the hand-over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerAcks {
+    /// The digest of the identity records this convergence uses.
+    pub current: String,
+    /// Live status records, by node name.
+    pub peers: BTreeMap<String, PeerAck>,
+}
+
+/// What the hand-over kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handover {
+    /// Peers toward which this node still sends on an older incarnation.
+    pub waiting_for: BTreeSet<String>,
+    /// Inbound SAs of peers' older incarnations kept for now.
+    pub kept_inbound: usize,
+}
+
+impl Handover {
+    /// True when nothing is pending.
+    pub fn is_done(&self) -> bool {
+        self.waiting_for.is_empty() && self.kept_inbound == 0
+    }
+}
+
+/// The same SA slot (sender, lane, epoch, addresses) under another
+/// incarnation: SPIs differ only in their incarnation byte (bits 16-23).
+fn older_twin(spec: &SaSpec, k: &KernelSa) -> bool {
+    k.src == spec.src
+        && k.dst == spec.dst
+        && k.reqid == spec.reqid
+        && k.mode == Some(spec.lane.mode())
+        && k.spi != spec.spi
+        && k.spi & 0xff00_ffff == spec.spi & 0xff00_ffff
+}
+
+/// The held twins of `spec` that may be kept: those the kernel holds
+/// exactly as they were made (never re-created).
+fn twins(spec: &SaSpec, held: &Held) -> Vec<SaSpec> {
+    held.states
+        .values()
+        .filter(|k| older_twin(spec, k))
+        .map(|k| SaSpec {
+            spi: k.spi,
+            ..spec.clone()
+        })
+        .filter(|s| held.states.get(&s.key()).is_some_and(|k| k.matches(s)))
+        .collect()
+}
+
+/// Applies the hand-over to `want`: outbound SAs wait for the peer's
+/// acknowledgement where an older one can still carry the traffic, and
+/// inbound SAs of peers' older incarnations stay while those peers may use
+/// them. `acks` is `None` when the statuses were not read.
+pub fn hand_over(
+    want: &mut Desired,
+    held: &Held,
+    ids: &BTreeMap<String, Identity>,
+    acks: Option<&PeerAcks>,
+) -> Handover {
+    let mut h = Handover::default();
+    let acked = |peer: &str| {
+        acks.is_some_and(|a| a.peers.get(peer).is_none_or(|p| p.identities == a.current))
+    };
+    let may_send_old = |peer: &str| match acks {
+        None => true,
+        Some(a) => a.peers.get(peer).is_none_or(|p| {
+            p.handover
+                || ids
+                    .get(peer)
+                    .is_some_and(|i| i.incarnation != p.incarnation)
+        }),
+    };
+    let waiting: Vec<SaSpec> = want
+        .states
+        .values()
+        .filter(|s| s.dir == Dir::Out && !held.states.contains_key(&s.key()))
+        .filter(|s| !acked(&s.receiver))
+        .cloned()
+        .collect();
+    for spec in waiting {
+        let kept = twins(&spec, held);
+        if kept.is_empty() {
+            continue;
+        }
+        want.states.remove(&spec.key());
+        h.waiting_for.insert(spec.receiver.clone());
+        for s in kept {
+            want.states.insert(s.key(), s);
+        }
+    }
+    // Inbound twins of a peer's older incarnation, its new SA already in.
+    let inbound: Vec<SaSpec> = want
+        .states
+        .values()
+        .filter(|s| s.dir == Dir::In && may_send_old(&s.sender))
+        .cloned()
+        .collect();
+    for spec in inbound {
+        for s in twins(&spec, held) {
+            if want.states.insert(s.key(), s).is_none() {
+                h.kept_inbound += 1;
+            }
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+#[path = "handover_tests.rs"]
+mod tests;

@@ -1,0 +1,204 @@
+//! Tests of the hand-over between incarnations.
+use super::*;
+use crate::datastore::calico::Topology;
+use crate::datastore::ipsec::{EpochRecord, EpochState, Phase};
+use crate::xfrm::{Inputs, Plan};
+
+fn topology() -> Topology {
+    let path = format!(
+        "{}/tests/fixtures/calico/etcd-3-nodes.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(path).expect("fixture");
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).expect("JSON");
+    let kvs: Vec<(String, Vec<u8>)> = v
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::to_vec(&v).expect("compact")))
+        .collect();
+    Topology::from_kvs(kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+}
+
+fn ids(incarnations: [u32; 3]) -> BTreeMap<String, Identity> {
+    (1..=3u16)
+        .map(|n| {
+            let identity = Identity {
+                id: n,
+                incarnation: incarnations[usize::from(n) - 1],
+                boot_id: String::new(),
+            };
+            (format!("node-{n}"), identity)
+        })
+        .collect()
+}
+
+/// node-1's desired state in enforce with epoch 1 active.
+fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
+    let epochs = [EpochRecord {
+        epoch: 1,
+        state: EpochState::Active,
+        created: String::new(),
+        algorithm: String::new(),
+        kek_fingerprint: String::new(),
+        sealed_secret: String::new(),
+        activated: None,
+    }];
+    Desired::compute(&Inputs {
+        topology: &topology(),
+        me,
+        my_identity: ids.get(me),
+        identities: ids,
+        phase: Phase::Enforce,
+        epochs: &epochs,
+        icv_bits: 128,
+    })
+    .expect("computes")
+}
+
+fn acks(current: &BTreeMap<String, Identity>, acked: &[&str], handover: &[&str]) -> PeerAcks {
+    let digest = crate::datastore::ipsec::identities_digest(current);
+    let peers = (1..=3)
+        .map(|n| format!("node-{n}"))
+        .map(|n| {
+            let ack = PeerAck {
+                incarnation: current[&n].incarnation,
+                identities: if acked.contains(&n.as_str()) {
+                    digest.clone()
+                } else {
+                    "older".into()
+                },
+                handover: handover.contains(&n.as_str()),
+            };
+            (n, ack)
+        })
+        .collect();
+    PeerAcks {
+        current: digest,
+        peers,
+    }
+}
+
+fn out_spis(d: &Desired) -> BTreeMap<String, u32> {
+    d.states
+        .values()
+        .filter(|s| s.dir == Dir::Out)
+        .map(|s| (s.receiver.clone(), s.spi))
+        .collect()
+}
+
+#[test]
+fn a_new_incarnation_sends_on_the_old_sas_until_each_peer_acknowledges() {
+    let before = ids([10, 20, 30]);
+    let held = Held::exactly(&desired_of("node-1", &before));
+    let old = out_spis(&desired_of("node-1", &before));
+    let after = ids([11, 20, 30]);
+    let new = out_spis(&desired_of("node-1", &after));
+    assert_ne!(old, new);
+
+    // Nobody has acknowledged: every old SA stays, no new one is added.
+    let mut want = desired_of("node-1", &after);
+    let h = hand_over(&mut want, &held, &after, Some(&acks(&after, &[], &[])));
+    assert_eq!(out_spis(&want), old);
+    assert_eq!(h.waiting_for.len(), 2);
+    let plan = Plan::diff(&want, &held);
+    assert!(
+        plan.is_empty(),
+        "nothing to do while waiting: {}",
+        plan.summary()
+    );
+
+    // node-2 acknowledges: its new SA is added and its old one deleted;
+    // node-3 still gets the old one.
+    let mut want = desired_of("node-1", &after);
+    let h = hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&acks(&after, &["node-2"], &[])),
+    );
+    assert_eq!(out_spis(&want)["node-2"], new["node-2"]);
+    assert_eq!(out_spis(&want)["node-3"], old["node-3"]);
+    assert_eq!(h.waiting_for.iter().collect::<Vec<_>>(), ["node-3"]);
+    let plan = Plan::diff(&want, &held);
+    assert_eq!(plan.add_states.len(), 1);
+    assert_eq!(plan.del_states.len(), 1);
+    assert!(plan.replace_states.is_empty());
+
+    // Without the statuses (an ADD), the hand-over waits.
+    let mut want = desired_of("node-1", &after);
+    let h = hand_over(&mut want, &held, &after, None);
+    assert_eq!(out_spis(&want), old);
+    assert!(!h.is_done());
+}
+
+#[test]
+fn with_no_old_sa_left_the_new_one_goes_in_at_once() {
+    let after = ids([11, 20, 30]);
+    let mut want = desired_of("node-1", &after);
+    let expect = out_spis(&want);
+    let h = hand_over(
+        &mut want,
+        &Held::default(),
+        &after,
+        Some(&acks(&after, &[], &[])),
+    );
+    assert_eq!(out_spis(&want), expect);
+    assert!(h.is_done());
+}
+
+#[test]
+fn an_altered_old_sa_is_never_kept() {
+    let before = ids([10, 20, 30]);
+    let mut held = Held::exactly(&desired_of("node-1", &before));
+    for sa in held.states.values_mut() {
+        sa.icv_bits = 64;
+    }
+    let after = ids([11, 20, 30]);
+    let mut want = desired_of("node-1", &after);
+    let expect = out_spis(&want);
+    hand_over(&mut want, &held, &after, Some(&acks(&after, &[], &[])));
+    assert_eq!(
+        out_spis(&want),
+        expect,
+        "an altered SA is replaced, never re-created"
+    );
+}
+
+#[test]
+fn a_receiver_keeps_the_senders_old_inbound_sa_while_it_may_be_used() {
+    // node-2 sees node-1 move from incarnation 10 to 11.
+    let before = ids([10, 20, 30]);
+    let held = Held::exactly(&desired_of("node-2", &before));
+    let after = ids([11, 20, 30]);
+    let inbound = |d: &Desired| {
+        d.states
+            .values()
+            .filter(|s| s.dir == Dir::In && s.sender == "node-1")
+            .count()
+    };
+    // node-1 says it is handing over: both inbound SAs.
+    let mut want = desired_of("node-2", &after);
+    let h = hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&acks(&after, &["node-2"], &["node-1"])),
+    );
+    assert_eq!(inbound(&want), 2);
+    assert_eq!(h.kept_inbound, 1);
+    // node-1's status predates its new identity: both, too.
+    let mut stale = acks(&after, &["node-2"], &[]);
+    stale.peers.get_mut("node-1").expect("node-1").incarnation = 10;
+    let mut want = desired_of("node-2", &after);
+    hand_over(&mut want, &held, &after, Some(&stale));
+    assert_eq!(inbound(&want), 2);
+    // node-1 has switched: only the new one.
+    let mut want = desired_of("node-2", &after);
+    let h = hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&acks(&after, &["node-2"], &[])),
+    );
+    assert_eq!(inbound(&want), 1);
+    assert!(h.is_done());
+}

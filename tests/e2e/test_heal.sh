@@ -1,0 +1,224 @@
+#!/bin/bash
+# End-to-end: the data plane heals itself when the kernel loses or changes
+# what calico-ipsec installed, and never sends a pod packet in clear
+# meanwhile.
+#
+# Three nodes with agents and two managers, enforced. For each case, echo at
+# 200/s from p1 (node-1) to p2 (node-2) and from p2 to p3 (node-3), each
+# echo counted by traffic.py; node-1's wire port is captured throughout.
+#
+# 1. `ip xfrm state flush` on node-2 (an operator, a restarting IPsec
+#    daemon, a module reload): the agent notices through the kernel's XFRM
+#    notifications, puts the states back under a new incarnation, logs and
+#    counts the repair; every echo lost falls within 1 s per stream.
+#    One outbound state of node-2 deleted by hand: node-2 moves to a new
+#    incarnation make-before-break, so the stream whose SA is intact loses
+#    nothing, and the other recovers within 1 s.
+# 2. `ip xfrm policy flush` on node-1: the nftables guard drops what the
+#    vanished outbound policies would have encrypted, so no packet with a
+#    pod address crosses node-1's port in clear; the policies are back and
+#    the echoes flow again within 1 s.
+# 3. A foreign policy (another priority, no template: clear) put by hand in
+#    the place of one of ours on node-3: reported by the agent, never
+#    deleted; its traffic is dropped, not sent in clear; once the operator
+#    removes it, ours is back within a second.
+# 4. A foreign state put by hand under the SPI of one of ours on node-1:
+#    reported and refused, never deleted.
+# 5. The agent of node-1 killed with SIGKILL repeatedly (E2E_HEAL_KILLS,
+#    20 by default) at random points while a rotation converges: no echo
+#    lost, nothing sent in clear, and afterwards every node holds exactly
+#    the desired set (`status`: nothing to change).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+
+e2e_init
+
+e2e_bin
+tmp=$(mktemp -d)
+daemon_cluster_up "$tmp" "$bin"
+E2E_LEASE_TTL=20
+for n in "${NODES[@]}"; do agent_start "$n"; done
+manager_start mgr-a
+manager_start mgr-b
+wait_until 60 "three agents publish a leased status" three_live || true
+
+check "pod p1 on node-1" cni_add node-1 p1
+check "pod p2 on node-2" cni_add node-2 p2
+check "pod p3 on node-3" cni_add node-3 p3
+ip2=$(pod_ip p2) ip3=$(pod_ip p3)
+check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
+check_eq "phase enforce" "$(ipsec_cfg | jq -r .phase)" enforce
+guard=$(nsx node-1 nft list table inet calico_ipsec 2>&1 || true)
+check_match "node-1's guard mirrors its outbound policies" "$guard" 'rt ipsec missing'
+
+# streams_start CASE [NODE]: echo p1→p2 and p2→p3 at 200/s, and a capture
+# of NODE's wire port (node-1 by default). streams_stop CASE: stop them.
+streams_start() {
+    ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/$1-12.json" 200 2>"$tmp/$1-12.err" &
+    PING12=$!
+    ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/$1-23.json" 200 2>"$tmp/$1-23.err" &
+    PING23=$!
+    cap_start wire "w-${2:-node-1}" "$tmp/$1.pcap"
+    sleep 2
+}
+streams_stop() {
+    sleep 3
+    kill -TERM "$PING12" "$PING23" 2>/dev/null || true
+    wait "$PING12" "$PING23" 2>/dev/null || true
+    cap_stop
+}
+# window FILE: "SENT LOST SPAN" where SPAN is the seconds between the first
+# and the last lost echo's send time, plus one interval (0 when none lost).
+window() {
+    python3 - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+t = dict((c, s) for c, s in d["sent"])
+lost = sorted(t[c] for c in d["lost"] if c in t)
+span = (lost[-1] - lost[0] + 0.005) if lost else 0
+print(len(d["sent"]), len(lost), "%.3f" % span)
+PY
+}
+# no_clear CASE [NODE]: no packet with a pod address, and no plain IPIP, on
+# the port captured.
+no_clear() {
+    local clear ipip port="${2:-node-1}'s port"
+    clear=$(cap_ipv4 "$tmp/$1.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)
+    ipip=$(cap_ipv4 "$tmp/$1.pcap" | awk '$1 == "IPIP"' | grep -c . || true)
+    check_eq "$1: packets with a pod address in clear on $port" "$clear" 0
+    check_eq "$1: plaintext IPIP packets on $port" "$ipip" 0
+    check_ge "$1: ESP packets on $port" "$(cap_ipv4 "$tmp/$1.pcap" | awk '$1 == "ESP"' | grep -c . || true)" 100
+}
+metric() { nsx "$1" curl -sf http://127.0.0.1:9094/metrics | awk -v m="$2" '$1 == m {print $2}'; }
+# converged NODE: `status` on NODE finds nothing to change.
+converged() { nsx "$1" "$bin" status --nodename "$1" --json | jq -e '.pending_changes == 0' >/dev/null; }
+one_epoch() { [[ $(ipsec_epochs | jq length) == 1 ]]; }
+
+# ---------------------------------------------------------------- 1. states
+repairs0=$(metric node-2 calico_ipsec_kernel_repairs_total)
+streams_start flush-states
+info "ip xfrm state flush on node-2"
+ipn node-2 xfrm state flush
+streams_stop flush-states
+for pair in 12 23; do
+    read -r sent lost span < <(window "$tmp/flush-states-$pair.json")
+    info "state flush, echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost within ${span}s"
+    check_ge "state flush: echoes sent p${pair:0:1}→p${pair:1:1}" "$sent" 800
+    check "state flush: every echo lost p${pair:0:1}→p${pair:1:1} within 1 s ($lost lost over ${span}s)" \
+        python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+done
+no_clear flush-states
+check_match "state flush: node-2's agent logged the repair, naming what was missing" \
+    "$(grep 'drifted outside calico-ipsec' "$tmp/agent-node-2.log" || true)" 'missing (In|Out) state'
+check_ge "state flush: calico_ipsec_kernel_repairs_total grew on node-2" \
+    "$(metric node-2 calico_ipsec_kernel_repairs_total)" $((${repairs0%.*} + 1))
+
+# ------------------------------------------------- 1b. one outbound state
+# One outbound SA of node-2 (toward node-1) deleted by hand: node-2 cannot
+# vouch for it and moves to a new incarnation, but keeps sending to node-3
+# on its current SA until node-3 acknowledges (make-before-break).
+n1=${NODE_IP[node-1]} n2=${NODE_IP[node-2]}
+streams_start lose-one
+inc0=$(nsx node-2 "$bin" status --nodename node-2 --json | jq -r .incarnation)
+spi=$(ipn node-2 xfrm state list src "$n2" dst "$n1" | awk '/proto esp spi/ {print $4; exit}')
+info "deleting node-2's outbound SA to node-1 (spi $spi)"
+ipn node-2 xfrm state delete src "$n2" dst "$n1" proto esp spi "$spi"
+streams_stop lose-one
+inc1=$(nsx node-2 "$bin" status --nodename node-2 --json | jq -r .incarnation)
+check_ge "one SA lost: node-2 moved to a new incarnation ($inc0 -> $inc1)" "$inc1" $((inc0 + 1))
+read -r sent lost span < <(window "$tmp/lose-one-23.json")
+info "one SA lost, echo 2→3 (its SA intact): $sent sent, $lost lost"
+check_eq "one SA lost: echoes lost p2→p3, handed over make-before-break" "$lost" 0
+read -r sent lost span < <(window "$tmp/lose-one-12.json")
+info "one SA lost, echo 1→2 (its SA gone): $sent sent, $lost lost within ${span}s"
+check "one SA lost: every echo lost p1→p2 within 1 s ($lost lost over ${span}s)" \
+    python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+check_match "one SA lost: node-2's agent logged the hand-over" \
+    "$(grep -c 'handing over between incarnations' "$tmp/agent-node-2.log" || true)" '^[1-9]'
+no_clear lose-one
+
+# -------------------------------------------------------------- 2. policies
+streams_start flush-policies
+info "ip xfrm policy flush on node-1"
+ipn node-1 xfrm policy flush
+streams_stop flush-policies
+for pair in 12 23; do
+    read -r sent lost span < <(window "$tmp/flush-policies-$pair.json")
+    info "policy flush, echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost within ${span}s"
+    check "policy flush: every echo lost p${pair:0:1}→p${pair:1:1} within 1 s ($lost lost over ${span}s)" \
+        python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+done
+no_clear flush-policies
+check_ge "policy flush: node-1 holds its outbound policies again" \
+    "$(ipn node-1 xfrm policy list dir out | grep -c '^src' || true)" 2
+
+# ------------------------------------------------------- 3. foreign policy
+n3=${NODE_IP[node-3]} n2=${NODE_IP[node-2]}
+streams_start foreign-policy node-3
+info "a foreign policy (priority 100, no template) in place of node-3's $n3 -> $n2 proto 4 out policy"
+ipn node-3 xfrm policy update src "$n3/32" dst "$n2/32" proto 4 dir out priority 100
+sleep 3
+check_match "foreign policy: node-3's agent reports it" \
+    "$(grep -c 'not ours already holds' "$tmp/agent-node-3.log" || true)" '^[1-9]'
+check_match "foreign policy: still there (never deleted)" \
+    "$(ipn node-3 xfrm policy list dir out src "$n3/32" dst "$n2/32" proto 4)" 'priority 100'
+ipn node-3 xfrm policy delete src "$n3/32" dst "$n2/32" proto 4 dir out
+wait_until 5 "foreign policy removed by hand: node-3's own policy is back" \
+    bash -c "ip netns exec ${E2E_NS_PREFIX}node-3 ip xfrm policy list dir out src $n3/32 dst $n2/32 proto 4 | grep -q 'tmpl src'"
+streams_stop foreign-policy
+no_clear foreign-policy node-3
+read -r sent lost span < <(window "$tmp/foreign-policy-23.json")
+info "foreign policy, echo 2→3: $sent sent, $lost lost (dropped while the foreign policy stood)"
+
+# -------------------------------------------------------- 4. foreign state
+n1=${NODE_IP[node-1]}
+spi=$(ipn node-1 xfrm state list src "$n2" dst "$n1" | awk '/proto esp spi/ {print $4; exit}')
+info "a foreign state in place of node-1's inbound SA $n2 -> $n1 spi $spi"
+# The agent puts a deleted state back within milliseconds: hold it still
+# while the foreign state takes the place.
+kill -STOP "${AGENT_PID[node-1]}"
+ipn node-1 xfrm state delete src "$n2" dst "$n1" proto esp spi "$spi"
+ipn node-1 xfrm state add src "$n2" dst "$n1" proto esp spi "$spi" reqid 7 mode transport \
+    aead 'rfc4106(gcm(aes))' 0x0000000000000000000000000000000000000000 128
+kill -CONT "${AGENT_PID[node-1]}"
+sleep 3
+check_match "foreign state: node-1's agent reports it" \
+    "$(grep -c 'refused to add' "$tmp/agent-node-1.log" || true)" '^[1-9]'
+check_match "foreign state: still there (never deleted)" \
+    "$(ipn node-1 xfrm state list src "$n2" dst "$n1")" 'reqid 7 '
+ipn node-1 xfrm state delete src "$n2" dst "$n1" proto esp spi "$spi"
+wait_until 5 "foreign state removed by hand: node-1's own state is back" \
+    bash -c "ip netns exec ${E2E_NS_PREFIX}node-1 ip xfrm state list src $n2 dst $n1 | grep -q 'spi $spi reqid [1-9][0-9]'"
+
+# ----------------------------------------------------------- 5. SIGKILL
+kills=${E2E_HEAL_KILLS:-20}
+streams_start kill
+info "keys rotate, and node-1's agent killed $kills times while it converges"
+nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" >/dev/null
+for ((k = 0; k < kills; k++)); do
+    sleep "0.$((RANDOM % 40 + 5))"
+    kill -KILL "${AGENT_PID[node-1]}" 2>/dev/null || true
+    wait "${AGENT_PID[node-1]}" 2>/dev/null || true
+    agent_start node-1
+done
+wait_until 120 "the rotation completes: one active epoch left" one_epoch || true
+sleep 2
+streams_stop kill
+no_clear kill
+for n in "${NODES[@]}"; do
+    wait_until 20 "after the kills, $n holds exactly the desired set" converged "$n" || true
+done
+for pair in 12 23; do
+    read -r sent lost span < <(window "$tmp/kill-$pair.json")
+    info "SIGKILL x$kills during a rotation, echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost within ${span}s"
+    check_eq "SIGKILL x$kills during a rotation: echoes lost p${pair:0:1}→p${pair:1:1}" "$lost" 0
+done
+# The flushes and the foreign state make the kernel count drops (no state,
+# no policy, a wrong key): shown, not judged.
+for n in "${NODES[@]}"; do
+    info "$n xfrm_stat: $(xfrm_errors "$n")"
+done
+daemons_stop
+e2e_finish
