@@ -437,14 +437,21 @@ pub async fn converge_with(
             .get(&node)
             .filter(|i| i.id > 0)
             .zip(snap.identity_revisions.get(&node));
-        let (ident, rev) = match known {
+        let loaded = Ledger::load(&cfg.state_dir);
+        // A snapshot older than our own last publication (the agent's cache
+        // may lag its write) is no reason for yet another incarnation.
+        let behind = |i: &Identity| {
+            loaded
+                .as_ref()
+                .is_some_and(|l| l.boot_id == boot && l.incarnation > i.incarnation)
+        };
+        let (ident, rev) = match known.filter(|(i, _)| !behind(i)) {
             Some((i, rev)) => (i.clone(), *rev),
             None => {
                 from_snapshot = false;
                 store.identity(&node).await?
             }
         };
-        let loaded = Ledger::load(&cfg.state_dir);
         let stale = needs_new_incarnation(&ident, loaded.as_ref(), &boot);
         let floor = loaded.as_ref().map_or(0, |l| l.incarnation);
         match loaded.filter(|_| !stale) {
@@ -490,11 +497,17 @@ pub async fn converge_with(
             }
             Err(e) => return Err(e.into()),
         };
+        // The identities as the peers will see them, ours included (the
+        // snapshot may predate our own publication).
+        let mut ids_now = snap.identities.clone();
+        if let Some((m, _)) = &mine {
+            ids_now.insert(node.clone(), m.clone());
+        }
         let mut acks = acks.cloned();
         if let Some(a) = acks.as_mut() {
-            a.current = crate::datastore::ipsec::identities_digest(&snap.identities);
+            a.current = crate::datastore::ipsec::identities_digest(&ids_now);
         }
-        let handover = hand_over(&mut desired, &held, &snap.identities, acks.as_ref());
+        let handover = hand_over(&mut desired, &held, &ids_now, acks.as_ref());
         let plan = Plan::diff(&desired, &held);
         let lost = plan.created_outbound().any(|s| {
             ledger
@@ -595,6 +608,7 @@ pub async fn converge_with(
             tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
         }
     }
+    let identities_digest = identities_digest_with(&snap, mine.as_ref().map(|(i, _)| i), &node);
     let report = Report {
         node,
         phase,
@@ -619,7 +633,7 @@ pub async fn converge_with(
         states_by_dir: by_dir(desired.states.values().map(|s| s.dir)),
         policies_by_dir: by_dir3(desired.policies.values().map(|p| p.dir)),
         changes: plan.describe(8),
-        identities_digest: crate::datastore::ipsec::identities_digest(&snap.identities),
+        identities_digest,
         unchanged: false,
         unprotected: desired.unprotected.clone(),
         mtu,
@@ -635,6 +649,15 @@ pub async fn converge_with(
     }
     tracing::debug!(?report, "converged");
     Ok(report)
+}
+
+/// The digest of the identities converged with, ours as just published.
+fn identities_digest_with(snap: &Snapshot, mine: Option<&Identity>, node: &str) -> String {
+    let mut ids = snap.identities.clone();
+    if let Some(m) = mine {
+        ids.insert(node.to_string(), m.clone());
+    }
+    crate::datastore::ipsec::identities_digest(&ids)
 }
 
 fn by_dir3(dirs: impl Iterator<Item = Dir>) -> (usize, usize, usize) {

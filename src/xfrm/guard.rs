@@ -260,12 +260,22 @@ impl Guard {
     /// ran.
     pub fn sync(&self, state_dir: &Path) -> Result<bool, GuardError> {
         let digest = self.digest();
-        if recorded(state_dir).is_some_and(|(d, at)| d == digest && fresh(at)) {
+        // An empty guard, once removed, stays removed: it is not reasserted
+        // (a node in MTU-only mode runs no `nft` after the first time).
+        if recorded(state_dir).is_some_and(|(d, at)| d == digest && (self.is_empty() || fresh(at))) {
             return Ok(false);
         }
         // Whatever happens, the old record no longer vouches for the table.
         let _ = std::fs::remove_file(record_path(state_dir));
-        self.apply()?;
+        match self.apply() {
+            Ok(()) => {}
+            // Removing the table fails only where nftables cannot be used at
+            // all, and then there is no table: nothing is left to remove.
+            Err(e) if self.is_empty() => {
+                tracing::debug!(error = %e, "no nftables guard to remove");
+            }
+            Err(e) => return Err(e),
+        }
         let body = format!("{digest} {}\n", now());
         if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600)
         {
@@ -432,5 +442,15 @@ mod tests {
         )
         .unwrap();
         assert!(recorded(dir.path()).is_some_and(|(_, at)| !fresh(at)));
+        // An empty guard is not reasserted.
+        assert!(!g.sync(dir.path()).unwrap());
+        // A guard with something in it is, once its record is old.
+        let full = Guard::of(&desired(&[(sel("10.0.0.1/32", "10.0.0.2/32", 4, 0), false)]));
+        std::fs::write(
+            dir.path().join(RECORD),
+            format!("{} {}\n", full.digest(), now() - REASSERT.as_secs()),
+        )
+        .unwrap();
+        assert!(recorded(dir.path()).is_some_and(|(d, at)| d == full.digest() && !fresh(at)));
     }
 }
