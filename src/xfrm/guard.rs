@@ -262,7 +262,8 @@ impl Guard {
         let digest = self.digest();
         // An empty guard, once removed, stays removed: it is not reasserted
         // (a node in MTU-only mode runs no `nft` after the first time).
-        if recorded(state_dir).is_some_and(|(d, at)| d == digest && (self.is_empty() || fresh(at))) {
+        if recorded(state_dir).is_some_and(|(d, at)| d == digest && (self.is_empty() || fresh(at)))
+        {
             return Ok(false);
         }
         // Whatever happens, the old record no longer vouches for the table.
@@ -445,7 +446,10 @@ mod tests {
         // An empty guard is not reasserted.
         assert!(!g.sync(dir.path()).unwrap());
         // A guard with something in it is, once its record is old.
-        let full = Guard::of(&desired(&[(sel("10.0.0.1/32", "10.0.0.2/32", 4, 0), false)]));
+        let full = Guard::of(&desired(&[(
+            sel("10.0.0.1/32", "10.0.0.2/32", 4, 0),
+            false,
+        )]));
         std::fs::write(
             dir.path().join(RECORD),
             format!("{} {}\n", full.digest(), now() - REASSERT.as_secs()),

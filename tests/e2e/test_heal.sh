@@ -195,6 +195,7 @@ wait_until 5 "foreign state removed by hand: node-1's own state is back" \
 # ----------------------------------------------------------- 5. SIGKILL
 kills=${E2E_HEAL_KILLS:-20}
 streams_start kill
+inc0=$(nsx node-1 "$bin" status --nodename node-1 --json | jq -r .incarnation)
 info "keys rotate, and node-1's agent killed $kills times while it converges"
 nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" >/dev/null
 for ((k = 0; k < kills; k++)); do
@@ -206,6 +207,8 @@ done
 wait_until 120 "the rotation completes: one active epoch left" one_epoch || true
 sleep 2
 streams_stop kill
+inc1=$(nsx node-1 "$bin" status --nodename node-1 --json | jq -r .incarnation)
+info "node-1's incarnation went from $inc0 to $inc1 over the kills"
 no_clear kill
 for n in "${NODES[@]}"; do
     wait_until 20 "after the kills, $n holds exactly the desired set" converged "$n" || true
