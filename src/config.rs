@@ -68,6 +68,9 @@ pub enum LogLevel {
     Debug,
 }
 
+/// Default bound on connecting to etcd and on each request.
+pub const DEFAULT_ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// etcd connection settings, with Calico's field names.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EtcdConfig {
@@ -141,7 +144,9 @@ pub struct PluginConfig {
     pub log_file: PathBuf,
     /// `log_level`.
     pub log_level: LogLevel,
-    /// `state_dir`: per-attachment MTU backups.
+    /// `state_dir`: per-attachment MTU backups, and under `node/` the node
+    /// lock, the incarnation ledger, the convergence record, the guard's
+    /// record and the etcd member hint.
     pub state_dir: PathBuf,
     /// `encapsulation`, `icv_bits`, `outer_ip` and `udp_encap`: what the MTU bound depends on.
     pub mtu: MtuParams,
@@ -332,7 +337,7 @@ impl PluginConfig {
         })?;
 
         let etcd_timeout = match f.uint("etcd_timeout_ms")? {
-            None => crate::datastore::etcd::DEFAULT_TIMEOUT,
+            None => DEFAULT_ETCD_TIMEOUT,
             Some(n) if (1..=60_000).contains(&n) => std::time::Duration::from_millis(n),
             Some(n) => {
                 return Err(invalid(

@@ -14,7 +14,6 @@ pub mod cni;
 pub mod config;
 pub mod converge;
 pub mod datastore;
-pub mod fastpath;
 pub mod fsutil;
 /// Installing on a node: our conflist entry, the binary and the KEK file.
 pub mod install;
@@ -27,4 +26,5 @@ pub mod mtu;
 pub mod netlink;
 pub mod netns;
 pub mod podmtu;
+pub mod runtime;
 pub mod xfrm;

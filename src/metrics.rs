@@ -1,15 +1,19 @@
-//! Prometheus text exposition and a minimal HTTP/1.1 endpoint for
+//! Prometheus text exposition, and the HTTP endpoint (hyper, HTTP/1.1) for
 //! `/metrics` and the health probes, shared by the agent and the manager.
 //!
-//! The endpoint answers GET only, one request per connection, and never
-//! reads more than a small header; it serves numbers and names, never keys.
+//! The endpoint answers GET only and ignores request bodies; it serves
+//! numbers and names, never keys.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 /// A cumulative histogram with fixed upper bounds, in seconds.
@@ -116,13 +120,13 @@ impl Exposition {
 pub type Reply = (u16, String);
 
 /// Serves GET requests on `listener` with `handler(path)` until the task is
-/// dropped. Each connection has 5 s to send its request line.
+/// dropped. A connection has 5 s to send its request head.
 pub async fn serve<F>(listener: TcpListener, handler: Arc<F>)
 where
     F: Fn(&str) -> Reply + Send + Sync + 'static,
 {
     loop {
-        let (mut sock, peer) = match listener.accept().await {
+        let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics endpoint: accept failed");
@@ -132,63 +136,38 @@ where
         };
         let handler = Arc::clone(&handler);
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = sock.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n")
-                        || buf[..len].windows(2).any(|w| w == b"\n\n")
-                    {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let (code, body) = respond(&buf[..len], handler.as_ref());
-            let reason = match code {
-                200 => "OK",
-                404 => "Not Found",
-                405 => "Method Not Allowed",
-                503 => "Service Unavailable",
-                _ => "Error",
-            };
-            let head = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            if let Err(e) = async {
-                sock.write_all(head.as_bytes()).await?;
-                sock.write_all(body.as_bytes()).await?;
-                sock.shutdown().await
-            }
-            .await
-            {
-                tracing::debug!(%peer, error = %e, "metrics endpoint: write failed");
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (code, body) = respond(req.method(), req.uri().path(), handler.as_ref());
+                async move { Ok::<_, Infallible>(response(code, body)) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(sock), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "metrics endpoint: connection failed");
             }
         });
     }
 }
 
-/// Parses the request line and asks the handler.
-fn respond<F: Fn(&str) -> Reply>(req: &[u8], handler: &F) -> Reply {
-    let text = String::from_utf8_lossy(req);
-    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(path)) => {
-            let path = path.split('?').next().unwrap_or(path);
-            handler(path)
-        }
-        (Some(_), Some(_)) => (405, "only GET is served\n".into()),
-        _ => (400, "bad request\n".into()),
+fn response(code: u16, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = "text/plain; version=0.0.4; charset=utf-8".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Asks the handler about a GET; refuses every other method.
+fn respond<F: Fn(&str) -> Reply>(method: &Method, path: &str, handler: &F) -> Reply {
+    if method == Method::GET {
+        handler(path)
+    } else {
+        (405, "only GET is served\n".into())
     }
 }
 
@@ -231,13 +210,28 @@ mod tests {
     }
 
     #[test]
-    fn request_lines() {
+    fn only_get_is_served() {
         let h = |p: &str| (200, p.to_string());
-        assert_eq!(
-            respond(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n", &h).1,
-            "/metrics"
-        );
-        assert_eq!(respond(b"POST /metrics HTTP/1.1\r\n\r\n", &h).0, 405);
-        assert_eq!(respond(b"\xff\xfe", &h).0, 400);
+        assert_eq!(respond(&Method::GET, "/metrics", &h).1, "/metrics");
+        assert_eq!(respond(&Method::POST, "/metrics", &h).0, 405);
+    }
+
+    #[tokio::test]
+    async fn serves_over_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(|p: &str| (200, format!("path {p}\n")));
+        let server = tokio::spawn(serve(listener, handler));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /metrics?x=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("text/plain; version=0.0.4"), "{text}");
+        assert!(text.ends_with("path /metrics\n"), "{text}");
+        server.abort();
     }
 }

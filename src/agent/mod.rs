@@ -23,6 +23,7 @@ pub mod conflist_watch;
 mod exposition;
 mod health;
 pub mod kernel_watch;
+mod publish;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -35,13 +36,14 @@ use tokio::sync::mpsc;
 
 use crate::config::PluginConfig;
 use crate::converge::{self, ConvergeError, NodeLock, Report};
-use crate::datastore::etcd::{Etcd, EtcdError, Kv};
-use crate::datastore::ipsec::{now_rfc3339, now_unix, IpsecStore, IpsecStoreError, NodeStatus};
+use crate::datastore::etcd::{Etcd, Kv};
+use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::metrics::Histogram;
 use crate::xfrm::handover::{PeerAck, PeerAcks};
 use exposition::render;
 use kernel_watch::KernelEvent;
+use publish::{keep_alive, publish, status_of, without_heartbeat};
 use watch::{Change, WatchMsg};
 
 /// How the agent runs.
@@ -120,6 +122,11 @@ impl State {
 /// converges on it.
 const KERNEL_SETTLE: Duration = Duration::from_millis(20);
 
+/// The first retry after a failed convergence.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+/// The longest wait between retries while nothing changes.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Buckets of the convergence histogram, in seconds.
 const CONVERGE_BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -128,10 +135,7 @@ const CONVERGE_BUCKETS: [f64; 11] = [
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let node = opts.cfg.node_name()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime::daemon()?;
     rt.block_on(async move {
         let state = Arc::new(Mutex::new(State::new(node.clone())));
         let repairs = match &opts.conf_dir {
@@ -156,7 +160,7 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
             tokio::spawn(crate::metrics::serve(listener, handler));
             tracing::info!(%addr, "serving /metrics, /livez, /readyz and /healthz");
         }
-        let shutdown = shutdown_signal();
+        let shutdown = crate::runtime::shutdown_signal();
         tokio::pin!(shutdown);
         tokio::select! {
             () = &mut shutdown => {}
@@ -167,25 +171,6 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         );
         Ok(())
     })
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -256,7 +241,11 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
     let mut down: Vec<bool> = vec![false; prefixes.len()];
     // When the oldest change not yet converged arrived.
     let mut pending: Option<Instant> = None;
+    // After a failed convergence: when to try again with nothing new, and
+    // the next delay (doubled per failure up to RETRY_MAX; new data from
+    // etcd or the kernel tries at once).
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_delay = RETRY_MIN;
     let mut last_published: Option<NodeStatus> = None;
     let mut published_at = Instant::now();
     let heartbeat = Duration::from_secs(u64::try_from(opts.lease_ttl / 3).unwrap_or(1).max(1));
@@ -288,8 +277,9 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 while let Ok(more) = rx.try_recv() {
                     changed |= take(more, &mut cache, &mut down);
                 }
-                if changed && pending.is_none() {
-                    pending = Some(Instant::now());
+                if changed {
+                    pending.get_or_insert_with(Instant::now);
+                    retry_at = None;
                 }
             }
             _ = beat.tick() => {
@@ -322,6 +312,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 }
                 lock(&state).kernel_events += 1;
                 pending.get_or_insert_with(Instant::now);
+                retry_at = None;
             }
             _ = resync.tick() => {
                 pending.get_or_insert_with(Instant::now);
@@ -356,6 +347,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
         match converge_once(&opts.cfg, &etcd, snap, &acks, &node).await {
             Ok(report) => {
                 pending = None;
+                retry_delay = RETRY_MIN;
                 if report.writes > 0 && !noticed.is_empty() {
                     let kinds: Vec<String> = noticed.iter().map(ToString::to_string).collect();
                     tracing::warn!(
@@ -410,13 +402,14 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 if unavailable {
                     mark_stale(&state, &e.to_string());
                 } else {
-                    tracing::error!(error = %e, "convergence failed; the current XFRM state is kept; retrying in 1s");
+                    tracing::error!(error = %e, retry_in = ?retry_delay, "convergence failed; the current XFRM state is kept");
                 }
                 let mut s = lock(&state);
                 s.converge_failures += 1;
                 s.converge_error = Some(e.to_string());
                 drop(s);
-                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                retry_delay = (retry_delay * 2).min(RETRY_MAX);
             }
         }
     }
@@ -534,83 +527,4 @@ async fn converge_once(
     let r = converge::converge_with(cfg, etcd, snap, Some(acks), node.to_string(), started).await;
     drop(lock);
     r
-}
-
-fn status_of(r: &Report, stale: bool) -> NodeStatus {
-    NodeStatus {
-        id: r.id.unwrap_or(0),
-        incarnation: r.incarnation,
-        installed_epochs: r.installed_epochs.clone(),
-        acked_phase: r.phase,
-        acked_generation: r.phase_generation,
-        active_epoch: r.active_epoch,
-        heartbeat: now_rfc3339(),
-        stale,
-        identities: r.identities_digest.clone(),
-        handover: !r.waiting_for.is_empty(),
-    }
-}
-
-fn without_heartbeat(s: &NodeStatus) -> NodeStatus {
-    NodeStatus {
-        heartbeat: String::new(),
-        ..s.clone()
-    }
-}
-
-/// Writes the status under the lease (granting one first when needed).
-async fn publish(
-    etcd: &Etcd,
-    state: &Mutex<State>,
-    node: &str,
-    status: &NodeStatus,
-    ttl: i64,
-) -> bool {
-    let held = lock(state).lease;
-    let lease = match held {
-        Some(l) => Ok(l),
-        None => etcd.grant_lease(ttl).await,
-    };
-    let lease = match lease {
-        Ok(l) => l,
-        Err(e) => {
-            mark_stale(state, &e.to_string());
-            return false;
-        }
-    };
-    lock(state).lease = Some(lease);
-    match IpsecStore::new(etcd).put_status(node, status, lease).await {
-        Ok(()) => true,
-        Err(IpsecStoreError::Etcd(EtcdError::Request { reason, .. }))
-            if reason.contains("lease not found") =>
-        {
-            // The lease expired (etcd was away longer than its TTL): next time
-            // a fresh one is granted.
-            lock(state).lease = None;
-            false
-        }
-        Err(e) => {
-            mark_stale(state, &e.to_string());
-            false
-        }
-    }
-}
-
-/// Refreshes the lease: `Some(true)` when alive, `Some(false)` when it had
-/// expired (forgotten, so the next publication grants a new one), `None`
-/// when there is no lease yet or etcd did not answer.
-async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool> {
-    let lease = lock(state).lease?;
-    match etcd.keep_alive_once(lease).await {
-        Ok(ttl) if ttl > 0 => Some(true),
-        Ok(_) => {
-            tracing::warn!("the status lease expired; publishing the status again under a new one");
-            lock(state).lease = None;
-            Some(false)
-        }
-        Err(e) => {
-            mark_stale(state, &e.to_string());
-            None
-        }
-    }
 }

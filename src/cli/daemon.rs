@@ -178,9 +178,7 @@ pub fn exec_manager(args: &ManagerArgs) -> Result<(), CliError> {
 
 /// Runs `calico-ipsec enable` (target enforce) or `disable` (target off).
 pub fn exec_phase(args: &PhaseArgs, target: Phase, out: &mut dyn Write) -> Result<(), CliError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime::current_thread()?;
     rt.block_on(async {
         let etcd = Etcd::connect(&args.etcd.settings()?).await?;
         let cfg = IpsecStore::new(&etcd).set_target_phase(target).await?;

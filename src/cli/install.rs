@@ -195,9 +195,7 @@ fn check_wireguard(args: &InstallArgs, calico: &Map<String, Value>) -> Result<()
         &cfg.etcd,
         Duration::from_millis(args.etcd_timeout_ms.max(1)),
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime::current_thread()?;
     let found = rt
         .block_on(felix_wireguard(&settings))
         .map_err(InstallFileError::Datastore)?;

@@ -136,9 +136,7 @@ pub fn exec(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
         Command::Status(args) => status::exec(&args, out)?,
         Command::Converge(args) => converge::exec(&args, out)?,
         Command::Keys(args) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = crate::runtime::current_thread()?;
             rt.block_on(keys::exec(&args, out))?;
         }
         Command::Install(args) => install::exec_install(&args, out)?,

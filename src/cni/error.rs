@@ -1,7 +1,9 @@
 //! The CNI error a verb returns, with the spec's codes and ours.
 //!
-//! Only this module decides codes. Lower layers return their own error types;
-//! `From` impls here map each to a code and an operator-facing message.
+//! The codes are defined here, and the `From` impls here map each lower
+//! layer's error type to a code and an operator-facing message. The verb
+//! modules pick a code themselves only for what they check on their own
+//! (a CHECK that finds drift, an ADD whose pod cannot take the bound).
 
 use serde_json::{json, Value};
 

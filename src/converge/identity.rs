@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use super::record;
 use super::{state_err, ConvergeError};
 use crate::datastore::etcd::Etcd;
 use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError};
-use crate::fastpath;
 use crate::fsutil;
 
 /// The kernel's boot id: changes on every boot.
@@ -85,7 +85,7 @@ impl Ledger {
     /// Reads the ledger; `None` when missing or unreadable (both mean the
     /// history is unknown, which a new incarnation settles).
     pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = match fsutil::read_state(&Self::path(state_dir), fastpath::MAX_RECORD_BYTES) {
+        let bytes = match fsutil::read_state(&Self::path(state_dir), record::MAX_RECORD_BYTES) {
             Ok(b) => b?,
             Err(e) => {
                 tracing::warn!(error = %e, "the SA ledger is unusable; a new incarnation will be published");

@@ -30,17 +30,19 @@ use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
-use crate::fastpath::{self, Converged};
 use crate::fsutil::SafeFileError;
 use crate::keys::KekError;
 use crate::mtu::MtuParams;
 use crate::xfrm::guard::{self, Guard};
 use crate::xfrm::handover::{hand_over, PeerAcks};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
-use crate::xfrm::{Desired, DesiredError, Dir, Held, Inputs, Plan};
+use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan};
+use record::Converged;
 
 mod apply;
 mod identity;
+mod observe;
+pub mod record;
 
 pub use apply::mtu_params;
 use apply::{apply_with_keys, kept};
@@ -48,6 +50,8 @@ use identity::bump;
 pub use identity::{
     boot_id, needs_new_incarnation, Ledger, NodeLock, BOOT_ID_PATH, NODE_LOCK_WAIT,
 };
+pub use observe::{observe, observe_snapshot, Observed};
+use record::{local_facts_hold, still_converged};
 
 /// ICV length used when the config does not say.
 pub const DEFAULT_ICV_BITS: u32 = 128;
@@ -166,33 +170,13 @@ pub struct Report {
     pub kept_inbound: usize,
 }
 
-/// How a snapshot turned into a plan, for CHECK and `status` (no writes).
-#[derive(Debug, Clone)]
-pub struct Observed {
-    /// The snapshot read.
-    pub snapshot: Snapshot,
-    /// This node.
-    pub node: String,
-    /// The phase.
-    pub phase: Phase,
-    /// The desired state.
-    pub desired: Desired,
-    /// What the kernel holds that is ours.
-    pub held: Held,
-    /// The difference.
-    pub plan: Plan,
-}
-
 fn state_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConvergeError {
     let path = path.to_path_buf();
     move |source| ConvergeError::State { op, path, source }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ConvergeError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ConvergeError::Runtime)
+    crate::runtime::current_thread().map_err(ConvergeError::Runtime)
 }
 
 /// The plugin's etcd settings. The member that answered last is remembered
@@ -208,51 +192,13 @@ fn phase_of(s: &Snapshot) -> (Phase, u32) {
         .map_or((Phase::Off, DEFAULT_ICV_BITS), |c| (c.phase, c.icv_bits))
 }
 
-/// Reads etcd and the kernel and computes the plan, without writing
-/// anything (CHECK, STATUS and `calico-ipsec status`).
-pub fn observe(etcd: &EtcdSettings, node: String) -> Result<Observed, ConvergeError> {
-    let snapshot = runtime()?.block_on(async {
-        let etcd = Etcd::connect(etcd).await?;
-        snapshot::read(&etcd).await
-    })?;
-    observe_snapshot(snapshot, node)
-}
-
-/// Computes the plan from a snapshot already read.
-pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, ConvergeError> {
-    let (phase, icv_bits) = phase_of(&snapshot);
-    let desired = Desired::compute(&Inputs {
-        topology: &snapshot.topology,
-        me: &node,
-        my_identity: snapshot.identities.get(&node),
-        identities: &snapshot.identities,
-        phase,
-        epochs: &snapshot.epochs,
-        icv_bits,
-    })?;
-    let mut desired = desired;
-    let held = Xfrm::open()?.held()?;
-    // As an ADD would converge: without the peers' statuses, a hand-over
-    // between incarnations waits.
-    hand_over(&mut desired, &held, &snapshot.identities, None);
-    let plan = Plan::diff(&desired, &held);
-    Ok(Observed {
-        snapshot,
-        node,
-        phase,
-        desired,
-        held,
-        plan,
-    })
-}
-
 fn ms(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Converges this node's kernel to what etcd says (the ADD path).
 ///
-/// When the last convergence left a record ([`fastpath`]) and neither etcd
+/// When the last convergence left a record ([`record`]) and neither etcd
 /// (one small keys-only request) nor the kernel (one dump) changed since,
 /// this returns at once with no other read and no write. Otherwise it reads
 /// a snapshot and converges fully.
@@ -270,7 +216,7 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
                     return Ok(None);
                 }
                 let held = Xfrm::open()?.held()?;
-                Ok(Some(fastpath::held_digest(&held)))
+                Ok(Some(record::held_digest(&held)))
             })
         });
         runtime()?.block_on(async {
@@ -299,79 +245,6 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
         }
     }
     result
-}
-
-/// Whether the node-local facts of the last convergence still hold: the same
-/// boot, and a ledger of the same incarnation (otherwise the incarnation must
-/// change).
-fn local_facts_hold(cfg: &PluginConfig, last: &Converged) -> Result<bool, ConvergeError> {
-    if last.phase == Phase::Off {
-        return Ok(true);
-    }
-    if boot_id()? != last.boot_id {
-        return Ok(false);
-    }
-    // The record holds the digest of the ledger it was made with: the same
-    // bytes are the same incarnation and boot (no parse needed).
-    let ledger = fastpath::file_digest(&Ledger::path(&cfg.state_dir));
-    Ok(!ledger.is_empty() && ledger == last.ledger)
-}
-
-/// The fast path: a report when the last convergence still holds (etcd's
-/// fingerprint and the kernel's [`fastpath::held_digest`] unchanged: nothing
-/// to do), `None` otherwise.
-fn still_converged(
-    last: Converged,
-    fingerprint: snapshot::Fingerprint,
-    revision: i64,
-    kernel_digest: &str,
-    started: Instant,
-) -> Option<Report> {
-    if fingerprint != last.fingerprint {
-        tracing::debug!("etcd changed since the last convergence");
-        return None;
-    }
-    if kernel_digest != last.digest {
-        tracing::info!(
-            node = %last.node,
-            "the kernel's XFRM state drifted from the last convergence; converging"
-        );
-        return None;
-    }
-    let millis = ms(started);
-    let report = Report {
-        node: last.node,
-        phase: last.phase,
-        id: last.id,
-        incarnation: last.incarnation,
-        new_incarnation: false,
-        states: last.states,
-        policies: last.policies,
-        writes: 0,
-        revision,
-        millis,
-        read_millis: millis,
-        identity_millis: 0,
-        apply_millis: 0,
-        // The fast path reads no snapshot: these are left empty (the agent,
-        // which publishes them, always converges in full).
-        installed_epochs: Vec::new(),
-        active_epoch: None,
-        phase_generation: 0,
-        states_by_dir: (0, 0),
-        policies_by_dir: (0, 0, 0),
-        changes: Vec::new(),
-        identities_digest: String::new(),
-        unchanged: true,
-        unprotected: Vec::new(),
-        mtu: last.mtu,
-        stale: None,
-        guard: None,
-        waiting_for: Vec::new(),
-        kept_inbound: 0,
-    };
-    tracing::debug!(?report, "still converged");
-    Some(report)
 }
 
 /// Converges from a snapshot with a connected client; the caller holds the
@@ -586,7 +459,7 @@ pub async fn converge_with(
     }
     if from_snapshot && !new_incarnation && handover.is_done() {
         let record = Converged {
-            version: fastpath::VERSION,
+            version: record::VERSION,
             node: node.clone(),
             phase,
             boot_id: boot.clone(),
@@ -595,13 +468,13 @@ pub async fn converge_with(
             ledger: if phase == Phase::Off {
                 String::new()
             } else {
-                fastpath::file_digest(&Ledger::path(&cfg.state_dir))
+                record::file_digest(&Ledger::path(&cfg.state_dir))
             },
             states: desired.states.len(),
             policies: desired.policies.len(),
             revision: snap.revision,
             fingerprint: snap.fingerprint.clone(),
-            digest: fastpath::desired_digest(&desired),
+            digest: record::desired_digest(&desired),
             mtu: mtu.clone(),
         };
         if let Err(e) = record.save(&cfg.state_dir) {

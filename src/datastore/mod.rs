@@ -4,5 +4,7 @@
 pub mod calico;
 pub mod etcd;
 pub mod ipsec;
+pub mod leader;
 pub mod paths;
+pub mod records;
 pub mod snapshot;

@@ -206,15 +206,12 @@ pub async fn fingerprint(etcd: &Etcd) -> Result<(Fingerprint, i64), EtcdError> {
 /// Connects and reads a snapshot, on a private single-threaded runtime (for
 /// the synchronous CNI path).
 pub fn read_blocking(settings: &EtcdSettings) -> Result<Snapshot, IpsecStoreError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            IpsecStoreError::Etcd(EtcdError::Request {
-                op: "start the async runtime".into(),
-                reason: e.to_string(),
-            })
-        })?;
+    let rt = crate::runtime::current_thread().map_err(|e| {
+        IpsecStoreError::Etcd(EtcdError::Request {
+            op: "start the async runtime".into(),
+            reason: e.to_string(),
+        })
+    })?;
     rt.block_on(async {
         let etcd = Etcd::connect(settings).await?;
         read(&etcd).await

@@ -8,18 +8,20 @@
 //! gone before its pods stop; with foreground propagation it carries a
 //! `deletionTimestamp`. Both mean "remove".
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 /// Where Kubernetes mounts a pod's service account token, CA and namespace.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The most of a response we read.
-const MAX_RESPONSE: u64 = 4 << 20;
+const MAX_RESPONSE: usize = 4 << 20;
 
 /// What the API says about the DaemonSet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,32 +159,42 @@ impl KubeApi {
         }
     }
 
-    /// One HTTP/1.0 GET (no keep-alive, no chunking), bounded by `timeout`.
+    /// One GET with hyper over TCP (and rustls for https), bounded by
+    /// `timeout`; the body is read up to [`MAX_RESPONSE`].
     fn get(&self, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
-        let addr = (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or("no address")?;
-        let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-        tcp.set_read_timeout(Some(timeout))
-            .and_then(|()| tcp.set_write_timeout(Some(timeout)))
+        let rt = crate::runtime::current_thread().map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            tokio::time::timeout(timeout, self.get_async(path))
+                .await
+                .map_err(|_| format!("no answer within {timeout:?}"))?
+        })
+    }
+
+    async fn get_async(&self, path: &str) -> Result<(u16, Vec<u8>), String> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
             .map_err(|e| e.to_string())?;
-        let request = format!(
-            "GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: application/json\r\nUser-Agent: calico-ipsec\r\n\r\n",
-            self.host, self.token
-        );
-        let raw = if self.scheme_https {
-            let config = self.tls_config()?;
+        let request = Request::get(path)
+            .header(hyper::header::HOST, self.host.as_str())
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::USER_AGENT, "calico-ipsec")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        if self.scheme_https {
             let name = rustls::pki_types::ServerName::try_from(self.host.clone())
                 .map_err(|e| e.to_string())?;
-            let conn =
-                rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-            exchange(rustls::StreamOwned::new(conn, tcp), &request)?
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config()?))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            exchange(TokioIo::new(tls), request).await
         } else {
-            exchange(tcp, &request)?
-        };
-        parse_response(&raw)
+            exchange(TokioIo::new(tcp), request).await
+        }
     }
 
     fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
@@ -204,18 +216,27 @@ impl KubeApi {
     }
 }
 
-/// Writes the request and reads the whole response, up to `MAX_RESPONSE`.
-fn exchange(mut s: impl Read + Write, request: &str) -> Result<Vec<u8>, String> {
-    s.write_all(request.as_bytes())
-        .and_then(|()| s.flush())
+/// Sends the request on one HTTP/1.1 connection and reads the answer.
+async fn exchange<T>(io: T, request: Request<Empty<Bytes>>) -> Result<(u16, Vec<u8>), String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
         .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    match s.take(MAX_RESPONSE).read_to_end(&mut raw) {
-        Ok(_) => Ok(raw),
-        // A server that closes without TLS close_notify: keep what arrived.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
-        Err(e) => Err(e.to_string()),
-    }
+    let driver = tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
+    driver.abort();
+    Ok((status, body.to_vec()))
 }
 
 fn parse_url(u: &str) -> Option<(bool, String, u16)> {
@@ -230,61 +251,57 @@ fn parse_url(u: &str) -> Option<(bool, String, u16)> {
     Some((https, host.to_string(), port.parse().ok()?))
 }
 
-/// The status code and body of a raw HTTP/1.x response (de-chunked if need be).
-fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("an incomplete HTTP response")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let status = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or("no HTTP status line")?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("a truncated chunk")?;
-        let size_text = String::from_utf8_lossy(&rest[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "a bad chunk size")?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        out.extend_from_slice(rest.get(..size).ok_or("a truncated chunk")?);
-        rest = rest.get(size + 2..).ok_or("a truncated chunk")?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A one-shot API server answering `reply` to the first request.
+    fn api(reply: &'static str) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&got).contains("authorization: Bearer tok"));
+            c.write_all(reply.as_bytes()).unwrap();
+        });
+        url
+    }
+
+    fn sa_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("token"), "tok\n").unwrap();
+        std::fs::write(d.path().join("namespace"), "kube-system\n").unwrap();
+        d
+    }
+
     #[test]
-    fn responses_plain_and_chunked() {
-        let (s, b) = parse_response(b"HTTP/1.0 404 Not Found\r\nA: b\r\n\r\n{}").expect("parse");
-        assert_eq!((s, b.as_slice()), (404, b"{}".as_slice()));
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4;x=y\r\n\":1}\r\n0\r\n\r\n";
-        let (s, b) = parse_response(raw).expect("parse");
-        assert_eq!((s, b.as_slice()), (200, b"{\"a\":1}".as_slice()));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+    fn chunked_and_plain_answers_through_hyper() {
+        let sa = sa_dir();
+        let url = api("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{\"metadata\":{\"de\r\n1f;x=y\r\nletionTimestamp\":\"2026-01-01\"}}\r\n0\r\n\r\n");
+        let k = KubeApi::in_cluster(sa.path(), Some(&url)).unwrap();
+        assert_eq!(
+            k.daemonset("calico-ipsec", Duration::from_secs(5)).unwrap(),
+            DaemonSetState::Deleting
         );
+        let url = api("HTTP/1.0 404 Not Found\r\nContent-Length: 2\r\n\r\n{}");
+        let k = KubeApi::in_cluster(sa.path(), Some(&url)).unwrap();
+        assert_eq!(
+            k.daemonset("calico-ipsec", Duration::from_secs(5)).unwrap(),
+            DaemonSetState::Gone(404)
+        );
+        let url = api("HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
+        let k = KubeApi::in_cluster(sa.path(), Some(&url)).unwrap();
+        assert!(k.daemonset("calico-ipsec", Duration::from_secs(5)).is_err());
     }
 
     #[test]

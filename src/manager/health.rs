@@ -10,13 +10,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
 use super::{lock, Stats};
 use crate::datastore::etcd::Etcd;
 use crate::datastore::ipsec::{encode, leader_key, manager_status_key, now_rfc3339};
-use crate::datastore::ipsec::{EpochState, IpsecStoreError};
+use crate::datastore::ipsec::{EpochState, IpsecStore, IpsecStoreError};
+use crate::datastore::leader::Fence;
 use crate::keys::Kek;
 use crate::metrics::{Exposition, Reply};
 
@@ -145,27 +145,18 @@ impl KekCheck {
 /// the leader).
 pub(super) async fn publish(
     etcd: &Etcd,
-    id: &str,
     lease: i64,
-    fence: &[Compare],
+    fence: &Fence,
     waiting: &str,
 ) -> Result<bool, IpsecStoreError> {
     let status = ManagerStatus {
-        leader: id.to_string(),
+        leader: fence.id().to_string(),
         waiting: waiting.to_string(),
         heartbeat: now_rfc3339(),
     };
-    let put = TxnOp::put(
-        manager_status_key(),
-        encode(&status),
-        Some(etcd_client::PutOptions::new().with_lease(lease)),
-    );
-    Ok(etcd
-        .txn(
-            "publish the manager's status",
-            Txn::new().when(fence.to_vec()).and_then([put]),
-        )
-        .await?)
+    IpsecStore::new(etcd)
+        .put_leased_fenced(fence, &manager_status_key(), encode(&status), lease)
+        .await
 }
 
 /// Why the cluster is not at its target yet, as the leader says (for

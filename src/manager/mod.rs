@@ -24,13 +24,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{
-    config_key, encode, epoch_key, identities_digest, leader_key, now_rfc3339, now_unix,
-    ClusterConfig, EpochState, IpsecStore, IpsecStoreError, Phase,
+    config_key, identities_digest, leader_key, now_rfc3339, now_unix, ClusterConfig, EpochRecord,
+    EpochState, IpsecStore, IpsecStoreError, Phase,
 };
+use crate::datastore::leader::Fence;
 use crate::keys::Kek;
 
 mod decide;
@@ -86,10 +85,7 @@ struct Stats {
 
 /// Runs the manager until SIGTERM or SIGINT.
 pub fn run(opts: ManagerOptions) -> Result<(), ManagerError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime::daemon()?;
     rt.block_on(async move {
         let stats = Arc::new(Mutex::new(Stats::default()));
         if let Some(addr) = opts.listen {
@@ -98,7 +94,7 @@ pub fn run(opts: ManagerOptions) -> Result<(), ManagerError> {
             let handler = Arc::new(move |path: &str| health::handle(&st, path));
             tokio::spawn(crate::metrics::serve(listener, handler));
         }
-        let term = crate::agent::shutdown_signal();
+        let term = crate::runtime::shutdown_signal();
         let lease = Arc::new(Mutex::new(None::<(Etcd, i64)>));
         tokio::select! {
             () = term => {}
@@ -147,11 +143,7 @@ async fn lead(
             }
         };
         *lock(lease_slot) = Some((etcd.clone(), lease));
-        let fence = [Compare::value(
-            leader_key(),
-            CompareOp::Equal,
-            opts.id.as_bytes(),
-        )];
+        let fence = Fence::new(&opts.id);
         let mut last_keepalive = std::time::Instant::now();
         let keepalive_every =
             Duration::from_secs(u64::try_from(opts.lease_ttl / 3).unwrap_or(1).max(1));
@@ -176,18 +168,7 @@ async fn lead(
                 }
             }
             // Campaign: become leader if nobody is.
-            let won = etcd
-                .txn(
-                    "campaign",
-                    Txn::new()
-                        .when([Compare::version(leader_key(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(
-                            leader_key(),
-                            opts.id.as_bytes().to_vec(),
-                            Some(etcd_client::PutOptions::new().with_lease(lease)),
-                        )]),
-                )
-                .await;
+            let won = IpsecStore::new(&etcd).campaign(&fence, lease).await;
             let leader = match won {
                 Ok(true) => {
                     tracing::info!(id = %opts.id, "became the leader");
@@ -251,7 +232,7 @@ async fn lead(
                 .as_ref()
                 .is_none_or(|(w, at)| *w != why || at.elapsed() >= keepalive_every);
             if due {
-                match health::publish(&etcd, &opts.id, lease, &fence, &why).await {
+                match health::publish(&etcd, lease, &fence, &why).await {
                     Ok(wrote) => {
                         let was = lock(stats).write_error.take();
                         if was.is_some() {
@@ -312,11 +293,11 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
     }))
 }
 
-/// One step of the leader: read, decide, write under the fence.
+/// One step of the leader: read, decide, write under the fence ([`Fence`]).
 async fn tick(
     etcd: &Etcd,
     opts: &ManagerOptions,
-    fence: &[Compare],
+    fence: &Fence,
     stats: &Mutex<Stats>,
 ) -> Result<Action, IpsecStoreError> {
     let Some(view) = read_view(etcd, stats).await? else {
@@ -336,26 +317,14 @@ async fn tick(
             .collect();
     }
     let action = decide(&view);
-    let fenced = |extra: Compare, ops: Vec<TxnOp>| {
-        let mut cmp = fence.to_vec();
-        cmp.push(extra);
-        Txn::new().when(cmp).and_then(ops)
-    };
+    let store = IpsecStore::new(etcd);
     let ok = match &action {
         Action::Wait(_) => return Ok(action),
         Action::SetPhase { from, to } => {
             let (mut cfg, rev) = view.config.clone();
             cfg.phase = *to;
             cfg.phase_generation += 1;
-            let done = etcd
-                .txn(
-                    "set phase",
-                    fenced(
-                        Compare::mod_revision(config_key(), CompareOp::Equal, rev),
-                        vec![TxnOp::put(config_key(), encode(&cfg), None)],
-                    ),
-                )
-                .await?;
+            let done = store.put_config_fenced(fence, &cfg, rev).await?;
             if done {
                 lock(stats).phase_changes += 1;
                 tracing::info!(from = ?from, to = ?to, generation = cfg.phase_generation, target = ?cfg.target_phase, nodes = view.live.len(), "phase advanced: every live node acknowledged");
@@ -366,24 +335,14 @@ async fn tick(
             let Some((rec, rev)) = view.epochs.iter().find(|(e, _)| e.epoch == *n) else {
                 return Ok(action);
             };
-            let key = epoch_key(*n);
-            let op = if matches!(action, Action::Activate(_)) {
+            let done = if matches!(action, Action::Activate(_)) {
                 let mut rec = rec.clone();
                 rec.state = EpochState::Active;
                 rec.activated = Some(now_rfc3339());
-                TxnOp::put(key.as_str(), encode(&rec), None)
+                store.put_epochs_fenced(fence, &[(rec, *rev)]).await?
             } else {
-                TxnOp::delete(key.as_str(), None)
+                store.delete_epoch_fenced(fence, *n, *rev).await?
             };
-            let done = etcd
-                .txn(
-                    "epoch",
-                    fenced(
-                        Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev),
-                        vec![op],
-                    ),
-                )
-                .await?;
             if done {
                 if matches!(action, Action::Activate(_)) {
                     lock(stats).activations += 1;
@@ -399,18 +358,17 @@ async fn tick(
             done
         }
         Action::Retire(list) => {
-            let mut cmp = fence.to_vec();
-            let mut ops = Vec::new();
-            for (rec, rev) in view.epochs.iter().filter(|(e, _)| list.contains(&e.epoch)) {
-                let key = epoch_key(rec.epoch);
-                cmp.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev));
-                let mut rec = rec.clone();
-                rec.state = EpochState::Retired;
-                ops.push(TxnOp::put(key.as_str(), encode(&rec), None));
-            }
-            let done = etcd
-                .txn("retire epochs", Txn::new().when(cmp).and_then(ops))
-                .await?;
+            let retired: Vec<(EpochRecord, i64)> = view
+                .epochs
+                .iter()
+                .filter(|(e, _)| list.contains(&e.epoch))
+                .map(|(rec, rev)| {
+                    let mut rec = rec.clone();
+                    rec.state = EpochState::Retired;
+                    (rec, *rev)
+                })
+                .collect();
+            let done = store.put_epochs_fenced(fence, &retired).await?;
             if done {
                 tracing::info!(epochs = ?list, "epochs retired: every live node sends with the newest and the overlap passed");
             }
@@ -427,7 +385,7 @@ async fn tick(
                 }
             };
             let added = IpsecStore::new(etcd)
-                .add_pending_epoch_if(&kek, fence)
+                .add_pending_epoch_if(&kek, Some(fence))
                 .await?;
             if let Some(rec) = &added {
                 tracing::info!(epoch = rec.epoch, "rotation: added a pending epoch");

@@ -40,7 +40,7 @@ pub const REASSERT: Duration = Duration::from_secs(30);
 /// Where `nft` is looked for before `$PATH` (kubelet may run a plugin with
 /// an almost empty `$PATH`).
 const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
-/// The record of the last guard written, in the state directory.
+/// The record of the last guard written, in the state directory's `node/`.
 const RECORD: &str = "guard";
 
 /// Why the guard could not be written.
@@ -292,7 +292,7 @@ pub fn forget(state_dir: &Path) {
 }
 
 fn record_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(RECORD)
+    state_dir.join("node").join(RECORD)
 }
 
 fn now() -> u64 {
@@ -429,16 +429,17 @@ mod tests {
     #[test]
     fn the_record_skips_an_unchanged_guard_until_it_must_be_reasserted() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("node")).unwrap();
         let g = Guard::default();
         // An empty guard with no nft is nothing to do, and is recorded.
         std::fs::write(
-            dir.path().join(RECORD),
+            record_path(dir.path()),
             format!("{} {}\n", g.digest(), now()),
         )
         .unwrap();
         assert!(!g.sync(dir.path()).unwrap());
         std::fs::write(
-            dir.path().join(RECORD),
+            record_path(dir.path()),
             format!("{} {}\n", g.digest(), now() - REASSERT.as_secs()),
         )
         .unwrap();
@@ -451,7 +452,7 @@ mod tests {
             false,
         )]));
         std::fs::write(
-            dir.path().join(RECORD),
+            record_path(dir.path()),
             format!("{} {}\n", full.digest(), now() - REASSERT.as_secs()),
         )
         .unwrap();

@@ -1,11 +1,17 @@
 //! The kernel side: dump our XFRM states and policies, apply a [`Plan`].
 //!
 //! One `NETLINK_XFRM` socket, opened in the calling thread's namespace.
-//! Writes go in batches of ACK'd requests. A plan is applied in an order that
-//! is safe at every step: states first (a policy never points at a state
-//! that is not there yet), then policy adds and in-place updates, then policy
-//! deletes, then state deletes. When a stage fails, what that stage added is
-//! taken back and the error names the object and the kernel's reason.
+//! Writes go in batches of ACK'd requests, in this order: states first (a
+//! policy never points at a state that is not there yet), then policy adds
+//! and in-place updates, then policy deletes, then state deletes. When a
+//! stage fails, the states or policies that stage added are deleted again,
+//! and the error names the object and the kernel's reason.
+//!
+//! A *replaced* state (one altered outside calico-ipsec under our SPI) is
+//! deleted before its replacement is added, since the kernel holds one state
+//! per destination and SPI; if the add then fails, that path has no SA and
+//! its policy drops the traffic until the next convergence. That is fail
+//! closed, not hitless, and the deleted state is not restored.
 //!
 //! Keys: a state dump carries every state's key (ours and others'). Each is
 //! zeroized as soon as the message is decoded, as are the receive buffer and

@@ -118,6 +118,18 @@ fn classify(e: etcd_client::Error) -> Failure {
     }
 }
 
+/// Whether etcd answered that the lease a request named does not exist
+/// (`NotFound`, "etcdserver: requested lease not found").
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}", status.code()) == "NotFound"
+                && status.message().contains("lease not found")
+        }
+        _ => false,
+    }
+}
+
 impl Members {
     /// One lazily connected client per endpoint; no I/O happens here.
     pub(super) async fn new(s: &EtcdSettings) -> Result<Self, EtcdError> {
@@ -280,6 +292,10 @@ impl Members {
                         return Ok((v, i));
                     }
                     Ok(Err(e)) => match classify(e) {
+                        Failure::Refused(e) if lease_not_found(&e) => {
+                            self.answered(i);
+                            return Err(EtcdError::LeaseNotFound { op: op.to_string() });
+                        }
                         Failure::Refused(e) => {
                             self.answered(i);
                             return Err(EtcdError::Request {

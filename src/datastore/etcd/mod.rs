@@ -19,7 +19,8 @@ use crate::config::EtcdConfig;
 pub use failover::MAX_ATTEMPT;
 
 /// Default bound on connecting to etcd and on each request.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+pub use crate::config::DEFAULT_ETCD_TIMEOUT as DEFAULT_TIMEOUT;
+
 /// The largest reply accepted (tonic's default, 4 MiB, is too small for the
 /// Calico nodes of a big cluster).
 const MAX_REPLY_BYTES: usize = 1 << 30;
@@ -54,6 +55,12 @@ pub enum EtcdError {
         op: String,
         /// What etcd or the transport said.
         reason: String,
+    },
+    /// The request named a lease etcd no longer knows (it expired).
+    #[error("etcd {op} failed: the lease expired (etcd no longer knows it)")]
+    LeaseNotFound {
+        /// What was being done, with the key.
+        op: String,
     },
 }
 

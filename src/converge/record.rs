@@ -1,5 +1,6 @@
-//! The no-op fast path of converging: proving in one small etcd request and
-//! one kernel dump that the last convergence still holds.
+//! The convergence record: a cache of the last convergence that needed no
+//! write, which lets the next one prove in one small etcd request and one
+//! kernel dump that it still holds (the ADD's no-op path).
 //!
 //! After a convergence that wrote nothing to etcd, the node keeps a record
 //! (`<state_dir>/node/converged`, 0600, no secrets) of:
@@ -24,9 +25,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::time::Instant;
+
+use crate::config::PluginConfig;
 use crate::datastore::ipsec::Phase;
-use crate::datastore::snapshot::Fingerprint;
+use crate::datastore::snapshot::{self, Fingerprint};
 use crate::xfrm::{Desired, Held};
+
+use super::identity::{boot_id, Ledger};
+use super::{ms, ConvergeError, Report};
 
 /// The largest record or ledger read (a ledger lists at most a few
 /// thousand peers per epoch).
@@ -157,6 +164,82 @@ pub fn held_digest(held: &Held) -> String {
         p.hash(&mut h);
     }
     hex(&h.0.finalize())
+}
+
+/// Whether the node-local facts of the last convergence still hold: the same
+/// boot, and a ledger of the same incarnation (otherwise the incarnation must
+/// change).
+pub(super) fn local_facts_hold(
+    cfg: &PluginConfig,
+    last: &Converged,
+) -> Result<bool, ConvergeError> {
+    if last.phase == Phase::Off {
+        return Ok(true);
+    }
+    if boot_id()? != last.boot_id {
+        return Ok(false);
+    }
+    // The record holds the digest of the ledger it was made with: the same
+    // bytes are the same incarnation and boot (no parse needed).
+    let ledger = file_digest(&Ledger::path(&cfg.state_dir));
+    Ok(!ledger.is_empty() && ledger == last.ledger)
+}
+
+/// The fast path: a report when the last convergence still holds (etcd's
+/// fingerprint and the kernel's [`held_digest`] unchanged: nothing
+/// to do), `None` otherwise.
+pub(super) fn still_converged(
+    last: Converged,
+    fingerprint: snapshot::Fingerprint,
+    revision: i64,
+    kernel_digest: &str,
+    started: Instant,
+) -> Option<Report> {
+    if fingerprint != last.fingerprint {
+        tracing::debug!("etcd changed since the last convergence");
+        return None;
+    }
+    if kernel_digest != last.digest {
+        tracing::info!(
+            node = %last.node,
+            "the kernel's XFRM state drifted from the last convergence; converging"
+        );
+        return None;
+    }
+    let millis = ms(started);
+    let report = Report {
+        node: last.node,
+        phase: last.phase,
+        id: last.id,
+        incarnation: last.incarnation,
+        new_incarnation: false,
+        states: last.states,
+        policies: last.policies,
+        writes: 0,
+        revision,
+        millis,
+        read_millis: millis,
+        identity_millis: 0,
+        apply_millis: 0,
+        // The fast path reads no snapshot: these are left empty (the agent,
+        // which publishes them, always converges in full).
+        installed_epochs: Vec::new(),
+        active_epoch: None,
+        phase_generation: 0,
+        states_by_dir: (0, 0),
+        policies_by_dir: (0, 0, 0),
+        changes: Vec::new(),
+        identities_digest: String::new(),
+        unchanged: true,
+        unprotected: Vec::new(),
+        mtu: last.mtu,
+        stale: None,
+        guard: None,
+        waiting_for: Vec::new(),
+        kept_inbound: 0,
+    };
+    tracing::debug!(?report, "still converged");
+    Some(report)
 }
 
 #[cfg(test)]

@@ -1,0 +1,85 @@
+//! The node's status record: what it says, and keeping it under the lease.
+
+use std::sync::Mutex;
+
+use super::{lock, mark_stale, State};
+use crate::converge::Report;
+use crate::datastore::etcd::{Etcd, EtcdError};
+use crate::datastore::ipsec::{now_rfc3339, IpsecStore, IpsecStoreError, NodeStatus};
+
+pub(super) fn status_of(r: &Report, stale: bool) -> NodeStatus {
+    NodeStatus {
+        id: r.id.unwrap_or(0),
+        incarnation: r.incarnation,
+        installed_epochs: r.installed_epochs.clone(),
+        acked_phase: r.phase,
+        acked_generation: r.phase_generation,
+        active_epoch: r.active_epoch,
+        heartbeat: now_rfc3339(),
+        stale,
+        identities: r.identities_digest.clone(),
+        handover: !r.waiting_for.is_empty(),
+    }
+}
+
+pub(super) fn without_heartbeat(s: &NodeStatus) -> NodeStatus {
+    NodeStatus {
+        heartbeat: String::new(),
+        ..s.clone()
+    }
+}
+
+/// Writes the status under the lease (granting one first when needed).
+pub(super) async fn publish(
+    etcd: &Etcd,
+    state: &Mutex<State>,
+    node: &str,
+    status: &NodeStatus,
+    ttl: i64,
+) -> bool {
+    let held = lock(state).lease;
+    let lease = match held {
+        Some(l) => Ok(l),
+        None => etcd.grant_lease(ttl).await,
+    };
+    let lease = match lease {
+        Ok(l) => l,
+        Err(e) => {
+            mark_stale(state, &e.to_string());
+            return false;
+        }
+    };
+    lock(state).lease = Some(lease);
+    match IpsecStore::new(etcd).put_status(node, status, lease).await {
+        Ok(()) => true,
+        Err(IpsecStoreError::Etcd(EtcdError::LeaseNotFound { .. })) => {
+            // The lease expired (etcd was away longer than its TTL): next time
+            // a fresh one is granted.
+            lock(state).lease = None;
+            false
+        }
+        Err(e) => {
+            mark_stale(state, &e.to_string());
+            false
+        }
+    }
+}
+
+/// Refreshes the lease: `Some(true)` when alive, `Some(false)` when it had
+/// expired (forgotten, so the next publication grants a new one), `None`
+/// when there is no lease yet or etcd did not answer.
+pub(super) async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool> {
+    let lease = lock(state).lease?;
+    match etcd.keep_alive_once(lease).await {
+        Ok(ttl) if ttl > 0 => Some(true),
+        Ok(_) => {
+            tracing::warn!("the status lease expired; publishing the status again under a new one");
+            lock(state).lease = None;
+            Some(false)
+        }
+        Err(e) => {
+            mark_stale(state, &e.to_string());
+            None
+        }
+    }
+}

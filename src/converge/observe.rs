@@ -1,0 +1,66 @@
+//! What a convergence would do, without doing it: CHECK and
+//! `calico-ipsec status`.
+
+use crate::datastore::etcd::{Etcd, EtcdSettings};
+use crate::datastore::ipsec::Phase;
+use crate::datastore::snapshot::{self, Snapshot};
+use crate::xfrm::handover::hand_over;
+use crate::xfrm::kernel::Xfrm;
+use crate::xfrm::{Desired, Held, Inputs, Plan};
+
+use super::{phase_of, runtime, ConvergeError};
+
+/// How a snapshot turned into a plan, for CHECK and `status` (no writes).
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The snapshot read.
+    pub snapshot: Snapshot,
+    /// This node.
+    pub node: String,
+    /// The phase.
+    pub phase: Phase,
+    /// The desired state.
+    pub desired: Desired,
+    /// What the kernel holds that is ours.
+    pub held: Held,
+    /// The difference.
+    pub plan: Plan,
+}
+
+/// Reads etcd and the kernel and computes the plan, without writing
+/// anything (CHECK and `calico-ipsec status`).
+pub fn observe(etcd: &EtcdSettings, node: String) -> Result<Observed, ConvergeError> {
+    let snapshot = runtime()?.block_on(async {
+        let etcd = Etcd::connect(etcd).await?;
+        snapshot::read(&etcd).await
+    })?;
+    observe_snapshot(snapshot, node)
+}
+
+/// Computes the plan from a snapshot already read.
+pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, ConvergeError> {
+    let (phase, icv_bits) = phase_of(&snapshot);
+    let desired = Desired::compute(&Inputs {
+        topology: &snapshot.topology,
+        me: &node,
+        my_identity: snapshot.identities.get(&node),
+        identities: &snapshot.identities,
+        phase,
+        epochs: &snapshot.epochs,
+        icv_bits,
+    })?;
+    let mut desired = desired;
+    let held = Xfrm::open()?.held()?;
+    // As an ADD would converge: without the peers' statuses, a hand-over
+    // between incarnations waits.
+    hand_over(&mut desired, &held, &snapshot.identities, None);
+    let plan = Plan::diff(&desired, &held);
+    Ok(Observed {
+        snapshot,
+        node,
+        phase,
+        desired,
+        held,
+        plan,
+    })
+}
