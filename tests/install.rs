@@ -592,9 +592,11 @@ fn prestop_uninstall_acts_only_when_the_daemonset_is_deleted() {
 
     let seen = server.join().expect("server");
     assert!(seen[0].starts_with(
-        "GET /apis/apps/v1/namespaces/kube-system/daemonsets/calico-ipsec-node HTTP/1.0\r\n"
+        "GET /apis/apps/v1/namespaces/kube-system/daemonsets/calico-ipsec-node HTTP/1.1\r\n"
     ));
-    assert!(seen[0].contains("Authorization: Bearer tok-123\r\n"));
+    assert!(seen[0]
+        .to_ascii_lowercase()
+        .contains("authorization: bearer tok-123\r\n"));
 
     // Nothing listening: kept.
     node.write("10-calico.conflist", &installed);
