@@ -13,8 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record;
 use super::{state_err, ConvergeError};
-use crate::datastore::etcd::Etcd;
-use crate::datastore::ipsec::{nodeid_key, Identity, IpsecStore, IpsecStoreError};
+use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError};
 use crate::fsutil;
 
 /// The kernel's boot id: changes on every boot.
@@ -142,7 +141,6 @@ pub fn boot_id() -> Result<String, ConvergeError> {
 /// ledger's), and starts an empty ledger for it.
 pub(super) async fn bump(
     store: &IpsecStore<'_>,
-    store_etcd: &Etcd,
     node: &str,
     (mut ident, mut rev): (Identity, i64),
     floor: u32,
@@ -155,16 +153,8 @@ pub(super) async fn bump(
             incarnation: ident.incarnation.max(floor) + 1,
             boot_id: boot.to_string(),
         };
-        // The same record `IpsecStore::publish_identity` writes; the reply's
-        // revision saves reading it back.
-        let body = serde_json::to_vec(&next).map_err(|e| IpsecStoreError::Malformed {
-            key: nodeid_key(node),
-            reason: e.to_string(),
-        })?;
-        let written = store_etcd
-            .compare_and_put_at(&nodeid_key(node), rev, body)
-            .await
-            .map_err(IpsecStoreError::from)?;
+        // The reply's revision saves reading the record back.
+        let written = store.publish_identity(node, &next, rev).await?;
         if let Some(new_rev) = written {
             let ledger = Ledger {
                 boot_id: boot.to_string(),

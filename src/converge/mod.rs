@@ -333,16 +333,7 @@ pub async fn converge_with(
                 mine = Some((ident, rev));
             }
             None => {
-                let fresh = bump(
-                    &store,
-                    etcd,
-                    &node,
-                    (ident, rev),
-                    floor,
-                    &boot,
-                    &cfg.state_dir,
-                )
-                .await?;
+                let fresh = bump(&store, &node, (ident, rev), floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;
@@ -396,8 +387,7 @@ pub async fn converge_with(
                 );
                 let floor = ledger.incarnation;
                 let current = (ident.clone(), *rev);
-                let fresh =
-                    bump(&store, etcd, &node, current, floor, &boot, &cfg.state_dir).await?;
+                let fresh = bump(&store, &node, current, floor, &boot, &cfg.state_dir).await?;
                 ledger = fresh.1;
                 mine = Some(fresh.0);
                 new_incarnation = true;

@@ -401,17 +401,17 @@ impl<'a> IpsecStore<'a> {
         )))
     }
 
-    /// Replaces the identity record if it is still at `mod_revision`;
-    /// `false` when another writer got there first.
+    /// Replaces the identity record if it is still at `mod_revision`: the
+    /// record's new revision, or `None` when another writer got there first.
     pub async fn publish_identity(
         &self,
         node: &str,
         identity: &Identity,
         mod_revision: i64,
-    ) -> Result<bool, IpsecStoreError> {
+    ) -> Result<Option<i64>, IpsecStoreError> {
         Ok(self
             .etcd
-            .compare_and_put(&nodeid_key(node), mod_revision, encode(identity))
+            .compare_and_put_at(&nodeid_key(node), mod_revision, encode(identity))
             .await?)
     }
 

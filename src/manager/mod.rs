@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{
-    config_key, identities_digest, leader_key, now_rfc3339, now_unix, ClusterConfig, EpochRecord,
-    EpochState, IpsecStore, IpsecStoreError, Phase,
+    config_key, leader_key, ClusterConfig, EpochState, IpsecStore, IpsecStoreError, Phase,
 };
 use crate::datastore::leader::Fence;
-use crate::keys::Kek;
 
+mod act;
 mod decide;
 mod health;
+use act::tick;
 pub use decide::{decide, step, Action, View};
 pub use health::{explain, ManagerStatus};
 
@@ -253,153 +253,6 @@ async fn lead(
             }
         }
     }
-}
-
-async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, IpsecStoreError> {
-    let store = IpsecStore::new(etcd);
-    let Some(config) = store.config_rev().await? else {
-        return Ok(None);
-    };
-    let epochs = store.epochs_rev().await?;
-    let nodes = store.node_statuses().await?;
-    let identities = identities_digest(&store.identities().await?);
-    let ignored: Vec<String> = nodes
-        .unreadable
-        .iter()
-        .map(|(n, why)| format!("{n} (unreadable: {why})"))
-        .chain(
-            nodes
-                .unleased
-                .iter()
-                .map(|n| format!("{n} (bound to no lease)")),
-        )
-        .collect();
-    {
-        let mut s = lock(stats);
-        if s.ignored != ignored && !ignored.is_empty() {
-            tracing::warn!(records = ?ignored, "status records under nodes/ that count as no live node; an unreadable one under a lease holds every step that needs acknowledgement");
-        }
-        s.ignored = ignored;
-        s.unreadable = nodes.unreadable.len();
-        s.unleased = nodes.unleased.len();
-    }
-    Ok(Some(View {
-        config,
-        epochs,
-        live: nodes.live,
-        unreadable: nodes.unreadable.into_iter().map(|(n, _)| n).collect(),
-        identities,
-        now: now_unix(),
-    }))
-}
-
-/// One step of the leader: read, decide, write under the fence ([`Fence`]).
-async fn tick(
-    etcd: &Etcd,
-    opts: &ManagerOptions,
-    fence: &Fence,
-    stats: &Mutex<Stats>,
-) -> Result<Action, IpsecStoreError> {
-    let Some(view) = read_view(etcd, stats).await? else {
-        return Ok(Action::Wait(
-            "no /calico/ipsec/v1/config: run `calico-ipsec keys init`".into(),
-        ));
-    };
-    {
-        let mut s = lock(stats);
-        s.phase = Some(view.config.0.phase);
-        s.target = Some(view.config.0.target_phase);
-        s.live = view.live.len();
-        s.epochs = view
-            .epochs
-            .iter()
-            .map(|(e, _)| (e.epoch, e.state))
-            .collect();
-    }
-    let action = decide(&view);
-    let store = IpsecStore::new(etcd);
-    let ok = match &action {
-        Action::Wait(_) => return Ok(action),
-        Action::SetPhase { from, to } => {
-            let (mut cfg, rev) = view.config.clone();
-            cfg.phase = *to;
-            cfg.phase_generation += 1;
-            let done = store.put_config_fenced(fence, &cfg, rev).await?;
-            if done {
-                lock(stats).phase_changes += 1;
-                tracing::info!(from = ?from, to = ?to, generation = cfg.phase_generation, target = ?cfg.target_phase, nodes = view.live.len(), "phase advanced: every live node acknowledged");
-            }
-            done
-        }
-        Action::Activate(n) | Action::Delete(n) => {
-            let Some((rec, rev)) = view.epochs.iter().find(|(e, _)| e.epoch == *n) else {
-                return Ok(action);
-            };
-            let done = if matches!(action, Action::Activate(_)) {
-                let mut rec = rec.clone();
-                rec.state = EpochState::Active;
-                rec.activated = Some(now_rfc3339());
-                store.put_epochs_fenced(fence, &[(rec, *rev)]).await?
-            } else {
-                store.delete_epoch_fenced(fence, *n, *rev).await?
-            };
-            if done {
-                if matches!(action, Action::Activate(_)) {
-                    lock(stats).activations += 1;
-                    tracing::info!(
-                        epoch = n,
-                        nodes = view.live.len(),
-                        "epoch activated: installed on every live node"
-                    );
-                } else {
-                    tracing::info!(epoch = n, "retired epoch deleted: no live node holds it");
-                }
-            }
-            done
-        }
-        Action::Retire(list) => {
-            let retired: Vec<(EpochRecord, i64)> = view
-                .epochs
-                .iter()
-                .filter(|(e, _)| list.contains(&e.epoch))
-                .map(|(rec, rev)| {
-                    let mut rec = rec.clone();
-                    rec.state = EpochState::Retired;
-                    (rec, *rev)
-                })
-                .collect();
-            let done = store.put_epochs_fenced(fence, &retired).await?;
-            if done {
-                tracing::info!(epochs = ?list, "epochs retired: every live node sends with the newest and the overlap passed");
-            }
-            done
-        }
-        Action::Rotate => {
-            let kek = match Kek::load(&opts.kek_file) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot rotate: the KEK file cannot be read");
-                    return Ok(Action::Wait(format!(
-                        "rotation due, but the KEK cannot be read: {e}"
-                    )));
-                }
-            };
-            let added = IpsecStore::new(etcd)
-                .add_pending_epoch_if(&kek, Some(fence))
-                .await?;
-            if let Some(rec) = &added {
-                tracing::info!(epoch = rec.epoch, "rotation: added a pending epoch");
-            }
-            added.is_some()
-        }
-    };
-    if !ok {
-        tracing::debug!(
-            ?action,
-            "a step's transaction did not apply (lost leadership or raced); re-reading"
-        );
-    }
-    Ok(action)
 }
 
 /// Waits until the config's phase equals its target (for `enable --wait`).
