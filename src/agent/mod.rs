@@ -40,7 +40,7 @@ use crate::datastore::etcd::{Etcd, Kv};
 use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::metrics::Histogram;
-use crate::xfrm::handover::{PeerAck, PeerAcks};
+use crate::xfrm::handover::PeerAcks;
 use exposition::render;
 use kernel_watch::KernelEvent;
 use publish::{keep_alive, publish, status_of, without_heartbeat};
@@ -488,28 +488,18 @@ fn build_snapshot(
 /// does not parse counts as absent).
 fn peer_acks(statuses: Option<&(i64, BTreeMap<String, Kv>)>) -> PeerAcks {
     let prefix = format!("{}nodes/", crate::datastore::ipsec::PREFIX);
-    let peers = statuses
+    let parsed: Vec<(String, NodeStatus)> = statuses
         .map(|(_, m)| {
             m.values()
                 .filter_map(|kv| {
                     let name = kv.key.strip_prefix(&prefix)?;
                     let st: NodeStatus = serde_json::from_slice(&kv.value).ok()?;
-                    Some((
-                        name.to_string(),
-                        PeerAck {
-                            incarnation: st.incarnation,
-                            identities: st.identities,
-                            handover: st.handover,
-                        },
-                    ))
+                    Some((name.to_string(), st))
                 })
                 .collect()
         })
         .unwrap_or_default();
-    PeerAcks {
-        current: String::new(),
-        peers,
-    }
+    PeerAcks::from_statuses(parsed.iter().map(|(n, s)| (n.as_str(), s)))
 }
 
 async fn converge_once(

@@ -251,7 +251,9 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
 /// node lock.
 ///
 /// `acks` are the peers' status records (the agent watches them; an ADD
-/// reads none): they let a hand-over to a new incarnation complete.
+/// reads none): they let a hand-over to a new incarnation complete. With
+/// them (the agent) the nftables guard is also written; an ADD only narrows
+/// it before it removes outbound policies.
 pub async fn converge_with(
     cfg: &PluginConfig,
     etcd: &Etcd,
@@ -367,7 +369,17 @@ pub async fn converge_with(
         if let Some((m, _)) = &mine {
             ids_now.insert(node.clone(), m.clone());
         }
-        let mut acks = acks.cloned();
+        // An ADD reads the peers' statuses only when a hand-over may apply.
+        let mut acks = match acks {
+            Some(a) => Some(a.clone()),
+            None if crate::xfrm::handover::possible(&desired, &held) => {
+                let live = store.statuses().await?;
+                Some(PeerAcks::from_statuses(
+                    live.iter().map(|(n, s)| (n.as_str(), s)),
+                ))
+            }
+            None => None,
+        };
         if let Some(a) = acks.as_mut() {
             a.current = crate::datastore::ipsec::identities_digest(&ids_now);
         }
@@ -428,9 +440,13 @@ pub async fn converge_with(
         }
         applied = apply_with_keys(cfg, &snap, &mut xfrm, &plan, &held)?;
     }
-    let guard = match Guard::after(&desired).sync(&cfg.state_dir) {
-        Ok(_) => None,
-        Err(e) => {
+    // The agent keeps the guard (it converges within milliseconds of the
+    // XFRM notifications an ADD's writes cause); an ADD only narrows it
+    // above, so that `nft` never runs on a pod's critical path otherwise.
+    let keep_guard = acks.is_some();
+    let guard = match keep_guard.then(|| Guard::after(&desired).sync(&cfg.state_dir)) {
+        None | Some(Ok(_)) => None,
+        Some(Err(e)) => {
             if phase >= Phase::Encrypt {
                 tracing::warn!(error = %e, "the plaintext guard is not in place");
             }

@@ -21,8 +21,9 @@
 //!
 //! A kept SA is one the kernel holds exactly as specified: it is never added
 //! or replaced, so no key of an older incarnation is ever installed again.
-//! Without the peers' statuses (a CNI ADD reads none) the hand-over waits,
-//! and the agent, which watches them, completes it.
+//! The agent watches the statuses; an ADD reads them only when a hand-over
+//! is [`possible`]. A peer without a status (no agent) takes no part: it is
+//! switched to at once, and its older inbound SAs are not kept.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -90,6 +91,39 @@ fn twins(spec: &SaSpec, held: &Held) -> Vec<SaSpec> {
         .collect()
 }
 
+/// True when a hand-over may apply: a desired state is missing while an
+/// older twin of it is held, or a held state is an older twin of a desired
+/// inbound one. Only then are the peers' statuses worth reading.
+pub fn possible(want: &Desired, held: &Held) -> bool {
+    want.states.values().any(|s| {
+        let missing = !held.states.contains_key(&s.key());
+        (missing || s.dir == Dir::In) && held.states.values().any(|k| older_twin(s, k))
+    })
+}
+
+impl PeerAcks {
+    /// From the live status records, by node name (`current` is filled in
+    /// by the convergence).
+    pub fn from_statuses<'a>(
+        statuses: impl IntoIterator<Item = (&'a str, &'a crate::datastore::ipsec::NodeStatus)>,
+    ) -> Self {
+        PeerAcks {
+            current: String::new(),
+            peers: statuses
+                .into_iter()
+                .map(|(name, st)| {
+                    let ack = PeerAck {
+                        incarnation: st.incarnation,
+                        identities: st.identities.clone(),
+                        handover: st.handover,
+                    };
+                    (name.to_string(), ack)
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Applies the hand-over to `want`: outbound SAs wait for the peer's
 /// acknowledgement where an older one can still carry the traffic, and
 /// inbound SAs of peers' older incarnations stay while those peers may use
@@ -104,9 +138,11 @@ pub fn hand_over(
     let acked = |peer: &str| {
         acks.is_some_and(|a| a.peers.get(peer).is_none_or(|p| p.identities == a.current))
     };
+    // A peer with no status takes no part in hand-overs (no agent, or
+    // dead): it switched at once, as its ADDs do without statuses.
     let may_send_old = |peer: &str| match acks {
         None => true,
-        Some(a) => a.peers.get(peer).is_none_or(|p| {
+        Some(a) => a.peers.get(peer).is_some_and(|p| {
             p.handover
                 || ids
                     .get(peer)

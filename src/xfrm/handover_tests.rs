@@ -202,3 +202,37 @@ fn a_receiver_keeps_the_senders_old_inbound_sa_while_it_may_be_used() {
     assert_eq!(inbound(&want), 1);
     assert!(h.is_done());
 }
+
+#[test]
+fn peers_without_a_status_take_no_part() {
+    // No agent anywhere (statuses read, none found): switch at once, and
+    // keep no older inbound SA, as before hand-overs existed.
+    let before = ids([10, 20, 30]);
+    let after = ids([11, 20, 30]);
+    let none = PeerAcks {
+        current: crate::datastore::ipsec::identities_digest(&after),
+        peers: BTreeMap::new(),
+    };
+    let held = Held::exactly(&desired_of("node-1", &before));
+    let mut want = desired_of("node-1", &after);
+    assert!(possible(&want, &held));
+    let expect = out_spis(&want);
+    let h = hand_over(&mut want, &held, &after, Some(&none));
+    assert_eq!(out_spis(&want), expect);
+    assert!(h.is_done());
+
+    let held = Held::exactly(&desired_of("node-2", &before));
+    let mut want = desired_of("node-2", &after);
+    let h = hand_over(&mut want, &held, &after, Some(&none));
+    assert!(h.is_done());
+    let from_1 = want
+        .states
+        .values()
+        .filter(|s| s.dir == Dir::In && s.sender == "node-1")
+        .count();
+    assert_eq!(from_1, 1);
+
+    // Nothing to hand over: no status read needed.
+    let same = desired_of("node-1", &before);
+    assert!(!possible(&same, &Held::exactly(&same)));
+}
