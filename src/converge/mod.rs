@@ -33,7 +33,7 @@ use crate::datastore::snapshot::{self, Snapshot};
 use crate::fsutil::SafeFileError;
 use crate::keys::KekError;
 use crate::mtu::MtuParams;
-use crate::xfrm::guard::{self, Guard};
+use crate::xfrm::guard::Guard;
 use crate::xfrm::handover::{hand_over, PeerAcks};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan};
@@ -433,8 +433,7 @@ pub async fn converge_with(
         }
         // Outbound policies about to go leave the plaintext guard first.
         if let Some(g) = Guard::before(&desired, &held, &plan) {
-            guard::forget(&cfg.state_dir);
-            if let Err(e) = g.apply() {
+            if let Err(e) = g.narrow(&cfg.state_dir) {
                 tracing::warn!(error = %e, "cannot narrow the plaintext guard before removing outbound policies");
             }
         }

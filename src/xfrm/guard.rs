@@ -286,6 +286,25 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// Narrows a guard the agent wrote to this one, before outbound
+    /// policies are deleted. Nothing to do (and no `nft` run) when no guard
+    /// was ever recorded on this node: an ADD on a node without an agent.
+    pub fn narrow(&self, state_dir: &Path) -> Result<bool, GuardError> {
+        if recorded(state_dir).is_none() {
+            return Ok(false);
+        }
+        forget(state_dir);
+        self.apply()?;
+        let body = format!("{} {}\n", self.digest(), now());
+        if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600)
+        {
+            tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
+        }
+        Ok(true)
+    }
+}
+
 /// Forgets the last guard written, so the next [`Guard::sync`] writes it.
 pub fn forget(state_dir: &Path) {
     let _ = std::fs::remove_file(record_path(state_dir));
