@@ -344,7 +344,7 @@ pub async fn converge_with(
     }
 
     let mut identity_millis = ms(t_identity);
-    let (desired, plan, handover) = loop {
+    let (desired, plan, handover, ids_now) = loop {
         let computed = Desired::compute(&Inputs {
             topology: &snap.topology,
             me: &node,
@@ -405,7 +405,7 @@ pub async fn converge_with(
                 new_incarnation = true;
                 identity_millis = ms(t_identity);
             }
-            _ => break (desired, plan, handover),
+            _ => break (desired, plan, handover, ids_now),
         }
     };
 
@@ -486,7 +486,8 @@ pub async fn converge_with(
             tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
         }
     }
-    let identities_digest = identities_digest_with(&snap, mine.as_ref().map(|(i, _)| i), &node);
+    // States are inbound or outbound, never forward.
+    let (states_in, states_out, _) = by_dir(desired.states.values().map(|s| s.dir));
     let report = Report {
         node,
         phase,
@@ -508,10 +509,10 @@ pub async fn converge_with(
         installed_epochs: desired.installed_epochs.clone(),
         active_epoch: desired.active_epoch,
         phase_generation: snap.config.as_ref().map_or(0, |c| c.phase_generation),
-        states_by_dir: by_dir(desired.states.values().map(|s| s.dir)),
-        policies_by_dir: by_dir3(desired.policies.values().map(|p| p.dir)),
+        states_by_dir: (states_in, states_out),
+        policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         changes: plan.describe(8),
-        identities_digest,
+        identities_digest: crate::datastore::ipsec::identities_digest(&ids_now),
         unchanged: false,
         unprotected: desired.unprotected.clone(),
         mtu,
@@ -529,26 +530,11 @@ pub async fn converge_with(
     Ok(report)
 }
 
-/// The digest of the identities converged with, ours as just published.
-fn identities_digest_with(snap: &Snapshot, mine: Option<&Identity>, node: &str) -> String {
-    let mut ids = snap.identities.clone();
-    if let Some(m) = mine {
-        ids.insert(node.to_string(), m.clone());
-    }
-    crate::datastore::ipsec::identities_digest(&ids)
-}
-
-fn by_dir3(dirs: impl Iterator<Item = Dir>) -> (usize, usize, usize) {
+/// Counts by direction: (inbound, outbound, forward).
+fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize, usize) {
     dirs.fold((0, 0, 0), |(i, o, f), d| match d {
         Dir::In => (i + 1, o, f),
         Dir::Out => (i, o + 1, f),
         Dir::Fwd => (i, o, f + 1),
-    })
-}
-
-fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize) {
-    dirs.fold((0, 0), |(i, o), d| match d {
-        Dir::In => (i + 1, o),
-        _ => (i, o + 1),
     })
 }

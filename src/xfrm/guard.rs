@@ -277,12 +277,18 @@ impl Guard {
             }
             Err(e) => return Err(e),
         }
-        let body = format!("{digest} {}\n", now());
+        self.record(state_dir);
+        Ok(true)
+    }
+
+    /// Records this guard as written now (a failure only means it is
+    /// written again next time).
+    fn record(&self, state_dir: &Path) {
+        let body = format!("{} {}\n", self.digest(), now());
         if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600)
         {
             tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
         }
-        Ok(true)
     }
 }
 
@@ -296,11 +302,7 @@ impl Guard {
         }
         forget(state_dir);
         self.apply()?;
-        let body = format!("{} {}\n", self.digest(), now());
-        if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600)
-        {
-            tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
-        }
+        self.record(state_dir);
         Ok(true)
     }
 }

@@ -91,6 +91,15 @@ no_clear() {
     check_eq "$1: plaintext IPIP packets on $port" "$ipip" 0
     check_ge "$1: ESP packets on $port" "$(cap_ipv4 "$tmp/$1.pcap" | awk '$1 == "ESP"' | grep -c . || true)" 100
 }
+# lost_within_1s LABEL FILE: every echo FILE records as lost was sent within
+# one second of the first; sets SENT and LOST.
+lost_within_1s() {
+    local span
+    read -r SENT LOST span < <(window "$2")
+    info "$1: $SENT sent, $LOST lost within ${span}s"
+    check "$1: every echo lost within 1 s ($LOST lost over ${span}s)" \
+        python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+}
 metric() { nsx "$1" curl -sf http://127.0.0.1:9094/metrics | awk -v m="$2" '$1 == m {print $2}'; }
 # converged NODE: `status` on NODE finds nothing to change.
 converged() { nsx "$1" "$bin" status --nodename "$1" --json | jq -e '.pending_changes == 0' >/dev/null; }
@@ -103,11 +112,8 @@ info "ip xfrm state flush on node-2"
 ipn node-2 xfrm state flush
 streams_stop flush-states
 for pair in 12 23; do
-    read -r sent lost span < <(window "$tmp/flush-states-$pair.json")
-    info "state flush, echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost within ${span}s"
-    check_ge "state flush: echoes sent p${pair:0:1}→p${pair:1:1}" "$sent" 800
-    check "state flush: every echo lost p${pair:0:1}→p${pair:1:1} within 1 s ($lost lost over ${span}s)" \
-        python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+    lost_within_1s "state flush, echo p${pair:0:1}→p${pair:1:1}" "$tmp/flush-states-$pair.json"
+    check_ge "state flush: echoes sent p${pair:0:1}→p${pair:1:1}" "$SENT" 800
 done
 no_clear flush-states
 check_match "state flush: node-2's agent logged the repair, naming what was missing" \
@@ -131,10 +137,7 @@ check_ge "one SA lost: node-2 moved to a new incarnation ($inc0 -> $inc1)" "$inc
 read -r sent lost span < <(window "$tmp/lose-one-23.json")
 info "one SA lost, echo 2→3 (its SA intact): $sent sent, $lost lost"
 check_eq "one SA lost: echoes lost p2→p3, handed over make-before-break" "$lost" 0
-read -r sent lost span < <(window "$tmp/lose-one-12.json")
-info "one SA lost, echo 1→2 (its SA gone): $sent sent, $lost lost within ${span}s"
-check "one SA lost: every echo lost p1→p2 within 1 s ($lost lost over ${span}s)" \
-    python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+lost_within_1s "one SA lost, echo p1→p2 (its SA gone)" "$tmp/lose-one-12.json"
 check_match "one SA lost: node-2's agent logged the hand-over" \
     "$(grep -c 'handing over between incarnations' "$tmp/agent-node-2.log" || true)" '^[1-9]'
 no_clear lose-one
@@ -145,10 +148,7 @@ info "ip xfrm policy flush on node-1"
 ipn node-1 xfrm policy flush
 streams_stop flush-policies
 for pair in 12 23; do
-    read -r sent lost span < <(window "$tmp/flush-policies-$pair.json")
-    info "policy flush, echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost within ${span}s"
-    check "policy flush: every echo lost p${pair:0:1}→p${pair:1:1} within 1 s ($lost lost over ${span}s)" \
-        python3 -c "import sys; sys.exit(0 if $span <= 1.0 else 1)"
+    lost_within_1s "policy flush, echo p${pair:0:1}→p${pair:1:1}" "$tmp/flush-policies-$pair.json"
 done
 no_clear flush-policies
 check_ge "policy flush: node-1 holds its outbound policies again" \
