@@ -248,9 +248,9 @@ impl Members {
     /// Runs `f` on one member after another until one answers, within the
     /// budget. Returns the answer and the member that gave it.
     ///
-    /// `stale_ok` (serializable reads): when every member says it has no
-    /// leader (the whole cluster is electing one), ask again without the
-    /// requirement: no member has newer data, and an ADD need not wait
+    /// `stale_ok` (serializable reads): when most members say they have no
+    /// leader (the cluster is electing one), ask again without the
+    /// requirement: nothing can commit meanwhile, and an ADD need not wait
     /// out the election. A member cut off alone still is not read: the
     /// others have a leader.
     pub(super) async fn call<T, F, Fut>(
@@ -321,6 +321,11 @@ impl Members {
                 if !failures.contains(&line) {
                     failures.push(line);
                 }
+                // Enough members are electing: the rest (perhaps hung)
+                // need not be waited for.
+                if stale_ok && need_leader && leaderless * 2 > order.len() {
+                    break;
+                }
             }
             // Round again (an election, a restart), members that did not
             // answer at all last.
@@ -328,10 +333,16 @@ impl Members {
                 break;
             }
             order.sort_by_key(|i| timed_out.contains(i));
-            if stale_ok && need_leader && leaderless == order.len() {
+            // A majority of members without a leader means no write can
+            // commit anywhere until the election ends (a hung member among
+            // the rest cannot be leading one), so a serializable read is as
+            // current as waiting would make it.
+            if stale_ok && need_leader && leaderless * 2 > order.len() {
                 tracing::info!(
                     op,
-                    "no etcd member has a leader (an election): reading without one"
+                    leaderless,
+                    members = order.len(),
+                    "most etcd members have no leader (an election): reading without one"
                 );
                 need_leader = false;
                 continue;
