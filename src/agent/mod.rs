@@ -215,6 +215,7 @@ fn mark_stale(state: &Mutex<State>, reason: &str) {
 /// The agent proper: watches, converges, publishes.
 async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
     let etcd = connect(&opts, &state).await;
+    publish::adopt_lease(&etcd, &state, &node, opts.lease_ttl).await;
     let mut prefixes: Vec<String> = snapshot::watched().into_iter().map(|(k, _)| k).collect();
     // The peers' statuses, last: they are not part of the snapshot, and
     // matter only while a hand-over between incarnations is pending.

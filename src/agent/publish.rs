@@ -83,3 +83,29 @@ pub(super) async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool
         }
     }
 }
+
+/// Takes over the lease of the status record a previous agent of this node
+/// left (killed, or restarting): the node stays live for the manager while
+/// this agent starts, instead of vanishing when that lease runs out. The
+/// record lags the kernel at worst, and a lagging acknowledgement only
+/// makes the manager wait. A lease of another TTL is left to expire.
+pub(super) async fn adopt_lease(etcd: &Etcd, state: &Mutex<State>, node: &str, ttl: i64) {
+    let lease = match IpsecStore::new(etcd).status_lease(node).await {
+        Ok(l) if l != 0 => l,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read this node's status record; a new lease is granted at the first publication");
+            return;
+        }
+    };
+    match etcd.keep_alive_once(lease).await {
+        Ok(left) if left == ttl => {
+            tracing::info!(
+                lease = format_args!("{lease:x}"),
+                "kept the status lease of the previous agent alive"
+            );
+            lock(state).lease = Some(lease);
+        }
+        Ok(_) | Err(_) => {}
+    }
+}

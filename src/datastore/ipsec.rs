@@ -428,6 +428,18 @@ impl<'a> IpsecStore<'a> {
             .map_err(Into::into)
     }
 
+    /// The lease this node's status record is under (0: none, or no record).
+    pub async fn status_lease(&self, node: &str) -> Result<i64, IpsecStoreError> {
+        let key = node_key(node);
+        Ok(self
+            .etcd
+            .get_prefix_leased(&key)
+            .await?
+            .into_iter()
+            .find(|(kv, _)| kv.key == key)
+            .map_or(0, |(_, lease)| lease))
+    }
+
     /// Every node identity (malformed records left out, as a snapshot does).
     pub async fn identities(
         &self,
