@@ -48,6 +48,7 @@ fn child(endpoint: &str, kek_hex_file: &str) {
                             incarnation: 1,
                             receiver,
                             lane: 0,
+                            key_bits: 128,
                         },
                     )
                     .expect("derives");

@@ -68,7 +68,7 @@ pub fn load_modes(
                 chunk.iter().map(|(k, v)| (k.as_str(), v.clone().into_bytes())).collect();
             etcd.put_all(&batch).await.expect("put batch");
         }
-        IpsecStore::new(&etcd).init(kek, config).await.expect("keys init");
+        IpsecStore::new(&etcd).init(kek, config, Default::default()).await.expect("keys init");
     });
 }
 

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use super::{CliError, EtcdArgs};
 use crate::config::DEFAULT_KEK_FILE;
 use crate::datastore::etcd::Etcd;
-use crate::datastore::ipsec::{ClusterConfig, EpochRecord, IpsecStore};
+use crate::datastore::ipsec::{Cipher, ClusterConfig, EpochRecord, IpsecStore};
 use crate::keys::Kek;
 
 /// Arguments of `calico-ipsec keys`.
@@ -30,12 +30,14 @@ pub struct KeysArgs {
 pub enum KeysCommand {
     /// Write a new KEK file (refusing to overwrite one), then create the config and epoch 1.
     Init {
-        /// How Calico carries pod traffic: ipip or vxlan.
-        #[arg(long, default_value = "ipip", value_parser = ["ipip", "vxlan"])]
-        encapsulation: String,
-        /// AES-GCM ICV bits.
+        /// AES-GCM ICV bits: the longest any epoch may use (the pod MTU
+        /// leaves room for it), and epoch 1's.
         #[arg(long, default_value_t = 128, value_parser = super::mtu::parse_icv)]
         icv_bits: u32,
+        /// AES key bits of epoch 1 (and of the epochs that follow, until a
+        /// rotation names another size): 128 or 256.
+        #[arg(long, default_value_t = crate::keys::DEFAULT_KEY_BITS, value_parser = parse_key_bits)]
+        key_bits: u32,
         /// Seconds between automatic rotations.
         #[arg(long, default_value_t = 24 * 3600)]
         rotation_interval_seconds: u64,
@@ -44,7 +46,17 @@ pub enum KeysCommand {
         overlap_seconds: u64,
     },
     /// Add a new pending epoch; the manager activates it once every node has it.
-    Rotate,
+    Rotate {
+        /// AES key bits of the new epoch (and of those after it): 128 or
+        /// 256. Default: the newest epoch's. A change of size is a rotation
+        /// like any other, with no packet lost.
+        #[arg(long, value_parser = parse_key_bits)]
+        key_bits: Option<u32>,
+        /// ICV bits of the new epoch: 64, 96 or 128, at most the config's.
+        /// Default: the newest epoch's.
+        #[arg(long, value_parser = super::mtu::parse_icv)]
+        icv_bits: Option<u32>,
+    },
     /// Print epoch metadata (never a secret).
     Show {
         /// JSON instead of a table.
@@ -59,8 +71,8 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
     let store = IpsecStore::new(&etcd);
     match &args.command {
         KeysCommand::Init {
-            encapsulation,
             icv_bits,
+            key_bits,
             rotation_interval_seconds,
             overlap_seconds,
         } => {
@@ -75,13 +87,16 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             let kek = Kek::generate()?;
             kek.write_new(&args.kek_file)?;
             let config = ClusterConfig {
-                encapsulation: encapsulation.clone(),
                 icv_bits: *icv_bits,
                 rotation_interval_seconds: *rotation_interval_seconds,
                 overlap_seconds: *overlap_seconds,
                 ..ClusterConfig::default()
             };
-            let rec = store.init(&kek, &config).await?;
+            let cipher = Cipher {
+                key_bits: *key_bits,
+                icv_bits: None,
+            };
+            let rec = store.init(&kek, &config, cipher).await?;
             writeln!(
                 out,
                 "wrote KEK {} (fingerprint {}); created epoch {} ({:?})",
@@ -92,13 +107,24 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             )?;
             writeln!(out, "deliver the KEK file to every node as a Kubernetes Secret; keep a backup: without it the epochs cannot be opened")?;
         }
-        KeysCommand::Rotate => {
+        KeysCommand::Rotate { key_bits, icv_bits } => {
             let kek = Kek::load(&args.kek_file)?;
-            let rec = store.add_pending_epoch(&kek).await?;
+            let cipher = match (key_bits, icv_bits) {
+                (None, None) => None,
+                _ => {
+                    let newest = store.epochs().await?.last().map(EpochRecord::cipher);
+                    let base = newest.unwrap_or_default();
+                    Some(Cipher {
+                        key_bits: key_bits.unwrap_or(base.key_bits),
+                        icv_bits: icv_bits.or(base.icv_bits),
+                    })
+                }
+            };
+            let rec = store.add_pending_epoch(&kek, cipher).await?;
             writeln!(
                 out,
-                "added epoch {} (pending); it becomes active once every node has installed it",
-                rec.epoch
+                "added epoch {} (pending, AES-{}-GCM); it becomes active once every node has installed it",
+                rec.epoch, rec.key_bits
             )?;
         }
         KeysCommand::Show { json } => {
@@ -109,18 +135,20 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             } else {
                 writeln!(
                     out,
-                    "{:<6} {:<8} {:<21} {:<18} KEK",
-                    "EPOCH", "STATE", "CREATED", "ALGORITHM"
+                    "{:<6} {:<8} {:<21} {:<18} {:<4} {:<4} KEK",
+                    "EPOCH", "STATE", "CREATED", "ALGORITHM", "KEY", "ICV"
                 )?;
                 for e in &epochs {
                     writeln!(
                         out,
-                        "{:<6} {:<8} {:<21} {:<18} {}",
+                        "{:<6} {:<8} {:<21} {:<18} {:<4} {:<4} {}",
                         e.epoch,
                         format!("{:?}", e.state).to_lowercase(),
                         e.created,
-                        e.algorithm,
-                        e.kek_fingerprint
+                        e.algorithm.escape_debug().to_string(),
+                        e.key_bits,
+                        e.icv_bits.map_or("cfg".to_string(), |b| b.to_string()),
+                        e.kek_fingerprint.escape_debug()
                     )?;
                 }
             }
@@ -136,6 +164,16 @@ fn metadata(e: &EpochRecord) -> serde_json::Value {
         "state": e.state,
         "created": e.created,
         "algorithm": e.algorithm,
+        "key_bits": e.key_bits,
+        "icv_bits": e.icv_bits,
         "kek_fingerprint": e.kek_fingerprint,
     })
+}
+
+/// Parses `--key-bits`: 128 or 256.
+fn parse_key_bits(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(b) if crate::keys::KEY_BITS.contains(&b) => Ok(b),
+        _ => Err(format!("{s:?} is not an AES key size we use: 128 or 256")),
+    }
 }

@@ -136,6 +136,7 @@ pub(super) fn apply_with_keys(
                     incarnation: s.incarnation,
                     receiver: &s.receiver,
                     lane: s.lane.index(),
+                    key_bits: s.key_bits,
                 },
             )
             .ok_or_else(|| "a node name is longer than 253 bytes".to_string())

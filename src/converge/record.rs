@@ -267,6 +267,7 @@ mod tests {
                     incarnation: 1,
                     receiver: "b".into(),
                     icv_bits: 128,
+                    key_bits: 128,
                     lane: Lane::V4Transport,
                 };
                 d.states.insert(s.key(), s);

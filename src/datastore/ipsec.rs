@@ -55,14 +55,17 @@ pub enum IpsecStoreError {
         /// That epoch.
         epoch: u32,
     },
+    /// A new epoch's cipher cannot be used.
+    #[error("the new epoch's cipher cannot be used: {0}")]
+    BadCipher(String),
     /// Too many concurrent writers; give up rather than spin.
     #[error("gave up on {0} after repeated transaction conflicts")]
     Contended(String),
 }
 
 pub use super::records::{
-    identities_digest, ClusterConfig, EpochRecord, EpochState, Identity, NodeStatus, NodeStatuses,
-    Phase,
+    identities_digest, Cipher, ClusterConfig, EpochRecord, EpochState, Identity, NodeStatus,
+    NodeStatuses, Phase,
 };
 
 /// The key of the leader's published status (bound to the leader's lease).
@@ -212,6 +215,7 @@ impl<'a> IpsecStore<'a> {
         &self,
         kek: &Kek,
         config: &ClusterConfig,
+        cipher: Cipher,
     ) -> Result<EpochRecord, IpsecStoreError> {
         let secret = EpochSecret::generate()?;
         let rec = EpochRecord {
@@ -219,6 +223,8 @@ impl<'a> IpsecStore<'a> {
             state: EpochState::Active,
             created: now_rfc3339(),
             algorithm: ALGORITHM.into(),
+            key_bits: cipher.key_bits,
+            icv_bits: cipher.icv_bits,
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(kek, 1)?,
             activated: Some(now_rfc3339()),
@@ -237,23 +243,30 @@ impl<'a> IpsecStore<'a> {
         }
     }
 
-    /// Adds the next epoch as pending, sealed under `kek`.
-    pub async fn add_pending_epoch(&self, kek: &Kek) -> Result<EpochRecord, IpsecStoreError> {
-        self.add_pending_epoch_if(kek, None)
+    /// Adds the next epoch as pending, sealed under `kek`, with `cipher`
+    /// (`None`: the newest epoch's).
+    pub async fn add_pending_epoch(
+        &self,
+        kek: &Kek,
+        cipher: Option<Cipher>,
+    ) -> Result<EpochRecord, IpsecStoreError> {
+        self.add_pending_epoch_if(kek, cipher, None)
             .await?
             .ok_or_else(|| IpsecStoreError::Contended("adding an epoch".into()))
     }
 
     /// Adds the next epoch as pending, only while every comparison in
     /// `fence` holds (the manager's leadership); `None` when one does not.
+    /// `cipher` `None` keeps the newest epoch's.
     pub async fn add_pending_epoch_if(
         &self,
         kek: &Kek,
+        cipher: Option<Cipher>,
         fence: Option<&super::leader::Fence>,
     ) -> Result<Option<EpochRecord>, IpsecStoreError> {
-        if self.config().await?.is_none() {
+        let Some(config) = self.config().await? else {
             return Err(IpsecStoreError::NotInitialised(config_key()));
-        }
+        };
         for _ in 0..16 {
             let epochs = self.epochs().await?;
             if let Some(last) = epochs.last() {
@@ -266,16 +279,24 @@ impl<'a> IpsecStore<'a> {
                 }
             }
             let next = epochs.last().map_or(1, |e| e.epoch + 1);
+            let cipher = cipher
+                .or_else(|| epochs.last().map(EpochRecord::cipher))
+                .unwrap_or_default();
             let secret = EpochSecret::generate()?;
             let rec = EpochRecord {
                 epoch: next,
                 state: EpochState::Pending,
                 created: now_rfc3339(),
                 algorithm: ALGORITHM.into(),
+                key_bits: cipher.key_bits,
+                icv_bits: cipher.icv_bits,
                 kek_fingerprint: kek.fingerprint(),
                 sealed_secret: secret.seal(kek, next)?,
                 activated: None,
             };
+            if let Some(why) = rec.cipher_problem(config.icv_bits) {
+                return Err(IpsecStoreError::BadCipher(why));
+            }
             let key = epoch_key(next);
             let mut cmp = vec![etcd_client::Compare::version(
                 key.as_str(),
@@ -513,6 +534,8 @@ mod tests {
             state: EpochState::Pending,
             created: rfc3339(0),
             algorithm: ALGORITHM.into(),
+            key_bits: 128,
+            icv_bits: None,
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(&kek, 3).expect("seal"),
             activated: None,

@@ -27,11 +27,8 @@ pub struct ClusterConfig {
     pub phase: Phase,
     /// Where the manager is taking the cluster.
     pub target_phase: Phase,
-    /// "ipip" or "vxlan".
-    pub encapsulation: String,
-    /// Always `rfc4106(gcm(aes))`.
-    pub algorithm: String,
-    /// ICV bits: 64, 96 or 128.
+    /// ICV bits the pod MTU leaves room for (64, 96 or 128), and the ICV of
+    /// an epoch that names none. An epoch's own ICV is at most this.
     pub icv_bits: u32,
     /// Seconds between rotations.
     pub rotation_interval_seconds: u64,
@@ -48,8 +45,6 @@ impl Default for ClusterConfig {
         Self {
             phase: Phase::Off,
             target_phase: Phase::Off,
-            encapsulation: "ipip".into(),
-            algorithm: ALGORITHM.into(),
             icv_bits: 128,
             rotation_interval_seconds: 24 * 3600,
             overlap_seconds: 300,
@@ -70,6 +65,24 @@ pub enum EpochState {
     Retired,
 }
 
+/// The cipher of an epoch's SAs, chosen when the epoch is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cipher {
+    /// AES key bits: 128 or 256.
+    pub key_bits: u32,
+    /// ICV bits (64, 96 or 128); `None`: the config's.
+    pub icv_bits: Option<u32>,
+}
+
+impl Default for Cipher {
+    fn default() -> Self {
+        Self {
+            key_bits: crate::keys::DEFAULT_KEY_BITS,
+            icv_bits: None,
+        }
+    }
+}
+
 /// `/calico/ipsec/v1/epochs/<n>`: metadata in clear, the secret sealed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochRecord {
@@ -79,8 +92,16 @@ pub struct EpochRecord {
     pub state: EpochState,
     /// When it was created, RFC 3339 UTC.
     pub created: String,
-    /// The SA algorithm.
+    /// The SA algorithm: `rfc4106(gcm(aes))`, AES-GCM as ESP uses it.
     pub algorithm: String,
+    /// The AES key size of its SAs: 128 or 256 (absent in records written
+    /// before it could be chosen: 128).
+    #[serde(default = "default_key_bits")]
+    pub key_bits: u32,
+    /// The ICV length of its SAs: 64, 96 or 128, at most the config's
+    /// `icv_bits`, which the pod MTU leaves room for (absent: the config's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icv_bits: Option<u32>,
     /// Which KEK sealed it.
     pub kek_fingerprint: String,
     /// base64(nonce || AES-256-GCM(secret) || tag), AAD bound to the epoch.
@@ -90,7 +111,43 @@ pub struct EpochRecord {
     pub activated: Option<String>,
 }
 
+fn default_key_bits() -> u32 {
+    crate::keys::DEFAULT_KEY_BITS
+}
+
 impl EpochRecord {
+    /// The cipher its SAs use.
+    pub fn cipher(&self) -> Cipher {
+        Cipher {
+            key_bits: self.key_bits,
+            icv_bits: self.icv_bits,
+        }
+    }
+
+    /// Why its SAs cannot be made as it says, if they cannot: an algorithm,
+    /// key size or ICV we do not use, or an ICV longer than `budget_icv`
+    /// (the config's, which the pod MTU leaves room for).
+    pub fn cipher_problem(&self, budget_icv: u32) -> Option<String> {
+        if self.algorithm != ALGORITHM {
+            return Some(format!(
+                "algorithm {:?} is not {ALGORITHM}",
+                self.algorithm.escape_debug().to_string()
+            ));
+        }
+        if crate::keys::sa_key_len(self.key_bits).is_none() {
+            return Some(format!("key_bits {} is not 128 or 256", self.key_bits));
+        }
+        match self.icv_bits {
+            Some(b) if !matches!(b, 64 | 96 | 128) => {
+                Some(format!("icv_bits {b} is not 64, 96 or 128"))
+            }
+            Some(b) if b > budget_icv => Some(format!(
+                "icv_bits {b} is longer than the config's {budget_icv}, which the pod MTU leaves room for"
+            )),
+            _ => None,
+        }
+    }
+
     /// Opens the secret with `kek`.
     pub fn open(&self, kek: &Kek) -> Result<EpochSecret, SealError> {
         EpochSecret::unseal(kek, self.epoch, &self.sealed_secret)
@@ -174,4 +231,50 @@ pub struct Identity {
     /// The kernel boot id the incarnation was published for.
     #[serde(default)]
     pub boot_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(algorithm: &str, key_bits: u32, icv_bits: Option<u32>) -> EpochRecord {
+        EpochRecord {
+            epoch: 1,
+            state: EpochState::Active,
+            created: String::new(),
+            algorithm: algorithm.into(),
+            key_bits,
+            icv_bits,
+            kek_fingerprint: String::new(),
+            sealed_secret: String::new(),
+            activated: None,
+        }
+    }
+
+    #[test]
+    fn an_epoch_names_a_cipher_we_use_or_is_refused() {
+        assert_eq!(rec(ALGORITHM, 128, None).cipher_problem(128), None);
+        assert_eq!(rec(ALGORITHM, 256, Some(96)).cipher_problem(128), None);
+        let says = |r: EpochRecord, budget: u32, what: &str| {
+            let why = r.cipher_problem(budget).expect("refused");
+            assert!(why.contains(what), "{why}");
+        };
+        says(rec("rfc4106(gcm(des))", 128, None), 128, "algorithm");
+        says(rec(ALGORITHM, 192, None), 128, "key_bits 192");
+        says(rec(ALGORITHM, 128, Some(100)), 128, "icv_bits 100");
+        says(rec(ALGORITHM, 128, Some(128)), 96, "pod MTU");
+    }
+
+    #[test]
+    fn records_without_a_cipher_read_as_aes_128_with_the_config_icv() {
+        let text = br#"{"epoch":1,"state":"active","created":"","algorithm":"rfc4106(gcm(aes))","kek_fingerprint":"","sealed_secret":""}"#;
+        let r: EpochRecord = serde_json::from_slice(text).expect("old record");
+        assert_eq!((r.key_bits, r.icv_bits), (128, None));
+        let out = String::from_utf8(serde_json::to_vec(&r).expect("json")).expect("utf8");
+        assert!(!out.contains("icv_bits"), "{out}");
+        // A config written before (with encapsulation and algorithm) reads.
+        let cfg = br#"{"phase":"off","target_phase":"off","encapsulation":"ipip","algorithm":"rfc4106(gcm(aes))","icv_bits":128,"rotation_interval_seconds":1,"overlap_seconds":1}"#;
+        let c: ClusterConfig = serde_json::from_slice(cfg).expect("old config");
+        assert_eq!(c.icv_bits, 128);
+    }
 }

@@ -145,11 +145,17 @@ fn build(
             }
         }
     }
+    let budget_icv = config.as_ref().map_or(128, |c| c.icv_bits);
     for kv in at(base + 1) {
         let key = kv.key.escape_debug().to_string();
         match serde_json::from_slice::<EpochRecord>(&kv.value) {
-            Ok(e) if kv.key.ends_with(&format!("/{}", e.epoch)) => epochs.push(e),
-            Ok(e) => problems.push(format!("{key} holds epoch {}, not its own number", e.epoch)),
+            Ok(e) if !kv.key.ends_with(&format!("/{}", e.epoch)) => {
+                problems.push(format!("{key} holds epoch {}, not its own number", e.epoch));
+            }
+            Ok(e) => match e.cipher_problem(budget_icv) {
+                Some(why) => problems.push(format!("{key}: {why}")),
+                None => epochs.push(e),
+            },
             Err(e) => problems.push(format!("{key} is malformed: {e}")),
         }
     }

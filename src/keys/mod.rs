@@ -5,15 +5,20 @@
 //! The derivation (also in the README, precisely enough to re-derive a key):
 //!
 //! ```text
-//! key20 = HKDF-SHA256(
+//! okm = HKDF-SHA256(
 //!     IKM  = epoch secret (32 bytes),
 //!     salt = clusterGUID as ASCII bytes,
 //!     info = "calico-ipsec/v1/sa" || u32be(epoch) || u16be(len(sender)) || sender
 //!            || u32be(sender incarnation) || u16be(len(receiver)) || receiver
-//!            [|| u8(lane), only when the lane is not 0],
-//!     L    = 20)
-//! AES-GCM key = key20[0..16], salt (nonce prefix) = key20[16..20]
+//!            || suffix,
+//!     L    = 20 for an AES-128 epoch, 36 for an AES-256 epoch)
+//! suffix = AES-128: u8(lane) when the lane is not 0, nothing for lane 0
+//!          AES-256: u8(lane) || u8(0x20), always (also for lane 0)
+//! AES-GCM key = okm[0..L-4], salt (nonce prefix) = okm[L-4..L]
 //! ```
+//! The receiver's name is length-prefixed and last, so the suffix's length
+//! (0, 1 or 2 bytes) says which form it is: an AES-256 key never shares the
+//! HKDF output an AES-128 key of the same SA would have.
 //! The lane is the SA's family and mode: 0 IPv4 transport (IPIP, VXLAN),
 //! 1 IPv4 tunnel (no encapsulation), 2 IPv6 transport (VXLAN over IPv6),
 //! 3 IPv6 tunnel. One key per (epoch, sender, sender incarnation, receiver,
@@ -25,13 +30,29 @@ mod kek;
 mod secret;
 
 pub use kek::{Kek, KekError};
-pub use secret::{EpochSecret, SaKey, SealError, SecretBytes, SA_KEY_LEN};
+pub use secret::{EpochSecret, SaKey, SealError, SecretBytes};
 
 /// The AEAD every SA uses: AES-GCM as RFC 4106 puts it in ESP.
 pub const ALGORITHM: &str = "rfc4106(gcm(aes))";
 
 /// The HKDF info label's prefix; bump the version to change the derivation.
 pub const INFO_LABEL: &[u8] = b"calico-ipsec/v1/sa";
+
+/// AES key sizes an epoch may use, in bits.
+pub const KEY_BITS: [u32; 2] = [128, 256];
+
+/// The default AES key size of a new cluster.
+pub const DEFAULT_KEY_BITS: u32 = 128;
+
+/// The bytes of an rfc4106 key for an AES key of `key_bits` (the AES key,
+/// then a 4-byte salt); `None` for a size we do not use.
+pub fn sa_key_len(key_bits: u32) -> Option<usize> {
+    match key_bits {
+        128 => Some(20),
+        256 => Some(36),
+        _ => None,
+    }
+}
 
 /// Everything that identifies one outbound SA's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +67,15 @@ pub struct SaId<'a> {
     pub receiver: &'a str,
     /// The SA's lane (0 to 3; see the derivation above).
     pub lane: u8,
+    /// The AES key size of the epoch (128 or 256).
+    pub key_bits: u32,
 }
 
 impl SaId<'_> {
     /// The HKDF info bytes for this SA, as documented above; `None` when a
     /// name is longer than a Kubernetes node name may be (253 bytes): names
-    /// are never truncated, so two names never share a key.
+    /// are never truncated, so two names never share a key; `None` too for
+    /// a key size we do not use.
     pub fn info(&self) -> Option<Vec<u8>> {
         let mut info =
             Vec::with_capacity(INFO_LABEL.len() + 13 + self.sender.len() + self.receiver.len());
@@ -60,8 +84,11 @@ impl SaId<'_> {
         push_name(&mut info, self.sender)?;
         info.extend_from_slice(&self.incarnation.to_be_bytes());
         push_name(&mut info, self.receiver)?;
-        if self.lane != 0 {
-            info.push(self.lane);
+        match self.key_bits {
+            128 if self.lane != 0 => info.push(self.lane),
+            128 => {}
+            256 => info.extend_from_slice(&[self.lane, 0x20]),
+            _ => return None,
         }
         Some(info)
     }
@@ -144,6 +171,7 @@ mod tests {
             incarnation: 2,
             receiver: "node-2",
             lane: 0,
+            key_bits: 128,
         };
         let mut want = b"calico-ipsec/v1/sa".to_vec();
         want.extend_from_slice(&[0, 0, 0, 1, 0, 6]);
@@ -156,7 +184,29 @@ mod tests {
             ..id.clone()
         };
         want.push(1);
-        assert_eq!(tunnel.info(), Some(want), "other lanes append their number");
+        assert_eq!(
+            tunnel.info(),
+            Some(want.clone()),
+            "other lanes append their number"
+        );
+        let aes256 = SaId {
+            key_bits: 256,
+            ..tunnel.clone()
+        };
+        want.push(0x20);
+        assert_eq!(aes256.info(), Some(want), "AES-256: lane and 0x20");
+        let mut lane0 = id.info().expect("info");
+        lane0.extend_from_slice(&[0, 0x20]);
+        let aes256_0 = SaId {
+            key_bits: 256,
+            ..id.clone()
+        };
+        assert_eq!(aes256_0.info(), Some(lane0), "AES-256 names lane 0 too");
+        let odd = SaId {
+            key_bits: 192,
+            ..id.clone()
+        };
+        assert_eq!(odd.info(), None, "a key size we do not use");
         // Without the prefixes "ab"+"c" and "a"+"bc" would collide.
         let a = SaId {
             sender: "ab",

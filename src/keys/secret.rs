@@ -14,8 +14,6 @@ use super::{Kek, SaId};
 
 /// Bytes of an epoch secret.
 pub const EPOCH_SECRET_LEN: usize = 32;
-/// Bytes of an rfc4106 key: 16 of AES-128 key and 4 of salt.
-pub const SA_KEY_LEN: usize = 20;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 
@@ -162,8 +160,8 @@ impl EpochSecret {
     pub fn derive(&self, cluster_guid: &str, id: &SaId<'_>) -> Option<SaKey> {
         let info = id.info()?;
         let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), self.0.expose());
-        let mut okm = Zeroizing::new(vec![0u8; SA_KEY_LEN]);
-        // 20 bytes is far below HKDF-SHA256's limit of 255 * 32.
+        let mut okm = Zeroizing::new(vec![0u8; super::sa_key_len(id.key_bits)?]);
+        // 20 or 36 bytes: far below HKDF-SHA256's limit of 255 * 32.
         hk.expand(&info, &mut okm).ok()?;
         Some(SaKey(SecretBytes(okm)))
     }
@@ -204,6 +202,7 @@ mod tests {
                     incarnation: 0,
                     receiver: "b",
                     lane: 0,
+                    key_bits: 128,
                 },
             )
             .expect("derives");
@@ -291,6 +290,7 @@ mod tests {
                         incarnation,
                         receiver,
                         lane,
+                        key_bits: 128,
                     },
                 )
                 .expect("derives");
@@ -298,6 +298,50 @@ mod tests {
             assert_eq!(
                 hex, want,
                 "{epoch} {sender} {incarnation} {receiver} {lane}"
+            );
+        }
+        // AES-256 epochs: 36 bytes (32 of key, 4 of salt), the info ending
+        // in the lane and 0x20.
+        let aes256 = [
+            (
+                1,
+                "node-1",
+                1,
+                "node-2",
+                0,
+                "5908c2f11b59e063cd83c3fba7db482c576c75d9075aef638d194be8630e1e09ed178390",
+            ),
+            (
+                1,
+                "node-1",
+                1,
+                "node-2",
+                1,
+                "ee5f35705476d4169d7603054f319a49863eb9911c2453115b1fba9d8465e70a5f83d9b8",
+            ),
+            (
+                2,
+                "node-2",
+                3,
+                "node-1",
+                3,
+                "963a1724c4789cd13f5aa5399611655da8e85ca1de2ed4228b8323e98af2db1efbdc93e0",
+            ),
+        ];
+        for (epoch, sender, incarnation, receiver, lane, want) in aes256 {
+            let id = SaId {
+                epoch,
+                sender,
+                incarnation,
+                receiver,
+                lane,
+                key_bits: 256,
+            };
+            let k = secret.derive(guid, &id).expect("derives");
+            let hex: String = k.0.expose().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(
+                hex, want,
+                "AES-256 {epoch} {sender} {incarnation} {receiver} {lane}"
             );
         }
     }

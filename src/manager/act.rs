@@ -142,7 +142,7 @@ pub(super) async fn tick(
                 }
             };
             let added = IpsecStore::new(etcd)
-                .add_pending_epoch_if(&kek, Some(fence))
+                .add_pending_epoch_if(&kek, None, Some(fence))
                 .await?;
             if let Some(rec) = &added {
                 tracing::info!(epoch = rec.epoch, "rotation: added a pending epoch");

@@ -10,6 +10,8 @@ fn epoch(n: u32, state: EpochState, activated: Option<u64>) -> (EpochRecord, i64
             state,
             created: ipsec::rfc3339(1000),
             algorithm: ipsec::ALGORITHM.into(),
+            key_bits: 128,
+            icv_bits: None,
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
             activated: activated.map(ipsec::rfc3339),

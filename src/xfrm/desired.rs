@@ -69,7 +69,8 @@ pub struct Inputs<'a> {
     pub phase: Phase,
     /// Every epoch record.
     pub epochs: &'a [EpochRecord],
-    /// ICV length of every SA, in bits.
+    /// ICV length, in bits, of an epoch whose record names none (one
+    /// written before epochs carried their own): the cluster config's.
     pub icv_bits: u32,
 }
 
@@ -174,7 +175,8 @@ impl Pair {
 struct Build<'a> {
     i: &'a Inputs<'a>,
     d: Desired,
-    installed: Vec<u32>,
+    /// Installed epochs: number, AES key bits, ICV bits.
+    installed: Vec<(u32, u32, u32)>,
     active: Option<u32>,
 }
 
@@ -215,7 +217,7 @@ impl Build<'_> {
     ) {
         let Some(theirs) = theirs else { return };
         let tunnel = lane.mode() == Mode::Tunnel;
-        for epoch in self.installed.clone() {
+        for (epoch, key_bits, icv_bits) in self.installed.clone() {
             let base = |dir, src, dst, spi, sender: &str, inc, receiver: &str| SaSpec {
                 dir,
                 src,
@@ -226,7 +228,8 @@ impl Build<'_> {
                 sender: sender.to_string(),
                 incarnation: inc,
                 receiver: receiver.to_string(),
-                icv_bits: self.i.icv_bits,
+                icv_bits,
+                key_bits,
                 lane,
             };
             if let Some(m) = mine {
@@ -431,11 +434,11 @@ impl Desired {
             .nodes
             .get(i.me)
             .ok_or_else(|| DesiredError::UnknownNode(i.me.to_string()))?;
-        let installed: Vec<u32> = i
+        let installed: Vec<(u32, u32, u32)> = i
             .epochs
             .iter()
             .filter(|e| matches!(e.state, EpochState::Pending | EpochState::Active))
-            .map(|e| e.epoch)
+            .map(|e| (e.epoch, e.key_bits, e.icv_bits.unwrap_or(i.icv_bits)))
             .collect();
         let active = i
             .epochs
@@ -499,7 +502,7 @@ impl Desired {
                 b.block_out(&mut view, &u.name, *blk, &u.reason);
             }
         }
-        b.d.installed_epochs = b.installed.clone();
+        b.d.installed_epochs = b.installed.iter().map(|(e, _, _)| *e).collect();
         b.d.active_epoch = b.active;
         Ok(b.d)
     }

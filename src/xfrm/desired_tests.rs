@@ -42,6 +42,8 @@ fn epoch(n: u32, state: EpochState) -> EpochRecord {
         state,
         created: String::new(),
         algorithm: String::new(),
+        key_bits: 128,
+        icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
         activated: None,
@@ -493,5 +495,34 @@ fn a_planted_node_never_takes_another_nodes_sas() {
     assert!(
         d.states.values().any(|s| s.dst == ip("10.0.0.13")),
         "node-3 keeps working"
+    );
+}
+
+#[test]
+fn each_epoch_carries_its_own_cipher() {
+    let mut old = epoch(1, EpochState::Active);
+    old.icv_bits = None;
+    let mut new = epoch(2, EpochState::Pending);
+    new.key_bits = 256;
+    new.icv_bits = Some(96);
+    let d = compute(Phase::Enforce, &[old, new]);
+    let by_epoch = |e: u32| -> Vec<(u32, u32)> {
+        d.states
+            .values()
+            .filter(|s| s.epoch == e)
+            .map(|s| (s.key_bits, s.icv_bits))
+            .collect()
+    };
+    assert_eq!(by_epoch(1).len(), 4);
+    assert!(
+        by_epoch(1).iter().all(|c| *c == (128, 128)),
+        "an epoch naming no ICV takes the config's: {:?}",
+        by_epoch(1)
+    );
+    assert_eq!(by_epoch(2).len(), 4);
+    assert!(
+        by_epoch(2).iter().all(|c| *c == (256, 96)),
+        "{:?}",
+        by_epoch(2)
     );
 }

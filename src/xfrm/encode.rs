@@ -18,7 +18,7 @@ use netlink_packet_xfrm::{
 use zeroize::Zeroize;
 
 use super::{Action, Dir, Mode, PolicySpec, SaSpec, Selector, PRIORITY, REPLAY_WINDOW};
-use crate::keys::{SaKey, ALGORITHM, SA_KEY_LEN};
+use crate::keys::{SaKey, ALGORITHM};
 
 /// The kernel's address family number of `ip`.
 pub(super) fn family(ip: IpAddr) -> u16 {
@@ -135,7 +135,8 @@ pub(super) fn sa_message(s: &SaSpec, key: &SaKey) -> XfrmMessage {
         nlas: vec![
             XfrmAttrs::EncryptionAlgAead(AlgAead {
                 alg_name,
-                alg_key_len: (SA_KEY_LEN * 8) as u32,
+                // Bits of key and salt: 160 for AES-128, 288 for AES-256.
+                alg_key_len: u32::try_from(key.0.expose().len() * 8).unwrap_or(0),
                 alg_icv_len: s.icv_bits,
                 alg_key: key.0.expose().to_vec(),
             }),

@@ -38,6 +38,8 @@ fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
         state: EpochState::Active,
         created: String::new(),
         algorithm: String::new(),
+        key_bits: 128,
+        icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
         activated: None,

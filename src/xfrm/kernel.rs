@@ -148,6 +148,7 @@ fn our_state(payload: &[u8]) -> Result<Option<KernelSa>, NetlinkError> {
         mode: mode(i.mode),
         aead: None,
         icv_bits: 0,
+        key_bits: 0,
         esn: i.flags & XFRM_STATE_ESN != 0,
         packets: i.lifetime_cur.packets,
     };
@@ -162,6 +163,8 @@ fn our_state(payload: &[u8]) -> Result<Option<KernelSa>, NetlinkError> {
             let name = &v[..AEAD_NAME_LEN];
             let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
             sa.aead = Some(String::from_utf8_lossy(&name[..end]).into_owned());
+            // alg_key_len counts the 32-bit salt rfc4106 appends.
+            sa.key_bits = ne_u32(v, AEAD_NAME_LEN).saturating_sub(32);
             sa.icv_bits = ne_u32(v, AEAD_NAME_LEN + 4);
         }
     }

@@ -152,6 +152,8 @@ pub struct SaSpec {
     pub receiver: String,
     /// ICV length in bits.
     pub icv_bits: u32,
+    /// AES key size in bits (the epoch's: 128 or 256).
+    pub key_bits: u32,
     /// Family and mode.
     pub lane: Lane,
 }
@@ -208,6 +210,8 @@ pub struct KernelSa {
     pub aead: Option<String>,
     /// ICV length in bits.
     pub icv_bits: u32,
+    /// AES key size in bits (the AEAD key's length less its 32-bit salt).
+    pub key_bits: u32,
     /// True when extended sequence numbers are on.
     pub esn: bool,
     /// Packets it has carried.
@@ -226,6 +230,7 @@ impl KernelSa {
             && self.mode == Some(spec.lane.mode())
             && self.aead.as_deref() == Some(ALGORITHM)
             && self.icv_bits == spec.icv_bits
+            && self.key_bits == spec.key_bits
             && self.esn
     }
 
@@ -239,6 +244,7 @@ impl KernelSa {
             self.mode,
             self.aead.as_deref(),
             self.icv_bits,
+            self.key_bits,
             self.esn,
         )
     }
@@ -318,6 +324,7 @@ impl Held {
                     mode: Some(s.lane.mode()),
                     aead: Some(ALGORITHM.into()),
                     icv_bits: s.icv_bits,
+                    key_bits: s.key_bits,
                     esn: true,
                     packets: 0,
                 };

@@ -8,14 +8,17 @@ this script opens each epoch secret (AES-256-GCM, AAD
 "calico-ipsec/v1/epoch/N", value = base64(nonce || ciphertext || tag)) and
 derives each SA's key exactly as the README documents:
 
-    key20 = HKDF-SHA256(IKM = epoch secret, salt = clusterGUID,
-                        info = "calico-ipsec/v1/sa" || u32 epoch
-                               || u16 len || sender || u32 incarnation
-                               || u16 len || receiver [|| u8 lane], L = 20)
+    okm = HKDF-SHA256(IKM = epoch secret, salt = clusterGUID,
+                      info = "calico-ipsec/v1/sa" || u32 epoch
+                             || u16 len || sender || u32 incarnation
+                             || u16 len || receiver || suffix,
+                      L = 20 (AES-128) or 36 (AES-256))
 
 The lane is 0 for IPv4 transport (IPIP, VXLAN), 1 for IPv4 tunnel mode, 2
-for IPv6 transport (VXLAN over IPv6), 3 for IPv6 tunnel mode; it is appended
-only when it is not 0. The SPI's bit 15 says tunnel mode; its low 15 bits
+for IPv6 transport (VXLAN over IPv6), 3 for IPv6 tunnel mode. For AES-128
+the suffix is u8 lane, only when the lane is not 0; for AES-256 (the
+epoch record's key_bits) it is u8 lane || 0x20, always. The AES key is
+okm[:-4], the salt okm[-4:]. The SPI's bit 15 says tunnel mode; its low 15 bits
 are the sender's node id.
 
 HKDF is written out here with hmac/hashlib; AES-GCM comes from the
@@ -53,9 +56,12 @@ def name_field(name):
     return struct.pack(">H", len(b)) + b
 
 
-def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0):
+def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0, key_bits=128):
     info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
             + struct.pack(">I", incarnation) + name_field(receiver))
+    if key_bits == 256:
+        info += bytes([lane, 0x20])
+        return hkdf_sha256(secret, guid.encode(), info, 36)
     if lane:
         info += bytes([lane])
     return hkdf_sha256(secret, guid.encode(), info, 20)
@@ -103,13 +109,14 @@ def main():
     kek = bytes.fromhex(open(kek_file).read().strip())
     kvs = load_etcd(dump)
     guid = kvs["/calico/resources/v3/projectcalico.org/clusterinformations/default"]["spec"]["clusterGUID"]
-    secrets = {}
+    secrets, key_bits = {}, {}
     for k, v in kvs.items():
         if k.startswith("/calico/ipsec/v1/epochs/"):
             try:
                 n = v["epoch"]
                 raw = base64.b64decode(v["sealedSecret"] if "sealedSecret" in v else v["sealed_secret"])
                 secrets[n] = AESGCM(kek).decrypt(raw[:12], raw[12:], f"calico-ipsec/v1/epoch/{n}".encode())
+                key_bits[n] = v.get("key_bits", 128)
             except Exception:  # noqa: BLE001 - a planted record without a secret
                 pass
     ids, ips = {}, {}
@@ -159,10 +166,12 @@ def main():
             epoch = next(e for e in secrets if e % 255 + 1 == slot)
             assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
             assert ips[src] == sender, f"SPI names {sender} but the packet is from {ips[src]}"
-            key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane)
+            bits = key_bits[epoch]
+            key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane, bits)
             iv, body = esp[8:16], esp[16:]
             aad = struct.pack(">III", spi, 0, seq)  # ESN: SPI, seq_hi, seq_lo
-            plain = AESGCM(key[:16]).decrypt(key[16:] + iv, body, aad)
+            plain = AESGCM(key[:-4]).decrypt(key[-4:] + iv, body, aad)
+            counts[f"aes{bits}"] = counts.get(f"aes{bits}", 0) + 1
             pad_len, next_header = plain[-2], plain[-1]
             assert next_header in (4, 17, 41), f"next header {next_header}, want 4, 17 or 41"
             counts.setdefault(f"nh{next_header}", 0)
@@ -174,7 +183,7 @@ def main():
         except Exception as e:  # noqa: BLE001 - report every failure
             counts["bad"] += 1
             print(f"ESP spi 0x{spi:08x} seq {seq} {src} -> {dst}: {type(e).__name__} {e}")
-    inner = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith("nh"))
+    inner = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith(("nh", "aes")))
     print("esp={esp} decrypted={ok} failed={bad} plaintext={plain} truncated={truncated}".format(**counts),
           inner,
           f"marker={'found' if found else 'missing'}")

@@ -1,7 +1,7 @@
 #!/bin/bash
 # End-to-end: agents on three nodes and two managers, under continuous
 # traffic, take the cluster from off to enforce, rotate the keys three times
-# and go back to off.
+# (the second rotation switches to AES-256-GCM) and go back to off.
 #
 # Traffic, started before anything changes and stopped after the last step:
 # ICMP echo at 100/s from a pod on node-1 to one on node-2 and from node-2 to
@@ -12,7 +12,9 @@
 # with the same byte count and SHA-256 on both ends; every /proc/net/xfrm_stat
 # counter on every node is still 0; ESP (and no plaintext IPIP) on the wire
 # while enforced; each rotation activates the new epoch and deletes the old;
-# the agents serve /metrics and /healthz. Prints packets sent and lost per
+# the agents serve /metrics and /healthz; under the AES-256 epoch, the SAs
+# hold 36-byte keys and every captured ESP packet decrypts with keys
+# derived independently (esp_decrypt.py). Prints packets sent and lost per
 # phase, the time per phase, and the time per rotation.
 #
 # E2E_POOL_MODE=Never (test_lifecycle_native.sh) runs the same with the
@@ -107,18 +109,40 @@ check_match "agent /metrics: outbound policies toward 2 peers" "$metrics" "calic
 check_match "agent /metrics: convergence histogram" "$metrics" 'calico_ipsec_converge_seconds_count [1-9]'
 check_match "agent /healthz" "$(nsx node-1 curl -sf http://127.0.0.1:9094/healthz || true)" '^ok'
 
-# Three rotations.
+# Three rotations; the second switches to AES-256-GCM (a rotation like
+# any other), the third keeps the newest epoch's key size.
 for i in 1 2 3; do
     new=$((i + 1))
     t0=$(now)
     mark "rotate $i"
-    check "keys rotate ($i)" nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek"
+    extra=()
+    [[ $i == 2 ]] && extra=(--key-bits 256)
+    check "keys rotate ($i) ${extra[*]}" nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" "${extra[@]}"
     wait_until 120 "rotation $i: epoch $new active, epoch $i retired and deleted" only_epoch "$new" || true
     info "rotation $i took $(echo "$(now) - $t0" | bc)s (overlap 2 s included)"
+    if [[ $i == 2 ]]; then
+        # The wire under the AES-256 epoch: every ESP packet opens with a
+        # 36-byte key derived by esp_decrypt.py from the README alone.
+        cap_start wire w-node-1 "$tmp/aes256.pcap"
+        sleep 2
+        cap_stop
+        ectl get --prefix /calico/ -w json >"$tmp/etcd-aes256.json"
+        if out=$(python3 "$here/esp_decrypt.py" "$tmp/aes256.pcap" "$tmp/etcd-aes256.json" "$tmp/kek" calico-ipsec-e2e 2>&1); then
+            check_match "AES-256 epoch: every ESP packet decrypts with an independently derived 36-byte key" "$(tail -1 <<<"$out")" ' aes256=[1-9]'
+            check_eq "AES-256 epoch: no packet under a 128-bit key" "$(tail -1 <<<"$out" | grep -c aes128 || true)" 0
+        else
+            fail "AES-256 epoch: decrypting the capture with independently derived keys:"
+            indent <<<"$out"
+        fi
+        check_eq "node-1's SAs hold 36-byte keys (AES-256 and its salt: 0x and 72 hex digits)" \
+            "$(ipn node-1 xfrm state | awk '$1 == "aead" {print length($3)}' | sort -u)" 74
+    fi
 done
 out=$(nsx node-2 "$bin" status --nodename node-2 --json)
 check_eq "node-2 sends with epoch 4" "$(jq -r '.active_epoch' <<<"$out")" 4
 check_eq "node-2 holds only epoch 4" "$(jq -c '.installed_epochs' <<<"$out")" "[4]"
+check_eq "epoch 4 kept the newest epoch's key size" \
+    "$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '.[] | select(.epoch == 4) | .key_bits')" 256
 
 # Disable.
 mark "disable"
