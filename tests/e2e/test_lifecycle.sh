@@ -128,6 +128,7 @@ for i in 1 2 3; do
         cap_stop
         ectl get --prefix /calico/ -w json >"$tmp/etcd-aes256.json"
         if out=$(python3 "$here/esp_decrypt.py" "$tmp/aes256.pcap" "$tmp/etcd-aes256.json" "$tmp/kek" calico-ipsec-e2e 2>&1); then
+            info "esp_decrypt.py: $(tail -1 <<<"$out")"
             check_match "AES-256 epoch: every ESP packet decrypts with an independently derived 36-byte key" "$(tail -1 <<<"$out")" ' aes256=[1-9]'
             check_eq "AES-256 epoch: no packet under a 128-bit key" "$(tail -1 <<<"$out" | grep -c aes128 || true)" 0
         else
