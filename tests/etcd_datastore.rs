@@ -300,6 +300,7 @@ fn node_status_vanishes_with_its_lease() {
             stale: false,
             identities: String::new(),
             handover: false,
+            kek: String::new(),
         };
         store
             .put_status("node-1", &status, lease)
@@ -378,4 +379,107 @@ fn add_fails_with_code_11_when_etcd_is_down() {
         !tmp.path().join("state/node/ledger").exists(),
         "nothing applied: no ledger"
     );
+}
+
+/// `keys rotate-kek` against a real etcd: every epoch opens with either KEK
+/// while it runs, rotations wait, `--finish` waits for the nodes, and at the
+/// end only the new KEK opens anything.
+#[test]
+fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
+    let server = EtcdServer::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let old = tmp.path().join("kek");
+    let new = tmp.path().join("kek-new");
+    let (old_s, new_s) = (old.to_str().expect("utf8"), new.to_str().expect("utf8"));
+    let ok = |args: &[&str]| {
+        let out = cli(&server, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["keys", "init", "--kek-file", old_s]);
+    ok(&["keys", "rotate", "--kek-file", old_s, "--key-bits", "256"]);
+    let said = ok(&[
+        "keys",
+        "rotate-kek",
+        "--kek-file",
+        old_s,
+        "--new-kek-file",
+        new_s,
+    ]);
+    assert!(said.contains("wrote a new KEK"), "{said}");
+    let (old_k, new_k) = (Kek::load(&old).expect("old"), Kek::load(&new).expect("new"));
+    let rt = rt();
+    let etcd = rt
+        .block_on(Etcd::connect(&settings(&server)))
+        .expect("connect");
+    let store = IpsecStore::new(&etcd);
+    let epochs = rt.block_on(store.epochs()).expect("epochs");
+    assert_eq!(epochs.len(), 2);
+    for e in &epochs {
+        let a = e.open(&old_k).expect("opens with the old KEK");
+        let b = e.open(&new_k).expect("opens with the new KEK");
+        assert_eq!(a, b, "the same secret under both");
+        assert_eq!(e.key_bits, if e.epoch == 2 { 256 } else { 128 });
+    }
+    // Rotations wait while two KEKs seal the epochs.
+    let out = cli(&server, &["keys", "rotate", "--kek-file", old_s]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("KEK rotation is in progress"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A live node still on the old KEK holds the end back.
+    let lease = rt.block_on(etcd.grant_lease(60)).expect("lease");
+    let mut status = NodeStatus {
+        id: 1,
+        incarnation: 1,
+        installed_epochs: vec![1, 2],
+        acked_phase: Phase::Off,
+        acked_generation: 0,
+        active_epoch: Some(1),
+        heartbeat: String::new(),
+        stale: false,
+        identities: String::new(),
+        handover: false,
+        kek: old_k.fingerprint(),
+    };
+    rt.block_on(store.put_status("node-1", &status, lease))
+        .expect("status");
+    let out = cli(
+        &server,
+        &["keys", "rotate-kek", "--finish", "--kek-file", new_s],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node-1") && err.contains(&old_k.fingerprint()),
+        "{err}"
+    );
+    status.kek = new_k.fingerprint();
+    rt.block_on(store.put_status("node-1", &status, lease))
+        .expect("status");
+    ok(&["keys", "rotate-kek", "--finish", "--kek-file", new_s]);
+    for e in rt.block_on(store.epochs()).expect("epochs") {
+        assert!(
+            e.open(&new_k).is_ok(),
+            "epoch {} opens with the new KEK",
+            e.epoch
+        );
+        assert!(
+            e.open(&old_k).is_err(),
+            "epoch {} no longer opens with the old",
+            e.epoch
+        );
+        assert!(e.also_sealed.is_empty());
+        assert_eq!(e.kek_fingerprint, new_k.fingerprint());
+    }
+    // And rotations go on, under the new KEK, keeping AES-256.
+    ok(&["keys", "rotate", "--kek-file", new_s]);
+    let last = rt.block_on(store.epochs()).expect("epochs");
+    assert_eq!(last.last().map(|e| (e.epoch, e.key_bits)), Some((3, 256)));
 }

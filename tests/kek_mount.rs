@@ -131,6 +131,7 @@ fn stand_in_agent(server: &EtcdServer) {
             stale: false,
             identities: identities_digest(&ids),
             handover: false,
+            kek: String::new(),
         };
         let lease = etcd.grant_lease(120).await.expect("lease");
         IpsecStore::new(&etcd)

@@ -131,6 +131,7 @@ impl Nodes {
                 stale: false,
                 identities: self.digest.clone(),
                 handover: false,
+                kek: String::new(),
             };
             IpsecStore::new(etcd)
                 .put_status(name, &status, *lease)

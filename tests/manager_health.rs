@@ -50,6 +50,7 @@ fn status(phase: Phase, gen: u64) -> NodeStatus {
         // No identity records: the digest of none, as the manager computes it.
         identities: identities_digest(&std::collections::BTreeMap::new()),
         handover: false,
+        kek: String::new(),
     }
 }
 

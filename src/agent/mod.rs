@@ -43,7 +43,7 @@ use crate::metrics::Histogram;
 use crate::xfrm::handover::PeerAcks;
 use exposition::render;
 use kernel_watch::KernelEvent;
-use publish::{keep_alive, publish, status_of, without_heartbeat};
+use publish::{keep_alive, kek_fingerprint, publish, status_of, without_heartbeat};
 use watch::{Change, WatchMsg};
 
 /// How the agent runs.
@@ -299,6 +299,13 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 if alive == Some(false) || published_at.elapsed() >= Duration::from_secs(60) {
                     last_published = None;
                 }
+                // A new KEK (the Secret changed): say so within a heartbeat.
+                if last_published
+                    .as_ref()
+                    .is_some_and(|p| p.kek != kek_fingerprint(&opts.cfg.kek_file))
+                {
+                    pending.get_or_insert_with(Instant::now);
+                }
                 if last_published.is_none() {
                     pending.get_or_insert_with(Instant::now);
                 }
@@ -387,7 +394,8 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                         "converged"
                     );
                 }
-                let status = status_of(&report, report.stale.is_some());
+                let kek = kek_fingerprint(&opts.cfg.kek_file);
+                let status = status_of(&report, report.stale.is_some(), kek);
                 let changed = last_published.as_ref().map(without_heartbeat)
                     != Some(without_heartbeat(&status));
                 if changed && publish(&etcd, &state, &node, &status, opts.lease_ttl).await {

@@ -7,8 +7,9 @@ use crate::converge::Report;
 use crate::datastore::etcd::{Etcd, EtcdError};
 use crate::datastore::ipsec::{now_rfc3339, IpsecStore, IpsecStoreError, NodeStatus};
 
-pub(super) fn status_of(r: &Report, stale: bool) -> NodeStatus {
+pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
     NodeStatus {
+        kek,
         id: r.id.unwrap_or(0),
         incarnation: r.incarnation,
         installed_epochs: r.installed_epochs.clone(),
@@ -108,4 +109,9 @@ pub(super) async fn adopt_lease(etcd: &Etcd, state: &Mutex<State>, node: &str, t
         }
         Ok(_) | Err(_) => {}
     }
+}
+
+/// The fingerprint of the KEK file this node reads ("" when it cannot).
+pub(super) fn kek_fingerprint(path: &std::path::Path) -> String {
+    crate::keys::Kek::load(path).map_or_else(|_| String::new(), |k| k.fingerprint())
 }

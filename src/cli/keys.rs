@@ -57,6 +57,22 @@ pub enum KeysCommand {
         #[arg(long, value_parser = super::mtu::parse_icv)]
         icv_bits: Option<u32>,
     },
+    /// Change the KEK without an outage: seal every epoch under a new KEK
+    /// beside the current one; after every node holds the new KEK file,
+    /// `--finish` (with `--kek-file` naming the new KEK) drops the old.
+    RotateKek {
+        /// The new KEK file: read if it exists, otherwise written (0600).
+        #[arg(long, required_unless_present = "finish")]
+        new_kek_file: Option<PathBuf>,
+        /// End the rotation: keep only the sealing under `--kek-file`, once
+        /// every live node reports that KEK.
+        #[arg(long, conflicts_with = "new_kek_file")]
+        finish: bool,
+        /// With `--finish`: do not wait for the nodes (those still on the old
+        /// KEK can no longer open the epochs, and keep their SAs as they are).
+        #[arg(long, requires = "finish")]
+        force: bool,
+    },
     /// Print epoch metadata (never a secret).
     Show {
         /// JSON instead of a table.
@@ -126,6 +142,21 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
                 "added epoch {} (pending, AES-{}-GCM); it becomes active once every node has installed it",
                 rec.epoch, rec.key_bits
             )?;
+        }
+        KeysCommand::RotateKek {
+            new_kek_file,
+            finish,
+            force,
+        } => {
+            super::kek_rotation::exec(
+                &store,
+                &args.kek_file,
+                new_kek_file.as_deref(),
+                *finish,
+                *force,
+                out,
+            )
+            .await?;
         }
         KeysCommand::Show { json } => {
             let epochs = store.epochs().await?;

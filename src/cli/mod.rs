@@ -3,6 +3,7 @@
 pub mod converge;
 pub mod daemon;
 pub mod install;
+mod kek_rotation;
 pub mod keys;
 pub mod mtu;
 pub mod status;
@@ -41,6 +42,9 @@ pub enum CliError {
     /// Reading this node's state failed.
     #[error(transparent)]
     Converge(#[from] crate::converge::ConvergeError),
+    /// A step refused, with what to do.
+    #[error("{0}")]
+    Refused(String),
     /// Writing output or starting the runtime failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),

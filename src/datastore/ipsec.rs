@@ -55,6 +55,9 @@ pub enum IpsecStoreError {
         /// That epoch.
         epoch: u32,
     },
+    /// The epochs are sealed under two KEKs (`keys rotate-kek` started).
+    #[error("a KEK rotation is in progress: no epoch is added until it ends with `calico-ipsec keys rotate-kek --finish --kek-file <new KEK>`")]
+    KekRotating,
     /// A new epoch's cipher cannot be used.
     #[error("the new epoch's cipher cannot be used: {0}")]
     BadCipher(String),
@@ -227,6 +230,7 @@ impl<'a> IpsecStore<'a> {
             icv_bits: cipher.icv_bits,
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(kek, 1)?,
+            also_sealed: Default::default(),
             activated: Some(now_rfc3339()),
         };
         let created = self
@@ -269,6 +273,9 @@ impl<'a> IpsecStore<'a> {
         };
         for _ in 0..16 {
             let epochs = self.epochs().await?;
+            if epochs.iter().any(|e| !e.also_sealed.is_empty()) {
+                return Err(IpsecStoreError::KekRotating);
+            }
             if let Some(last) = epochs.last() {
                 if last.kek_fingerprint != kek.fingerprint() {
                     return Err(IpsecStoreError::KekMismatch {
@@ -292,6 +299,7 @@ impl<'a> IpsecStore<'a> {
                 icv_bits: cipher.icv_bits,
                 kek_fingerprint: kek.fingerprint(),
                 sealed_secret: secret.seal(kek, next)?,
+                also_sealed: Default::default(),
                 activated: None,
             };
             if let Some(why) = rec.cipher_problem(config.icv_bits) {
@@ -340,6 +348,63 @@ impl<'a> IpsecStore<'a> {
             .collect::<Result<Vec<_>, _>>()?;
         out.sort_by_key(|(e, _)| e.epoch);
         Ok(out)
+    }
+
+    /// Seals every epoch's secret under `new` beside its current sealing
+    /// (the start of a KEK rotation: nodes open epochs with either KEK).
+    /// Returns the epochs resealed.
+    pub async fn reseal_beside(&self, old: &Kek, new: &Kek) -> Result<Vec<u32>, IpsecStoreError> {
+        let fp = new.fingerprint();
+        self.reseal(|rec| {
+            let secret = rec.open(old)?;
+            rec.also_sealed
+                .insert(fp.clone(), secret.seal(new, rec.epoch)?);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Leaves `kek` the only sealing of every epoch (the end of a KEK
+    /// rotation). Returns the epochs resealed.
+    pub async fn reseal_only(&self, kek: &Kek) -> Result<Vec<u32>, IpsecStoreError> {
+        self.reseal(|rec| {
+            let secret = rec.open(kek)?;
+            rec.sealed_secret = secret.seal(kek, rec.epoch)?;
+            rec.kek_fingerprint = kek.fingerprint();
+            rec.also_sealed.clear();
+            Ok(())
+        })
+        .await
+    }
+
+    /// Rewrites every epoch record through `f`, each by compare-and-swap;
+    /// an epoch changed meanwhile (the manager moved it) is read again.
+    async fn reseal<F>(&self, mut f: F) -> Result<Vec<u32>, IpsecStoreError>
+    where
+        F: FnMut(&mut EpochRecord) -> Result<(), SealError>,
+    {
+        let mut done = Vec::new();
+        for _ in 0..16 {
+            let mut raced = false;
+            for (mut rec, rev) in self.epochs_rev().await? {
+                if done.contains(&rec.epoch) {
+                    continue;
+                }
+                f(&mut rec)?;
+                match self
+                    .etcd
+                    .compare_and_put_at(&epoch_key(rec.epoch), rev, encode(&rec))
+                    .await?
+                {
+                    Some(_) => done.push(rec.epoch),
+                    None => raced = true,
+                }
+            }
+            if !raced {
+                return Ok(done);
+            }
+        }
+        Err(IpsecStoreError::Contended("resealing the epochs".into()))
     }
 
     /// Sets the target phase (compare-and-swap on the config); returns the
@@ -538,6 +603,7 @@ mod tests {
             icv_bits: None,
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(&kek, 3).expect("seal"),
+            also_sealed: Default::default(),
             activated: None,
         };
         let text = String::from_utf8(encode(&rec)).expect("utf8");

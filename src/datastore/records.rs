@@ -106,6 +106,10 @@ pub struct EpochRecord {
     pub kek_fingerprint: String,
     /// base64(nonce || AES-256-GCM(secret) || tag), AAD bound to the epoch.
     pub sealed_secret: String,
+    /// The same secret sealed under other KEKs while the KEK changes
+    /// (`keys rotate-kek`), by KEK fingerprint; empty otherwise.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub also_sealed: std::collections::BTreeMap<String, String>,
     /// When it became active, RFC 3339 UTC (absent while pending).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated: Option<String>,
@@ -148,9 +152,15 @@ impl EpochRecord {
         }
     }
 
-    /// Opens the secret with `kek`.
+    /// Opens the secret with `kek`: the sealing made under it, the main one
+    /// or, while the KEK changes, the other.
     pub fn open(&self, kek: &Kek) -> Result<EpochSecret, SealError> {
-        EpochSecret::unseal(kek, self.epoch, &self.sealed_secret)
+        let sealed = self
+            .also_sealed
+            .get(&kek.fingerprint())
+            .filter(|_| self.kek_fingerprint != kek.fingerprint())
+            .unwrap_or(&self.sealed_secret);
+        EpochSecret::unseal(kek, self.epoch, sealed)
     }
 }
 
@@ -186,6 +196,11 @@ pub struct NodeStatus {
     /// them until it is false).
     #[serde(default)]
     pub handover: bool,
+    /// The fingerprint of the KEK file the node reads ("" when it cannot
+    /// read one): `keys rotate-kek --finish` waits for every node to hold
+    /// the new KEK.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kek: String,
 }
 
 /// The status records under `nodes/`, sorted by what they can tell.
@@ -247,6 +262,7 @@ mod tests {
             icv_bits,
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
+            also_sealed: Default::default(),
             activated: None,
         }
     }

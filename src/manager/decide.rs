@@ -199,7 +199,10 @@ pub fn decide(v: &View) -> Action {
             return Action::Delete(e.epoch);
         }
     }
-    if let Some(newest) = newest_active {
+    // While the KEK changes, a new epoch could be sealed under one KEK only,
+    // and nodes holding the other could not open it: rotations wait.
+    let kek_changing = v.epochs.iter().any(|(e, _)| !e.also_sealed.is_empty());
+    if let Some(newest) = newest_active.filter(|_| !kek_changing) {
         if cfg.rotation_interval_seconds > 0 {
             let rec = of(EpochState::Active).find(|e| e.epoch == newest);
             let born = rec.and_then(|e| parse_rfc3339(&e.created)).unwrap_or(v.now);
@@ -207,6 +210,11 @@ pub fn decide(v: &View) -> Action {
                 return Action::Rotate;
             }
         }
+    }
+    if kek_changing {
+        return Action::Wait(
+            "a KEK rotation is in progress (epochs sealed under two KEKs): rotations wait until `keys rotate-kek --finish`".into(),
+        );
     }
     Action::Wait(format!(
         "steady: phase {:?}, epoch {:?}",

@@ -14,6 +14,7 @@ fn epoch(n: u32, state: EpochState, activated: Option<u64>) -> (EpochRecord, i64
             icv_bits: None,
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
+            also_sealed: Default::default(),
             activated: activated.map(ipsec::rfc3339),
         },
         1,
@@ -32,6 +33,7 @@ fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeS
         stale: false,
         identities: "d".into(),
         handover: false,
+        kek: String::new(),
     }
 }
 
@@ -243,6 +245,17 @@ fn scheduled_rotation_adds_an_epoch_when_the_newest_is_old() {
     assert_eq!(decide(&v), Action::Rotate);
     v.config.0.rotation_interval_seconds = 5000;
     assert!(matches!(decide(&v), Action::Wait(_)));
+    // While the KEK changes (an epoch sealed under two), no rotation.
+    v.config.0.rotation_interval_seconds = 500;
+    v.epochs[0]
+        .0
+        .also_sealed
+        .insert("0123456789abcdef".into(), String::new());
+    assert!(
+        matches!(decide(&v), Action::Wait(w) if w.contains("KEK rotation")),
+        "{:?}",
+        decide(&v)
+    );
 }
 
 #[test]

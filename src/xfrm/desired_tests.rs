@@ -46,6 +46,7 @@ fn epoch(n: u32, state: EpochState) -> EpochRecord {
         icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
+        also_sealed: Default::default(),
         activated: None,
     }
 }

@@ -42,6 +42,7 @@ fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
         icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
+        also_sealed: Default::default(),
         activated: None,
     }];
     Desired::compute(&Inputs {
