@@ -1,7 +1,8 @@
 #!/bin/bash
 # End-to-end: agents on three nodes and two managers, under continuous
 # traffic, take the cluster from off to enforce, rotate the keys three times
-# (the second rotation switches to AES-256-GCM) and go back to off.
+# (the second rotation switches to AES-256-GCM), change the KEK and rotate
+# once more under it, and go back to off.
 #
 # Traffic, started before anything changes and stopped after the last step:
 # ICMP echo at 100/s from a pod on node-1 to one on node-2 and from node-2 to
@@ -144,6 +145,35 @@ check_eq "node-2 sends with epoch 4" "$(jq -r '.active_epoch' <<<"$out")" 4
 check_eq "node-2 holds only epoch 4" "$(jq -c '.installed_epochs' <<<"$out")" "[4]"
 check_eq "epoch 4 kept the newest epoch's key size" \
     "$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '.[] | select(.epoch == 4) | .key_bits')" 256
+
+# A new KEK without an outage: every epoch sealed under both, the Secret
+# changes (here the one KEK file every node and manager reads is replaced
+# atomically, as kubelet swaps a Secret's files), --finish once every node
+# reports the new KEK, then a rotation under it.
+mark "rotate the KEK"
+t0=$(now)
+kek_old=$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '.[0].kek_fingerprint')
+check "keys rotate-kek: every epoch sealed under the new KEK too" \
+    nsx wire "$bin" keys rotate-kek --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" --new-kek-file "$tmp/kek-new"
+cp "$tmp/kek-new" "$tmp/kek.swap" && chmod 600 "$tmp/kek.swap" && mv "$tmp/kek.swap" "$tmp/kek"
+wait_until 60 "keys rotate-kek --finish, once every node reports the new KEK" \
+    nsx wire "$bin" keys rotate-kek --etcd-endpoints "$ETCD_ENDPOINTS" --finish --kek-file "$tmp/kek" || true
+kek_new=$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '[.[].kek_fingerprint] | unique | join(",")')
+check_eq "every epoch is sealed under the new KEK only" "$kek_new" "$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '.[0].kek_fingerprint')"
+check "the new KEK differs from the old ($kek_old -> $kek_new)" test "$kek_old" != "$kek_new"
+check "keys rotate (4), under the new KEK" nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek"
+wait_until 120 "rotation 4: epoch 5 active, epoch 4 retired and deleted" only_epoch 5 || true
+info "KEK rotation and one key rotation under it took $(echo "$(now) - $t0" | bc)s"
+cap_start wire w-node-1 "$tmp/newkek.pcap"
+sleep 2
+cap_stop
+ectl get --prefix /calico/ -w json >"$tmp/etcd-newkek-all.json"
+if out=$(python3 "$here/esp_decrypt.py" "$tmp/newkek.pcap" "$tmp/etcd-newkek-all.json" "$tmp/kek" calico-ipsec-e2e 2>&1); then
+    pass "under the new KEK: every ESP packet decrypts with keys derived from it ($(tail -1 <<<"$out"))"
+else
+    fail "under the new KEK: decrypting the capture:"
+    indent <<<"$out"
+fi
 
 # Disable.
 mark "disable"
