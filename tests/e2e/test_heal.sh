@@ -3,8 +3,9 @@
 # what calico-ipsec installed, and never sends a pod packet in clear
 # meanwhile.
 #
-# Three nodes with agents and two managers, enforced. For each case, echo at
-# 200/s from p1 (node-1) to p2 (node-2) and from p2 to p3 (node-3), each
+# Three nodes with agents and two managers, enforced. For each case,
+# sequenced UDP datagrams at 200/s from p1 (node-1) to an echo in p2
+# (node-2), and ICMP echo at 200/s from p2 to p3 (node-3), each datagram and
 # echo counted by traffic.py; node-1's wire port is captured throughout.
 #
 # 1. `ip xfrm state flush` on node-2 (an operator, a restarting IPsec
@@ -54,10 +55,12 @@ check_eq "phase enforce" "$(ipsec_cfg | jq -r .phase)" enforce
 guard=$(nsx node-1 nft list table inet calico_ipsec 2>&1 || true)
 check_match "node-1's guard mirrors its outbound policies" "$guard" 'rt ipsec missing'
 
-# streams_start CASE [NODE]: echo p1→p2 and p2→p3 at 200/s, and a capture
+# streams_start CASE [NODE]: UDP p1→p2 (echoed) and ping p2→p3 at 200/s, and a capture
 # of NODE's wire port (node-1 by default). streams_stop CASE: stop them.
+ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" udp-echo 7777 &
+E2E_DAEMON_PIDS+=("$!")
 streams_start() {
-    ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/$1-12.json" 200 2>"$tmp/$1-12.err" &
+    ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" udp "$ip2" 7777 "$tmp/$1-12.json" 200 2>"$tmp/$1-12.err" &
     PING12=$!
     ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/$1-23.json" 200 2>"$tmp/$1-23.err" &
     PING23=$!

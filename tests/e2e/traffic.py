@@ -4,6 +4,9 @@
   traffic.py ping DST OUT.json [RATE]      ICMP echo at RATE/s (default 100)
                                            until SIGTERM, then waits 3 s for
                                            late replies
+  traffic.py udp DST PORT OUT.json [RATE]  sequenced UDP datagrams at RATE/s
+                                           to an udp-echo, counted as ping
+  traffic.py udp-echo PORT                 send every datagram back
   traffic.py sink PORT OUT.json            accept one TCP stream, hash it
   traffic.py source DST PORT OUT.json      send a deterministic stream until
                                            SIGTERM, then close cleanly
@@ -52,36 +55,28 @@ def checksum(b):
     return ~s & 0xFFFF
 
 
-def ping(dst, out, rate=100.0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    ident = os.getpid() & 0xFFFF
+def exchange(label, sock, send, parse, out, rate):
+    """Sends one numbered probe every 1/RATE s until SIGTERM, counts the
+    numbered answers, waits 3 s for late ones, writes OUT."""
     interval = 1.0 / rate
     sent = []  # (counter, send time)
     received = set()
     counter = 0
-    start = time.time()
-    next_at = start
+    next_at = time.time()
 
     def drain(timeout):
         r, _, _ = select.select([sock], [], [], max(timeout, 0))
         while r:
-            pkt = sock.recv(2048)
-            ihl = (pkt[0] & 0x0F) * 4
-            icmp = pkt[ihl:]
-            if len(icmp) >= 16 and icmp[0] == 0:
-                rid = struct.unpack("!H", icmp[4:6])[0]
-                if rid == ident:
-                    received.add(struct.unpack("!Q", icmp[8:16])[0])
+            c = parse(sock.recv(2048))
+            if c is not None:
+                received.add(c)
             r, _, _ = select.select([sock], [], [], 0)
 
     while not stop:
         now = time.time()
         if now >= next_at:
-            body = struct.pack("!Q", counter) + b"calico-ipsec-e2e" * 3
-            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, counter & 0xFFFF)
-            hdr = struct.pack("!BBHHH", 8, 0, checksum(hdr + body), ident, counter & 0xFFFF)
             try:
-                sock.sendto(hdr + body, (dst, 0))
+                send(counter)
             except OSError as e:
                 # A local refusal (e.g. no route, no SA) is a lost packet too.
                 print("send %d: %s" % (counter, e), file=sys.stderr)
@@ -98,7 +93,60 @@ def ping(dst, out, rate=100.0):
     lost = [c for c, _ in sent if c not in received]
     with open(out, "w") as f:
         json.dump({"sent": sent, "lost": lost, "received": len(received)}, f)
-    print("ping %s: %d sent, %d received, %d lost" % (dst, len(sent), len(received), len(lost)))
+    print("%s: %d sent, %d received, %d lost" % (label, len(sent), len(received), len(lost)))
+
+
+PAYLOAD = b"calico-ipsec-e2e" * 3
+
+
+def ping(dst, out, rate=100.0):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+
+    def send(counter):
+        body = struct.pack("!Q", counter) + PAYLOAD
+        hdr = struct.pack("!BBHHH", 8, 0, 0, ident, counter & 0xFFFF)
+        hdr = struct.pack("!BBHHH", 8, 0, checksum(hdr + body), ident, counter & 0xFFFF)
+        sock.sendto(hdr + body, (dst, 0))
+
+    def parse(pkt):
+        icmp = pkt[(pkt[0] & 0x0F) * 4:]
+        if len(icmp) >= 16 and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+            return struct.unpack("!Q", icmp[8:16])[0]
+        return None
+
+    exchange("ping " + dst, sock, send, parse, out, rate)
+
+
+def udp(dst, port, out, rate=100.0):
+    """Sequenced UDP datagrams to an `udp-echo` at DST:PORT; each carries a
+    64-bit counter and a random run id, and counts once it comes back."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    run = os.urandom(8)
+
+    def send(counter):
+        sock.sendto(run + struct.pack("!Q", counter) + PAYLOAD, (dst, int(port)))
+
+    def parse(d):
+        if len(d) >= 16 and d[:8] == run:
+            return struct.unpack("!Q", d[8:16])[0]
+        return None
+
+    exchange("udp %s:%s" % (dst, port), sock, send, parse, out, rate)
+
+
+def udp_echo(port):
+    """Sends every datagram back to where it came from, until SIGTERM."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", int(port)))
+    while not stop:
+        r, _, _ = select.select([sock], [], [], 0.2)
+        if r:
+            d, peer = sock.recvfrom(2048)
+            try:
+                sock.sendto(d, peer)
+            except OSError:
+                pass  # the sender counts it lost
 
 
 def block(i):
@@ -204,6 +252,10 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "ping":
         ping(args[0], args[1], float(args[2]) if len(args) > 2 else 100.0)
+    elif cmd == "udp":
+        udp(args[0], args[1], args[2], float(args[3]) if len(args) > 3 else 100.0)
+    elif cmd == "udp-echo":
+        udp_echo(args[0])
     elif cmd == "sink":
         sink(args[0], args[1])
     elif cmd == "source":
