@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use super::{CliError, EtcdArgs};
 use crate::config::DEFAULT_KEK_FILE;
 use crate::datastore::etcd::Etcd;
-use crate::datastore::ipsec::{Cipher, ClusterConfig, EpochRecord, IpsecStore};
+use crate::datastore::ipsec::{Cipher, CipherChange, ClusterConfig, EpochRecord, IpsecStore};
 use crate::keys::Kek;
 
 /// Arguments of `calico-ipsec keys`.
@@ -125,18 +125,11 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
         }
         KeysCommand::Rotate { key_bits, icv_bits } => {
             let kek = Kek::load(&args.kek_file)?;
-            let cipher = match (key_bits, icv_bits) {
-                (None, None) => None,
-                _ => {
-                    let newest = store.epochs().await?.last().map(EpochRecord::cipher);
-                    let base = newest.unwrap_or_default();
-                    Some(Cipher {
-                        key_bits: key_bits.unwrap_or(base.key_bits),
-                        icv_bits: icv_bits.or(base.icv_bits),
-                    })
-                }
+            let change = CipherChange {
+                key_bits: *key_bits,
+                icv_bits: *icv_bits,
             };
-            let rec = store.add_pending_epoch(&kek, cipher).await?;
+            let rec = store.add_pending_epoch(&kek, change).await?;
             writeln!(
                 out,
                 "added epoch {} (pending, AES-{}-GCM); it becomes active once every node has installed it",

@@ -39,29 +39,16 @@ pub(super) fn kept(
         phase,
         id: me.map(|i| i.id),
         incarnation: me.map_or(0, |i| i.incarnation),
-        new_incarnation: false,
         states: held.states.len(),
         policies: held.policies.len(),
-        writes: 0,
         revision: snap.revision,
         millis: ms(started),
         read_millis: ms(started),
-        identity_millis: 0,
-        apply_millis: 0,
         installed_epochs: installed,
-        active_epoch: None,
-        phase_generation: 0,
-        states_by_dir: (0, 0),
-        policies_by_dir: (0, 0, 0),
-        changes: Vec::new(),
-        identities_digest: String::new(),
-        unchanged: false,
-        unprotected: Vec::new(),
         mtu,
         stale: Some(why),
-        guard: None,
-        waiting_for: Vec::new(),
-        kept_inbound: 0,
+        // No active epoch and phase generation 0: nothing is acknowledged.
+        ..Report::default()
     }
 }
 

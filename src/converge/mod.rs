@@ -102,7 +102,7 @@ pub enum ConvergeError {
 }
 
 /// What a converge saw and did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     /// This node.
     pub node: String,

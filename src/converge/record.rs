@@ -212,31 +212,17 @@ pub(super) fn still_converged(
         phase: last.phase,
         id: last.id,
         incarnation: last.incarnation,
-        new_incarnation: false,
         states: last.states,
         policies: last.policies,
-        writes: 0,
         revision,
         millis,
         read_millis: millis,
-        identity_millis: 0,
-        apply_millis: 0,
-        // The fast path reads no snapshot: these are left empty (the agent,
-        // which publishes them, always converges in full).
-        installed_epochs: Vec::new(),
-        active_epoch: None,
-        phase_generation: 0,
-        states_by_dir: (0, 0),
-        policies_by_dir: (0, 0, 0),
-        changes: Vec::new(),
-        identities_digest: String::new(),
         unchanged: true,
-        unprotected: Vec::new(),
         mtu: last.mtu,
-        stale: None,
-        guard: None,
-        waiting_for: Vec::new(),
-        kept_inbound: 0,
+        // The fast path reads no snapshot: epochs, phase generation, counts
+        // by direction and the identities digest are left empty (the agent,
+        // which publishes them, always converges in full).
+        ..Report::default()
     };
     tracing::debug!(?report, "still converged");
     Some(report)

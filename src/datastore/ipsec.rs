@@ -67,8 +67,8 @@ pub enum IpsecStoreError {
 }
 
 pub use super::records::{
-    identities_digest, Cipher, ClusterConfig, EpochRecord, EpochState, Identity, NodeStatus,
-    NodeStatuses, Phase,
+    identities_digest, Cipher, CipherChange, ClusterConfig, EpochRecord, EpochState, Identity,
+    NodeStatus, NodeStatuses, Phase,
 };
 
 /// The key of the leader's published status (bound to the leader's lease).
@@ -247,25 +247,25 @@ impl<'a> IpsecStore<'a> {
         }
     }
 
-    /// Adds the next epoch as pending, sealed under `kek`, with `cipher`
-    /// (`None`: the newest epoch's).
+    /// Adds the next epoch as pending, sealed under `kek`, with the newest
+    /// epoch's cipher changed by `change`.
     pub async fn add_pending_epoch(
         &self,
         kek: &Kek,
-        cipher: Option<Cipher>,
+        change: CipherChange,
     ) -> Result<EpochRecord, IpsecStoreError> {
-        self.add_pending_epoch_if(kek, cipher, None)
+        self.add_pending_epoch_if(kek, change, None)
             .await?
             .ok_or_else(|| IpsecStoreError::Contended("adding an epoch".into()))
     }
 
     /// Adds the next epoch as pending, only while every comparison in
     /// `fence` holds (the manager's leadership); `None` when one does not.
-    /// `cipher` `None` keeps the newest epoch's.
+    /// Its cipher is the newest epoch's, changed by `change`.
     pub async fn add_pending_epoch_if(
         &self,
         kek: &Kek,
-        cipher: Option<Cipher>,
+        change: CipherChange,
         fence: Option<&super::leader::Fence>,
     ) -> Result<Option<EpochRecord>, IpsecStoreError> {
         let Some(config) = self.config().await? else {
@@ -286,9 +286,7 @@ impl<'a> IpsecStore<'a> {
                 }
             }
             let next = epochs.last().map_or(1, |e| e.epoch + 1);
-            let cipher = cipher
-                .or_else(|| epochs.last().map(EpochRecord::cipher))
-                .unwrap_or_default();
+            let cipher = change.apply(epochs.last().map(EpochRecord::cipher).unwrap_or_default());
             let secret = EpochSecret::generate()?;
             let rec = EpochRecord {
                 epoch: next,

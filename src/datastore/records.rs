@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 use crate::keys::{EpochSecret, Kek, SealError, ALGORITHM};
 
 /// Encryption phase of the cluster (DESIGN §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// No IPsec.
+    #[default]
     Off,
     /// Inbound SAs installed; plaintext still accepted.
     Accept,
@@ -79,6 +80,25 @@ impl Default for Cipher {
         Self {
             key_bits: crate::keys::DEFAULT_KEY_BITS,
             icv_bits: None,
+        }
+    }
+}
+
+/// What a new epoch changes of the newest epoch's cipher (`None`: keeps it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CipherChange {
+    /// AES key bits.
+    pub key_bits: Option<u32>,
+    /// ICV bits.
+    pub icv_bits: Option<u32>,
+}
+
+impl CipherChange {
+    /// The cipher `base` becomes with this change.
+    pub fn apply(self, base: Cipher) -> Cipher {
+        Cipher {
+            key_bits: self.key_bits.unwrap_or(base.key_bits),
+            icv_bits: self.icv_bits.or(base.icv_bits),
         }
     }
 }

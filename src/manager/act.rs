@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use super::{decide, lock, Action, ManagerOptions, Stats, View};
 use crate::datastore::etcd::Etcd;
 use crate::datastore::ipsec::{
-    identities_digest, now_rfc3339, now_unix, EpochRecord, EpochState, IpsecStore, IpsecStoreError,
+    identities_digest, now_rfc3339, now_unix, CipherChange, EpochRecord, EpochState, IpsecStore,
+    IpsecStoreError,
 };
 use crate::datastore::leader::Fence;
 use crate::keys::Kek;
@@ -142,7 +143,7 @@ pub(super) async fn tick(
                 }
             };
             let added = IpsecStore::new(etcd)
-                .add_pending_epoch_if(&kek, None, Some(fence))
+                .add_pending_epoch_if(&kek, CipherChange::default(), Some(fence))
                 .await?;
             if let Some(rec) = &added {
                 tracing::info!(epoch = rec.epoch, "rotation: added a pending epoch");

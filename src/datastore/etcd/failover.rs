@@ -267,6 +267,13 @@ impl Members {
         let mut order = self.order();
         let mut failures: Vec<String> = Vec::new();
         let mut need_leader = true;
+        // A majority of members without a leader means no write can commit
+        // anywhere until the election ends (a hung member among the rest
+        // cannot be leading one), so a serializable read is as current as
+        // waiting would make it.
+        let n = order.len();
+        let electing =
+            |need_leader: bool, leaderless: usize| stale_ok && need_leader && leaderless * 2 > n;
         'rounds: loop {
             let mut timed_out = Vec::new();
             let mut leaderless = 0;
@@ -323,7 +330,7 @@ impl Members {
                 }
                 // Enough members are electing: the rest (perhaps hung)
                 // need not be waited for.
-                if stale_ok && need_leader && leaderless * 2 > order.len() {
+                if electing(need_leader, leaderless) {
                     break;
                 }
             }
@@ -333,15 +340,11 @@ impl Members {
                 break;
             }
             order.sort_by_key(|i| timed_out.contains(i));
-            // A majority of members without a leader means no write can
-            // commit anywhere until the election ends (a hung member among
-            // the rest cannot be leading one), so a serializable read is as
-            // current as waiting would make it.
-            if stale_ok && need_leader && leaderless * 2 > order.len() {
+            if electing(need_leader, leaderless) {
                 tracing::info!(
                     op,
                     leaderless,
-                    members = order.len(),
+                    members = n,
                     "most etcd members have no leader (an election): reading without one"
                 );
                 need_leader = false;
