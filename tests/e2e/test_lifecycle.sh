@@ -110,6 +110,17 @@ check_match "agent /metrics: outbound policies toward 2 peers" "$metrics" "calic
 check_match "agent /metrics: convergence histogram" "$metrics" 'calico_ipsec_converge_seconds_count [1-9]'
 check_match "agent /healthz" "$(nsx node-1 curl -sf http://127.0.0.1:9094/healthz || true)" '^ok'
 
+# decrypt_wire CASE: 2 s of node-1's wire port and a dump of etcd, given to
+# esp_decrypt.py with the KEK nodes hold now; its output in DECRYPTED, and
+# its status (every ESP packet decrypts, the traffic's marker seen).
+decrypt_wire() {
+    cap_start wire w-node-1 "$tmp/$1.pcap"
+    sleep 2
+    cap_stop
+    ectl get --prefix /calico/ -w json >"$tmp/etcd-$1.json"
+    DECRYPTED=$(python3 "$here/esp_decrypt.py" "$tmp/$1.pcap" "$tmp/etcd-$1.json" "$tmp/kek" calico-ipsec-e2e 2>&1)
+}
+
 # Three rotations; the second switches to AES-256-GCM (a rotation like
 # any other), the third keeps the newest epoch's key size.
 for i in 1 2 3; do
@@ -124,17 +135,14 @@ for i in 1 2 3; do
     if [[ $i == 2 ]]; then
         # The wire under the AES-256 epoch: every ESP packet opens with a
         # 36-byte key derived by esp_decrypt.py from the README alone.
-        cap_start wire w-node-1 "$tmp/aes256.pcap"
-        sleep 2
-        cap_stop
-        ectl get --prefix /calico/ -w json >"$tmp/etcd-aes256.json"
-        if out=$(python3 "$here/esp_decrypt.py" "$tmp/aes256.pcap" "$tmp/etcd-aes256.json" "$tmp/kek" calico-ipsec-e2e 2>&1); then
-            info "esp_decrypt.py: $(tail -1 <<<"$out")"
-            check_match "AES-256 epoch: every ESP packet decrypts with an independently derived 36-byte key" "$(tail -1 <<<"$out")" ' aes256=[1-9]'
-            check_eq "AES-256 epoch: no packet under a 128-bit key" "$(tail -1 <<<"$out" | grep -c aes128 || true)" 0
+        if decrypt_wire aes256; then
+            summary=$(tail -1 <<<"$DECRYPTED")
+            info "esp_decrypt.py: $summary"
+            check_match "AES-256 epoch: every ESP packet decrypts with an independently derived 36-byte key" "$summary" ' aes256=[1-9]'
+            check_eq "AES-256 epoch: no packet under a 128-bit key" "$(grep -c aes128 <<<"$summary" || true)" 0
         else
             fail "AES-256 epoch: decrypting the capture with independently derived keys:"
-            indent <<<"$out"
+            indent <<<"$DECRYPTED"
         fi
         check_eq "node-1's SAs hold 36-byte keys (AES-256 and its salt: 0x and 72 hex digits)" \
             "$(ipn node-1 xfrm state | awk '$1 == "aead" {print length($3)}' | sort -u)" 74
@@ -159,20 +167,16 @@ cp "$tmp/kek-new" "$tmp/kek.swap" && chmod 600 "$tmp/kek.swap" && mv "$tmp/kek.s
 wait_until 60 "keys rotate-kek --finish, once every node reports the new KEK" \
     nsx wire "$bin" keys rotate-kek --etcd-endpoints "$ETCD_ENDPOINTS" --finish --kek-file "$tmp/kek" || true
 kek_new=$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '[.[].kek_fingerprint] | unique | join(",")')
-check_eq "every epoch is sealed under the new KEK only" "$kek_new" "$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '.[0].kek_fingerprint')"
+check_match "every epoch is sealed under one KEK only" "$kek_new" '^[0-9a-f]{16}$'
 check "the new KEK differs from the old ($kek_old -> $kek_new)" test "$kek_old" != "$kek_new"
 check "keys rotate (4), under the new KEK" nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek"
 wait_until 120 "rotation 4: epoch 5 active, epoch 4 retired and deleted" only_epoch 5 || true
 info "KEK rotation and one key rotation under it took $(echo "$(now) - $t0" | bc)s"
-cap_start wire w-node-1 "$tmp/newkek.pcap"
-sleep 2
-cap_stop
-ectl get --prefix /calico/ -w json >"$tmp/etcd-newkek-all.json"
-if out=$(python3 "$here/esp_decrypt.py" "$tmp/newkek.pcap" "$tmp/etcd-newkek-all.json" "$tmp/kek" calico-ipsec-e2e 2>&1); then
-    pass "under the new KEK: every ESP packet decrypts with keys derived from it ($(tail -1 <<<"$out"))"
+if decrypt_wire newkek; then
+    pass "under the new KEK: every ESP packet decrypts with keys derived from it ($(tail -1 <<<"$DECRYPTED"))"
 else
     fail "under the new KEK: decrypting the capture:"
-    indent <<<"$out"
+    indent <<<"$DECRYPTED"
 fi
 
 # Disable.
