@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod attachment;
 pub mod cli;
+pub mod clock;
 pub mod cni;
 pub mod config;
 pub mod converge;

@@ -39,6 +39,7 @@ pub fn exec(req: &Request) -> Result<Value, CniError> {
             policies = report.policies,
             writes = report.writes,
             unchanged = report.unchanged,
+            coalesced = report.coalesced,
             millis = report.millis,
             "IPsec converged"
         );

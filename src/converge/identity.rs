@@ -3,7 +3,7 @@
 //! publication of a new incarnation (so that no key is used by two SAs).
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,8 +16,7 @@ use super::{state_err, ConvergeError};
 use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError};
 use crate::fsutil;
 
-/// The kernel's boot id: changes on every boot.
-pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+pub use crate::clock::BOOT_ID_PATH;
 
 /// How long an ADD (or the agent) waits for the node lock before giving up
 /// with "try again later": a holder does one convergence, each etcd request
@@ -130,10 +129,7 @@ pub fn needs_new_incarnation(ident: &Identity, ledger: Option<&Ledger>, boot: &s
 
 /// Reads the kernel's boot id.
 pub fn boot_id() -> Result<String, ConvergeError> {
-    let p = Path::new(BOOT_ID_PATH);
-    fs::read_to_string(p)
-        .map(|s| s.trim().to_string())
-        .map_err(state_err("reading", p))
+    crate::clock::read_boot_id().map_err(state_err("reading", Path::new(BOOT_ID_PATH)))
 }
 
 /// Publishes the next incarnation (compare-and-swap on the identity record
@@ -179,6 +175,7 @@ pub(super) async fn bump(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn ident(inc: u32, boot: &str) -> Identity {
         Identity {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::clock::Stamp;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
@@ -148,6 +149,9 @@ pub struct Report {
     /// True when the last convergence was found to still hold (etcd's
     /// fingerprint and the kernel unchanged), so nothing else was read.
     pub unchanged: bool,
+    /// True when another process's etcd read, begun after this request,
+    /// vouched for it (concurrent ADDs), so etcd was not asked at all.
+    pub coalesced: bool,
     /// Paths toward pod blocks that no SA can protect (blocked once
     /// encryption is on), with their reasons.
     pub unprotected: Vec<crate::xfrm::desired::Unprotected>,
@@ -204,9 +208,17 @@ fn ms(t: Instant) -> u64 {
 /// a snapshot and converges fully.
 pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let started = Instant::now();
+    let asked = Stamp::now();
     let node = cfg.node_name()?;
     let _lock = NodeLock::acquire(&cfg.state_dir, NODE_LOCK_WAIT)?;
     let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
+    // ADDs that queued on the lock are answered by the read of whichever
+    // holder began after they asked (group commit).
+    if let (Some(last), Some(asked)) = (&last, &asked) {
+        if let Some(report) = record::coalesced(cfg, last, asked, started)? {
+            return Ok(report);
+        }
+    }
     let result = std::thread::scope(|scope| {
         // The local checks, the kernel dump and its digest run on their own
         // thread while etcd answers; `None` when the local facts changed.
@@ -224,14 +236,23 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
                 .await
                 .map_err(IpsecStoreError::from)?;
             if let (Some(last), Some(dump)) = (last, dump) {
+                let checking = Stamp::now();
                 let fingerprint = snapshot::fingerprint(&etcd).await;
                 let kernel = dump.join().map_err(|_| {
                     ConvergeError::Runtime(io::Error::other("the XFRM dump panicked"))
                 })??;
                 let (fingerprint, revision) = fingerprint.map_err(IpsecStoreError::from)?;
+                let mut record = last.clone();
                 if let Some(report) = kernel.and_then(|kernel| {
                     still_converged(last, fingerprint, revision, &kernel, started)
                 }) {
+                    // Requests queued behind this one may take its answer.
+                    if checking.is_some() {
+                        record.checked = checking;
+                        if let Err(e) = record.save(&cfg.state_dir) {
+                            tracing::warn!(error = %e, "cannot refresh the convergence record");
+                        }
+                    }
                     return Ok(report);
                 }
             }
@@ -481,6 +502,7 @@ pub async fn converge_with(
             fingerprint: snap.fingerprint.clone(),
             digest: record::desired_digest(&desired),
             mtu: mtu.clone(),
+            checked: snap.read_at.clone(),
         };
         if let Err(e) = record.save(&cfg.state_dir) {
             tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
@@ -514,6 +536,7 @@ pub async fn converge_with(
         changes: plan.describe(8),
         identities_digest: crate::datastore::ipsec::identities_digest(&ids_now),
         unchanged: false,
+        coalesced: false,
         unprotected: desired.unprotected.clone(),
         mtu,
         stale: None,

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use std::time::Instant;
 
+use crate::clock::Stamp;
 use crate::config::PluginConfig;
 use crate::datastore::ipsec::Phase;
 use crate::datastore::snapshot::{self, Fingerprint};
@@ -72,6 +73,11 @@ pub struct Converged {
     /// What the pod MTU must fit (as [`crate::converge::Report::mtu`]).
     #[serde(default)]
     pub mtu: Vec<crate::mtu::MtuParams>,
+    /// When the newest etcd read that found this record true began (the
+    /// full read that made it, or a fast path's fingerprint since): a
+    /// request made before then is answered by it ([`coalesced`]).
+    #[serde(default)]
+    pub checked: Option<Stamp>,
 }
 
 impl Converged {
@@ -199,13 +205,56 @@ pub(super) fn still_converged(
         tracing::debug!("etcd changed since the last convergence");
         return None;
     }
-    if kernel_digest != last.digest {
-        tracing::info!(
-            node = %last.node,
-            "the kernel's XFRM state drifted from the last convergence; converging"
-        );
+    if !kernel_holds(&last, kernel_digest) {
         return None;
     }
+    Some(unchanged_report(last, revision, started))
+}
+
+fn kernel_holds(last: &Converged, kernel_digest: &str) -> bool {
+    if kernel_digest == last.digest {
+        return true;
+    }
+    tracing::info!(
+        node = %last.node.escape_debug(),
+        "the kernel's XFRM state drifted from the last convergence; converging"
+    );
+    false
+}
+
+/// Group commit for concurrent ADDs: when an etcd read that began after
+/// this request was made (`asked`, taken before the node lock) found the
+/// record true, and the node-local facts and the kernel still match it,
+/// the request is answered without asking etcd again: what it would read
+/// is no newer than what that read saw. `None`: check etcd as usual.
+pub(super) fn coalesced(
+    cfg: &PluginConfig,
+    last: &Converged,
+    asked: &Stamp,
+    started: Instant,
+) -> Result<Option<Report>, ConvergeError> {
+    if !vouches(last, asked) {
+        return Ok(None);
+    }
+    if !local_facts_hold(cfg, last)? {
+        return Ok(None);
+    }
+    let kernel = held_digest(&crate::xfrm::kernel::Xfrm::open()?.held()?);
+    if !kernel_holds(last, &kernel) {
+        return Ok(None);
+    }
+    let revision = last.revision;
+    let mut report = unchanged_report(last.clone(), revision, started);
+    report.coalesced = true;
+    Ok(Some(report))
+}
+
+/// Whether the record's last etcd read began at or after `asked`.
+fn vouches(last: &Converged, asked: &Stamp) -> bool {
+    last.checked.as_ref().is_some_and(|c| c.not_before(asked))
+}
+
+fn unchanged_report(last: Converged, revision: i64, started: Instant) -> Report {
     let millis = ms(started);
     let report = Report {
         node: last.node,
@@ -225,7 +274,7 @@ pub(super) fn still_converged(
         ..Report::default()
     };
     tracing::debug!(?report, "still converged");
-    Some(report)
+    report
 }
 
 #[cfg(test)]
@@ -413,6 +462,39 @@ mod tests {
     }
 
     #[test]
+    fn a_record_answers_only_requests_made_before_its_read_began() {
+        let asked = Stamp::now().expect("a boot id and CLOCK_BOOTTIME");
+        let mut c: Converged = serde_json::from_value(serde_json::json!({
+            "version": VERSION, "node": "node-1", "phase": "enforce", "boot_id": "b",
+            "id": 1, "incarnation": 3, "ledger": "", "states": 2, "policies": 2,
+            "revision": 7, "fingerprint": {"cluster_id": 0, "marks": []}, "digest": "d"
+        }))
+        .expect("a record written before `checked` existed still reads");
+        assert!(!vouches(&c, &asked), "no stamp: never taken on trust");
+        c.checked = Stamp::now();
+        assert!(
+            vouches(&c, &asked),
+            "a read that began after the request answers it"
+        );
+        let later = Stamp::now().expect("now");
+        assert!(!vouches(
+            &c,
+            &Stamp {
+                boottime_ns: later.boottime_ns + 1,
+                ..later
+            }
+        ));
+        c.checked = Some(Stamp {
+            boot_id: "another boot".into(),
+            boottime_ns: u64::MAX,
+        });
+        assert!(
+            !vouches(&c, &asked),
+            "a stamp of another boot answers nothing"
+        );
+    }
+
+    #[test]
     fn record_round_trip_is_0600_and_invalidates() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -433,6 +515,7 @@ mod tests {
             fingerprint: Fingerprint::default(),
             digest: desired_digest(&desired()),
             mtu: vec![crate::mtu::MtuParams::default()],
+            checked: Stamp::now(),
         };
         c.save(dir.path()).expect("save");
         assert_eq!(Converged::load(dir.path()), Some(c.clone()));

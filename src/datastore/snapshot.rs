@@ -6,6 +6,8 @@ use super::calico::{Topology, IPAM_HOSTS, RESOURCES};
 use super::etcd::{Etcd, EtcdError, EtcdSettings, Kv, Mark, Range};
 use std::collections::BTreeMap;
 
+use crate::clock::Stamp;
+
 use serde::{Deserialize, Serialize};
 
 use super::ipsec::{config_key, ClusterConfig, EpochRecord, Identity, IpsecStoreError, PREFIX};
@@ -81,6 +83,9 @@ pub struct Snapshot {
     pub revision: i64,
     /// The fingerprint of what was read, at the same revision.
     pub fingerprint: Fingerprint,
+    /// When the read from etcd began (`None` for the agent's watch cache,
+    /// whose contents may lag etcd by an unknown time).
+    pub read_at: Option<Stamp>,
 }
 
 /// The keys and prefixes a snapshot is built from, as (key, is a prefix),
@@ -93,12 +98,15 @@ pub fn watched() -> Vec<(String, bool)> {
 /// one round trip, one revision.
 pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
     let keys = ranges();
+    let read_at = Stamp::now();
     let (header, read) = etcd.read_ranges(&as_ranges(&keys)).await?;
     let fingerprint = Fingerprint {
         cluster_id: header.cluster_id,
         marks: read.iter().map(|kvs| Mark::of(kvs)).collect(),
     };
-    build(&read, header.revision, fingerprint)
+    let mut snap = build(&read, header.revision, fingerprint)?;
+    snap.read_at = read_at;
+    Ok(snap)
 }
 
 impl Snapshot {
@@ -192,6 +200,7 @@ fn build(
         identity_revisions,
         revision,
         fingerprint,
+        read_at: None,
     })
 }
 
