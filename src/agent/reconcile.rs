@@ -1,0 +1,566 @@
+//! The agent's reconciler, in the shape of a kube-rs controller: a watch
+//! cache fed by the etcd watches, events that only mark work as pending,
+//! one [`Reconciler::reconcile`] that converges the node and publishes its
+//! status, and an error policy with exponential backoff.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::kernel_watch::KernelEvent;
+use super::publish::{keep_alive, kek_fingerprint, publish, status_of, without_heartbeat};
+use super::watch::{Change, WatchMsg};
+use super::{lock, mark_stale, AgentOptions, State};
+use crate::converge::{self, ConvergeError, NodeLock, Report};
+use crate::datastore::etcd::{Etcd, Kv};
+use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus, PREFIX};
+use crate::datastore::snapshot::Snapshot;
+use crate::xfrm::handover::PeerAcks;
+
+/// The first retry after a failed convergence.
+pub(super) const RETRY_MIN: Duration = Duration::from_millis(500);
+/// The longest wait between retries while nothing changes.
+pub(super) const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The status record is written again at least this often (its heartbeat).
+const REPUBLISH: Duration = Duration::from_secs(60);
+
+/// What one prefix's watch has delivered: its revision and keys.
+type Range = Option<(i64, BTreeMap<String, Kv>)>;
+
+/// The keys of every watched prefix, as the watches delivered them.
+#[derive(Debug)]
+pub(super) struct WatchCache {
+    ranges: Vec<Range>,
+    down: Vec<bool>,
+    /// The index of the peers' status prefix (last; not part of a snapshot).
+    statuses: usize,
+}
+
+impl WatchCache {
+    /// An empty cache of `prefixes` prefixes, the last of them the peers'
+    /// statuses.
+    pub(super) fn new(prefixes: usize) -> Self {
+        Self {
+            ranges: vec![None; prefixes],
+            down: vec![false; prefixes],
+            statuses: prefixes.saturating_sub(1),
+        }
+    }
+
+    /// Applies one watch message; true when it changed what a convergence
+    /// reads (or a watch came back, when the kernel may have changed
+    /// meanwhile).
+    fn absorb(&mut self, msg: WatchMsg, state: &Mutex<State>) -> bool {
+        match msg {
+            WatchMsg::Reset { idx, kvs, revision } => {
+                let Some(slot) = self.ranges.get_mut(idx) else {
+                    return false;
+                };
+                *slot = Some((
+                    revision,
+                    kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+                ));
+                true
+            }
+            WatchMsg::Changes {
+                idx,
+                changes,
+                revision,
+            } => {
+                let Some(Some((rev, map))) = self.ranges.get_mut(idx) else {
+                    return false;
+                };
+                *rev = revision;
+                for c in changes {
+                    match c {
+                        Change::Put(kv) => {
+                            map.insert(kv.key.clone(), kv);
+                        }
+                        Change::Delete(k) => {
+                            map.remove(&k);
+                        }
+                    }
+                }
+                true
+            }
+            WatchMsg::Up { idx } => {
+                let was = self.down.get_mut(idx).is_some_and(std::mem::take);
+                if was {
+                    tracing::info!(idx, "etcd watch resumed");
+                }
+                was
+            }
+            WatchMsg::Down { idx, reason } => {
+                if let Some(d) = self.down.get_mut(idx) {
+                    if !*d {
+                        lock(state).watch_restarts += 1;
+                    }
+                    *d = true;
+                }
+                mark_stale(state, &reason);
+                false
+            }
+        }
+    }
+
+    /// Why no snapshot can be built now (`None`: one can).
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.down.iter().any(|d| *d) {
+            Some("an etcd watch is down")
+        } else if self.ranges.iter().any(Option::is_none) {
+            Some("the watches have not delivered every prefix yet")
+        } else {
+            None
+        }
+    }
+
+    /// Whether every watch is up.
+    fn all_up(&self) -> bool {
+        !self.down.iter().any(|d| *d)
+    }
+
+    /// The snapshot the cache holds, at the newest revision delivered.
+    fn snapshot(&self) -> Result<Snapshot, IpsecStoreError> {
+        let ranges = &self.ranges[..self.statuses];
+        let revision = ranges.iter().flatten().map(|(r, _)| *r).max().unwrap_or(0);
+        let read: Vec<Vec<Kv>> = ranges
+            .iter()
+            .map(|c| {
+                c.as_ref()
+                    .map_or_else(Vec::new, |(_, m)| m.values().cloned().collect())
+            })
+            .collect();
+        Snapshot::from_ranges(&read, revision)
+    }
+
+    /// The peers' status records as the hand-over reads them (a record that
+    /// does not parse counts as absent).
+    fn acks(&self) -> PeerAcks {
+        let prefix = format!("{PREFIX}nodes/");
+        let parsed: Vec<(String, NodeStatus)> = self
+            .ranges
+            .get(self.statuses)
+            .and_then(Option::as_ref)
+            .map(|(_, m)| {
+                m.values()
+                    .filter_map(|kv| {
+                        let name = kv.key.strip_prefix(&prefix)?;
+                        let st: NodeStatus = serde_json::from_slice(&kv.value).ok()?;
+                        Some((name.to_string(), st))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PeerAcks::from_statuses(parsed.iter().map(|(n, s)| (n.as_str(), s)))
+    }
+}
+
+/// When to try again after a failure: doubled per failure from
+/// [`RETRY_MIN`] up to [`RETRY_MAX`]; new data tries at once.
+#[derive(Debug)]
+pub(super) struct Backoff {
+    at: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            at: None,
+            delay: RETRY_MIN,
+        }
+    }
+
+    /// Records a failure: the next try waits the current delay, which then
+    /// doubles. Returns the wait.
+    fn failed(&mut self) -> Duration {
+        let wait = self.delay;
+        self.at = Some(tokio::time::Instant::now() + wait);
+        self.delay = (self.delay * 2).min(RETRY_MAX);
+        wait
+    }
+
+    /// A success: the next failure waits [`RETRY_MIN`] again.
+    fn succeeded(&mut self) {
+        self.at = None;
+        self.delay = RETRY_MIN;
+    }
+
+    /// New data: try at once, keeping the delay for the next failure.
+    fn skip(&mut self) {
+        self.at = None;
+    }
+
+    /// Resolves when the wait is over; never while there is none.
+    pub(super) async fn elapsed(&self) {
+        match self.at {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// What the reconciler works with and never changes.
+pub(super) struct Ctx<'a> {
+    /// How the agent runs.
+    pub opts: &'a AgentOptions,
+    /// The etcd client.
+    pub etcd: &'a Etcd,
+    /// This node.
+    pub node: &'a str,
+    /// What the HTTP endpoint reports.
+    pub state: &'a Mutex<State>,
+}
+
+/// What one call of [`Reconciler::reconcile`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    /// Nothing was pending.
+    Idle,
+    /// Work is pending but cannot run yet, and why.
+    Wait(&'static str),
+    /// The node converged.
+    Converged,
+    /// The convergence failed; the next try comes after this long, or at
+    /// once when new data arrives.
+    Retry(Duration),
+}
+
+/// The agent's state between events.
+pub(super) struct Reconciler {
+    cache: WatchCache,
+    /// Kernel notifications not yet answered by a convergence.
+    drift: BTreeSet<KernelEvent>,
+    /// When the oldest change not yet converged arrived.
+    pending: Option<Instant>,
+    backoff: Backoff,
+    last_published: Option<NodeStatus>,
+    published_at: Instant,
+}
+
+impl Reconciler {
+    /// A reconciler over `prefixes` watched prefixes (the last of them the
+    /// peers' statuses).
+    pub(super) fn new(prefixes: usize) -> Self {
+        Self {
+            cache: WatchCache::new(prefixes),
+            drift: BTreeSet::new(),
+            pending: None,
+            backoff: Backoff::new(),
+            last_published: None,
+            published_at: Instant::now(),
+        }
+    }
+
+    /// The retry timer.
+    pub(super) fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    fn mark(&mut self) {
+        self.pending.get_or_insert_with(Instant::now);
+    }
+
+    /// Takes a watch message and everything already queued behind it.
+    pub(super) fn on_watch(
+        &mut self,
+        first: WatchMsg,
+        rx: &mut mpsc::Receiver<WatchMsg>,
+        state: &Mutex<State>,
+    ) {
+        // A peer's status matters only while a hand-over is pending.
+        let handing_over = lock(state)
+            .report
+            .as_ref()
+            .is_some_and(|r| !r.waiting_for.is_empty() || r.kept_inbound > 0);
+        let statuses = self.cache.statuses;
+        let mut take = |m: WatchMsg| {
+            let status = m.idx() == statuses;
+            self.cache.absorb(m, state) && (!status || handing_over)
+        };
+        let mut changed = take(first);
+        while let Ok(more) = rx.try_recv() {
+            changed |= take(more);
+        }
+        if changed {
+            self.mark();
+            self.backoff.skip();
+        }
+    }
+
+    /// Takes a kernel notification and the rest of its burst.
+    pub(super) fn on_kernel(
+        &mut self,
+        first: KernelEvent,
+        rx: &mut mpsc::Receiver<KernelEvent>,
+        state: &Mutex<State>,
+    ) {
+        self.drift.insert(first);
+        while let Ok(more) = rx.try_recv() {
+            self.drift.insert(more);
+        }
+        lock(state).kernel_events += 1;
+        self.mark();
+        self.backoff.skip();
+    }
+
+    /// The periodic resync.
+    pub(super) fn wake(&mut self) {
+        self.mark();
+    }
+
+    /// The end of a retry wait.
+    pub(super) fn on_retry(&mut self) {
+        self.backoff.skip();
+        self.mark();
+    }
+
+    /// The lease heartbeat: keeps the lease alive, clears a stale mark once
+    /// etcd answers again, and asks for a publication when one is due.
+    pub(super) async fn on_beat(&mut self, ctx: &Ctx<'_>) {
+        let alive = keep_alive(ctx.etcd, ctx.state).await;
+        if alive == Some(true) && self.cache.all_up() && self.backoff.at.is_none() {
+            let mut s = lock(ctx.state);
+            if s.stale && s.report.is_some() {
+                tracing::info!("etcd answers again");
+                s.stale = false;
+                s.stale_reason = None;
+                s.stale_since = None;
+            }
+        }
+        // Publish again after a lost lease, and refresh the heartbeat.
+        if alive == Some(false) || self.published_at.elapsed() >= REPUBLISH {
+            self.last_published = None;
+        }
+        // A new KEK (the Secret changed): say so within a heartbeat.
+        let kek_changed = self
+            .last_published
+            .as_ref()
+            .is_some_and(|p| p.kek != kek_fingerprint(&ctx.opts.cfg.kek_file));
+        if kek_changed || self.last_published.is_none() {
+            self.mark();
+        }
+    }
+
+    /// Converges when something is pending and the cache can tell what to
+    /// converge to; then publishes the status when it changed.
+    pub(super) async fn reconcile(&mut self, ctx: &Ctx<'_>) -> Next {
+        lock(ctx.state).last_loop = Instant::now();
+        let Some(since) = self.pending else {
+            return Next::Idle;
+        };
+        if let Some(why) = self.cache.not_ready() {
+            return Next::Wait(why);
+        }
+        if self.backoff.at.is_some() {
+            return Next::Wait("waiting to retry a failed convergence");
+        }
+        let snap = match self.cache.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "the datastore holds a malformed record; keeping the current XFRM state");
+                let mut s = lock(ctx.state);
+                s.converge_failures += 1;
+                s.converge_error = Some(format!("the datastore holds a malformed record: {e}"));
+                // Nothing to retry until the record changes.
+                self.pending = None;
+                return Next::Wait("a malformed record");
+            }
+        };
+        let noticed = std::mem::take(&mut self.drift);
+        let acks = self.cache.acks();
+        match converge_once(&ctx.opts.cfg, ctx.etcd, snap, &acks, ctx.node).await {
+            Ok(report) => {
+                self.pending = None;
+                self.backoff.succeeded();
+                record_success(ctx.state, &report, &noticed, since.elapsed());
+                self.publish(ctx, &report).await;
+                Next::Converged
+            }
+            Err(e) => Next::Retry(self.error_policy(ctx.state, &e)),
+        }
+    }
+
+    /// A failed convergence: stale when etcd is unavailable (the kernel is
+    /// kept), an error otherwise; either way a retry with backoff.
+    fn error_policy(&mut self, state: &Mutex<State>, e: &ConvergeError) -> Duration {
+        let wait = self.backoff.failed();
+        let unavailable = matches!(
+            e,
+            ConvergeError::Store(IpsecStoreError::Etcd(err)) if err.is_unavailable()
+        );
+        if unavailable {
+            mark_stale(state, &e.to_string());
+        } else {
+            tracing::error!(error = %e, retry_in = ?wait, "convergence failed; the current XFRM state is kept");
+        }
+        let mut s = lock(state);
+        s.converge_failures += 1;
+        s.converge_error = Some(e.to_string());
+        wait
+    }
+
+    /// Writes the status when it differs from the last one written.
+    async fn publish(&mut self, ctx: &Ctx<'_>, report: &Report) {
+        let kek = kek_fingerprint(&ctx.opts.cfg.kek_file);
+        let status = status_of(report, report.stale.is_some(), kek);
+        let changed =
+            self.last_published.as_ref().map(without_heartbeat) != Some(without_heartbeat(&status));
+        if changed && publish(ctx.etcd, ctx.state, ctx.node, &status, ctx.opts.lease_ttl).await {
+            self.last_published = Some(status);
+            self.published_at = Instant::now();
+        }
+    }
+}
+
+/// Updates what the endpoint reports after a successful convergence, and
+/// logs a repair of drift caused outside calico-ipsec.
+fn record_success(
+    state: &Mutex<State>,
+    report: &Report,
+    noticed: &BTreeSet<KernelEvent>,
+    took: Duration,
+) {
+    if report.writes > 0 && !noticed.is_empty() {
+        let kinds: Vec<String> = noticed.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            noticed = %kinds.join(", "),
+            repaired = %report.changes.join("; "),
+            writes = report.writes,
+            "the kernel's XFRM state drifted outside calico-ipsec; put back"
+        );
+        lock(state).kernel_repairs += 1;
+    }
+    let mut s = lock(state);
+    s.converge_seconds.observe(took.as_secs_f64());
+    s.last_success = Some(now_unix());
+    s.last_success_at = Some(Instant::now());
+    s.converge_error = None;
+    // A convergence may keep the kernel as it was because etcd cannot be
+    // followed (stale, with the reason).
+    let was_stale = s.stale;
+    s.stale = report.stale.is_some();
+    s.stale_reason = report.stale.clone();
+    if !s.stale {
+        s.stale_since = None;
+    } else if !was_stale || s.stale_since.is_none() {
+        s.stale_since = Some(Instant::now());
+    }
+    s.report = Some(report.clone());
+    drop(s);
+    if report.writes > 0 {
+        tracing::info!(
+            writes = report.writes,
+            millis = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            phase = ?report.phase,
+            epochs = ?report.installed_epochs,
+            "converged"
+        );
+    }
+}
+
+/// One convergence under the node lock. The netlink work inside blocks, so
+/// it runs with this worker handed off the runtime (`block_in_place`): the
+/// watches, the probes and the lease keep running on the other worker.
+async fn converge_once(
+    cfg: &crate::config::PluginConfig,
+    etcd: &Etcd,
+    snap: Snapshot,
+    acks: &PeerAcks,
+    node: &str,
+) -> Result<Report, ConvergeError> {
+    let started = Instant::now();
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        // The lock serialises with ADDs; they hold it for one convergence.
+        let _lock = NodeLock::acquire(&cfg.state_dir, converge::NODE_LOCK_WAIT)?;
+        handle.block_on(converge::converge_with(
+            cfg,
+            etcd,
+            snap,
+            Some(acks),
+            node.to_string(),
+            started,
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> Kv {
+        Kv {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling_and_resets_on_success() {
+        let mut b = Backoff::new();
+        let waits: Vec<Duration> = (0..9).map(|_| b.failed()).collect();
+        assert_eq!(waits[0], RETRY_MIN);
+        assert_eq!(waits[1], RETRY_MIN * 2);
+        assert_eq!(waits[8], RETRY_MAX, "capped: {waits:?}");
+        b.skip();
+        assert!(b.at.is_none(), "new data tries at once");
+        assert_eq!(b.failed(), RETRY_MAX, "but the delay is kept");
+        b.succeeded();
+        assert_eq!(b.failed(), RETRY_MIN);
+    }
+
+    #[test]
+    fn the_cache_is_ready_only_with_every_prefix_and_every_watch_up() {
+        let state = Mutex::new(State::new("node-1".into()));
+        let mut c = WatchCache::new(2);
+        assert!(c.not_ready().is_some());
+        assert!(c.absorb(
+            WatchMsg::Reset {
+                idx: 0,
+                kvs: vec![kv("/a", "1")],
+                revision: 5
+            },
+            &state
+        ));
+        assert!(c.not_ready().is_some(), "the statuses prefix is missing");
+        assert!(c.absorb(
+            WatchMsg::Reset {
+                idx: 1,
+                kvs: vec![],
+                revision: 5
+            },
+            &state
+        ));
+        assert_eq!(c.not_ready(), None);
+        assert!(!c.absorb(
+            WatchMsg::Down {
+                idx: 0,
+                reason: "gone".into()
+            },
+            &state
+        ));
+        assert_eq!(c.not_ready(), Some("an etcd watch is down"));
+        assert!(lock(&state).stale, "a down watch makes the node stale");
+        assert!(c.absorb(WatchMsg::Up { idx: 0 }, &state), "back: converge");
+        assert!(!c.absorb(WatchMsg::Up { idx: 0 }, &state), "already up");
+        assert!(
+            !c.absorb(WatchMsg::Up { idx: 7 }, &state),
+            "an unknown prefix is ignored, never a panic"
+        );
+        assert!(c.absorb(
+            WatchMsg::Changes {
+                idx: 0,
+                changes: vec![Change::Delete("/a".into()), Change::Put(kv("/b", "2"))],
+                revision: 6
+            },
+            &state
+        ));
+        let (rev, map) = c.ranges[0].as_ref().expect("range");
+        assert_eq!(*rev, 6);
+        assert_eq!(map.keys().collect::<Vec<_>>(), vec!["/b"]);
+    }
+}
