@@ -57,7 +57,7 @@ check_match "node-1's guard mirrors its outbound policies" "$guard" 'rt ipsec mi
 
 # streams_start CASE [NODE]: UDP p1→p2 (echoed) and ping p2→p3 at 200/s, and a capture
 # of NODE's wire port (node-1 by default). streams_stop CASE: stop them.
-ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" udp-echo 7777 &
+ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" udp-echo 7777 2>"$tmp/udp-echo.err" &
 E2E_DAEMON_PIDS+=("$!")
 streams_start() {
     ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" udp "$ip2" 7777 "$tmp/$1-12.json" 200 2>"$tmp/$1-12.err" &
@@ -120,7 +120,8 @@ ipn node-2 xfrm state flush
 streams_stop flush-states
 for pair in 12 23; do
     lost_within_1s "state flush, echo p${pair:0:1}→p${pair:1:1}" "$tmp/flush-states-$pair.json"
-    check_ge "state flush: echoes sent p${pair:0:1}→p${pair:1:1}" "$SENT" 800
+    # Enough traffic to measure a window (TCG stalls the sender at times).
+    check_ge "state flush: echoes sent p${pair:0:1}→p${pair:1:1}" "$SENT" 500
 done
 no_clear flush-states
 check_match "state flush: node-2's agent logged the repair, naming what was missing" \
@@ -208,7 +209,12 @@ kills=${E2E_HEAL_KILLS:-20}
 keep_logs() {
     [[ -n ${E2E_OUT:-} ]] || return 0
     mkdir -p "$E2E_OUT/heal-$1"
-    cp "$tmp"/*.log "$tmp/$1"-*.json "$E2E_OUT/heal-$1/" 2>/dev/null || true
+    cp "$tmp"/*.log "$tmp"/*.err "$tmp/$1"-*.json "$E2E_OUT/heal-$1/" 2>/dev/null || true
+    local n
+    for n in node-1 node-2 node-3; do
+        ipn "$n" -s xfrm state list >"$E2E_OUT/heal-$1/xfrm-state-$n.txt" 2>&1 || true
+        nsx "$n" cat /proc/net/xfrm_stat >"$E2E_OUT/heal-$1/xfrm_stat-$n.txt" 2>&1 || true
+    done
     info "logs kept in the VM's result folder, heal-$1/"
 }
 # wait_up NODE: until NODE's agent answers /livez (at most 5 s).

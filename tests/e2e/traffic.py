@@ -79,7 +79,7 @@ def exchange(label, sock, send, parse, out, rate):
                 send(counter)
             except OSError as e:
                 # A local refusal (e.g. no route, no SA) is a lost packet too.
-                print("send %d: %s" % (counter, e), file=sys.stderr)
+                print("%.6f send %d: %s" % (now, counter, e), file=sys.stderr)
             sent.append((counter, now))
             counter += 1
             next_at += interval
@@ -145,8 +145,9 @@ def udp_echo(port):
             d, peer = sock.recvfrom(2048)
             try:
                 sock.sendto(d, peer)
-            except OSError:
-                pass  # the sender counts it lost
+            except OSError as e:
+                # The sender counts it lost; say why, for the kept logs.
+                print("%.6f echo to %s: %s" % (time.time(), peer[0], e), file=sys.stderr)
 
 
 def block(i):
