@@ -70,7 +70,11 @@ podman: deps build
 	tests/podman.sh $(VM_BIN)
 
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
+## The Rust tier of xfrm/kernel.rs (tests/xfrm_kernel.rs, #[ignore]d on the host) runs first.
 e2e: build
+	exe=$$($(CARGO) test --locked --no-run --test xfrm_kernel --message-format=json 2>/dev/null \
+		| jq -r 'select(.target.name == "xfrm_kernel" and .executable != null) | .executable'); \
+	test -n "$$exe" && CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=600 tests/e2e/vm.sh "$$exe" --ignored
 	CALICO_IPSEC=$(VM_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/vm.sh tests/e2e/run-all.sh
 
 ## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
