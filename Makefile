@@ -40,11 +40,13 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## build: the host release binary, $(HOST_BIN) (tests, benches), and the
+## build: the host release binary, $(HOST_BIN) (tests, benches), the CNI client
+## the VM suites drive the chain with (examples/cni_client.rs), and the
 ## shipped static binary, $(BIN). Where the musl target cannot be installed
 ## (rustup cannot reach its server), the VM runs the host build, with a warning.
 build:
 	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked --example cni_client
 	@rm -f $(BIN)
 	@$(MAKE) --no-print-directory dist || echo "WARNING: the shipped static binary \
 	could not be built (see above); the VM suites, demo and bench run the host build $(HOST_BIN)" >&2

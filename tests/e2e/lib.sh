@@ -375,68 +375,44 @@ etcd_load_fixture() {
 }
 
 # ---------------------------------------------------------------------- CNI
-# A CNI client in the shape of libcni (as tests/common's Rust client): each
-# plugin gets its conflist entry plus the list's name and cniVersion, and
-# the previous result as prevResult; ADD runs in order and caches the last
-# result; CHECK runs in order and DEL in reverse, both with the cached result.
-# Plugins run inside the node namespace. CNI_CONFLIST_DIR holds NODE.conflist.
+# The CNI client is the Rust tests' (tests/common/chain.rs, libcni's invoke
+# semantics), built as the `cni_client` example: one client for both tiers.
+# Plugins run inside the node namespace. CNI_CONFLIST_DIR holds
+# NODE.conflist, and POD.result, the cached result of POD's last ADD.
 
 CNI_CONFLIST_DIR=${CNI_CONFLIST_DIR:-/tmp/e2e-cni}
 CNI_BIN_PATH=${CNI_BIN_PATH:-/usr/lib/cni}
+CNI_CLIENT=${CNI_CLIENT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/release/examples/cni_client}
 
-# cni_plugin CMD NODE CID NETNS INDEX PREV: run plugin INDEX of NODE's list
-# (or of CNI_LIST's, when set: another conflist for the same node).
-cni_plugin() {
-    local cmd=$1 node=$2 cid=$3 netns=$4 i=$5 prev=$6 conf type bin d
-    conf=$(jq -c --argjson i "$i" --argjson prev "$prev" \
-        '.plugins[$i] + {name: .name, cniVersion: .cniVersion}
-         + (if $prev == null then {} else {prevResult: $prev} end)' \
-        "$CNI_CONFLIST_DIR/${CNI_LIST:-$node}.conflist")
-    type=$(jq -r .type <<<"$conf")
-    bin=
-    for d in ${CNI_BIN_PATH//:/ }; do
-        [[ -x $d/$type ]] && { bin=$d/$type; break; }
-    done
-    [[ -n $bin ]] || { echo "no plugin '$type' in $CNI_BIN_PATH"; return 1; }
-    ip netns exec "$E2E_NS_PREFIX$node" env CNI_COMMAND="$cmd" CNI_CONTAINERID="$cid" \
-        CNI_NETNS="$netns" CNI_IFNAME=eth0 CNI_PATH="$CNI_BIN_PATH" "$bin" <<<"$conf"
+# cni_run VERB NODE POD: VERB through NODE's list (or CNI_LIST's, when set:
+# another conflist for the same node) for namespace e2e-POD. Prints the
+# failing plugin's CNI error on failure.
+cni_run() {
+    [[ -x $CNI_CLIENT ]] || { echo "no CNI client at $CNI_CLIENT (make build builds it)"; return 2; }
+    "$CNI_CLIENT" "$1" --conflist "$CNI_CONFLIST_DIR/${CNI_LIST:-$2}.conflist" \
+        --node "$E2E_NS_PREFIX$2" --cid "$3" --netns "/run/netns/$E2E_NS_PREFIX$3" \
+        --cache "$CNI_CONFLIST_DIR/$3.result" --cni-path "$CNI_BIN_PATH"
 }
 
 # cni_add NODE POD: create namespace e2e-POD and run ADD for it; the result
 # is cached in $CNI_CONFLIST_DIR/POD.result. Prints the error on failure.
 cni_add() {
-    local node=$1 pod=$2 n i prev=null out
-    ip netns add "$E2E_NS_PREFIX$pod"
-    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/${CNI_LIST:-$node}.conflist")
-    for ((i = 0; i < n; i++)); do
-        out=$(cni_plugin ADD "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" "$prev") \
-            || { echo "$out"; return 1; }
-        prev=$out
-    done
-    printf '%s\n' "$prev" >"$CNI_CONFLIST_DIR/$pod.result"
+    local out
+    ip netns add "$E2E_NS_PREFIX$2"
+    out=$(cni_run ADD "$1" "$2") || { echo "$out"; return 1; }
 }
 
 # cni_check NODE POD: CHECK every plugin with the cached result.
 cni_check() {
-    local node=$1 pod=$2 n i out
-    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/$node.conflist")
-    for ((i = 0; i < n; i++)); do
-        out=$(cni_plugin CHECK "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" \
-            "$(cat "$CNI_CONFLIST_DIR/$pod.result")") || { echo "$out"; return 1; }
-    done
+    local out
+    out=$(cni_run CHECK "$1" "$2") || { echo "$out"; return 1; }
 }
 
 # cni_del NODE POD: DEL in reverse order, then remove the namespace.
 cni_del() {
-    local node=$1 pod=$2 n i out
-    n=$(jq '.plugins | length' "$CNI_CONFLIST_DIR/${CNI_LIST:-$node}.conflist")
-    for ((i = n - 1; i >= 0; i--)); do
-        out=$(cni_plugin DEL "$node" "$pod" "/run/netns/$E2E_NS_PREFIX$pod" "$i" \
-            "$(cat "$CNI_CONFLIST_DIR/$pod.result" 2>/dev/null || echo null)") \
-            || { echo "$out"; return 1; }
-    done
-    ip netns del "$E2E_NS_PREFIX$pod"
-    rm -f "$CNI_CONFLIST_DIR/$pod.result"
+    local out
+    out=$(cni_run DEL "$1" "$2") || { echo "$out"; return 1; }
+    ip netns del "$E2E_NS_PREFIX$2"
 }
 
 # pod_ip POD: the pod's IPv4 address from its cached result.
