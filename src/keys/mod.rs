@@ -26,6 +26,7 @@
 //! is created once with its own key, so two SAs never share a GCM key and the
 //! nonce space of each starts fresh (DESIGN §5, invariant 1).
 
+pub mod agreement;
 mod kek;
 mod secret;
 

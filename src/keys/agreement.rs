@@ -1,0 +1,454 @@
+//! Per-node, per-epoch key agreement on P-256 (issue 14).
+//!
+//! For every epoch it installs, each node holds an ephemeral P-256 key pair.
+//! The private half lives in memory and in a 0600 file on tmpfs
+//! ([`KeyStore`], under `/run`); the public half goes to etcd with a MAC
+//! keyed from the epoch secret, so that someone who can write etcd but has
+//! no KEK cannot substitute a key. The SA key mixes the epoch secret with
+//! the ECDH of the sender's and the receiver's epoch keys:
+//!
+//! ```text
+//! z    = x-coordinate of ECDH(sender's epoch key, receiver's epoch key), 32 bytes
+//! okm  = HKDF-SHA256(IKM = epoch secret || z, salt = clusterGUID,
+//!                    info = the SA info (keys module) || P_sender || P_receiver, L)
+//! mac  = HMAC-SHA256(K_mac, u16be(len(node)) || node || P_node)
+//! K_mac = HKDF-SHA256(IKM = epoch secret, salt = clusterGUID,
+//!                     info = "calico-ipsec/v1/pubkey-mac" || u32be(epoch), 32)
+//! ```
+//! where `P_*` are SEC1 uncompressed points (65 bytes). Whoever holds one
+//! node's files learns the epoch secret and that node's private keys, so
+//! the keys of that node's pairs and of no other pair; once an epoch is
+//! deleted and every node has removed its private key, nothing that
+//! remains opens a capture of that epoch.
+
+use std::path::{Path, PathBuf};
+
+use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit, Mac};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::{PublicKey, SecretKey};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::secret::random;
+use super::{EpochSecret, SaId, SaKey, SecretBytes};
+
+/// The length of a SEC1 uncompressed P-256 point.
+pub const PUBLIC_LEN: usize = 65;
+
+/// The HKDF info label of the public-key MAC key.
+const MAC_LABEL: &[u8] = b"calico-ipsec/v1/pubkey-mac";
+
+/// Why a key pair or a peer's public key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AgreementError {
+    /// The system's random source failed.
+    #[error("cannot draw random bytes for an epoch key pair: {0}")]
+    Random(String),
+    /// A stored private key is not a P-256 scalar.
+    #[error("{path}: not a P-256 private key (remove it; a new pair is made and published)")]
+    BadPrivate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A peer's public key is not a point on P-256.
+    #[error("the public key of {node} for epoch {epoch} is not a P-256 point")]
+    BadPublic {
+        /// The node it claims to be.
+        node: String,
+        /// The epoch.
+        epoch: u32,
+    },
+    /// The key directory could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// This node's key pair for one epoch. The private scalar is zeroized on
+/// drop (`SecretKey` does so) and never formatted.
+pub struct EpochKeyPair {
+    secret: SecretKey,
+    public: [u8; PUBLIC_LEN],
+}
+
+impl std::fmt::Debug for EpochKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochKeyPair")
+            .field("public", &hex(&self.public))
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl EpochKeyPair {
+    /// A fresh pair from the system's random source.
+    pub fn generate() -> Result<Self, AgreementError> {
+        loop {
+            let mut b = Zeroizing::new([0u8; 32]);
+            random(&mut b[..]).map_err(|e| AgreementError::Random(e.to_string()))?;
+            // A value outside [1, n-1] (probability about 2^-32) is drawn again.
+            if let Ok(secret) = SecretKey::from_slice(&b[..]) {
+                return Ok(Self::from_secret(secret));
+            }
+        }
+    }
+
+    fn from_secret(secret: SecretKey) -> Self {
+        let point = secret.public_key().to_encoded_point(false);
+        let mut public = [0u8; PUBLIC_LEN];
+        public.copy_from_slice(point.as_bytes());
+        Self { secret, public }
+    }
+
+    /// The pair of a known 32-byte private scalar; `None` when it is not one.
+    pub fn from_private(bytes: &[u8]) -> Option<Self> {
+        SecretKey::from_slice(bytes).ok().map(Self::from_secret)
+    }
+
+    /// The public key, SEC1 uncompressed.
+    pub fn public(&self) -> &[u8; PUBLIC_LEN] {
+        &self.public
+    }
+
+    /// The private scalar, for the key file only.
+    fn private_bytes(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.secret.to_bytes().to_vec())
+    }
+
+    /// The ECDH x-coordinate with a peer's public key (which must be a point
+    /// on P-256, else `None`): the same on both ends.
+    pub fn shared(&self, peer: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+        let peer = PublicKey::from_sec1_bytes(peer).ok()?;
+        let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), peer.as_affine());
+        let mut z = Zeroizing::new([0u8; 32]);
+        z.copy_from_slice(shared.raw_secret_bytes().as_slice());
+        Some(z)
+    }
+}
+
+/// The MAC key for the public keys of `epoch`.
+fn mac_key(secret: &EpochSecret, cluster_guid: &str, epoch: u32) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), secret.expose());
+    let mut info = MAC_LABEL.to_vec();
+    info.extend_from_slice(&epoch.to_be_bytes());
+    let mut k = Zeroizing::new([0u8; 32]);
+    // 32 bytes: far below HKDF-SHA256's limit.
+    let _ = hk.expand(&info, &mut k[..]);
+    k
+}
+
+fn mac_of(
+    secret: &EpochSecret,
+    cluster_guid: &str,
+    epoch: u32,
+    node: &str,
+    public: &[u8],
+) -> Option<Hmac<Sha256>> {
+    let len = u16::try_from(node.len())
+        .ok()
+        .filter(|l| usize::from(*l) <= super::MAX_NAME_LEN)?;
+    let key = mac_key(secret, cluster_guid, epoch);
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).ok()?;
+    m.update(&len.to_be_bytes());
+    m.update(node.as_bytes());
+    m.update(public);
+    Some(m)
+}
+
+/// The MAC a node publishes beside its public key for `epoch`; `None` for
+/// a name longer than a node name may be.
+pub fn pubkey_mac(
+    secret: &EpochSecret,
+    cluster_guid: &str,
+    epoch: u32,
+    node: &str,
+    public: &[u8],
+) -> Option<[u8; 32]> {
+    let tag = mac_of(secret, cluster_guid, epoch, node, public)?.finalize().into_bytes();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_slice());
+    Some(out)
+}
+
+/// Whether `mac` authenticates `public` as `node`'s key for `epoch`
+/// (compared in constant time), and `public` is a point on P-256.
+pub fn verify_pubkey(
+    secret: &EpochSecret,
+    cluster_guid: &str,
+    epoch: u32,
+    node: &str,
+    public: &[u8],
+    mac: &[u8],
+) -> bool {
+    public.len() == PUBLIC_LEN
+        && PublicKey::from_sec1_bytes(public).is_ok()
+        && mac_of(secret, cluster_guid, epoch, node, public)
+            .is_some_and(|m| m.verify_slice(mac).is_ok())
+}
+
+impl EpochSecret {
+    /// The key of one SA of an epoch with key agreement: HKDF over the epoch
+    /// secret and the ECDH `z` of the two nodes' epoch keys, with both
+    /// public keys (sender's first) after the SA info.
+    pub fn derive_agreed(
+        &self,
+        cluster_guid: &str,
+        id: &SaId<'_>,
+        z: &[u8; 32],
+        sender_public: &[u8],
+        receiver_public: &[u8],
+    ) -> Option<SaKey> {
+        if sender_public.len() != PUBLIC_LEN || receiver_public.len() != PUBLIC_LEN {
+            return None;
+        }
+        let mut info = id.info()?;
+        info.extend_from_slice(sender_public);
+        info.extend_from_slice(receiver_public);
+        let mut ikm = Zeroizing::new(Vec::with_capacity(64));
+        ikm.extend_from_slice(self.expose());
+        ikm.extend_from_slice(z);
+        let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), &ikm);
+        let mut okm = Zeroizing::new(vec![0u8; super::sa_key_len(id.key_bits)?]);
+        hk.expand(&info, &mut okm).ok()?;
+        Some(SaKey(SecretBytes::new(okm.to_vec())))
+    }
+}
+
+/// Where a node keeps its epoch private keys: one 0600 file per epoch,
+/// `<dir>/<epoch>.key` (64 hex characters), on tmpfs, so that a reboot
+/// forgets them and a disk never holds them.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    dir: PathBuf,
+}
+
+impl KeyStore {
+    /// A store in `dir` (created 0700 when first written).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn path(&self, epoch: u32) -> PathBuf {
+        self.dir.join(format!("{epoch}.key"))
+    }
+
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgreementError {
+        let path = path.to_path_buf();
+        move |source| AgreementError::Io { op, path, source }
+    }
+
+    /// This node's pair for `epoch`: the stored one, or a new one (stored
+    /// before it is returned, so it is never published unless kept). The
+    /// flag is true for a new pair.
+    pub fn load_or_generate(&self, epoch: u32) -> Result<(EpochKeyPair, bool), AgreementError> {
+        let path = self.path(epoch);
+        match crate::fsutil::read_state(&path, 256).map_err(Self::io("reading", &path))? {
+            Some(text) => {
+                let text = Zeroizing::new(text);
+                let bytes = Zeroizing::new(
+                    decode_hex(std::str::from_utf8(&text).unwrap_or("").trim())
+                        .ok_or_else(|| AgreementError::BadPrivate { path: path.clone() })?,
+                );
+                let pair = EpochKeyPair::from_private(&bytes)
+                    .ok_or(AgreementError::BadPrivate { path })?;
+                Ok((pair, false))
+            }
+            None => {
+                let pair = EpochKeyPair::generate()?;
+                crate::fsutil::private_dir(&self.dir).map_err(Self::io("creating", &self.dir))?;
+                let text = Zeroizing::new(hex(&pair.private_bytes()));
+                crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
+                    .map_err(Self::io("writing", &path))?;
+                Ok((pair, true))
+            }
+        }
+    }
+
+    /// Removes the private keys of every epoch not in `keep` (forward
+    /// secrecy: a deleted epoch's key must not outlive it). Returns the
+    /// epochs removed.
+    pub fn retain(&self, keep: &std::collections::BTreeSet<u32>) -> Result<Vec<u32>, AgreementError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Self::io("listing", &self.dir)(e)),
+        };
+        let mut removed = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(Self::io("listing", &self.dir))?;
+            let name = entry.file_name();
+            let Some(epoch) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".key"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if keep.contains(&epoch) {
+                continue;
+            }
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(Self::io("removing", &path))?;
+            removed.push(epoch);
+        }
+        removed.sort_unstable();
+        Ok(removed)
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id<'a>(sender: &'a str, receiver: &'a str) -> SaId<'a> {
+        SaId {
+            epoch: 7,
+            sender,
+            incarnation: 2,
+            receiver,
+            lane: 0,
+            key_bits: 128,
+        }
+    }
+
+    fn pair(byte: u8) -> EpochKeyPair {
+        EpochKeyPair::from_private(&[byte; 32]).expect("a valid scalar")
+    }
+
+    #[test]
+    fn both_ends_agree_and_a_third_node_cannot() {
+        let secret = EpochSecret::from_bytes(vec![0x11; 32]);
+        let (a, b, c) = (pair(1), pair(2), pair(3));
+        let z_ab = a.shared(b.public()).expect("point");
+        let z_ba = b.shared(a.public()).expect("point");
+        assert_eq!(*z_ab, *z_ba);
+        let k_sender = secret
+            .derive_agreed("guid", &id("a", "b"), &z_ab, a.public(), b.public())
+            .expect("key");
+        let k_receiver = secret
+            .derive_agreed("guid", &id("a", "b"), &z_ba, a.public(), b.public())
+            .expect("key");
+        assert_eq!(k_sender.0.expose(), k_receiver.0.expose());
+        // c holds the epoch secret and both public keys, but not a's or b's
+        // private key: its own ECDH gives another key.
+        let z_cb = c.shared(b.public()).expect("point");
+        let k_c = secret
+            .derive_agreed("guid", &id("a", "b"), &z_cb, a.public(), b.public())
+            .expect("key");
+        assert_ne!(k_c.0.expose(), k_sender.0.expose());
+        // And the agreed key is never the epoch-only one.
+        let legacy = secret.derive("guid", &id("a", "b")).expect("key");
+        assert_ne!(legacy.0.expose(), k_sender.0.expose());
+    }
+
+    /// Computed by `tests/vectors/agreement.py` (Python's cryptography and
+    /// hmac/hashlib, from the README's text), never by this code.
+    #[test]
+    fn vectors_from_an_independent_implementation() {
+        let secret = EpochSecret::from_bytes(vec![0x11; 32]);
+        let guid = "5e6d2c1a-0b7f-4c3e-9a21-7f3b2d9c8e01";
+        let (a, b) = (pair(1), pair(2));
+        assert_eq!(hex(a.public()), "046ff03b949241ce1dadd43519e6960e0a85b41a69a05c328103aa2bce1594ca163c4f753a55bf01dc53f6c0b0c7eee78b40c6ff7d25a96e2282b989cef71c144a");
+        let z = a.shared(b.public()).expect("point");
+        assert_eq!(hex(&z[..]), "eb459a6b30d70eb4c0ddcd34ea96ed59e8f8d1843c22dd895ab603aa13d9a81d");
+        for (bits, want) in [
+            (128, "ae694764015ea6aa072428712a7696cff59eb7f5"),
+            (256, "7ef6e5f916ca9156e44477be925b92ade7d26158eae80ab913054f7837e3dc31eb1a5922"),
+        ] {
+            let id = SaId {
+                epoch: 7,
+                sender: "node-1",
+                incarnation: 2,
+                receiver: "node-2",
+                lane: 0,
+                key_bits: bits,
+            };
+            let k = secret
+                .derive_agreed(guid, &id, &z, a.public(), b.public())
+                .expect("key");
+            assert_eq!(hex(k.0.expose()), want, "AES-{bits}");
+        }
+        let mac = pubkey_mac(&secret, guid, 7, "node-1", a.public()).expect("mac");
+        assert_eq!(hex(&mac), "7326230af3bcfce0620c33d1330bc907a19967071e45a2f396b02b01e427bbff");
+    }
+
+    #[test]
+    fn a_public_key_that_is_not_a_point_is_refused() {
+        let a = pair(1);
+        let mut bad = *a.public();
+        bad[64] ^= 1;
+        assert!(a.shared(&bad).is_none());
+        assert!(a.shared(&[4u8; 10]).is_none());
+        let secret = EpochSecret::from_bytes(vec![0x11; 32]);
+        let mac = pubkey_mac(&secret, "g", 7, "a", &bad).expect("mac");
+        assert!(!verify_pubkey(&secret, "g", 7, "a", &bad, &mac), "not a point");
+    }
+
+    #[test]
+    fn the_mac_binds_the_key_to_its_node_epoch_and_secret() {
+        let secret = EpochSecret::from_bytes(vec![0x11; 32]);
+        let a = pair(1);
+        let mac = pubkey_mac(&secret, "g", 7, "node-a", a.public()).expect("mac");
+        assert!(verify_pubkey(&secret, "g", 7, "node-a", a.public(), &mac));
+        assert!(!verify_pubkey(&secret, "g", 7, "node-b", a.public(), &mac), "moved to another node");
+        assert!(!verify_pubkey(&secret, "g", 8, "node-a", a.public(), &mac), "moved to another epoch");
+        let other = EpochSecret::from_bytes(vec![0x22; 32]);
+        let forged = pubkey_mac(&other, "g", 7, "node-a", pair(9).public()).expect("mac");
+        assert!(
+            !verify_pubkey(&secret, "g", 7, "node-a", pair(9).public(), &forged),
+            "a writer without the epoch secret cannot substitute a key"
+        );
+        assert!(!verify_pubkey(&secret, "g", 7, "node-a", a.public(), &mac[..31]));
+    }
+
+    #[test]
+    fn the_store_keeps_a_pair_0600_and_forgets_deleted_epochs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = KeyStore::new(dir.path().join("agreement"));
+        let (first, new) = store.load_or_generate(3).expect("generate");
+        assert!(new);
+        let (again, new) = store.load_or_generate(3).expect("load");
+        assert!(!new);
+        assert_eq!(first.public(), again.public(), "the same pair after a restart");
+        let mode = std::fs::metadata(dir.path().join("agreement/3.key"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        store.load_or_generate(4).expect("generate");
+        let removed = store.retain(&[4].into_iter().collect()).expect("retain");
+        assert_eq!(removed, vec![3]);
+        assert!(!dir.path().join("agreement/3.key").exists());
+        let (fresh, new) = store.load_or_generate(3).expect("generate");
+        assert!(new && fresh.public() != first.public(), "a deleted epoch's key never comes back");
+        std::fs::write(dir.path().join("agreement/5.key"), "zz").expect("write");
+        assert!(matches!(
+            store.load_or_generate(5),
+            Err(AgreementError::BadPrivate { .. })
+        ));
+        assert!(!format!("{first:?}").contains(&hex(&first.private_bytes())));
+    }
+}

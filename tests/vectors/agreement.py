@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Computes the key-agreement test vectors of src/keys/agreement.rs from
+the README's text alone: Python's cryptography for P-256, hmac/hashlib for
+HKDF-SHA256 and HMAC. The Rust test pins what this prints.
+"""
+import hashlib
+import hmac
+import struct
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+
+
+def hkdf_sha256(ikm, salt, info, length):
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
+def name_field(name):
+    b = name.encode()
+    return struct.pack(">H", len(b)) + b
+
+
+def sa_info(epoch, sender, incarnation, receiver, lane=0, key_bits=128):
+    info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
+            + struct.pack(">I", incarnation) + name_field(receiver))
+    if key_bits == 256:
+        return info + bytes([lane, 0x20])
+    return info + (bytes([lane]) if lane else b"")
+
+
+def pair(byte):
+    priv = ec.derive_private_key(int.from_bytes(bytes([byte]) * 32, "big"), ec.SECP256R1())
+    pub = priv.public_key().public_bytes(serialization.Encoding.X962,
+                                         serialization.PublicFormat.UncompressedPoint)
+    return priv, pub
+
+
+def main():
+    secret = bytes([0x11]) * 32
+    guid = "5e6d2c1a-0b7f-4c3e-9a21-7f3b2d9c8e01"
+    epoch, sender, inc, receiver = 7, "node-1", 2, "node-2"
+    a, pa = pair(1)
+    b, pb = pair(2)
+    z = a.exchange(ec.ECDH(), b.public_key())
+    assert z == b.exchange(ec.ECDH(), a.public_key())
+    for bits, length in ((128, 20), (256, 36)):
+        info = sa_info(epoch, sender, inc, receiver, 0, bits) + pa + pb
+        print("sa_key_%d=%s" % (bits, hkdf_sha256(secret + z, guid.encode(), info, length).hex()))
+    k_mac = hkdf_sha256(secret, guid.encode(), b"calico-ipsec/v1/pubkey-mac" + struct.pack(">I", epoch), 32)
+    print("mac_node_1=%s" % hmac.new(k_mac, name_field(sender) + pa, hashlib.sha256).hexdigest())
+    print("public_1=%s" % pa.hex())
+    print("z=%s" % z.hex())
+
+
+if __name__ == "__main__":
+    main()
