@@ -231,6 +231,7 @@ impl<'a> IpsecStore<'a> {
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(kek, 1)?,
             also_sealed: Default::default(),
+            agreement: None,
             activated: Some(now_rfc3339()),
         };
         let created = self
@@ -298,6 +299,7 @@ impl<'a> IpsecStore<'a> {
                 kek_fingerprint: kek.fingerprint(),
                 sealed_secret: secret.seal(kek, next)?,
                 also_sealed: Default::default(),
+                agreement: None,
                 activated: None,
             };
             if let Some(why) = rec.cipher_problem(config.icv_bits) {
@@ -602,6 +604,7 @@ mod tests {
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(&kek, 3).expect("seal"),
             also_sealed: Default::default(),
+            agreement: None,
             activated: None,
         };
         let text = String::from_utf8(encode(&rec)).expect("utf8");

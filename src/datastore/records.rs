@@ -133,6 +133,24 @@ pub struct EpochRecord {
     /// When it became active, RFC 3339 UTC (absent while pending).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated: Option<String>,
+    /// The key agreement its SA keys mix in: [`AGREEMENT_P256`], or absent
+    /// for keys derived from the epoch secret alone (every epoch written
+    /// before agreement existed keeps its keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<String>,
+}
+
+/// Per-node P-256 key agreement (`crate::keys::agreement`).
+pub const AGREEMENT_P256: &str = "p256";
+
+/// A node's public key for one epoch (`pubkeys/<epoch>/<node>`), written
+/// once: SEC1 uncompressed, with its MAC under the epoch secret, both base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PubkeyRecord {
+    /// base64 of the 65-byte SEC1 uncompressed point.
+    pub public: String,
+    /// base64 of HMAC-SHA256 over the node name and the point.
+    pub mac: String,
 }
 
 fn default_key_bits() -> u32 {
@@ -160,6 +178,12 @@ impl EpochRecord {
         }
         if crate::keys::sa_key_len(self.key_bits).is_none() {
             return Some(format!("key_bits {} is not 128 or 256", self.key_bits));
+        }
+        if let Some(a) = self.agreement.as_deref().filter(|a| *a != AGREEMENT_P256) {
+            return Some(format!(
+                "agreement {:?} is not {AGREEMENT_P256}",
+                a.escape_debug().to_string()
+            ));
         }
         match self.icv_bits {
             Some(b) if !matches!(b, 64 | 96 | 128) => {
@@ -283,6 +307,7 @@ mod tests {
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
             also_sealed: Default::default(),
+            agreement: None,
             activated: None,
         }
     }

@@ -15,6 +15,7 @@ fn epoch(n: u32, state: EpochState, activated: Option<u64>) -> (EpochRecord, i64
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
             also_sealed: Default::default(),
+            agreement: None,
             activated: activated.map(ipsec::rfc3339),
         },
         1,

@@ -47,6 +47,7 @@ fn epoch(n: u32, state: EpochState) -> EpochRecord {
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
         also_sealed: Default::default(),
+        agreement: None,
         activated: None,
     }
 }

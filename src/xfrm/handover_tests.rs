@@ -43,6 +43,7 @@ fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
         also_sealed: Default::default(),
+        agreement: None,
         activated: None,
     }];
     Desired::compute(&Inputs {
