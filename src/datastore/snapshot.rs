@@ -11,6 +11,7 @@ use crate::clock::Stamp;
 use serde::{Deserialize, Serialize};
 
 use super::ipsec::{config_key, ClusterConfig, EpochRecord, Identity, IpsecStoreError, PREFIX};
+use super::records::PubkeyRecord;
 
 /// The Calico resource kinds a node needs, under [`RESOURCES`]. Workload
 /// endpoints and policies (the bulk of a big cluster) are not read.
@@ -34,6 +35,7 @@ fn ranges() -> Vec<(String, bool)> {
     r.push((config_key(), false));
     r.push((format!("{PREFIX}epochs/"), true));
     r.push((format!("{PREFIX}nodeids/"), true));
+    r.push((format!("{PREFIX}pubkeys/"), true));
     r
 }
 
@@ -83,6 +85,9 @@ pub struct Snapshot {
     pub revision: i64,
     /// The fingerprint of what was read, at the same revision.
     pub fingerprint: Fingerprint,
+    /// Each node's public key for each epoch with key agreement, by epoch
+    /// then node, as written (verified against the epoch secret where used).
+    pub pubkeys: BTreeMap<u32, BTreeMap<String, PubkeyRecord>>,
     /// When the read from etcd began (`None` for the agent's watch cache,
     /// whose contents may lag etcd by an unknown time).
     pub read_at: Option<Stamp>,
@@ -189,6 +194,7 @@ fn build(
             }
         }
     }
+    let pubkeys = pubkeys_of(at(base + 3), &mut problems);
     epochs.sort_by_key(|e| e.epoch);
     Ok(Snapshot {
         topology,
@@ -200,8 +206,39 @@ fn build(
         identity_revisions,
         revision,
         fingerprint,
+        pubkeys,
         read_at: None,
     })
+}
+
+/// The `pubkeys/<epoch>/<node>` records; a malformed one is reported and
+/// left out (that peer's paths wait, blocked, for a good one).
+fn pubkeys_of(
+    kvs: &[Kv],
+    problems: &mut Vec<String>,
+) -> BTreeMap<u32, BTreeMap<String, PubkeyRecord>> {
+    let prefix = format!("{PREFIX}pubkeys/");
+    let mut out: BTreeMap<u32, BTreeMap<String, PubkeyRecord>> = BTreeMap::new();
+    for kv in kvs {
+        let key = kv.key.escape_debug().to_string();
+        let parsed = kv
+            .key
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split_once('/'))
+            .and_then(|(e, node)| Some((e.parse::<u32>().ok()?, node)))
+            .filter(|(_, node)| !node.is_empty() && !node.contains('/'));
+        let Some((epoch, node)) = parsed else {
+            problems.push(format!("{key} is not pubkeys/<epoch>/<node>"));
+            continue;
+        };
+        match serde_json::from_slice::<PubkeyRecord>(&kv.value) {
+            Ok(r) => {
+                out.entry(epoch).or_default().insert(node.to_string(), r);
+            }
+            Err(e) => problems.push(format!("{key} is malformed: {e}")),
+        }
+    }
+    out
 }
 
 /// Reads the current [`Fingerprint`] of everything a snapshot reads, in one
