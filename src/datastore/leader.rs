@@ -3,7 +3,7 @@
 //! paused leader cannot write. The manager decides; this module alone knows
 //! how its decisions become etcd transactions.
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp};
 
 use super::ipsec::{
     config_key, encode, epoch_key, leader_key, ClusterConfig, EpochRecord, IpsecStore,
@@ -96,9 +96,14 @@ impl IpsecStore<'_> {
         rev: i64,
     ) -> Result<bool, IpsecStoreError> {
         let key = epoch_key(n);
+        // Its nodes' public keys go with it (nothing may use them after).
+        let pubkeys = super::pubkeys::pubkeys_prefix(n);
         let txn = fence.txn(
             [Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)],
-            vec![TxnOp::delete(key.as_str(), None)],
+            vec![
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::delete(pubkeys.as_str(), Some(DeleteOptions::new().with_prefix())),
+            ],
         );
         Ok(self.etcd().txn("delete epoch", txn).await?)
     }

@@ -6,5 +6,6 @@ pub mod etcd;
 pub mod ipsec;
 pub mod leader;
 pub mod paths;
+pub mod pubkeys;
 pub mod records;
 pub mod snapshot;

@@ -1,0 +1,31 @@
+//! Each node's public key for each epoch with key agreement
+//! (`pubkeys/<epoch>/<node>`). A record is written once and never changed:
+//! the kernel never shows an SA's key, so a key that changed under an
+//! unchanged SPI could not be noticed (docs/design/key-agreement.md).
+
+use super::ipsec::{encode, IpsecStore, IpsecStoreError, PREFIX};
+use super::records::PubkeyRecord;
+
+/// The key of `node`'s public key for `epoch`.
+pub fn pubkey_key(epoch: u32, node: &str) -> String {
+    format!("{PREFIX}pubkeys/{epoch}/{node}")
+}
+
+/// The prefix of every node's public key for `epoch`.
+pub fn pubkeys_prefix(epoch: u32) -> String {
+    format!("{PREFIX}pubkeys/{epoch}/")
+}
+
+impl IpsecStore<'_> {
+    /// Writes `node`'s public key for `epoch` unless a record is there;
+    /// true when this call wrote it.
+    pub async fn create_pubkey(
+        &self,
+        epoch: u32,
+        node: &str,
+        rec: &PubkeyRecord,
+    ) -> Result<bool, IpsecStoreError> {
+        let key = pubkey_key(epoch, node);
+        Ok(self.etcd().create_all(&[(key.as_str(), encode(rec))]).await?)
+    }
+}
