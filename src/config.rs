@@ -21,6 +21,8 @@ pub const DEFAULT_LOG_FILE: &str = "/var/log/calico/cni/calico-ipsec.log";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/calico-ipsec";
 /// Default key-encryption-key file, delivered from a Kubernetes Secret.
 pub const DEFAULT_KEK_FILE: &str = "/etc/cni/net.d/calico-ipsec/kek";
+/// Where this node's epoch private keys live: tmpfs, never a disk.
+pub const DEFAULT_AGREEMENT_DIR: &str = "/run/calico-ipsec/agreement";
 /// Smallest underlay MTU accepted in `ext_mtu` (the IPv4 minimum reassembly size).
 pub const MIN_EXT_MTU: u32 = 576;
 /// Largest underlay MTU accepted in `ext_mtu`.
@@ -148,6 +150,9 @@ pub struct PluginConfig {
     /// lock, the incarnation ledger, the convergence record, the guard's
     /// record and the etcd member hint.
     pub state_dir: PathBuf,
+    /// `agreement_dir`: this node's private keys of the epochs with key
+    /// agreement, one 0600 file each; it must be on tmpfs (`/run`).
+    pub agreement_dir: PathBuf,
     /// `encapsulation`, `icv_bits`, `outer_ip` and `udp_encap`: what the MTU bound depends on.
     pub mtu: MtuParams,
     /// `ext_mtu`: the underlay MTU; detected when absent.
@@ -364,6 +369,9 @@ impl PluginConfig {
             state_dir: f
                 .path("state_dir")?
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            agreement_dir: f
+                .path("agreement_dir")?
+                .unwrap_or_else(|| DEFAULT_AGREEMENT_DIR.into()),
             mtu,
             ext_mtu,
             mtu_iface_pattern,

@@ -40,6 +40,7 @@ use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan};
 use record::Converged;
 
+mod agreement;
 mod apply;
 mod identity;
 mod observe;
@@ -89,6 +90,12 @@ pub enum ConvergeError {
     /// A file under the state directory is a link or not a regular file.
     #[error(transparent)]
     Unsafe(#[from] SafeFileError),
+    /// This node's side of key agreement failed.
+    #[error("key agreement: {0}")]
+    Agreement(String),
+    /// This node's epoch private keys could not be read or written.
+    #[error(transparent)]
+    AgreementKeys(#[from] crate::keys::agreement::AgreementError),
     /// Another process held the node lock for longer than the wait.
     #[error("the node lock {path} is still held by another calico-ipsec process after {waited:?}; see which with `fuser -v {path}`")]
     LockTimeout {

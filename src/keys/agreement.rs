@@ -249,31 +249,37 @@ impl KeyStore {
         move |source| AgreementError::Io { op, path, source }
     }
 
+    /// This node's stored pair for `epoch`, if it has one.
+    pub fn load(&self, epoch: u32) -> Result<Option<EpochKeyPair>, AgreementError> {
+        let path = self.path(epoch);
+        let Some(text) = crate::fsutil::read_state(&path, 256).map_err(Self::io("reading", &path))?
+        else {
+            return Ok(None);
+        };
+        let text = Zeroizing::new(text);
+        let bytes = Zeroizing::new(
+            decode_hex(std::str::from_utf8(&text).unwrap_or("").trim())
+                .ok_or_else(|| AgreementError::BadPrivate { path: path.clone() })?,
+        );
+        EpochKeyPair::from_private(&bytes)
+            .map(Some)
+            .ok_or(AgreementError::BadPrivate { path })
+    }
+
     /// This node's pair for `epoch`: the stored one, or a new one (stored
     /// before it is returned, so it is never published unless kept). The
     /// flag is true for a new pair.
     pub fn load_or_generate(&self, epoch: u32) -> Result<(EpochKeyPair, bool), AgreementError> {
-        let path = self.path(epoch);
-        match crate::fsutil::read_state(&path, 256).map_err(Self::io("reading", &path))? {
-            Some(text) => {
-                let text = Zeroizing::new(text);
-                let bytes = Zeroizing::new(
-                    decode_hex(std::str::from_utf8(&text).unwrap_or("").trim())
-                        .ok_or_else(|| AgreementError::BadPrivate { path: path.clone() })?,
-                );
-                let pair = EpochKeyPair::from_private(&bytes)
-                    .ok_or(AgreementError::BadPrivate { path })?;
-                Ok((pair, false))
-            }
-            None => {
-                let pair = EpochKeyPair::generate()?;
-                crate::fsutil::private_dir(&self.dir).map_err(Self::io("creating", &self.dir))?;
-                let text = Zeroizing::new(hex(&pair.private_bytes()));
-                crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
-                    .map_err(Self::io("writing", &path))?;
-                Ok((pair, true))
-            }
+        if let Some(pair) = self.load(epoch)? {
+            return Ok((pair, false));
         }
+        let path = self.path(epoch);
+        let pair = EpochKeyPair::generate()?;
+        crate::fsutil::private_dir(&self.dir).map_err(Self::io("creating", &self.dir))?;
+        let text = Zeroizing::new(hex(&pair.private_bytes()));
+        crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
+            .map_err(Self::io("writing", &path))?;
+        Ok((pair, true))
     }
 
     /// Removes the private keys of every epoch not in `keep` (forward

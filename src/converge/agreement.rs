@@ -1,0 +1,148 @@
+//! This node's side of key agreement in a convergence: its key pair for
+//! each epoch with agreement (made and published when it has none), the
+//! peers' public keys that verify under the epoch secret, the epochs it
+//! cannot use, and forgetting the private keys of deleted epochs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+
+use super::ConvergeError;
+use crate::config::PluginConfig;
+use crate::datastore::ipsec::IpsecStore;
+use crate::datastore::records::{PubkeyRecord, AGREEMENT_P256};
+use crate::datastore::snapshot::Snapshot;
+use crate::keys::agreement::{pubkey_mac, verify_pubkey, EpochKeyPair, KeyStore, PUBLIC_LEN};
+use crate::keys::Kek;
+
+/// What a convergence knows of key agreement.
+#[derive(Debug, Default)]
+pub struct Agreed {
+    /// This node's pair for each agreement epoch it can use.
+    pub mine: BTreeMap<u32, EpochKeyPair>,
+    /// The public keys that verified, per epoch and node (this node's too).
+    pub verified: BTreeMap<u32, BTreeMap<String, [u8; PUBLIC_LEN]>>,
+    /// Agreement epochs this node cannot use: its record is in etcd but its
+    /// private key is gone (a reboot emptied tmpfs), or the record is not
+    /// its own key. Its paths wait for a new epoch.
+    pub lost: BTreeSet<u32>,
+    /// Whether this convergence wrote a public key to etcd.
+    pub wrote: bool,
+}
+
+impl Agreed {
+    /// Whether `node`'s key for `epoch` verified.
+    pub fn ready(&self, epoch: u32, node: &str) -> bool {
+        self.verified
+            .get(&epoch)
+            .is_some_and(|m| m.contains_key(node))
+    }
+}
+
+fn decode(b64: &str) -> Option<Vec<u8>> {
+    B64.decode(b64).ok()
+}
+
+/// Makes sure this node has a pair and a published key for every agreement
+/// epoch of `snap`, and verifies every peer's key. `kek` is needed only
+/// when the snapshot has an agreement epoch.
+pub(super) async fn prepare(
+    cfg: &PluginConfig,
+    store: &IpsecStore<'_>,
+    snap: &Snapshot,
+    node: &str,
+    kek: Option<&Kek>,
+) -> Result<Agreed, ConvergeError> {
+    let mut out = Agreed::default();
+    let epochs: Vec<_> = snap
+        .epochs
+        .iter()
+        .filter(|e| e.agreement.as_deref() == Some(AGREEMENT_P256))
+        .collect();
+    if epochs.is_empty() {
+        return Ok(out);
+    }
+    let kek = kek.ok_or_else(|| ConvergeError::Agreement("no KEK to open the epochs with".into()))?;
+    let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
+    let keystore = KeyStore::new(&cfg.agreement_dir);
+    let none = BTreeMap::new();
+    for rec in epochs {
+        let e = rec.epoch;
+        let secret = rec
+            .open(kek)
+            .map_err(|err| ConvergeError::Agreement(err.to_string()))?;
+        let published = snap.pubkeys.get(&e).unwrap_or(&none);
+        let mut verified = BTreeMap::new();
+        for (peer, r) in published {
+            let (Some(public), Some(mac)) = (decode(&r.public), decode(&r.mac)) else {
+                tracing::warn!(epoch = e, node = %peer.escape_debug(), "a public key record is not base64; its paths wait");
+                continue;
+            };
+            if !verify_pubkey(&secret, &guid, e, peer, &public, &mac) {
+                tracing::error!(epoch = e, node = %peer.escape_debug(), "a public key does not verify under the epoch secret (written by someone without the KEK?); it is not used and its paths wait");
+                continue;
+            }
+            let mut p = [0u8; PUBLIC_LEN];
+            p.copy_from_slice(&public);
+            verified.insert(peer.clone(), p);
+        }
+        match (published.get(node), verified.get(node)) {
+            (Some(_), Some(public)) => match keystore.load(e)? {
+                Some(pair) if pair.public() == public => {
+                    out.mine.insert(e, pair);
+                }
+                held => {
+                    tracing::warn!(
+                        epoch = e,
+                        have_private = held.is_some(),
+                        "this node's public key for the epoch is in etcd but its private key is not here (a reboot?): the epoch is lost to this node until the next one"
+                    );
+                    out.lost.insert(e);
+                }
+            },
+            (Some(_), None) => {
+                // Our own record does not verify: never overwritten (write
+                // once), so this epoch cannot be used here.
+                out.lost.insert(e);
+            }
+            (None, _) => {
+                let (pair, _) = keystore.load_or_generate(e)?;
+                let mac = pubkey_mac(&secret, &guid, e, node, pair.public())
+                    .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
+                let r = PubkeyRecord {
+                    public: B64.encode(pair.public()),
+                    mac: B64.encode(mac),
+                };
+                if !store.create_pubkey(e, node, &r).await? {
+                    return Err(ConvergeError::Agreement(format!(
+                        "another writer created this node's public key for epoch {e} first; converging again"
+                    )));
+                }
+                out.wrote = true;
+                tracing::info!(epoch = e, "published this node's public key for the epoch");
+                verified.insert(node.to_string(), *pair.public());
+                out.mine.insert(e, pair);
+            }
+        }
+        out.verified.insert(e, verified);
+    }
+    Ok(out)
+}
+
+/// Removes the private keys of epochs that are gone from etcd: neither an
+/// epoch record nor any public key of theirs is left (the manager deletes
+/// both in one transaction). A record that is only malformed keeps its key.
+pub(super) fn forget_deleted(cfg: &PluginConfig, snap: &Snapshot) -> Result<(), ConvergeError> {
+    let keep: BTreeSet<u32> = snap
+        .epochs
+        .iter()
+        .map(|e| e.epoch)
+        .chain(snap.pubkeys.keys().copied())
+        .collect();
+    let removed = KeyStore::new(&cfg.agreement_dir).retain(&keep)?;
+    if !removed.is_empty() {
+        tracing::info!(epochs = ?removed, "destroyed the private keys of deleted epochs (forward secrecy)");
+    }
+    Ok(())
+}
