@@ -167,6 +167,7 @@ fn desired(endpoint: &str) -> Desired {
         phase: Phase::Enforce,
         epochs: &snap.epochs,
         icv_bits: 128,
+        agreement: &std::collections::BTreeMap::new(),
     })
     .expect("desired")
 }

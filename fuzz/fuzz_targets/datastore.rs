@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
             phase,
             epochs: &snap.epochs,
             icv_bits: 128,
+            agreement: &std::collections::BTreeMap::new(),
         };
         if let Ok(d) = Desired::compute(&inputs) {
             assert!(Plan::diff(&d, &Held::exactly(&d)).is_empty());

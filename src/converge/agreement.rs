@@ -32,11 +32,42 @@ pub struct Agreed {
 }
 
 impl Agreed {
-    /// Whether `node`'s key for `epoch` verified.
-    pub fn ready(&self, epoch: u32, node: &str) -> bool {
+    /// Per agreement epoch, the nodes whose key this node can use: the
+    /// peers whose key verified, and `me` only when it holds its pair.
+    pub fn readiness(&self, me: &str) -> BTreeMap<u32, BTreeSet<String>> {
         self.verified
-            .get(&epoch)
-            .is_some_and(|m| m.contains_key(node))
+            .iter()
+            .map(|(e, keys)| {
+                let mut ready: BTreeSet<String> =
+                    keys.keys().filter(|n| n.as_str() != me).cloned().collect();
+                if self.mine.contains_key(e) {
+                    ready.insert(me.to_string());
+                }
+                (*e, ready)
+            })
+            .collect()
+    }
+
+    /// The key of one SA of an agreement epoch, from this node's pair and
+    /// the peer's verified key (`None` when either is missing).
+    pub fn derive(
+        &self,
+        secret: &crate::keys::EpochSecret,
+        guid: &str,
+        s: &crate::xfrm::SaSpec,
+        id: &crate::keys::SaId<'_>,
+    ) -> Option<crate::keys::SaKey> {
+        let outbound = s.dir == crate::xfrm::Dir::Out;
+        let peer = if outbound { &s.receiver } else { &s.sender };
+        let pair = self.mine.get(&s.epoch)?;
+        let theirs = self.verified.get(&s.epoch)?.get(peer)?;
+        let z = pair.shared(theirs)?;
+        let (sender, receiver) = if outbound {
+            (pair.public(), theirs)
+        } else {
+            (theirs, pair.public())
+        };
+        secret.derive_agreed(guid, id, &z, sender, receiver)
     }
 }
 
@@ -128,6 +159,25 @@ pub(super) async fn prepare(
         out.verified.insert(e, verified);
     }
     Ok(out)
+}
+
+/// Per agreement epoch, the nodes that published a key, unverified: what
+/// `status` and CHECK, which hold no KEK, take for the readiness a
+/// convergence computes (they differ only for a key that fails its MAC or a
+/// private key this node lost, both of which the convergence logs).
+pub fn published(snap: &Snapshot) -> BTreeMap<u32, BTreeSet<String>> {
+    snap.epochs
+        .iter()
+        .filter(|e| e.agreement.as_deref() == Some(AGREEMENT_P256))
+        .map(|e| {
+            let nodes = snap
+                .pubkeys
+                .get(&e.epoch)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            (e.epoch, nodes)
+        })
+        .collect()
 }
 
 /// Removes the private keys of epochs that are gone from etcd: neither an

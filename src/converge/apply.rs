@@ -89,6 +89,7 @@ pub fn mtu_params(snap: &Snapshot, node: &str) -> Vec<MtuParams> {
 pub(super) fn apply_with_keys(
     cfg: &PluginConfig,
     snap: &Snapshot,
+    agreed: &super::agreement::Agreed,
     xfrm: &mut Xfrm,
     plan: &Plan,
     held: &Held,
@@ -103,29 +104,35 @@ pub(super) fn apply_with_keys(
     let mut secrets: HashMap<u32, EpochSecret> = HashMap::new();
     let applied = xfrm.apply(plan, held, |s| {
         let kek = kek.as_ref().ok_or("no KEK loaded")?;
+        let rec = snap
+            .epochs
+            .iter()
+            .find(|e| e.epoch == s.epoch)
+            .ok_or_else(|| format!("epoch {} has no record", s.epoch))?;
         let secret = match secrets.entry(s.epoch) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                let rec = snap
-                    .epochs
-                    .iter()
-                    .find(|e| e.epoch == s.epoch)
-                    .ok_or_else(|| format!("epoch {} has no record", s.epoch))?;
                 v.insert(rec.open(kek).map_err(|e| e.to_string())?)
             }
         };
+        let id = SaId {
+            epoch: s.epoch,
+            sender: &s.sender,
+            incarnation: s.incarnation,
+            receiver: &s.receiver,
+            lane: s.lane.index(),
+            key_bits: s.key_bits,
+        };
+        if rec.agreement.is_some() {
+            return agreed.derive(secret, &guid, s, &id).ok_or_else(|| {
+                format!(
+                    "epoch {} has no usable key agreement with the peer (a missing or unverified key)",
+                    s.epoch
+                )
+            });
+        }
         secret
-            .derive(
-                &guid,
-                &SaId {
-                    epoch: s.epoch,
-                    sender: &s.sender,
-                    incarnation: s.incarnation,
-                    receiver: &s.receiver,
-                    lane: s.lane.index(),
-                    key_bits: s.key_bits,
-                },
-            )
+            .derive(&guid, &id)
             .ok_or_else(|| "a node name is longer than 253 bytes".to_string())
     })?;
     let outbound = plan.add_states.iter().filter(|s| s.dir == Dir::Out).count();

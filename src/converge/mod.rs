@@ -32,7 +32,7 @@ use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fsutil::SafeFileError;
-use crate::keys::KekError;
+use crate::keys::{Kek, KekError};
 use crate::mtu::MtuParams;
 use crate::xfrm::guard::Guard;
 use crate::xfrm::handover::{hand_over, PeerAcks};
@@ -371,6 +371,24 @@ pub async fn converge_with(
         }
     }
 
+    // Key agreement: this node's pairs (made and published when missing)
+    // and the peers' keys that verify.
+    let agreed = if phase == Phase::Off {
+        agreement::Agreed::default()
+    } else {
+        let kek = snap
+            .epochs
+            .iter()
+            .any(|e| e.agreement.is_some())
+            .then(|| Kek::load(&cfg.kek_file))
+            .transpose()?;
+        agreement::prepare(cfg, &store, &snap, &node, kek.as_ref()).await?
+    };
+    if agreed.wrote {
+        from_snapshot = false;
+    }
+    let ready = agreed.readiness(&node);
+
     let mut identity_millis = ms(t_identity);
     let (desired, plan, handover, ids_now) = loop {
         let computed = Desired::compute(&Inputs {
@@ -381,6 +399,7 @@ pub async fn converge_with(
             phase,
             epochs: &snap.epochs,
             icv_bits,
+            agreement: &ready,
         });
         let mut desired = match computed {
             Ok(d) => d,
@@ -465,8 +484,9 @@ pub async fn converge_with(
                 tracing::warn!(error = %e, "cannot narrow the plaintext guard before removing outbound policies");
             }
         }
-        applied = apply_with_keys(cfg, &snap, &mut xfrm, &plan, &held)?;
+        applied = apply_with_keys(cfg, &snap, &agreed, &mut xfrm, &plan, &held)?;
     }
+    agreement::forget_deleted(cfg, &snap)?;
     // The agent keeps the guard (it converges within milliseconds of the
     // XFRM notifications an ADD's writes cause); an ADD only narrows it
     // above, so that `nft` never runs on a pod's critical path otherwise.

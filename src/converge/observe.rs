@@ -40,6 +40,7 @@ pub fn observe(etcd: &EtcdSettings, node: String) -> Result<Observed, ConvergeEr
 /// Computes the plan from a snapshot already read.
 pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, ConvergeError> {
     let (phase, icv_bits) = phase_of(&snapshot);
+    let ready = super::agreement::published(&snapshot);
     let desired = Desired::compute(&Inputs {
         topology: &snapshot.topology,
         me: &node,
@@ -48,6 +49,7 @@ pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, Co
         phase,
         epochs: &snapshot.epochs,
         icv_bits,
+        agreement: &ready,
     })?;
     let mut desired = desired;
     let held = Xfrm::open()?.held()?;

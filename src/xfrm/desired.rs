@@ -72,6 +72,10 @@ pub struct Inputs<'a> {
     /// ICV length, in bits, of an epoch whose record names none (one
     /// written before epochs carried their own): the cluster config's.
     pub icv_bits: u32,
+    /// For each epoch with key agreement, the nodes whose epoch key this
+    /// node can use (this node only when it holds its private key): a pair
+    /// gets that epoch's SAs only when both ends are in it.
+    pub agreement: &'a BTreeMap<u32, BTreeSet<String>>,
 }
 
 /// One peer's traffic in one address family (for `status` and metrics).
@@ -218,6 +222,18 @@ impl Build<'_> {
         let Some(theirs) = theirs else { return };
         let tunnel = lane.mode() == Mode::Tunnel;
         for (epoch, key_bits, icv_bits) in self.installed.clone() {
+            if let Some(ready) = self.i.agreement.get(&epoch) {
+                let missing = [self.i.me, peer.name.as_str()]
+                    .into_iter()
+                    .find(|n| !ready.contains(*n));
+                if let Some(n) = missing {
+                    let why = format!("waiting for {}'s key for epoch {epoch}", n.escape_debug());
+                    if !view.blocked.contains(&why) {
+                        view.blocked.push(why);
+                    }
+                    continue;
+                }
+            }
             let base = |dir, src, dst, spi, sender: &str, inc, receiver: &str| SaSpec {
                 dir,
                 src,
@@ -434,10 +450,29 @@ impl Desired {
             .nodes
             .get(i.me)
             .ok_or_else(|| DesiredError::UnknownNode(i.me.to_string()))?;
+        // A pending epoch with key agreement is installed only once every
+        // peer that has an identity (and this node) holds a usable key, so
+        // that "installed on every node" means every pair can use it.
+        let all_keys = |e: u32| {
+            i.agreement.get(&e).is_none_or(|ready| {
+                ready.contains(i.me)
+                    && t.peers(i.me).all(|p| {
+                        refused.contains_key(&p.name)
+                            || i.identities
+                                .get(&p.name)
+                                .is_none_or(|id| id.incarnation == 0)
+                            || ready.contains(&p.name)
+                    })
+            })
+        };
         let installed: Vec<(u32, u32, u32)> = i
             .epochs
             .iter()
-            .filter(|e| matches!(e.state, EpochState::Pending | EpochState::Active))
+            .filter(|e| match e.state {
+                EpochState::Active => true,
+                EpochState::Pending => all_keys(e.epoch),
+                _ => false,
+            })
             .map(|e| (e.epoch, e.key_bits, e.icv_bits.unwrap_or(i.icv_bits)))
             .collect();
         let active = i

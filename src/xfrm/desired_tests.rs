@@ -77,6 +77,7 @@ fn compute_in(t: &Topology, phase: Phase, epochs: &[EpochRecord]) -> Desired {
         phase,
         epochs,
         icv_bits: 128,
+        agreement: &std::collections::BTreeMap::new(),
     })
     .expect("computes")
 }
@@ -205,6 +206,7 @@ fn a_peer_without_incarnation_gets_no_states_but_is_still_blocked() {
         phase: Phase::Encrypt,
         epochs: &epochs,
         icv_bits: 128,
+        agreement: &std::collections::BTreeMap::new(),
     })
     .expect("computes");
     let n3 = ip("10.0.0.13");
@@ -227,6 +229,7 @@ fn errors_name_what_to_fix() {
         phase: Phase::Encrypt,
         epochs: &[],
         icv_bits: 128,
+        agreement: &std::collections::BTreeMap::new(),
     };
     assert_eq!(
         Desired::compute(&base).err(),
@@ -478,6 +481,7 @@ fn a_planted_node_never_takes_another_nodes_sas() {
         phase: Phase::Enforce,
         epochs: &[epoch(1, EpochState::Active)],
         icv_bits: 128,
+        agreement: &std::collections::BTreeMap::new(),
     })
     .expect("computes");
     assert!(d

@@ -54,6 +54,7 @@ fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
         phase: Phase::Enforce,
         epochs: &epochs,
         icv_bits: 128,
+        agreement: &std::collections::BTreeMap::new(),
     })
     .expect("computes")
 }
