@@ -10,6 +10,7 @@ use crate::datastore::ipsec::{now_rfc3339, IpsecStore, IpsecStoreError, NodeStat
 pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
     NodeStatus {
         kek,
+        lost_epochs: r.lost_epochs.clone(),
         id: r.id.unwrap_or(0),
         incarnation: r.incarnation,
         installed_epochs: r.installed_epochs.clone(),

@@ -56,6 +56,10 @@ pub enum KeysCommand {
         /// Default: the newest epoch's.
         #[arg(long, value_parser = super::mtu::parse_icv)]
         icv_bits: Option<u32>,
+        /// Per-node P-256 key agreement for the new epoch (and those after
+        /// it): `p256` or `none`. Default: the newest epoch's.
+        #[arg(long, value_parser = parse_agreement)]
+        agreement: Option<bool>,
     },
     /// Change the KEK without an outage: seal every epoch under a new KEK
     /// beside the current one; after every node holds the new KEK file,
@@ -110,7 +114,7 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             };
             let cipher = Cipher {
                 key_bits: *key_bits,
-                icv_bits: None,
+                ..Cipher::default()
             };
             let rec = store.init(&kek, &config, cipher).await?;
             writeln!(
@@ -123,11 +127,16 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             )?;
             writeln!(out, "deliver the KEK file to every node as a Kubernetes Secret; keep a backup: without it the epochs cannot be opened")?;
         }
-        KeysCommand::Rotate { key_bits, icv_bits } => {
+        KeysCommand::Rotate {
+            key_bits,
+            icv_bits,
+            agreement,
+        } => {
             let kek = Kek::load(&args.kek_file)?;
             let change = CipherChange {
                 key_bits: *key_bits,
                 icv_bits: *icv_bits,
+                agreement: *agreement,
             };
             let rec = store.add_pending_epoch(&kek, change).await?;
             writeln!(
@@ -199,5 +208,14 @@ fn parse_key_bits(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(b) if crate::keys::KEY_BITS.contains(&b) => Ok(b),
         _ => Err(format!("{s:?} is not an AES key size we use: 128 or 256")),
+    }
+}
+
+/// `--agreement`: `p256` (on) or `none` (off).
+fn parse_agreement(s: &str) -> Result<bool, String> {
+    match s {
+        "p256" => Ok(true),
+        "none" => Ok(false),
+        other => Err(format!("{other:?} is not p256 or none")),
     }
 }

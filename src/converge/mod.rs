@@ -179,6 +179,8 @@ pub struct Report {
     /// Inbound SAs of peers' older incarnations kept while those peers may
     /// still send on them.
     pub kept_inbound: usize,
+    /// Key-agreement epochs this node cannot use (its private key is gone).
+    pub lost_epochs: Vec<u32>,
 }
 
 fn state_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConvergeError {
@@ -562,6 +564,7 @@ pub async fn converge_with(
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         changes: plan.describe(8),
         identities_digest: crate::datastore::ipsec::identities_digest(&ids_now),
+        lost_epochs: agreed.lost.iter().copied().collect(),
         unchanged: false,
         coalesced: false,
         unprotected: desired.unprotected.clone(),

@@ -231,7 +231,9 @@ impl<'a> IpsecStore<'a> {
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(kek, 1)?,
             also_sealed: Default::default(),
-            agreement: None,
+            agreement: cipher
+                .agreement
+                .then(|| super::records::AGREEMENT_P256.to_string()),
             activated: Some(now_rfc3339()),
         };
         let created = self
@@ -299,7 +301,9 @@ impl<'a> IpsecStore<'a> {
                 kek_fingerprint: kek.fingerprint(),
                 sealed_secret: secret.seal(kek, next)?,
                 also_sealed: Default::default(),
-                agreement: None,
+                agreement: cipher
+                    .agreement
+                    .then(|| super::records::AGREEMENT_P256.to_string()),
                 activated: None,
             };
             if let Some(why) = rec.cipher_problem(config.icv_bits) {

@@ -73,6 +73,8 @@ pub struct Cipher {
     pub key_bits: u32,
     /// ICV bits (64, 96 or 128); `None`: the config's.
     pub icv_bits: Option<u32>,
+    /// Whether its keys mix in per-node P-256 key agreement.
+    pub agreement: bool,
 }
 
 impl Default for Cipher {
@@ -80,6 +82,7 @@ impl Default for Cipher {
         Self {
             key_bits: crate::keys::DEFAULT_KEY_BITS,
             icv_bits: None,
+            agreement: false,
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct CipherChange {
     pub key_bits: Option<u32>,
     /// ICV bits.
     pub icv_bits: Option<u32>,
+    /// Key agreement on or off.
+    pub agreement: Option<bool>,
 }
 
 impl CipherChange {
@@ -99,6 +104,7 @@ impl CipherChange {
         Cipher {
             key_bits: self.key_bits.unwrap_or(base.key_bits),
             icv_bits: self.icv_bits.or(base.icv_bits),
+            agreement: self.agreement.unwrap_or(base.agreement),
         }
     }
 }
@@ -163,6 +169,7 @@ impl EpochRecord {
         Cipher {
             key_bits: self.key_bits,
             icv_bits: self.icv_bits,
+            agreement: self.agreement.is_some(),
         }
     }
 
@@ -245,6 +252,10 @@ pub struct NodeStatus {
     /// the new KEK.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kek: String,
+    /// Key-agreement epochs this node cannot use (its private key is gone,
+    /// as after a reboot): the manager moves to a new epoch at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_epochs: Vec<u32>,
 }
 
 /// The status records under `nodes/`, sorted by what they can tell.

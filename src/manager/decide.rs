@@ -124,9 +124,15 @@ pub fn decide(v: &View) -> Action {
             .map(|(e, _)| e)
     };
     let newest_active = of(EpochState::Active).map(|e| e.epoch).max();
+    let lost = |e: u32| v.live.iter().any(|(_, s)| s.lost_epochs.contains(&e));
     if let Some(p) = of(EpochState::Pending).map(|e| e.epoch).min() {
         if newest_active.is_some_and(|a| p < a) {
             // A pending epoch older than the active one can never be used.
+            return Action::Retire(vec![p]);
+        }
+        if acks && lost(p) {
+            // A node lost its key for it (a reboot): it could never install
+            // it. Retire it; the next rotation makes a fresh one.
             return Action::Retire(vec![p]);
         }
         let missing: Vec<_> = v
@@ -203,6 +209,11 @@ pub fn decide(v: &View) -> Action {
     // and nodes holding the other could not open it: rotations wait.
     let kek_changing = v.epochs.iter().any(|(e, _)| !e.also_sealed.is_empty());
     if let Some(newest) = newest_active.filter(|_| !kek_changing) {
+        // A node that lost its key for the active epoch can send to no one:
+        // rotate now rather than at the interval.
+        if acks && lost(newest) {
+            return Action::Rotate;
+        }
         if cfg.rotation_interval_seconds > 0 {
             let rec = of(EpochState::Active).find(|e| e.epoch == newest);
             let born = rec.and_then(|e| parse_rfc3339(&e.created)).unwrap_or(v.now);

@@ -35,6 +35,7 @@ fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeS
         identities: "d".into(),
         handover: false,
         kek: String::new(),
+        lost_epochs: vec![],
     }
 }
 
