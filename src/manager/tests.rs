@@ -291,3 +291,43 @@ fn an_unreadable_leased_record_holds_acknowledged_steps_and_no_record_is_named()
     off.unreadable = vec!["node-9".into()];
     assert_eq!(decide(&off), Action::Activate(2));
 }
+
+#[test]
+fn a_node_that_lost_its_epoch_key_brings_a_new_epoch_at_once() {
+    use Phase::Enforce;
+    let lost = |installed: &[u32], epochs: &[u32]| NodeStatus {
+        lost_epochs: epochs.to_vec(),
+        ..node(Enforce, 0, installed, Some(1))
+    };
+    // The active epoch lost by one node: rotate now, not at the interval
+    // (which is 0 here: never).
+    let v = view(
+        Enforce,
+        Enforce,
+        0,
+        vec![epoch(1, EpochState::Active, Some(1000))],
+        vec![node(Enforce, 0, &[1], Some(1)), lost(&[], &[1])],
+    );
+    assert_eq!(decide(&v), Action::Rotate);
+    // A pending epoch it lost can never be installed there: retired.
+    let v = view(
+        Enforce,
+        Enforce,
+        0,
+        vec![
+            epoch(1, EpochState::Active, Some(1000)),
+            epoch(2, EpochState::Pending, None),
+        ],
+        vec![node(Enforce, 0, &[1, 2], Some(1)), lost(&[], &[1, 2])],
+    );
+    assert_eq!(decide(&v), Action::Retire(vec![2]));
+    // Nobody lost anything: steady.
+    let v = view(
+        Enforce,
+        Enforce,
+        0,
+        vec![epoch(1, EpochState::Active, Some(1000))],
+        vec![node(Enforce, 0, &[1], Some(1))],
+    );
+    assert!(matches!(decide(&v), Action::Wait(_)));
+}
