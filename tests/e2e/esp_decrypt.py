@@ -38,6 +38,7 @@ import json
 import struct
 import sys
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 
@@ -65,6 +66,40 @@ def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0, key_bits=
     if lane:
         info += bytes([lane])
     return hkdf_sha256(secret, guid.encode(), info, 20)
+
+
+def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bits, pubs, privs):
+    """The key of an epoch with key agreement (README, "Per-node key
+    agreement"); None when neither end's private key is at hand."""
+    ps, pr = pubs.get((epoch, sender)), pubs.get((epoch, receiver))
+    if ps is None or pr is None:
+        return None
+    if (epoch, sender) in privs:
+        mine, theirs = privs[(epoch, sender)], pr
+    elif (epoch, receiver) in privs:
+        mine, theirs = privs[(epoch, receiver)], ps
+    else:
+        return None
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), theirs)
+    z = mine.exchange(ec.ECDH(), peer)
+    info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
+            + struct.pack(">I", incarnation) + name_field(receiver))
+    info += bytes([lane, 0x20]) if key_bits == 256 else (bytes([lane]) if lane else b"")
+    return hkdf_sha256(secret + z, guid.encode(), info + ps + pr, 36 if key_bits == 256 else 20)
+
+
+def load_privs(spec):
+    """ESP_AGREEMENT_DIRS="node-1=/dir,node-2=/dir": the nodes' epoch
+    private keys (<dir>/<epoch>.key, hex), by (epoch, node)."""
+    import os
+    privs = {}
+    for item in filter(None, spec.split(",")):
+        node, d = item.split("=", 1)
+        for f in os.listdir(d) if os.path.isdir(d) else []:
+            if f.endswith(".key") and f[:-4].isdigit():
+                scalar = int(open(os.path.join(d, f)).read().strip(), 16)
+                privs[(int(f[:-4]), node)] = ec.derive_private_key(scalar, ec.SECP256R1())
+    return privs
 
 
 def load_etcd(path):
@@ -119,6 +154,16 @@ def main():
                 key_bits[n] = v.get("key_bits", 128)
             except Exception:  # noqa: BLE001 - a planted record without a secret
                 pass
+    agreement = {k2: v.get("agreement") for k2, v in
+                 ((v["epoch"], v) for k, v in kvs.items() if k.startswith("/calico/ipsec/v1/epochs/")
+                  and isinstance(v, dict) and "epoch" in v)}
+    pubs = {}
+    for k, v in kvs.items():
+        if k.startswith("/calico/ipsec/v1/pubkeys/"):
+            e, node = k.split("/")[-2:]
+            pubs[(int(e), node)] = base64.b64decode(v["public"])
+    import os
+    privs = load_privs(os.environ.get("ESP_AGREEMENT_DIRS", ""))
     ids, ips = {}, {}
     for k, v in kvs.items():
         if k.startswith("/calico/ipsec/v1/nodeids/"):
@@ -129,7 +174,7 @@ def main():
                 if a:
                     ips[str(ipaddress.ip_address(a.split("/")[0]))] = v["metadata"]["name"]
 
-    counts = {"esp": 0, "ok": 0, "bad": 0, "plain": 0, "truncated": 0}
+    counts = {"esp": 0, "ok": 0, "bad": 0, "plain": 0, "truncated": 0, "nokey": 0}
     found = False
     for ip in read_pcap(pcap):
         if ip is None:
@@ -167,7 +212,14 @@ def main():
             assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
             assert ips[src] == sender, f"SPI names {sender} but the packet is from {ips[src]}"
             bits = key_bits[epoch]
-            key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane, bits)
+            if agreement.get(epoch):
+                key = agreed_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane,
+                                 bits, pubs, privs)
+                if key is None:
+                    counts["nokey"] += 1  # neither end's private key: cannot be opened
+                    continue
+            else:
+                key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane, bits)
             iv, body = esp[8:16], esp[16:]
             aad = struct.pack(">III", spi, 0, seq)  # ESN: SPI, seq_hi, seq_lo
             plain = AESGCM(key[:-4]).decrypt(key[-4:] + iv, body, aad)
@@ -184,7 +236,7 @@ def main():
             counts["bad"] += 1
             print(f"ESP spi 0x{spi:08x} seq {seq} {src} -> {dst}: {type(e).__name__} {e}")
     inner = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith(("nh", "aes")))
-    print("esp={esp} decrypted={ok} failed={bad} plaintext={plain} truncated={truncated}".format(**counts),
+    print("esp={esp} decrypted={ok} failed={bad} plaintext={plain} truncated={truncated} nokey={nokey}".format(**counts),
           inner,
           f"marker={'found' if found else 'missing'}")
     ok = counts["esp"] > 0 and counts["bad"] == 0 and counts["plain"] == 0 and found
