@@ -442,6 +442,7 @@ node_conflist() {
                   dataDir: "\($tmp)/ipam-\($n)"}},
           {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
            kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
+           agreement_dir: "\($tmp)/agreement-\($n)",
            log_file_path: "\($tmp)/\($n).log", log_level: "debug", etcd_timeout_ms: 10000}
         ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
 }

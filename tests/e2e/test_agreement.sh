@@ -1,0 +1,144 @@
+#!/bin/bash
+# End-to-end: per-node key agreement (issue 14). Agents on three nodes and
+# two managers, pods through the chain, echo at 100/s p1→p2 and p2→p3.
+#
+# 1. Rotation to an epoch with P-256 key agreement: every node keeps a 0600
+#    private key under its agreement_dir and publishes its public key; the
+#    rotation loses no echo.
+# 2. Containment: a capture of node-2's port (node-1↔node-2 and
+#    node-2↔node-3), and a script (esp_decrypt.py) given node-1's KEK, its
+#    state and agreement directories, and etcd with every revision: it
+#    decrypts node-1↔node-2 and opens no node-2↔node-3 packet.
+# 3. Forward secrecy: a capture under that epoch; a rotation deletes it and
+#    every node removes its private key; then every node's files and etcd's
+#    history open nothing of the capture (before, the same script opened it).
+# 4. A forged public key: written to etcd for node-2 by someone without the
+#    KEK while node-2's agent is stopped; no node uses it, node-2 reports
+#    the epoch lost, the manager retires it, the next rotation works, and
+#    no echo is lost.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+
+e2e_init
+
+e2e_bin
+tmp=$(mktemp -d)
+daemon_cluster_up "$tmp" "$bin"
+E2E_LEASE_TTL=20
+for n in "${NODES[@]}"; do agent_start "$n"; done
+manager_start mgr-a
+manager_start mgr-b
+wait_until 60 "three agents publish a leased status" three_live || true
+check "pod p1 on node-1" cni_add node-1 p1
+check "pod p2 on node-2" cni_add node-2 p2
+check "pod p3 on node-3" cni_add node-3 p3
+ip2=$(pod_ip p2) ip3=$(pod_ip p3)
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-12.json" 100 2>"$tmp/ping-12.err" &
+ping12=$!
+ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/ping-23.json" 100 2>"$tmp/ping-23.err" &
+ping23=$!
+sleep 2
+check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
+
+rotate() { nsx wire "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" --kek-file "$tmp/kek" "$@"; }
+# history_dump OUT: every key under /calico/ at every revision etcd keeps,
+# newest value per key (what an attacker with the etcd history holds).
+history_dump() {
+    local rev r
+    rev=$(ectl get / -w json | jq -r .header.revision)
+    for ((r = 1; r <= rev; r++)); do
+        ectl get --prefix /calico/ --rev="$r" -w json 2>/dev/null || true
+    done | python3 -c '
+import json, sys
+kvs = {}
+for line in sys.stdin:
+    line = line.strip()
+    if line:
+        for kv in json.loads(line).get("kvs", []):
+            kvs[kv["key"]] = kv
+json.dump({"kvs": list(kvs.values())}, open(sys.argv[1], "w"))' "$1"
+}
+# decrypt PCAP DUMP DIRS: esp_decrypt.py's summary line, given the KEK and
+# the agreement directories DIRS ("node-1=DIR,...").
+decrypt() {
+    ESP_AGREEMENT_DIRS=$3 python3 "$here/esp_decrypt.py" "$1" "$2" "$tmp/kek" calico-ipsec-e2e 2>&1 | tail -1 || true
+}
+field() { grep -o "$1=[0-9]*" <<<"$2" | cut -d= -f2; }
+
+# ------------------------------------------------------------ 1. rotation
+check "keys rotate --agreement p256" rotate --agreement p256
+wait_until 120 "epoch 2 (key agreement) active, epoch 1 deleted" only_epoch 2 || true
+for n in "${NODES[@]}"; do
+    check_eq "$n keeps its epoch-2 private key 0600 under its agreement_dir" \
+        "$(stat -c %a "$tmp/agreement-$n/2.key" 2>&1)" 600
+    check_match "$n's public key for epoch 2 is in etcd with its MAC" \
+        "$(ectl get --print-value-only "/calico/ipsec/v1/pubkeys/2/$n")" '"mac":"[A-Za-z0-9+/=]{44}"'
+done
+
+# --------------------------------------------------------- 2. containment
+cap_start wire w-node-2 "$tmp/contain.pcap"
+sleep 3
+cap_stop
+tcpdump -r "$tmp/contain.pcap" -w "$tmp/c12.pcap" "host ${NODE_IP[node-1]} and host ${NODE_IP[node-2]}" 2>/dev/null
+tcpdump -r "$tmp/contain.pcap" -w "$tmp/c23.pcap" "host ${NODE_IP[node-2]} and host ${NODE_IP[node-3]}" 2>/dev/null
+history_dump "$tmp/history.json"
+one="node-1=$tmp/agreement-node-1"
+s12=$(decrypt "$tmp/c12.pcap" "$tmp/history.json" "$one")
+s23=$(decrypt "$tmp/c23.pcap" "$tmp/history.json" "$one")
+info "with node-1's files and etcd's history, node-1↔node-2: $s12"
+info "with node-1's files and etcd's history, node-2↔node-3: $s23"
+check_ge "containment: node-1's own pair decrypts" "$(field decrypted "$s12")" 10
+check_eq "containment: ... every packet of it" "$(field failed "$s12")" 0
+check_eq "containment: node-2↔node-3 opens for no packet" "$(field decrypted "$s23")" 0
+check_ge "containment: ... of the node-2↔node-3 packets captured" "$(field nokey "$s23")" 10
+
+# ---------------------------------------------------- 3. forward secrecy
+all="node-1=$tmp/agreement-node-1,node-2=$tmp/agreement-node-2,node-3=$tmp/agreement-node-3"
+history_dump "$tmp/history-before.json"
+before=$(decrypt "$tmp/contain.pcap" "$tmp/history-before.json" "$all")
+check_ge "forward secrecy: before the deletion, every node's files open the capture ($before)" \
+    "$(field decrypted "$before")" 20
+check "keys rotate (epoch 3)" rotate
+wait_until 120 "epoch 3 active, epoch 2 deleted" only_epoch 3 || true
+gone() { ! ls "$tmp"/agreement-node-*/2.key >/dev/null 2>&1; }
+wait_until 30 "every node removed its epoch-2 private key" gone || true
+history_dump "$tmp/history-after.json"
+after=$(decrypt "$tmp/contain.pcap" "$tmp/history-after.json" "$all")
+info "after the deletion, with every node's files, the KEK and etcd's history: $after"
+check_eq "forward secrecy: the epoch-2 capture opens for no packet" "$(field decrypted "$after")" 0
+
+# ------------------------------------------------------- 4. a forged key
+kill -TERM "${AGENT_PID[node-2]}"
+wait "${AGENT_PID[node-2]}" 2>/dev/null || true
+check "keys rotate (epoch 4, pending)" rotate
+forged=$(python3 -c '
+import base64, os
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+k = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+    serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+print("{\"public\":\"%s\",\"mac\":\"%s\"}" % (base64.b64encode(k).decode(), base64.b64encode(os.urandom(32)).decode()))')
+ectl put /calico/ipsec/v1/pubkeys/4/node-2 "$forged" >/dev/null
+agent_start node-2
+wait_until 60 "node-1 refuses node-2's forged key" grep -q 'does not verify' "$tmp/agent-node-1.log" || true
+check_match "node-2 reports epoch 4 lost (its record is not its key)" \
+    "$(ectl get --print-value-only /calico/ipsec/v1/nodes/node-2)" '"lost_epochs":\[4\]'
+wait_until 120 "the manager retired the forged epoch: epoch 3 alone again" only_epoch 3 || true
+check "keys rotate (epoch 5) after the forgery" rotate
+wait_until 120 "epoch 5 active: the cluster moves on" only_epoch 5 || true
+
+kill -TERM "$ping12" "$ping23" 2>/dev/null || true
+wait "$ping12" "$ping23" 2>/dev/null || true
+for pair in 12 23; do
+    sent=$(jq '.sent | length' "$tmp/ping-$pair.json")
+    lost=$(jq '.lost | length' "$tmp/ping-$pair.json")
+    info "echo ${pair:0:1}→${pair:1:1}: $sent sent, $lost lost"
+    check_eq "echoes lost p${pair:0:1}→p${pair:1:1} over every step" "$lost" 0
+done
+for n in "${NODES[@]}"; do
+    check_eq "xfrm_stat counters on $n all 0" "$(xfrm_errors "$n")" ""
+done
+daemons_stop
+e2e_finish
