@@ -118,6 +118,17 @@ pub(super) async fn prepare(
             p.copy_from_slice(&public);
             verified.insert(peer.clone(), p);
         }
+        // A retired epoch only drains: nothing is made or reported for it.
+        let retired = rec.state == crate::datastore::records::EpochState::Retired;
+        if retired {
+            if let (Some(public), Some(pair)) = (verified.get(node), keystore.load(e)?) {
+                if pair.public() == public {
+                    out.mine.insert(e, pair);
+                }
+            }
+            out.verified.insert(e, verified);
+            continue;
+        }
         match (published.get(node), verified.get(node)) {
             (Some(_), Some(public)) => match keystore.load(e)? {
                 Some(pair) if pair.public() == public => {
