@@ -375,9 +375,9 @@ pub async fn converge_with(
 
     // Key agreement: this node's pairs (made and published when missing)
     // and the peers' keys that verify.
-    let agreed = if phase == Phase::Off {
-        agreement::Agreed::default()
-    } else {
+    // Keys are published in every phase, off included, so that every
+    // node's key is in etcd long before enable needs it.
+    let agreed = {
         let kek = snap
             .epochs
             .iter()
