@@ -149,7 +149,9 @@ pub(super) async fn prepare(
                 out.lost.insert(e);
             }
             (None, _) => {
-                let (pair, _) = keystore.load_or_generate(e)?;
+                // Always a new pair: a file left from a deleted epoch of the
+                // same number is never reused.
+                let pair = keystore.generate(e)?;
                 let mac = pubkey_mac(&secret, &guid, e, node, pair.public())
                     .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
                 let r = PubkeyRecord {

@@ -266,20 +266,17 @@ impl KeyStore {
             .ok_or(AgreementError::BadPrivate { path })
     }
 
-    /// This node's pair for `epoch`: the stored one, or a new one (stored
-    /// before it is returned, so it is never published unless kept). The
-    /// flag is true for a new pair.
-    pub fn load_or_generate(&self, epoch: u32) -> Result<(EpochKeyPair, bool), AgreementError> {
-        if let Some(pair) = self.load(epoch)? {
-            return Ok((pair, false));
-        }
+    /// A new pair for `epoch`, stored (replacing any file left from an
+    /// epoch of the same number that was deleted) before it is returned, so
+    /// that a key is never published unless kept.
+    pub fn generate(&self, epoch: u32) -> Result<EpochKeyPair, AgreementError> {
         let path = self.path(epoch);
         let pair = EpochKeyPair::generate()?;
         crate::fsutil::private_dir(&self.dir).map_err(Self::io("creating", &self.dir))?;
         let text = Zeroizing::new(hex(&pair.private_bytes()));
         crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
             .map_err(Self::io("writing", &path))?;
-        Ok((pair, true))
+        Ok(pair)
     }
 
     /// Removes the private keys of every epoch not in `keep` (forward
@@ -434,27 +431,23 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = KeyStore::new(dir.path().join("agreement"));
-        let (first, new) = store.load_or_generate(3).expect("generate");
-        assert!(new);
-        let (again, new) = store.load_or_generate(3).expect("load");
-        assert!(!new);
+        assert!(store.load(3).expect("nothing yet").is_none());
+        let first = store.generate(3).expect("generate");
+        let again = store.load(3).expect("load").expect("stored");
         assert_eq!(first.public(), again.public(), "the same pair after a restart");
         let mode = std::fs::metadata(dir.path().join("agreement/3.key"))
             .expect("stat")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        store.load_or_generate(4).expect("generate");
+        store.generate(4).expect("generate");
         let removed = store.retain(&[4].into_iter().collect()).expect("retain");
         assert_eq!(removed, vec![3]);
-        assert!(!dir.path().join("agreement/3.key").exists());
-        let (fresh, new) = store.load_or_generate(3).expect("generate");
-        assert!(new && fresh.public() != first.public(), "a deleted epoch's key never comes back");
+        assert!(store.load(3).expect("load").is_none(), "a deleted epoch's key is gone");
+        let fresh = store.generate(4).expect("generate again");
+        assert_ne!(fresh.public(), first.public());
         std::fs::write(dir.path().join("agreement/5.key"), "zz").expect("write");
-        assert!(matches!(
-            store.load_or_generate(5),
-            Err(AgreementError::BadPrivate { .. })
-        ));
+        assert!(matches!(store.load(5), Err(AgreementError::BadPrivate { .. })));
         assert!(!format!("{first:?}").contains(&hex(&first.private_bytes())));
     }
 }
