@@ -301,6 +301,7 @@ fn node_status_vanishes_with_its_lease() {
             identities: String::new(),
             handover: false,
             kek: String::new(),
+            lost_epochs: vec![],
         };
         store
             .put_status("node-1", &status, lease)
@@ -447,6 +448,7 @@ fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
         identities: String::new(),
         handover: false,
         kek: old_k.fingerprint(),
+        lost_epochs: vec![],
     };
     rt.block_on(store.put_status("node-1", &status, lease))
         .expect("status");

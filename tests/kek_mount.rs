@@ -132,6 +132,7 @@ fn stand_in_agent(server: &EtcdServer) {
             identities: identities_digest(&ids),
             handover: false,
             kek: String::new(),
+            lost_epochs: vec![],
         };
         let lease = etcd.grant_lease(120).await.expect("lease");
         IpsecStore::new(&etcd)

@@ -132,6 +132,7 @@ impl Nodes {
                 identities: self.digest.clone(),
                 handover: false,
                 kek: String::new(),
+                lost_epochs: vec![],
             };
             IpsecStore::new(etcd)
                 .put_status(name, &status, *lease)

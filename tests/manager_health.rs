@@ -51,6 +51,7 @@ fn status(phase: Phase, gen: u64) -> NodeStatus {
         identities: identities_digest(&std::collections::BTreeMap::new()),
         handover: false,
         kek: String::new(),
+        lost_epochs: vec![],
     }
 }
 

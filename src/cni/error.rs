@@ -179,6 +179,16 @@ impl From<crate::converge::ConvergeError> for CniError {
                 format!("{details}; the pod is not started until this node's IPsec state is converged (the runtime retries)"),
                 "",
             ),
+            E::Agreement(_) => CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{details}; the pod is not started until this node can use the epoch's key agreement (the runtime retries)"),
+                "",
+            ),
+            E::AgreementKeys(_) => CniError::new(
+                code::STATE,
+                format!("{details}; check agreement_dir (a tmpfs directory of calico-ipsec's own 0600 files)"),
+                "",
+            ),
             E::Runtime(_) => CniError::new(code::INTERNAL, details, ""),
         }
     }

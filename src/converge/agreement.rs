@@ -94,7 +94,8 @@ pub(super) async fn prepare(
     if epochs.is_empty() {
         return Ok(out);
     }
-    let kek = kek.ok_or_else(|| ConvergeError::Agreement("no KEK to open the epochs with".into()))?;
+    let kek =
+        kek.ok_or_else(|| ConvergeError::Agreement("no KEK to open the epochs with".into()))?;
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
     let keystore = KeyStore::new(&cfg.agreement_dir);
     let none = BTreeMap::new();

@@ -26,6 +26,9 @@ impl IpsecStore<'_> {
         rec: &PubkeyRecord,
     ) -> Result<bool, IpsecStoreError> {
         let key = pubkey_key(epoch, node);
-        Ok(self.etcd().create_all(&[(key.as_str(), encode(rec))]).await?)
+        Ok(self
+            .etcd()
+            .create_all(&[(key.as_str(), encode(rec))])
+            .await?)
     }
 }

@@ -59,6 +59,9 @@ pub enum AgreementError {
         /// The epoch.
         epoch: u32,
     },
+    /// A key file is not a regular file of ours (a link, a FIFO, too big).
+    #[error(transparent)]
+    Unsafe(#[from] crate::fsutil::SafeFileError),
     /// The key directory could not be read or written.
     #[error("{op} {path}: {source}")]
     Io {
@@ -133,7 +136,8 @@ impl EpochKeyPair {
         let peer = PublicKey::from_sec1_bytes(peer).ok()?;
         let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), peer.as_affine());
         let mut z = Zeroizing::new([0u8; 32]);
-        z.copy_from_slice(shared.raw_secret_bytes().as_slice());
+        let raw: &[u8] = shared.raw_secret_bytes();
+        z.copy_from_slice(raw);
         Some(z)
     }
 }
@@ -176,7 +180,9 @@ pub fn pubkey_mac(
     node: &str,
     public: &[u8],
 ) -> Option<[u8; 32]> {
-    let tag = mac_of(secret, cluster_guid, epoch, node, public)?.finalize().into_bytes();
+    let tag = mac_of(secret, cluster_guid, epoch, node, public)?
+        .finalize()
+        .into_bytes();
     let mut out = [0u8; 32];
     out.copy_from_slice(tag.as_slice());
     Some(out)
@@ -252,8 +258,7 @@ impl KeyStore {
     /// This node's stored pair for `epoch`, if it has one.
     pub fn load(&self, epoch: u32) -> Result<Option<EpochKeyPair>, AgreementError> {
         let path = self.path(epoch);
-        let Some(text) = crate::fsutil::read_state(&path, 256).map_err(Self::io("reading", &path))?
-        else {
+        let Some(text) = crate::fsutil::read_state(&path, 256)? else {
             return Ok(None);
         };
         let text = Zeroizing::new(text);
@@ -272,7 +277,7 @@ impl KeyStore {
     pub fn generate(&self, epoch: u32) -> Result<EpochKeyPair, AgreementError> {
         let path = self.path(epoch);
         let pair = EpochKeyPair::generate()?;
-        crate::fsutil::private_dir(&self.dir).map_err(Self::io("creating", &self.dir))?;
+        crate::fsutil::private_dir(&self.dir)?;
         let text = Zeroizing::new(hex(&pair.private_bytes()));
         crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
             .map_err(Self::io("writing", &path))?;
@@ -282,7 +287,10 @@ impl KeyStore {
     /// Removes the private keys of every epoch not in `keep` (forward
     /// secrecy: a deleted epoch's key must not outlive it). Returns the
     /// epochs removed.
-    pub fn retain(&self, keep: &std::collections::BTreeSet<u32>) -> Result<Vec<u32>, AgreementError> {
+    pub fn retain(
+        &self,
+        keep: &std::collections::BTreeSet<u32>,
+    ) -> Result<Vec<u32>, AgreementError> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -375,10 +383,16 @@ mod tests {
         let (a, b) = (pair(1), pair(2));
         assert_eq!(hex(a.public()), "046ff03b949241ce1dadd43519e6960e0a85b41a69a05c328103aa2bce1594ca163c4f753a55bf01dc53f6c0b0c7eee78b40c6ff7d25a96e2282b989cef71c144a");
         let z = a.shared(b.public()).expect("point");
-        assert_eq!(hex(&z[..]), "eb459a6b30d70eb4c0ddcd34ea96ed59e8f8d1843c22dd895ab603aa13d9a81d");
+        assert_eq!(
+            hex(&z[..]),
+            "eb459a6b30d70eb4c0ddcd34ea96ed59e8f8d1843c22dd895ab603aa13d9a81d"
+        );
         for (bits, want) in [
             (128, "ae694764015ea6aa072428712a7696cff59eb7f5"),
-            (256, "7ef6e5f916ca9156e44477be925b92ade7d26158eae80ab913054f7837e3dc31eb1a5922"),
+            (
+                256,
+                "7ef6e5f916ca9156e44477be925b92ade7d26158eae80ab913054f7837e3dc31eb1a5922",
+            ),
         ] {
             let id = SaId {
                 epoch: 7,
@@ -394,7 +408,10 @@ mod tests {
             assert_eq!(hex(k.0.expose()), want, "AES-{bits}");
         }
         let mac = pubkey_mac(&secret, guid, 7, "node-1", a.public()).expect("mac");
-        assert_eq!(hex(&mac), "7326230af3bcfce0620c33d1330bc907a19967071e45a2f396b02b01e427bbff");
+        assert_eq!(
+            hex(&mac),
+            "7326230af3bcfce0620c33d1330bc907a19967071e45a2f396b02b01e427bbff"
+        );
     }
 
     #[test]
@@ -406,7 +423,10 @@ mod tests {
         assert!(a.shared(&[4u8; 10]).is_none());
         let secret = EpochSecret::from_bytes(vec![0x11; 32]);
         let mac = pubkey_mac(&secret, "g", 7, "a", &bad).expect("mac");
-        assert!(!verify_pubkey(&secret, "g", 7, "a", &bad, &mac), "not a point");
+        assert!(
+            !verify_pubkey(&secret, "g", 7, "a", &bad, &mac),
+            "not a point"
+        );
     }
 
     #[test]
@@ -415,15 +435,28 @@ mod tests {
         let a = pair(1);
         let mac = pubkey_mac(&secret, "g", 7, "node-a", a.public()).expect("mac");
         assert!(verify_pubkey(&secret, "g", 7, "node-a", a.public(), &mac));
-        assert!(!verify_pubkey(&secret, "g", 7, "node-b", a.public(), &mac), "moved to another node");
-        assert!(!verify_pubkey(&secret, "g", 8, "node-a", a.public(), &mac), "moved to another epoch");
+        assert!(
+            !verify_pubkey(&secret, "g", 7, "node-b", a.public(), &mac),
+            "moved to another node"
+        );
+        assert!(
+            !verify_pubkey(&secret, "g", 8, "node-a", a.public(), &mac),
+            "moved to another epoch"
+        );
         let other = EpochSecret::from_bytes(vec![0x22; 32]);
         let forged = pubkey_mac(&other, "g", 7, "node-a", pair(9).public()).expect("mac");
         assert!(
             !verify_pubkey(&secret, "g", 7, "node-a", pair(9).public(), &forged),
             "a writer without the epoch secret cannot substitute a key"
         );
-        assert!(!verify_pubkey(&secret, "g", 7, "node-a", a.public(), &mac[..31]));
+        assert!(!verify_pubkey(
+            &secret,
+            "g",
+            7,
+            "node-a",
+            a.public(),
+            &mac[..31]
+        ));
     }
 
     #[test]
@@ -434,7 +467,11 @@ mod tests {
         assert!(store.load(3).expect("nothing yet").is_none());
         let first = store.generate(3).expect("generate");
         let again = store.load(3).expect("load").expect("stored");
-        assert_eq!(first.public(), again.public(), "the same pair after a restart");
+        assert_eq!(
+            first.public(),
+            again.public(),
+            "the same pair after a restart"
+        );
         let mode = std::fs::metadata(dir.path().join("agreement/3.key"))
             .expect("stat")
             .permissions()
@@ -443,11 +480,17 @@ mod tests {
         store.generate(4).expect("generate");
         let removed = store.retain(&[4].into_iter().collect()).expect("retain");
         assert_eq!(removed, vec![3]);
-        assert!(store.load(3).expect("load").is_none(), "a deleted epoch's key is gone");
+        assert!(
+            store.load(3).expect("load").is_none(),
+            "a deleted epoch's key is gone"
+        );
         let fresh = store.generate(4).expect("generate again");
         assert_ne!(fresh.public(), first.public());
         std::fs::write(dir.path().join("agreement/5.key"), "zz").expect("write");
-        assert!(matches!(store.load(5), Err(AgreementError::BadPrivate { .. })));
+        assert!(matches!(
+            store.load(5),
+            Err(AgreementError::BadPrivate { .. })
+        ));
         assert!(!format!("{first:?}").contains(&hex(&first.private_bytes())));
     }
 }
