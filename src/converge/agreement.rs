@@ -13,7 +13,9 @@ use crate::config::PluginConfig;
 use crate::datastore::ipsec::IpsecStore;
 use crate::datastore::records::{PubkeyRecord, AGREEMENT_P256};
 use crate::datastore::snapshot::Snapshot;
-use crate::keys::agreement::{pubkey_mac, verify_pubkey, EpochKeyPair, KeyStore, PUBLIC_LEN};
+use crate::keys::agreement::{
+    file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, KeyStore, PUBLIC_LEN,
+};
 use crate::keys::Kek;
 
 /// What a convergence knows of key agreement.
@@ -29,6 +31,8 @@ pub struct Agreed {
     pub lost: BTreeSet<u32>,
     /// Whether this convergence wrote a public key to etcd.
     pub wrote: bool,
+    /// The key files of the epochs in etcd (epoch, file tag).
+    pub files: BTreeSet<(u32, String)>,
 }
 
 impl Agreed {
@@ -104,6 +108,8 @@ pub(super) async fn prepare(
         let secret = rec
             .open(kek)
             .map_err(|err| ConvergeError::Agreement(err.to_string()))?;
+        let tag = file_tag(&secret, e);
+        out.files.insert((e, tag.clone()));
         let published = snap.pubkeys.get(&e).unwrap_or(&none);
         let mut verified = BTreeMap::new();
         for (peer, r) in published {
@@ -122,7 +128,7 @@ pub(super) async fn prepare(
         // A retired epoch only drains: nothing is made or reported for it.
         let retired = rec.state == crate::datastore::records::EpochState::Retired;
         if retired {
-            if let (Some(public), Some(pair)) = (verified.get(node), keystore.load(e)?) {
+            if let (Some(public), Some(pair)) = (verified.get(node), keystore.load(e, &tag)?) {
                 if pair.public() == public {
                     out.mine.insert(e, pair);
                 }
@@ -131,7 +137,7 @@ pub(super) async fn prepare(
             continue;
         }
         match (published.get(node), verified.get(node)) {
-            (Some(_), Some(public)) => match keystore.load(e)? {
+            (Some(_), Some(public)) => match keystore.load(e, &tag)? {
                 Some(pair) if pair.public() == public => {
                     out.mine.insert(e, pair);
                 }
@@ -147,12 +153,18 @@ pub(super) async fn prepare(
             (Some(_), None) => {
                 // Our own record does not verify: never overwritten (write
                 // once), so this epoch cannot be used here.
+                tracing::error!(
+                    epoch = e,
+                    "the public key in etcd under this node's name is not this node's key (it does not verify): the epoch is lost to this node until the next one"
+                );
                 out.lost.insert(e);
             }
             (None, _) => {
-                // Always a new pair: a file left from a deleted epoch of the
-                // same number is never reused.
-                let pair = keystore.generate(e)?;
+                // A pair stored but not yet published (a crash, or a
+                // publication this snapshot does not show yet) is kept, never
+                // replaced: a file of an earlier epoch of the same number has
+                // another tag.
+                let (pair, _) = keystore.load_or_generate(e, &tag)?;
                 let mac = pubkey_mac(&secret, &guid, e, node, pair.public())
                     .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
                 let r = PubkeyRecord {
@@ -194,17 +206,25 @@ pub fn published(snap: &Snapshot) -> BTreeMap<u32, BTreeSet<String>> {
         .collect()
 }
 
-/// Removes the private keys of epochs that are gone from etcd: neither an
-/// epoch record nor any public key of theirs is left (the manager deletes
-/// both in one transaction). A record that is only malformed keeps its key.
-pub(super) fn forget_deleted(cfg: &PluginConfig, snap: &Snapshot) -> Result<(), ConvergeError> {
-    let keep: BTreeSet<u32> = snap
-        .epochs
-        .iter()
-        .map(|e| e.epoch)
-        .chain(snap.pubkeys.keys().copied())
+/// Removes the private keys of epochs that are gone from etcd, and of
+/// earlier epochs of the same numbers: only the files of the epochs this
+/// convergence opened are kept, and every file of an epoch number that
+/// still has public keys in etcd but no readable record (the manager
+/// deletes both in one transaction, so such a record is only malformed).
+pub(super) fn forget_deleted(
+    cfg: &PluginConfig,
+    snap: &Snapshot,
+    agreed: &Agreed,
+) -> Result<(), ConvergeError> {
+    let opened: BTreeSet<u32> = agreed.files.iter().map(|(e, _)| *e).collect();
+    let keep_any: BTreeSet<u32> = snap
+        .pubkeys
+        .keys()
+        .copied()
+        .chain(snap.epochs.iter().map(|e| e.epoch))
+        .filter(|e| !opened.contains(e))
         .collect();
-    let removed = KeyStore::new(&cfg.agreement_dir).retain(&keep)?;
+    let removed = KeyStore::new(&cfg.agreement_dir).retain(&agreed.files, &keep_any)?;
     if !removed.is_empty() {
         tracing::info!(epochs = ?removed, "destroyed the private keys of deleted epochs (forward secrecy)");
     }

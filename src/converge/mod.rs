@@ -488,7 +488,7 @@ pub async fn converge_with(
         }
         applied = apply_with_keys(cfg, &snap, &agreed, &mut xfrm, &plan, &held)?;
     }
-    agreement::forget_deleted(cfg, &snap)?;
+    agreement::forget_deleted(cfg, &snap, &agreed)?;
     // The agent keeps the guard (it converges within milliseconds of the
     // XFRM notifications an ADD's writes cause); an ADD only narrows it
     // above, so that `nft` never runs on a pod's critical path otherwise.

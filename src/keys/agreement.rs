@@ -246,8 +246,8 @@ impl KeyStore {
         Self { dir: dir.into() }
     }
 
-    fn path(&self, epoch: u32) -> PathBuf {
-        self.dir.join(format!("{epoch}.key"))
+    fn path(&self, epoch: u32, tag: &str) -> PathBuf {
+        self.dir.join(format!("{epoch}-{tag}.key"))
     }
 
     fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgreementError {
@@ -255,9 +255,10 @@ impl KeyStore {
         move |source| AgreementError::Io { op, path, source }
     }
 
-    /// This node's stored pair for `epoch`, if it has one.
-    pub fn load(&self, epoch: u32) -> Result<Option<EpochKeyPair>, AgreementError> {
-        let path = self.path(epoch);
+    /// This node's stored pair for `epoch` (the instance `tag` names, see
+    /// [`file_tag`]), if it has one.
+    pub fn load(&self, epoch: u32, tag: &str) -> Result<Option<EpochKeyPair>, AgreementError> {
+        let path = self.path(epoch, tag);
         let Some(text) = crate::fsutil::read_state(&path, 256)? else {
             return Ok(None);
         };
@@ -271,25 +272,36 @@ impl KeyStore {
             .ok_or(AgreementError::BadPrivate { path })
     }
 
-    /// A new pair for `epoch`, stored (replacing any file left from an
-    /// epoch of the same number that was deleted) before it is returned, so
-    /// that a key is never published unless kept.
-    pub fn generate(&self, epoch: u32) -> Result<EpochKeyPair, AgreementError> {
-        let path = self.path(epoch);
+    /// This node's pair for `epoch` (instance `tag`): the stored one, or a
+    /// new one, stored before it is returned so that a key is never
+    /// published unless kept. A stored pair is never replaced. The flag is
+    /// true for a new pair.
+    pub fn load_or_generate(
+        &self,
+        epoch: u32,
+        tag: &str,
+    ) -> Result<(EpochKeyPair, bool), AgreementError> {
+        if let Some(pair) = self.load(epoch, tag)? {
+            return Ok((pair, false));
+        }
+        let path = self.path(epoch, tag);
         let pair = EpochKeyPair::generate()?;
         crate::fsutil::private_dir(&self.dir)?;
         let text = Zeroizing::new(hex(&pair.private_bytes()));
         crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
             .map_err(Self::io("writing", &path))?;
-        Ok(pair)
+        Ok((pair, true))
     }
 
-    /// Removes the private keys of every epoch not in `keep` (forward
-    /// secrecy: a deleted epoch's key must not outlive it). Returns the
-    /// epochs removed.
+    /// Removes every private key file but those of the epoch instances in
+    /// `keep` and of the epoch numbers in `keep_any` (an epoch whose record
+    /// cannot be read keeps its files): a deleted epoch's key, or one of an
+    /// earlier epoch of the same number, must not outlive it (forward
+    /// secrecy). Returns the files' epochs removed.
     pub fn retain(
         &self,
-        keep: &std::collections::BTreeSet<u32>,
+        keep: &std::collections::BTreeSet<(u32, String)>,
+        keep_any: &std::collections::BTreeSet<u32>,
     ) -> Result<Vec<u32>, AgreementError> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -300,14 +312,15 @@ impl KeyStore {
         for entry in entries {
             let entry = entry.map_err(Self::io("listing", &self.dir))?;
             let name = entry.file_name();
-            let Some(epoch) = name
+            let Some((epoch, tag)) = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".key"))
-                .and_then(|n| n.parse::<u32>().ok())
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(e, t)| Some((e.parse::<u32>().ok()?, t.to_string())))
             else {
                 continue;
             };
-            if keep.contains(&epoch) {
+            if keep_any.contains(&epoch) || keep.contains(&(epoch, tag)) {
                 continue;
             }
             let path = entry.path();
@@ -317,6 +330,19 @@ impl KeyStore {
         removed.sort_unstable();
         Ok(removed)
     }
+}
+
+/// The tag of one epoch's key file: 16 hex characters derived from its
+/// secret, so that an epoch made later under the same number (after a
+/// deletion) never meets an earlier one's file, and a KEK change (which
+/// seals the same secret again) keeps it.
+pub fn file_tag(secret: &EpochSecret, epoch: u32) -> String {
+    let hk = Hkdf::<Sha256>::new(None, secret.expose());
+    let mut info = b"calico-ipsec/v1/agreement-file".to_vec();
+    info.extend_from_slice(&epoch.to_be_bytes());
+    let mut t = [0u8; 8];
+    let _ = hk.expand(&info, &mut t);
+    hex(&t)
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -461,36 +487,49 @@ mod tests {
 
     #[test]
     fn the_store_keeps_a_pair_0600_and_forgets_deleted_epochs() {
+        use std::collections::BTreeSet;
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = KeyStore::new(dir.path().join("agreement"));
-        assert!(store.load(3).expect("nothing yet").is_none());
-        let first = store.generate(3).expect("generate");
-        let again = store.load(3).expect("load").expect("stored");
+        assert!(store.load(3, "aa").expect("nothing yet").is_none());
+        let (first, new) = store.load_or_generate(3, "aa").expect("generate");
+        assert!(new);
+        let (again, new) = store.load_or_generate(3, "aa").expect("load");
+        assert!(!new, "a stored pair is never replaced");
         assert_eq!(
             first.public(),
             again.public(),
             "the same pair after a restart"
         );
-        let mode = std::fs::metadata(dir.path().join("agreement/3.key"))
+        let mode = std::fs::metadata(dir.path().join("agreement/3-aa.key"))
             .expect("stat")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        store.generate(4).expect("generate");
-        let removed = store.retain(&[4].into_iter().collect()).expect("retain");
-        assert_eq!(removed, vec![3]);
+        // Epoch 3 made again under the same number: another file.
+        let (other, _) = store.load_or_generate(3, "bb").expect("generate");
+        assert_ne!(other.public(), first.public());
+        store.load_or_generate(4, "cc").expect("generate");
+        store.load_or_generate(5, "dd").expect("generate");
+        let keep: BTreeSet<(u32, String)> = [(3, "bb".to_string()), (4, "cc".to_string())].into();
+        let removed = store.retain(&keep, &[5].into()).expect("retain");
+        assert_eq!(removed, vec![3], "the earlier epoch 3's file");
+        assert!(store.load(3, "aa").expect("load").is_none());
         assert!(
-            store.load(3).expect("load").is_none(),
-            "a deleted epoch's key is gone"
+            store.load(5, "dd").expect("load").is_some(),
+            "an unreadable record keeps its files"
         );
-        let fresh = store.generate(4).expect("generate again");
-        assert_ne!(fresh.public(), first.public());
-        std::fs::write(dir.path().join("agreement/5.key"), "zz").expect("write");
+        std::fs::write(dir.path().join("agreement/6-ee.key"), "zz").expect("write");
         assert!(matches!(
-            store.load(5),
+            store.load(6, "ee"),
             Err(AgreementError::BadPrivate { .. })
         ));
         assert!(!format!("{first:?}").contains(&hex(&first.private_bytes())));
+        let s1 = EpochSecret::from_bytes(vec![1; 32]);
+        assert_eq!(file_tag(&s1, 3).len(), 16);
+        assert_ne!(
+            file_tag(&s1, 3),
+            file_tag(&EpochSecret::from_bytes(vec![2; 32]), 3)
+        );
     }
 }

@@ -74,10 +74,18 @@ def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bit
     ps, pr = pubs.get((epoch, sender)), pubs.get((epoch, receiver))
     if ps is None or pr is None:
         return None
-    if (epoch, sender) in privs:
-        mine, theirs = privs[(epoch, sender)], pr
-    elif (epoch, receiver) in privs:
-        mine, theirs = privs[(epoch, receiver)], ps
+    from cryptography.hazmat.primitives import serialization
+
+    def own(node, public):
+        for k in privs.get((epoch, node), []):
+            if k.public_key().public_bytes(serialization.Encoding.X962,
+                                           serialization.PublicFormat.UncompressedPoint) == public:
+                return k
+        return None
+    if own(sender, ps) is not None:
+        mine, theirs = own(sender, ps), pr
+    elif own(receiver, pr) is not None:
+        mine, theirs = own(receiver, pr), ps
     else:
         return None
     peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), theirs)
@@ -96,9 +104,12 @@ def load_privs(spec):
     for item in filter(None, spec.split(",")):
         node, d = item.split("=", 1)
         for f in os.listdir(d) if os.path.isdir(d) else []:
-            if f.endswith(".key") and f[:-4].isdigit():
+            # <epoch>-<tag>.key; the tag tells epochs of the same number
+            # apart, and the public key in etcd picks the right file below.
+            e = f[:-4].split("-", 1)[0] if f.endswith(".key") else ""
+            if e.isdigit():
                 scalar = int(open(os.path.join(d, f)).read().strip(), 16)
-                privs[(int(f[:-4]), node)] = ec.derive_private_key(scalar, ec.SECP256R1())
+                privs.setdefault((int(e), node), []).append(ec.derive_private_key(scalar, ec.SECP256R1()))
     return privs
 
 
