@@ -91,8 +91,9 @@ impl std::fmt::Debug for EpochKeyPair {
     }
 }
 
+/// Hex of public bytes (a public key, a file tag, test output).
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    super::secret_hex(b, 0).to_string()
 }
 
 impl EpochKeyPair {
@@ -263,10 +264,8 @@ impl KeyStore {
             return Ok(None);
         };
         let text = Zeroizing::new(text);
-        let bytes = Zeroizing::new(
-            decode_hex(std::str::from_utf8(&text).unwrap_or("").trim())
-                .ok_or_else(|| AgreementError::BadPrivate { path: path.clone() })?,
-        );
+        let bytes = super::secret_from_hex(text.trim_ascii(), 32)
+            .ok_or_else(|| AgreementError::BadPrivate { path: path.clone() })?;
         EpochKeyPair::from_private(&bytes)
             .map(Some)
             .ok_or(AgreementError::BadPrivate { path })
@@ -287,7 +286,7 @@ impl KeyStore {
         let path = self.path(epoch, tag);
         let pair = EpochKeyPair::generate()?;
         crate::fsutil::private_dir(&self.dir)?;
-        let text = Zeroizing::new(hex(&pair.private_bytes()));
+        let text = super::secret_hex(&pair.private_bytes(), 0);
         crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
             .map_err(Self::io("writing", &path))?;
         Ok((pair, true))
@@ -343,16 +342,6 @@ pub fn file_tag(secret: &EpochSecret, epoch: u32) -> String {
     let mut t = [0u8; 8];
     let _ = hk.expand(&info, &mut t);
     hex(&t)
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -174,25 +174,14 @@ impl Kek {
     }
 
     fn from_hex(path: &Path, hex: &[u8]) -> Result<Self, KekError> {
-        if hex.len() != KEK_LEN * 2 {
-            return Err(KekError::Malformed(path.to_path_buf()));
-        }
-        let mut bytes = vec![0u8; KEK_LEN];
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let hi = hex_val(pair[0]).ok_or_else(|| KekError::Malformed(path.to_path_buf()))?;
-            let lo = hex_val(pair[1]).ok_or_else(|| KekError::Malformed(path.to_path_buf()))?;
-            bytes[i] = hi << 4 | lo;
-        }
-        Ok(Self(SecretBytes::new(bytes)))
+        let mut bytes = super::secret_from_hex(hex, KEK_LEN)
+            .ok_or_else(|| KekError::Malformed(path.to_path_buf()))?;
+        Ok(Self(SecretBytes::new(std::mem::take(&mut *bytes))))
     }
 
     /// The file form: 64 lower-case hex characters and a newline.
     pub fn to_hex_line(&self) -> Zeroizing<String> {
-        let mut hex = Zeroizing::new(String::with_capacity(KEK_LEN * 2 + 1));
-        for b in self.expose() {
-            hex.push(char::from(HEX[usize::from(b >> 4)]));
-            hex.push(char::from(HEX[usize::from(b & 15)]));
-        }
+        let mut hex = super::secret_hex(self.expose(), 1);
         hex.push('\n');
         hex
     }
@@ -229,8 +218,6 @@ impl Kek {
             })
     }
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The owner and mode rule: owned by root or by us; nothing for others, no
 /// write for group.
@@ -271,15 +258,6 @@ fn our_groups() -> String {
         .map(|g| g.to_string())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,50 @@
 //! is created once with its own key, so two SAs never share a GCM key and the
 //! nonce space of each starts fresh (DESIGN §5, invariant 1).
 
+use zeroize::Zeroizing;
+
 pub mod agreement;
 mod kek;
 mod secret;
 
 pub use kek::{Kek, KekError};
 pub use secret::{EpochSecret, SaKey, SealError, SecretBytes};
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of secret bytes, written straight into a zeroizing string
+/// (sized up front, with `spare` bytes more, so it never reallocates and
+/// leaves no copy behind): the KEK file and the epoch key files.
+pub fn secret_hex(bytes: &[u8], spare: usize) -> Zeroizing<String> {
+    let mut hex = Zeroizing::new(String::with_capacity(bytes.len() * 2 + spare));
+    for b in bytes {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    hex
+}
+
+/// Exactly `len` bytes from `2 * len` hex characters (either case), into a
+/// zeroizing buffer; `None` for anything else.
+pub fn secret_from_hex(hex: &[u8], len: usize) -> Option<Zeroizing<Vec<u8>>> {
+    if hex.len() != len * 2 {
+        return None;
+    }
+    let mut bytes = Zeroizing::new(vec![0u8; len]);
+    for (out, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        *out = hex_val(pair[0])? << 4 | hex_val(pair[1])?;
+    }
+    Some(bytes)
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
 
 /// The AEAD every SA uses: AES-GCM as RFC 4106 puts it in ESP.
 pub const ALGORITHM: &str = "rfc4106(gcm(aes))";
