@@ -57,15 +57,21 @@ def name_field(name):
     return struct.pack(">H", len(b)) + b
 
 
-def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0, key_bits=128):
+def sa_info(epoch, sender, incarnation, receiver, lane=0, key_bits=128):
     info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
             + struct.pack(">I", incarnation) + name_field(receiver))
     if key_bits == 256:
-        info += bytes([lane, 0x20])
-        return hkdf_sha256(secret, guid.encode(), info, 36)
-    if lane:
-        info += bytes([lane])
-    return hkdf_sha256(secret, guid.encode(), info, 20)
+        return info + bytes([lane, 0x20])
+    return info + (bytes([lane]) if lane else b"")
+
+
+def okm_len(key_bits):
+    return 36 if key_bits == 256 else 20
+
+
+def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0, key_bits=128):
+    info = sa_info(epoch, sender, incarnation, receiver, lane, key_bits)
+    return hkdf_sha256(secret, guid.encode(), info, okm_len(key_bits))
 
 
 def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bits, pubs, privs):
@@ -90,10 +96,8 @@ def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bit
         return None
     peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), theirs)
     z = mine.exchange(ec.ECDH(), peer)
-    info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
-            + struct.pack(">I", incarnation) + name_field(receiver))
-    info += bytes([lane, 0x20]) if key_bits == 256 else (bytes([lane]) if lane else b"")
-    return hkdf_sha256(secret + z, guid.encode(), info + ps + pr, 36 if key_bits == 256 else 20)
+    info = sa_info(epoch, sender, incarnation, receiver, lane, key_bits) + ps + pr
+    return hkdf_sha256(secret + z, guid.encode(), info, okm_len(key_bits))
 
 
 def load_privs(spec):

@@ -1,37 +1,21 @@
 #!/usr/bin/env python3
 """Computes the key-agreement test vectors of src/keys/agreement.rs from
 the README's text alone: Python's cryptography for P-256, hmac/hashlib for
-HKDF-SHA256 and HMAC. The Rust test pins what this prints.
+HKDF-SHA256 and HMAC (through tests/e2e/esp_decrypt.py, which follows the
+same text to decrypt the VM suites' captures). The Rust test pins what this
+prints.
 """
 import hashlib
 import hmac
+import os
 import struct
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
+from esp_decrypt import hkdf_sha256, name_field, sa_info  # noqa: E402
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives import serialization
-
-
-def hkdf_sha256(ikm, salt, info, length):
-    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
-    out, block, i = b"", b"", 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
-        out += block
-        i += 1
-    return out[:length]
-
-
-def name_field(name):
-    b = name.encode()
-    return struct.pack(">H", len(b)) + b
-
-
-def sa_info(epoch, sender, incarnation, receiver, lane=0, key_bits=128):
-    info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
-            + struct.pack(">I", incarnation) + name_field(receiver))
-    if key_bits == 256:
-        return info + bytes([lane, 0x20])
-    return info + (bytes([lane]) if lane else b"")
 
 
 def pair(byte):
