@@ -99,8 +99,22 @@ def exchange(label, sock, send, parse, out, rate):
 PAYLOAD = b"calico-ipsec-e2e" * 3
 
 
+def roomy(sock):
+    """Gives SOCK a 4 MiB receive buffer and returns it. Under TCG a
+    traffic.py can stall for most of a second while agents restart; with
+    the default buffer (about 40 datagrams after ESP) the kernel then drops
+    datagrams for a full buffer (Udp RcvbufErrors), and the run would count
+    them as lost by the data plane."""
+    try:
+        # SO_RCVBUFFORCE (root): past net.core.rmem_max.
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 4 << 20)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return sock
+
+
 def ping(dst, out, rate=100.0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock = roomy(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
     ident = os.getpid() & 0xFFFF
 
     def send(counter):
@@ -121,7 +135,7 @@ def ping(dst, out, rate=100.0):
 def udp(dst, port, out, rate=100.0):
     """Sequenced UDP datagrams to an `udp-echo` at DST:PORT; each carries a
     64-bit counter and a random run id, and counts once it comes back."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = roomy(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     run = os.urandom(8)
 
     def send(counter):
@@ -137,7 +151,7 @@ def udp(dst, port, out, rate=100.0):
 
 def udp_echo(port):
     """Sends every datagram back to where it came from, until SIGTERM."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = roomy(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     sock.bind(("0.0.0.0", int(port)))
     while not stop:
         r, _, _ = select.select([sock], [], [], 0.2)
