@@ -12,6 +12,10 @@
 //! - per-object `ip xfrm ...` calls, one process per object (up to 1,000
 //!   peers: at 5,000 it would take the better part of an hour under TCG).
 //!
+//! The same with P-256 key agreement (`ipip+p256`, 1,000 and 5,000 peers,
+//! every peer's public key published): on top, a MAC and a point check per
+//! peer's key and an ECDH per peer, against the same `ip -batch` objects.
+//!
 //! Then a no-op ADD with 1,000 peers installed: calico-ipsec's ADD (reads
 //! etcd, dumps the kernel, finds nothing to change) against the reference
 //! `tuning` plugin's ADD setting the MTU, on the same pod.
@@ -147,7 +151,9 @@ struct Row {
     floor: Duration,
 }
 
-fn desired(endpoint: &str) -> Desired {
+/// What node-1 installs; with `agreement`, as once every node's epoch key
+/// is verified (node-1's own included).
+fn desired(endpoint: &str, agreement: bool) -> Desired {
     let snap = rt()
         .block_on(async {
             let etcd = Etcd::connect(&settings(endpoint)).await?;
@@ -159,6 +165,12 @@ fn desired(endpoint: &str) -> Desired {
         incarnation: 1,
         boot_id: String::new(),
     };
+    let ready: std::collections::BTreeMap<u32, std::collections::BTreeSet<String>> = snap
+        .epochs
+        .iter()
+        .filter(|_| agreement)
+        .map(|e| (e.epoch, snap.topology.nodes.keys().cloned().collect()))
+        .collect();
     Desired::compute(&Inputs {
         topology: &snap.topology,
         me: ME,
@@ -167,7 +179,7 @@ fn desired(endpoint: &str) -> Desired {
         phase: Phase::Enforce,
         epochs: &snap.epochs,
         icv_bits: 128,
-        agreement: &std::collections::BTreeMap::new(),
+        agreement: &ready,
     })
     .expect("desired")
 }
@@ -190,13 +202,20 @@ fn main() {
     };
     // IPIP everywhere (transport mode), and no encapsulation (tunnel mode
     // over the pod blocks: per peer 4 states and 5 policies in enforce).
-    let runs: Vec<(&'static str, usize)> = sizes("E2E_BENCH_PEERS", "100 1000 5000")
+    // And IPIP with P-256 key agreement: an ECDH per peer, a MAC and a
+    // point check per public key, on top of the same objects.
+    let runs: Vec<(&'static str, usize, bool)> = sizes("E2E_BENCH_PEERS", "100 1000 5000")
         .into_iter()
-        .map(|n| ("Always", n))
+        .map(|n| ("Always", n, false))
         .chain(
             sizes("E2E_BENCH_NATIVE_PEERS", "1000")
                 .into_iter()
-                .map(|n| ("Never", n)),
+                .map(|n| ("Never", n, false)),
+        )
+        .chain(
+            sizes("E2E_BENCH_AGREEMENT_PEERS", "1000 5000")
+                .into_iter()
+                .map(|n| ("Always", n, true)),
         )
         .collect();
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -223,16 +242,24 @@ fn main() {
             "type": "calico-ipsec", "name": "bench", "cniVersion": "1.0.0",
             "etcd_endpoints": endpoint, "nodename": ME,
             "kek_file": kek_path, "state_dir": tmp.path().join(dir),
+            "agreement_dir": tmp.path().join("agreement"),
             "log_file_path": tmp.path().join("plugin.log"), "log_level": "warning",
             "etcd_timeout_ms": 30000, "ext_mtu": 1500,
         })
     };
     let mut rows = Vec::new();
-    for &(pool_mode, peers) in &runs {
+    for &(pool_mode, peers, agreement) in &runs {
         // A fresh etcd per size.
         let server = etcd_server::EtcdServer::start();
-        setup(&server.endpoint, peers, &kek, pool_mode);
-        let want = desired(&server.endpoint);
+        if agreement {
+            // node-1 keeps its epoch key across the rounds (a restart, not
+            // a reboot): the first round makes and publishes it.
+            let _ = std::fs::remove_dir_all(tmp.path().join("agreement"));
+            support::setup_agreement(&server.endpoint, peers, &kek, pool_mode);
+        } else {
+            setup(&server.endpoint, peers, &kek, pool_mode);
+        }
+        let want = desired(&server.endpoint, agreement);
         let lines = batch_lines(&want);
         let batch_file = tmp.path().join("batch");
         std::fs::write(&batch_file, lines.join("\n") + "\n").expect("batch");
@@ -287,7 +314,7 @@ fn main() {
                 "ip -batch installed all"
             );
         }
-        let per_object = (peers <= 1000 && pool_mode == "Always").then(|| {
+        let per_object = (peers <= 1000 && pool_mode == "Always" && !agreement).then(|| {
             flush();
             let start = std::time::Instant::now();
             for l in &lines {
@@ -300,10 +327,10 @@ fn main() {
             d
         });
         let row = Row {
-            mode: if pool_mode == "Always" {
-                "ipip"
-            } else {
-                "none"
+            mode: match (pool_mode, agreement) {
+                ("Always", true) => "ipip+p256",
+                ("Always", false) => "ipip",
+                _ => "none",
             },
             peers,
             objects: lines.len(),
@@ -334,7 +361,7 @@ fn main() {
         table,
         "calico-ipsec: {bin}\n  ({kind})\n\
          XFRM convergence from empty (median of {rounds}; VM: Debian 6.1 under qemu TCG)\n\
-         {:>6} {:>6} {:>8} {:>12} {:>12} {:>8} {:>12} {:>9} {:>14} {:>10}",
+         {:>9} {:>6} {:>8} {:>12} {:>12} {:>8} {:>12} {:>9} {:>14} {:>10}",
         "encap",
         "peers",
         "objects",
@@ -349,7 +376,7 @@ fn main() {
     for r in &rows {
         let _ = writeln!(
             table,
-            "{:>6} {:>6} {:>8} {:>10.1}ms {:>10.1}ms {:>7.2}x {:>10.1}ms {:>8.2}x {:>14} {:>10}",
+            "{:>9} {:>6} {:>8} {:>10.1}ms {:>10.1}ms {:>7.2}x {:>10.1}ms {:>8.2}x {:>14} {:>10}",
             r.mode,
             r.peers,
             r.objects,

@@ -5,9 +5,15 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use calico_ipsec::config::EtcdConfig;
 use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
-use calico_ipsec::datastore::ipsec::{ClusterConfig, Identity, IpsecStore, Phase, PREFIX};
+use calico_ipsec::datastore::ipsec::{Cipher, ClusterConfig, Identity, IpsecStore, Phase, PREFIX};
+use calico_ipsec::datastore::pubkeys::pubkey_key;
+use calico_ipsec::datastore::records::PubkeyRecord;
+use calico_ipsec::datastore::snapshot;
+use calico_ipsec::keys::agreement::{pubkey_mac, EpochKeyPair};
 use calico_ipsec::keys::Kek;
 
 /// etcd settings for one endpoint with a generous timeout.
@@ -45,6 +51,25 @@ pub fn load_modes(
     ipip: &str,
     vxlan: &str,
 ) {
+    load_cipher(
+        endpoint,
+        kek,
+        nodes,
+        config,
+        (ipip, vxlan),
+        Cipher::default(),
+    );
+}
+
+/// [`load_modes`] with epoch 1 made with `cipher`.
+pub fn load_cipher(
+    endpoint: &str,
+    kek: &Kek,
+    nodes: usize,
+    config: &ClusterConfig,
+    (ipip, vxlan): (&str, &str),
+    cipher: Cipher,
+) {
     rt().block_on(async {
         let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
         let res = "/calico/resources/v3/projectcalico.org";
@@ -68,19 +93,61 @@ pub fn load_modes(
                 chunk.iter().map(|(k, v)| (k.as_str(), v.clone().into_bytes())).collect();
             etcd.put_all(&batch).await.expect("put batch");
         }
-        IpsecStore::new(&etcd).init(kek, config, Default::default()).await.expect("keys init");
+        IpsecStore::new(&etcd).init(kek, config, cipher).await.expect("keys init");
     });
 }
 
 /// A cluster of `peers + 1` nodes in enforce, one epoch, every peer with a
 /// published identity (node-1, the node under test, has none yet).
 pub fn setup(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
+    setup_cipher(endpoint, peers, kek, ipip, Cipher::default());
+}
+
+/// [`setup`] with a P-256 agreement epoch: every peer has also published
+/// its public key for it, with the MAC a node writes (node-1 makes and
+/// publishes its own on its first convergence, as a node does).
+pub fn setup_agreement(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
+    let cipher = Cipher {
+        agreement: true,
+        ..Cipher::default()
+    };
+    setup_cipher(endpoint, peers, kek, ipip, cipher);
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
+        let snap = snapshot::read(&etcd).await.expect("snapshot");
+        let rec = snap.epochs.first().expect("epoch 1");
+        let secret = rec.open(kek).expect("open epoch 1");
+        let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
+        let keys: Vec<(String, Vec<u8>)> = (2..=peers + 1)
+            .map(|i| {
+                let node = format!("node-{i}");
+                let pair = EpochKeyPair::generate().expect("key pair");
+                let mac = pubkey_mac(&secret, &guid, rec.epoch, &node, pair.public()).expect("mac");
+                let r = PubkeyRecord {
+                    public: B64.encode(pair.public()),
+                    mac: B64.encode(mac),
+                };
+                (
+                    pubkey_key(rec.epoch, &node),
+                    serde_json::to_vec(&r).expect("json"),
+                )
+            })
+            .collect();
+        for chunk in keys.chunks(100) {
+            let b: Vec<(&str, Vec<u8>)> =
+                chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            etcd.put_all(&b).await.expect("public keys");
+        }
+    });
+}
+
+fn setup_cipher(endpoint: &str, peers: usize, kek: &Kek, ipip: &str, cipher: Cipher) {
     let config = ClusterConfig {
         phase: Phase::Enforce,
         target_phase: Phase::Enforce,
         ..ClusterConfig::default()
     };
-    load_modes(endpoint, kek, peers + 1, &config, ipip, "Never");
+    load_cipher(endpoint, kek, peers + 1, &config, (ipip, "Never"), cipher);
     rt().block_on(async {
         let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
         let ids: Vec<(String, Vec<u8>)> = (1..=peers + 1)

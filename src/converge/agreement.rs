@@ -4,9 +4,11 @@
 //! cannot use, and forgetting the private keys of deleted epochs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use zeroize::Zeroizing;
 
 use super::ConvergeError;
 use crate::config::PluginConfig;
@@ -16,7 +18,7 @@ use crate::datastore::snapshot::Snapshot;
 use crate::keys::agreement::{
     file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, KeyStore, PUBLIC_LEN,
 };
-use crate::keys::Kek;
+use crate::keys::{EpochSecret, Kek};
 
 /// What a convergence knows of key agreement.
 #[derive(Debug, Default)]
@@ -33,6 +35,9 @@ pub struct Agreed {
     pub wrote: bool,
     /// The key files of the epochs in etcd (epoch, file tag).
     pub files: BTreeSet<(u32, String)>,
+    /// The secrets of the agreement epochs, opened once here and used again
+    /// by the apply (zeroized on drop).
+    pub secrets: BTreeMap<u32, EpochSecret>,
 }
 
 impl Agreed {
@@ -53,30 +58,95 @@ impl Agreed {
     }
 
     /// The key of one SA of an agreement epoch, from this node's pair and
-    /// the peer's verified key (`None` when either is missing).
+    /// the peer's verified key (`None` when either is missing). `shared`
+    /// keeps each pair's ECDH result for the other SAs of the same apply.
     pub fn derive(
         &self,
-        secret: &crate::keys::EpochSecret,
+        secret: &EpochSecret,
         guid: &str,
         s: &crate::xfrm::SaSpec,
         id: &crate::keys::SaId<'_>,
+        shared: &mut SharedSecrets,
     ) -> Option<crate::keys::SaKey> {
         let outbound = s.dir == crate::xfrm::Dir::Out;
         let peer = if outbound { &s.receiver } else { &s.sender };
         let pair = self.mine.get(&s.epoch)?;
         let theirs = self.verified.get(&s.epoch)?.get(peer)?;
-        let z = pair.shared(theirs)?;
+        let z = match shared.0.entry((s.epoch, peer.clone())) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(pair.shared(theirs)?),
+        };
         let (sender, receiver) = if outbound {
             (pair.public(), theirs)
         } else {
             (theirs, pair.public())
         };
-        secret.derive_agreed(guid, id, &z, sender, receiver)
+        secret.derive_agreed(guid, id, z, sender, receiver)
+    }
+}
+
+/// The ECDH results of one apply, by (epoch, peer): each is used by every
+/// SA of the pair (both directions, every lane). Zeroized on drop; its
+/// Debug output shows only how many it holds.
+#[derive(Default)]
+pub struct SharedSecrets(BTreeMap<(u32, String), Zeroizing<[u8; 32]>>);
+
+impl std::fmt::Debug for SharedSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedSecrets({} redacted)", self.0.len())
     }
 }
 
 fn decode(b64: &str) -> Option<Vec<u8>> {
     B64.decode(b64).ok()
+}
+
+/// A verified key, with the record it came from.
+type Checked = (PubkeyRecord, [u8; PUBLIC_LEN]);
+
+/// Public-key records that verified, by (epoch, file tag, node). The agent
+/// converges on every change, and each record costs a MAC and a point
+/// check: at 1,000 peers and two epochs, 2,000 of each per convergence. An
+/// entry answers only for the exact record text it was made from, and the
+/// file tag comes from the epoch secret, so a changed record, or an epoch
+/// made later under the same number, is verified afresh. Entries of epochs
+/// no longer in etcd are dropped at each convergence.
+static VERIFIED: Mutex<BTreeMap<(u32, String, String), Checked>> = Mutex::new(BTreeMap::new());
+
+fn verified_cache() -> MutexGuard<'static, BTreeMap<(u32, String, String), Checked>> {
+    // The map is left consistent at every step: a panic elsewhere while it
+    // was held does not make its entries wrong.
+    VERIFIED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `peer`'s key for epoch `e` when `r` verifies under `secret`, from the
+/// cache when this exact record verified before.
+fn check_pubkey(
+    secret: &EpochSecret,
+    guid: &str,
+    e: u32,
+    tag: &str,
+    peer: &str,
+    r: &PubkeyRecord,
+) -> Option<[u8; PUBLIC_LEN]> {
+    let slot = (e, tag.to_string(), peer.to_string());
+    if let Some((rec, public)) = verified_cache().get(&slot) {
+        if rec == r {
+            return Some(*public);
+        }
+    }
+    let (Some(public), Some(mac)) = (decode(&r.public), decode(&r.mac)) else {
+        tracing::warn!(epoch = e, node = %peer.escape_debug(), "a public key record is not base64; its paths wait");
+        return None;
+    };
+    if !verify_pubkey(secret, guid, e, peer, &public, &mac) {
+        tracing::error!(epoch = e, node = %peer.escape_debug(), "a public key does not verify under the epoch secret (written by someone without the KEK?); it is not used and its paths wait");
+        return None;
+    }
+    let mut p = [0u8; PUBLIC_LEN];
+    p.copy_from_slice(&public);
+    verified_cache().insert(slot, (r.clone(), p));
+    Some(p)
 }
 
 /// Makes sure this node has a pair and a published key for every agreement
@@ -96,6 +166,7 @@ pub(super) async fn prepare(
         .filter(|e| e.agreement.as_deref() == Some(AGREEMENT_P256))
         .collect();
     if epochs.is_empty() {
+        verified_cache().clear();
         return Ok(out);
     }
     let kek =
@@ -113,17 +184,9 @@ pub(super) async fn prepare(
         let published = snap.pubkeys.get(&e).unwrap_or(&none);
         let mut verified = BTreeMap::new();
         for (peer, r) in published {
-            let (Some(public), Some(mac)) = (decode(&r.public), decode(&r.mac)) else {
-                tracing::warn!(epoch = e, node = %peer.escape_debug(), "a public key record is not base64; its paths wait");
-                continue;
-            };
-            if !verify_pubkey(&secret, &guid, e, peer, &public, &mac) {
-                tracing::error!(epoch = e, node = %peer.escape_debug(), "a public key does not verify under the epoch secret (written by someone without the KEK?); it is not used and its paths wait");
-                continue;
+            if let Some(p) = check_pubkey(&secret, &guid, e, &tag, peer, r) {
+                verified.insert(peer.clone(), p);
             }
-            let mut p = [0u8; PUBLIC_LEN];
-            p.copy_from_slice(&public);
-            verified.insert(peer.clone(), p);
         }
         // A retired epoch only drains: nothing is made or reported for it.
         let retired = rec.state == crate::datastore::records::EpochState::Retired;
@@ -134,6 +197,7 @@ pub(super) async fn prepare(
                 }
             }
             out.verified.insert(e, verified);
+            out.secrets.insert(e, secret);
             continue;
         }
         match (published.get(node), verified.get(node)) {
@@ -183,7 +247,9 @@ pub(super) async fn prepare(
             }
         }
         out.verified.insert(e, verified);
+        out.secrets.insert(e, secret);
     }
+    verified_cache().retain(|(e, tag, _), _| out.files.contains(&(*e, tag.clone())));
     Ok(out)
 }
 
@@ -229,4 +295,76 @@ pub(super) fn forget_deleted(
         tracing::info!(epochs = ?removed, "destroyed the private keys of deleted epochs (forward secrecy)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(secret: &EpochSecret, epoch: u32, node: &str, pair: &EpochKeyPair) -> PubkeyRecord {
+        let mac = pubkey_mac(secret, "guid", epoch, node, pair.public()).expect("mac");
+        PubkeyRecord {
+            public: B64.encode(pair.public()),
+            mac: B64.encode(mac),
+        }
+    }
+
+    #[test]
+    fn a_verified_key_is_remembered_only_for_its_exact_record() {
+        // Epoch numbers no other test uses: the cache is process-wide.
+        let e = 0xfff0;
+        let secret = EpochSecret::generate().expect("secret");
+        let pair = EpochKeyPair::generate().expect("pair");
+        let good = record(&secret, e, "node-2", &pair);
+        let tag = file_tag(&secret, e);
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, "node-2", &good),
+            Some(*pair.public())
+        );
+        // Served again from the cache.
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, "node-2", &good),
+            Some(*pair.public())
+        );
+        // A record replaced by someone without the KEK: another key with a
+        // MAC under another secret, and the same key with a MAC cut short.
+        let other = EpochSecret::generate().expect("secret");
+        let forged = record(
+            &other,
+            e,
+            "node-2",
+            &EpochKeyPair::generate().expect("pair"),
+        );
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, "node-2", &forged),
+            None
+        );
+        let cut = PubkeyRecord {
+            mac: B64.encode([0u8; 16]),
+            ..good.clone()
+        };
+        assert_eq!(check_pubkey(&secret, "guid", e, &tag, "node-2", &cut), None);
+        // The same record under another node's name does not verify.
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, "node-3", &good),
+            None
+        );
+        // A later epoch of the same number (another secret, so another
+        // tag) verifies afresh: the old record does not open under it.
+        let tag2 = file_tag(&other, e);
+        assert_ne!(tag, tag2);
+        assert_eq!(
+            check_pubkey(&other, "guid", e, &tag2, "node-2", &good),
+            None
+        );
+        // Not base64: refused, never a panic.
+        let junk = PubkeyRecord {
+            public: "%%%".into(),
+            mac: "%%%".into(),
+        };
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, "node-4", &junk),
+            None
+        );
+    }
 }

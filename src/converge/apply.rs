@@ -94,7 +94,13 @@ pub(super) fn apply_with_keys(
     plan: &Plan,
     held: &Held,
 ) -> Result<Applied, ConvergeError> {
-    let needs_keys = !(plan.add_states.is_empty() && plan.replace_states.is_empty());
+    // The agreement epochs were opened by `prepare`; only the others are
+    // unsealed here, and only when a state is to be added.
+    let needs_keys = plan
+        .add_states
+        .iter()
+        .chain(&plan.replace_states)
+        .any(|s| !agreed.secrets.contains_key(&s.epoch));
     let kek = if needs_keys {
         Some(Kek::load(&cfg.kek_file)?)
     } else {
@@ -102,16 +108,18 @@ pub(super) fn apply_with_keys(
     };
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
     let mut secrets: HashMap<u32, EpochSecret> = HashMap::new();
+    let mut shared = super::agreement::SharedSecrets::default();
     let applied = xfrm.apply(plan, held, |s| {
-        let kek = kek.as_ref().ok_or("no KEK loaded")?;
         let rec = snap
             .epochs
             .iter()
             .find(|e| e.epoch == s.epoch)
             .ok_or_else(|| format!("epoch {} has no record", s.epoch))?;
-        let secret = match secrets.entry(s.epoch) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
+        let secret = match (agreed.secrets.get(&s.epoch), secrets.entry(s.epoch)) {
+            (Some(opened), _) => opened,
+            (None, std::collections::hash_map::Entry::Occupied(e)) => e.into_mut(),
+            (None, std::collections::hash_map::Entry::Vacant(v)) => {
+                let kek = kek.as_ref().ok_or("no KEK loaded")?;
                 v.insert(rec.open(kek).map_err(|e| e.to_string())?)
             }
         };
@@ -124,7 +132,7 @@ pub(super) fn apply_with_keys(
             key_bits: s.key_bits,
         };
         if rec.agreement.is_some() {
-            return agreed.derive(secret, &guid, s, &id).ok_or_else(|| {
+            return agreed.derive(secret, &guid, s, &id, &mut shared).ok_or_else(|| {
                 format!(
                     "epoch {} has no usable key agreement with the peer (a missing or unverified key)",
                     s.epoch

@@ -70,6 +70,8 @@ pub use super::records::{
     identities_digest, Cipher, CipherChange, ClusterConfig, EpochRecord, EpochState, Identity,
     NodeStatus, NodeStatuses, Phase,
 };
+/// Record times (RFC 3339 UTC, Unix seconds), from [`crate::clock`].
+pub use crate::clock::{now_rfc3339, now_unix, parse_rfc3339, rfc3339};
 
 /// The key of the leader's published status (bound to the leader's lease).
 pub fn manager_status_key() -> String {
@@ -111,69 +113,6 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, raw: &[u8]) -> Result<T, Ipse
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Our records are plain structs of strings and numbers: this cannot fail.
     serde_json::to_vec(v).unwrap_or_default()
-}
-
-/// The current time as RFC 3339 UTC, e.g. "2026-11-21T12:00:00Z".
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc3339(secs)
-}
-
-/// Formats Unix seconds as RFC 3339 UTC.
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Parses the RFC 3339 UTC form [`rfc3339`] writes ("YYYY-MM-DDTHH:MM:SSZ")
-/// back to Unix seconds; `None` for anything else.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
-        return None;
-    }
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss).ok()
-}
-
-/// The current time in Unix seconds.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The key of the manager's leader record (bound to the leader's lease).
