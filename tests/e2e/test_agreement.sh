@@ -16,6 +16,9 @@
 #    KEK while node-2's agent is stopped; no node uses it, node-2 reports
 #    the epoch lost, the manager retires it, the next rotation works, and
 #    no echo is lost.
+# 5. node-1 reboots (its private keys and SAs gone): it reports the epoch
+#    lost, the manager rotates at once, node-1's pair flows again under the
+#    new epoch, nothing crosses in clear, and node-2↔node-3 loses nothing.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -142,5 +145,49 @@ done
 for n in "${NODES[@]}"; do
     check_eq "xfrm_stat counters on $n all 0" "$(xfrm_errors "$n")" ""
 done
+
+# ------------------------------------------------------ 5. node-1 reboots
+# A reboot empties tmpfs (node-1's private keys) and the kernel (its SAs).
+# One network namespace cannot reboot, so: node-1's agent stopped, its
+# agreement directory emptied, its XFRM states flushed, its agent started
+# again (the boot id stays; the flushed SAs move node-1 to a new
+# incarnation all the same).
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/reboot-12.json" 100 2>"$tmp/reboot-12.err" &
+ping12=$!
+ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/reboot-23.json" 100 2>"$tmp/reboot-23.err" &
+ping23=$!
+cap_start wire w-node-1 "$tmp/reboot.pcap"
+sleep 2
+kill -TERM "${AGENT_PID[node-1]}"
+wait "${AGENT_PID[node-1]}" 2>/dev/null || true
+rm -f "$tmp"/agreement-node-1/*.key
+ipn node-1 xfrm state flush
+agent_start node-1
+wait_until 60 "reboot: node-1 finds its epoch-4 private key gone and reports the epoch lost" \
+    grep -q 'its private key is not here' "$tmp/agent-node-1.log" || true
+wait_until 180 "reboot: the manager rotates at once: epoch 5 active, epoch 4 deleted" only_epoch 5 || true
+check_eq "reboot: node-1 holds a new 0600 private key for epoch 5" \
+    "$(stat -c %a "$tmp"/agreement-node-1/5-*.key 2>&1)" 600
+sleep 3
+kill -TERM "$ping12" "$ping23" 2>/dev/null || true
+wait "$ping12" "$ping23" 2>/dev/null || true
+cap_stop
+clear=$(cap_ipv4 "$tmp/reboot.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)
+check_eq "reboot: packets with a pod address in clear on node-1's port" "$clear" 0
+lost23=$(jq '.lost | length' "$tmp/reboot-23.json")
+info "reboot: echo 2→3 (pair without node-1): $(jq '.sent | length' "$tmp/reboot-23.json") sent, $lost23 lost"
+check_eq "reboot: the pair without node-1 lost nothing" "$lost23" 0
+# node-1's own pair is dark from the flush until epoch 5 (fail closed), then
+# flows again: the last 2 s of echoes all came back.
+read -r sent12 lost12 tail12 < <(python3 - "$tmp/reboot-12.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+end = d["sent"][-1][1]
+late = {c for c, t in d["sent"] if t > end - 2}
+print(len(d["sent"]), len(d["lost"]), len(late & set(d["lost"])))
+PY
+)
+info "reboot: echo 1→2: $sent12 sent, $lost12 lost while node-1 had no key"
+check_eq "reboot: echo 1→2 flows again under epoch 5 (lost in its last 2 s)" "$tail12" 0
 daemons_stop
 e2e_finish
