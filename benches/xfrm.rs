@@ -286,7 +286,7 @@ fn main() {
             let conf = tmp.path().join("conf.json");
             std::fs::write(
                 &conf,
-                entry(&server.endpoint, &format!("state-{peers}-{r}")).to_string(),
+                entry(&server.endpoint, &format!("state-{peers}-{agreement}-{r}")).to_string(),
             )
             .expect("conf");
             let mut c = Command::new(bin);

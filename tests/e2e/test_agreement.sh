@@ -71,8 +71,11 @@ decrypt() {
 field() { grep -o "$1=[0-9]*" <<<"$2" | cut -d= -f2; }
 
 # ------------------------------------------------------------ 1. rotation
+t0=$(now)
 check "keys rotate --agreement p256" rotate --agreement p256
 wait_until 120 "epoch 2 (key agreement) active, epoch 1 deleted" only_epoch 2 || true
+# The same measure as test_lifecycle.sh's "rotation N took", for comparison.
+info "rotation to key agreement took $(echo "$(now) - $t0" | bc)s (overlap 2 s included)"
 for n in "${NODES[@]}"; do
     check_eq "$n keeps its epoch-2 private key 0600 under its agreement_dir" \
         "$(stat -c %a "$tmp/agreement-$n"/2-*.key 2>&1)" 600
@@ -103,8 +106,10 @@ history_dump "$tmp/history-before.json"
 before=$(decrypt "$tmp/contain.pcap" "$tmp/history-before.json" "$all")
 check_ge "forward secrecy: before the deletion, every node's files open the capture ($before)" \
     "$(field decrypted "$before")" 20
+t0=$(now)
 check "keys rotate (epoch 3)" rotate
 wait_until 120 "epoch 3 active, epoch 2 deleted" only_epoch 3 || true
+info "rotation between key-agreement epochs took $(echo "$(now) - $t0" | bc)s (overlap 2 s included)"
 gone() { ! ls "$tmp"/agreement-node-*/2-*.key >/dev/null 2>&1; }
 wait_until 30 "every node removed its epoch-2 private key" gone || true
 history_dump "$tmp/history-after.json"
