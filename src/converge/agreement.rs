@@ -104,16 +104,20 @@ fn decode(b64: &str) -> Option<Vec<u8>> {
 /// A verified key, with the record it came from.
 type Checked = (PubkeyRecord, [u8; PUBLIC_LEN]);
 
-/// Public-key records that verified, by (epoch, file tag, node). The agent
+/// Public-key records that verified, by (epoch, file tag, clusterGUID,
+/// node): the MAC key comes from the epoch secret and the GUID. The agent
 /// converges on every change, and each record costs a MAC and a point
 /// check: at 1,000 peers and two epochs, 2,000 of each per convergence. An
 /// entry answers only for the exact record text it was made from, and the
 /// file tag comes from the epoch secret, so a changed record, or an epoch
 /// made later under the same number, is verified afresh. Entries of epochs
 /// no longer in etcd are dropped at each convergence.
-static VERIFIED: Mutex<BTreeMap<(u32, String, String), Checked>> = Mutex::new(BTreeMap::new());
+static VERIFIED: Mutex<BTreeMap<Slot, Checked>> = Mutex::new(BTreeMap::new());
 
-fn verified_cache() -> MutexGuard<'static, BTreeMap<(u32, String, String), Checked>> {
+/// (epoch, file tag, clusterGUID, node).
+type Slot = (u32, String, String, String);
+
+fn verified_cache() -> MutexGuard<'static, BTreeMap<Slot, Checked>> {
     // The map is left consistent at every step: a panic elsewhere while it
     // was held does not make its entries wrong.
     VERIFIED.lock().unwrap_or_else(PoisonError::into_inner)
@@ -129,7 +133,7 @@ fn check_pubkey(
     peer: &str,
     r: &PubkeyRecord,
 ) -> Option<[u8; PUBLIC_LEN]> {
-    let slot = (e, tag.to_string(), peer.to_string());
+    let slot = (e, tag.to_string(), guid.to_string(), peer.to_string());
     if let Some((rec, public)) = verified_cache().get(&slot) {
         if rec == r {
             return Some(*public);
@@ -249,7 +253,8 @@ pub(super) async fn prepare(
         out.verified.insert(e, verified);
         out.secrets.insert(e, secret);
     }
-    verified_cache().retain(|(e, tag, _), _| out.files.contains(&(*e, tag.clone())));
+    verified_cache()
+        .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
     Ok(out)
 }
 
@@ -355,6 +360,11 @@ mod tests {
         assert_ne!(tag, tag2);
         assert_eq!(
             check_pubkey(&other, "guid", e, &tag2, "node-2", &good),
+            None
+        );
+        // The same record under another clusterGUID (another MAC key).
+        assert_eq!(
+            check_pubkey(&secret, "guid-2", e, &tag, "node-2", &good),
             None
         );
         // Not base64: refused, never a panic.
