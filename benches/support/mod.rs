@@ -35,6 +35,16 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Writes every (key, value) in transactions of 100 puts (etcd's default
+/// limit is 128 operations per transaction).
+async fn put_chunked(etcd: &Etcd, items: &[(String, Vec<u8>)]) {
+    for chunk in items.chunks(100) {
+        let batch: Vec<(&str, Vec<u8>)> =
+            chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        etcd.put_all(&batch).await.expect("put batch");
+    }
+}
+
 /// Writes `nodes` Calico nodes (node-1..node-N, 10.0.a.b/16, one /26 block
 /// each), an IPIP-Always pool and the clusterGUID, then `keys init` with `config`.
 pub fn load(endpoint: &str, kek: &Kek, nodes: usize, config: &ClusterConfig) {
@@ -88,11 +98,9 @@ pub fn load_cipher(
             items.push((format!("/calico/ipam/v2/host/node-{i}/ipv4/block/{blk}-26"),
                 r#"{"state":"confirmed","deleted":false}"#.into()));
         }
-        for chunk in items.chunks(100) {
-            let batch: Vec<(&str, Vec<u8>)> =
-                chunk.iter().map(|(k, v)| (k.as_str(), v.clone().into_bytes())).collect();
-            etcd.put_all(&batch).await.expect("put batch");
-        }
+        let items: Vec<(String, Vec<u8>)> =
+            items.into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        put_chunked(&etcd, &items).await;
         IpsecStore::new(&etcd).init(kek, config, cipher).await.expect("keys init");
     });
 }
@@ -133,11 +141,7 @@ pub fn setup_agreement(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
                 )
             })
             .collect();
-        for chunk in keys.chunks(100) {
-            let b: Vec<(&str, Vec<u8>)> =
-                chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            etcd.put_all(&b).await.expect("public keys");
-        }
+        put_chunked(&etcd, &keys).await;
     });
 }
 
@@ -164,11 +168,7 @@ fn setup_cipher(endpoint: &str, peers: usize, kek: &Kek, ipip: &str, cipher: Cip
                 )
             })
             .collect();
-        for chunk in ids.chunks(100) {
-            let b: Vec<(&str, Vec<u8>)> =
-                chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            etcd.put_all(&b).await.expect("ids");
-        }
+        put_chunked(&etcd, &ids).await;
     });
 }
 
