@@ -5,7 +5,8 @@
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::link::{
-    InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType,
+    LinkMessage,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -53,6 +54,8 @@ pub struct Link {
     pub peer_netnsid: Option<i32>,
     /// `IFLA_INFO_KIND`, e.g. "veth".
     pub kind: Option<String>,
+    /// `IFLA_VXLAN_PORT`: the UDP port a VXLAN device sends to.
+    pub vxlan_port: Option<u16>,
 }
 
 impl Link {
@@ -67,6 +70,7 @@ impl Link {
             peer_index: None,
             peer_netnsid: None,
             kind: None,
+            vxlan_port: None,
         };
         for attr in &m.attributes {
             match attr {
@@ -76,8 +80,15 @@ impl Link {
                 LinkAttribute::LinkNetNsId(i) => link.peer_netnsid = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(k) = info {
-                            link.kind = Some(kind_name(k));
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(kind_name(k)),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                                link.vxlan_port = v.iter().find_map(|a| match a {
+                                    InfoVxlan::Port(p) => Some(*p),
+                                    _ => None,
+                                });
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -347,6 +347,7 @@ mod tests {
             peer_index: None,
             peer_netnsid: None,
             kind: None,
+            vxlan_port: None,
         };
         let links = [
             l("lo", 65536, true, true),

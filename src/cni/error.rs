@@ -189,6 +189,11 @@ impl From<crate::converge::ConvergeError> for CniError {
                 format!("{details}; check agreement_dir (a tmpfs directory of calico-ipsec's own 0600 files)"),
                 "",
             ),
+            E::Guard(_) => CniError::new(
+                code::KERNEL,
+                format!("{details}; the pod is not started while this node cannot block what it does not encrypt"),
+                "",
+            ),
             E::Runtime(_) => CniError::new(code::INTERNAL, details, ""),
         }
     }

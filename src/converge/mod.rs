@@ -42,6 +42,7 @@ use record::Converged;
 
 mod agreement;
 mod apply;
+pub mod cluster;
 mod identity;
 mod observe;
 pub mod record;
@@ -104,6 +105,9 @@ pub enum ConvergeError {
         /// How long we waited.
         waited: Duration,
     },
+    /// The nftables catch-all could not be written at `encrypt` or above.
+    #[error("the nftables catch-all that drops pod traffic no XFRM policy protects: {0}")]
+    Guard(#[source] crate::xfrm::guard::GuardError),
     /// The async runtime could not start.
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] io::Error),
@@ -173,6 +177,9 @@ pub struct Report {
     /// the XFRM policies are missing could not be written (`None`: in place,
     /// or not needed).
     pub guard: Option<String>,
+    /// Policies the kernel refused (a foreign policy in the way): their
+    /// paths stay blocked by the catch-all, the others converged.
+    pub refused: Vec<String>,
     /// Peers toward which this node still sends on an older incarnation's
     /// SAs, waiting for them to acknowledge its new one (make-before-break).
     pub waiting_for: Vec<String>,
@@ -220,6 +227,8 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let asked = Stamp::now();
     let node = cfg.node_name()?;
     let _lock = NodeLock::acquire(&cfg.state_dir, NODE_LOCK_WAIT)?;
+    // After a reboot, the catch-all is back before etcd is asked.
+    cluster::restore_guard(&cfg.state_dir);
     let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
     // ADDs that queued on the lock are answered by the read of whichever
     // holder began after they asked (group commit).
@@ -303,18 +312,21 @@ pub async fn converge_with(
     let held = xfrm.held()?;
     let mtu = mtu_params(&snap, &node);
     // A config record that is missing or unparsable never turns encryption
-    // off: a node that holds IPsec state keeps it; one that holds nothing
-    // cannot tell whether encryption is required, and refuses (fail closed).
-    let config_gone = match (&snap.config, &snap.config_problem) {
-        (None, Some(why)) => Some(why.clone()),
-        (None, None) if !held.is_empty() => Some(format!(
+    // off: a node that has seen the cluster initialised, or holds IPsec
+    // state, refuses (an agent with state keeps it and reports itself
+    // stale); only a node that has never seen it reads "no record" as off.
+    let seen = cluster::Seen::load(&cfg.state_dir);
+    let config_gone = match (&snap.config, &snap.config_problem, &seen) {
+        (None, Some(why), _) => Some(why.clone()),
+        (None, None, Some(s)) => Some(s.missing_config().to_string()),
+        (None, None, None) if !held.is_empty() => Some(format!(
             "{} is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)",
             crate::datastore::ipsec::config_key()
         )),
         _ => None,
     };
     if let Some(why) = config_gone {
-        if held.is_empty() {
+        if held.is_empty() || acks.is_none() {
             return Err(IpsecStoreError::Malformed {
                 key: crate::datastore::ipsec::config_key(),
                 reason: why,
@@ -323,6 +335,10 @@ pub async fn converge_with(
         }
         return Ok(kept(node, &snap, &held, why, started, mtu));
     }
+    let mut snap = snap;
+    cluster::with_device_ports(&mut snap.topology, &node, cluster::device_vxlan_ports());
+    let guard = Guard::of(phase, &snap.topology);
+    let this_boot = crate::clock::read_boot_id().unwrap_or_default();
 
     // Off: remove whatever is ours; no identity needed.
     let mut mine: Option<(Identity, i64)> = None;
@@ -480,28 +496,24 @@ pub async fn converge_with(
         if grew || pruned {
             ledger.save(&cfg.state_dir)?;
         }
-        // Outbound policies about to go leave the plaintext guard first.
-        if let Some(g) = Guard::before(&desired, &held, &plan) {
-            if let Err(e) = g.narrow(&cfg.state_dir) {
-                tracing::warn!(error = %e, "cannot narrow the plaintext guard before removing outbound policies");
-            }
+        // Below `encrypt` the catch-all goes before the policies it
+        // guarded (a hitless disable).
+        if guard.is_empty() {
+            cluster::sync_guard(&guard, phase, &cfg.state_dir, &this_boot, true)?;
         }
         applied = apply_with_keys(cfg, &snap, &agreed, &mut xfrm, &plan, &held)?;
     }
     agreement::forget_deleted(cfg, &snap, &agreed)?;
-    // The agent keeps the guard (it converges within milliseconds of the
-    // XFRM notifications an ADD's writes cause); an ADD only narrows it
-    // above, so that `nft` never runs on a pod's critical path otherwise.
-    let keep_guard = acks.is_some();
-    let guard = match keep_guard.then(|| Guard::after(&desired).sync(&cfg.state_dir)) {
-        None | Some(Ok(_)) => None,
-        Some(Err(e)) => {
-            if phase >= Phase::Encrypt {
-                tracing::warn!(error = %e, "the plaintext guard is not in place");
-            }
-            Some(e.to_string())
-        }
-    };
+    // From `encrypt` on, the catch-all comes after the policies that carve
+    // the protected paths out of it. The agent reasserts it; an ADD writes
+    // it only when it changed (or this boot has not written it yet).
+    cluster::sync_guard(&guard, phase, &cfg.state_dir, &this_boot, acks.is_some())?;
+    cluster::Seen::note(
+        &cfg.state_dir,
+        phase,
+        snap.topology.cluster_guid.as_deref(),
+        snap.config.as_ref().map_or(0, |c| c.phase_generation),
+    )?;
     let (id, incarnation) = mine
         .as_ref()
         .map_or((None, 0), |(i, _)| (Some(i.id), i.incarnation));
@@ -512,7 +524,7 @@ pub async fn converge_with(
             "handing over between incarnations: older SAs carry the traffic until the peers hold the new ones"
         );
     }
-    if from_snapshot && !new_incarnation && handover.is_done() {
+    if from_snapshot && !new_incarnation && handover.is_done() && applied.refused.is_empty() {
         let record = Converged {
             version: record::VERSION,
             node: node.clone(),
@@ -570,7 +582,8 @@ pub async fn converge_with(
         unprotected: desired.unprotected.clone(),
         mtu,
         stale: None,
-        guard,
+        guard: None,
+        refused: applied.refused.clone(),
         waiting_for: handover.waiting_for.into_iter().collect(),
         kept_inbound: handover.kept_inbound,
     };

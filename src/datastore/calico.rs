@@ -98,6 +98,15 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// A node's own FelixConfiguration (`node.<name>`): the ports it sets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FelixOverride {
+    /// `spec.vxlanPort`, when set.
+    pub vxlan_port: Option<u16>,
+    /// `spec.vxlanPortV6`, when set.
+    pub vxlan_port_v6: Option<u16>,
+}
+
 /// Felix's settings that decide what the wire carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Felix {
@@ -139,6 +148,14 @@ pub struct Topology {
     pub cluster_guid: Option<String>,
     /// FelixConfiguration `default`.
     pub felix: Felix,
+    /// FelixConfiguration `node.<name>`, by node name.
+    pub felix_nodes: BTreeMap<String, FelixOverride>,
+    /// Addresses held by a node other than their block's owner.
+    pub borrowed: Vec<super::ipam::Borrowed>,
+    /// VXLAN ports this node's kernel devices use (`vxlan.calico`,
+    /// `vxlan-v6.calico`), as (IPv4?, port): what calico-node's
+    /// `FELIX_VXLANPORT` set without telling etcd. Filled in by the caller.
+    pub device_vxlan_ports: Vec<(bool, u16)>,
     /// Nodes that cannot be peers, with their blocks.
     pub unusable: Vec<Unusable>,
     /// What was skipped, for logs and status.
@@ -219,18 +236,19 @@ fn parse_pool(name: &str, v: &Value) -> Result<Pool, String> {
     })
 }
 
-fn parse_felix(v: &Value) -> Result<Felix, String> {
-    let port = |field: &str| -> Result<u16, String> {
+fn parse_felix(v: &Value) -> Result<FelixOverride, String> {
+    let port = |field: &str| -> Result<Option<u16>, String> {
         match v.get("spec").and_then(|s| s.get(field)) {
-            None | Some(Value::Null) => Ok(DEFAULT_VXLAN_PORT),
+            None | Some(Value::Null) => Ok(None),
             Some(p) => p
                 .as_u64()
                 .and_then(|p| u16::try_from(p).ok())
                 .filter(|p| *p > 0)
+                .map(Some)
                 .ok_or_else(|| format!("spec.{field} {p} is not a port number")),
         }
     };
-    Ok(Felix {
+    Ok(FelixOverride {
         vxlan_port: port("vxlanPort")?,
         vxlan_port_v6: port("vxlanPortV6")?,
     })
@@ -258,6 +276,13 @@ impl Topology {
                     reason,
                 });
             };
+            if key.starts_with(super::ipam::IPAM_BLOCKS) {
+                match super::ipam::borrowed(key, raw) {
+                    Ok(b) => t.borrowed.extend(b),
+                    Err(e) => skip(e),
+                }
+                continue;
+            }
             if let Some(rest) = key.strip_prefix(IPAM_HOSTS) {
                 // <node>/ipv4/block/<a.b.c.d-nn> or <node>/ipv6/block/<addr-nn>
                 let parts: Vec<&str> = rest.split('/').collect();
@@ -309,9 +334,19 @@ impl Topology {
                     Ok(p) => t.pools.push(p),
                     Err(e) => skip(e),
                 },
-                "felixconfigurations" if name == "default" => match parse_felix(&v) {
-                    Ok(f) => t.felix = f,
-                    Err(e) => skip(e),
+                "felixconfigurations" => match (name, parse_felix(&v)) {
+                    ("default", Ok(f)) => {
+                        t.felix = Felix {
+                            vxlan_port: f.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT),
+                            vxlan_port_v6: f.vxlan_port_v6.unwrap_or(DEFAULT_VXLAN_PORT),
+                        }
+                    }
+                    (other, Ok(f)) => {
+                        if let Some(node) = other.strip_prefix("node.") {
+                            t.felix_nodes.insert(node.to_string(), f);
+                        }
+                    }
+                    (_, Err(e)) => skip(e),
                 },
                 "clusterinformations" if name == "default" => {
                     match str_at(&v, &["spec", "clusterGUID"]) {
@@ -323,7 +358,12 @@ impl Topology {
             }
         }
         let mut orphans: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
-        for (node, block) in affinities {
+        t.borrowed.sort();
+        t.borrowed.dedup();
+        // A borrowed address is a block of one address of the node that
+        // holds it: selected toward that node, never its block's owner.
+        let held = t.borrowed.iter().map(|b| (b.node.clone(), b.addr));
+        for (node, block) in affinities.into_iter().chain(held) {
             match t.nodes.get_mut(&node) {
                 Some(n) => n.blocks.push(block),
                 None => orphans.entry(node).or_default().push(block),
@@ -394,6 +434,34 @@ impl Topology {
             .iter()
             .filter(|p| p.cidr.contains(block))
             .max_by_key(|p| p.cidr.prefix_len())
+    }
+
+    /// The VXLAN port `node` sends to (and listens on) in one family: its
+    /// own FelixConfiguration, else `default`'s.
+    pub fn vxlan_port(&self, node: &str, v4: bool) -> u16 {
+        let o = self.felix_nodes.get(node);
+        if v4 {
+            o.and_then(|o| o.vxlan_port).unwrap_or(self.felix.vxlan_port)
+        } else {
+            o.and_then(|o| o.vxlan_port_v6)
+                .unwrap_or(self.felix.vxlan_port_v6)
+        }
+    }
+
+    /// Every VXLAN port Calico may use in one family, as far as this node
+    /// can know: `default`'s, every node's own, and this node's devices'.
+    pub fn vxlan_ports(&self, v4: bool) -> BTreeSet<u16> {
+        let mut out = BTreeSet::from([self.vxlan_port("", v4)]);
+        for o in self.felix_nodes.values() {
+            out.extend(if v4 { o.vxlan_port } else { o.vxlan_port_v6 });
+        }
+        out.extend(
+            self.device_vxlan_ports
+                .iter()
+                .filter(|(f, _)| *f == v4)
+                .map(|(_, p)| *p),
+        );
+        out
     }
 
     /// Every node except `me`.

@@ -3,6 +3,7 @@
 
 pub mod calico;
 pub mod etcd;
+pub mod ipam;
 pub mod ipsec;
 pub mod leader;
 pub mod paths;

@@ -118,11 +118,7 @@ impl Topology {
         if v4 && applies(pool.ipip) {
             Path::Ipip
         } else if applies(pool.vxlan) {
-            Path::Vxlan(if v4 {
-                self.felix.vxlan_port
-            } else {
-                self.felix.vxlan_port_v6
-            })
+            Path::Vxlan(self.vxlan_port(&from.name, v4))
         } else {
             Path::Native
         }

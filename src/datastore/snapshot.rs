@@ -36,7 +36,18 @@ fn ranges() -> Vec<(String, bool)> {
     r.push((format!("{PREFIX}epochs/"), true));
     r.push((format!("{PREFIX}nodeids/"), true));
     r.push((format!("{PREFIX}pubkeys/"), true));
+    // Last, and outside the fingerprint (see [`fingerprinted`]).
+    r.push((super::ipam::IPAM_BLOCKS.to_string(), true));
     r
+}
+
+/// The ranges whose [`Mark`]s make the [`Fingerprint`]: all but Calico's
+/// IPAM allocation blocks, which change with every pod address allocated
+/// anywhere (an ADD's own allocation included). Borrowed addresses are
+/// therefore followed by the agent's watch, not by an ADD's fast path; until
+/// a node converges on one, the catch-all blocks its traffic (never clear).
+fn fingerprinted(r: &[(String, bool)]) -> &[(String, bool)] {
+    &r[..r.len() - 1]
 }
 
 fn as_ranges(r: &[(String, bool)]) -> Vec<Range<'_>> {
@@ -107,7 +118,11 @@ pub async fn read(etcd: &Etcd) -> Result<Snapshot, IpsecStoreError> {
     let (header, read) = etcd.read_ranges(&as_ranges(&keys)).await?;
     let fingerprint = Fingerprint {
         cluster_id: header.cluster_id,
-        marks: read.iter().map(|kvs| Mark::of(kvs)).collect(),
+        marks: read
+            .iter()
+            .take(fingerprinted(&keys).len())
+            .map(|kvs| Mark::of(kvs))
+            .collect(),
     };
     let mut snap = build(&read, header.revision, fingerprint)?;
     snap.read_at = read_at;
@@ -120,9 +135,10 @@ impl Snapshot {
     /// fingerprint has no cluster id, so it never matches a fast-path
     /// record: the next ADD after it reads etcd in full.
     pub fn from_ranges(read: &[Vec<Kv>], revision: i64) -> Result<Self, IpsecStoreError> {
+        let n = fingerprinted(&ranges()).len().min(read.len());
         let fingerprint = Fingerprint {
             cluster_id: 0,
-            marks: read.iter().map(|kvs| Mark::of(kvs)).collect(),
+            marks: read.iter().take(n).map(|kvs| Mark::of(kvs)).collect(),
         };
         build(read, revision, fingerprint)
     }
@@ -136,8 +152,10 @@ fn build(
 ) -> Result<Snapshot, IpsecStoreError> {
     let none: Vec<Kv> = Vec::new();
     let at = |i: usize| read.get(i).unwrap_or(&none);
+    let blocks = ranges().len() - 1;
     let topology = Topology::from_kvs(
         (0..=KINDS.len())
+            .chain([blocks])
             .flat_map(at)
             .map(|kv| (kv.key.as_str(), kv.value.as_slice())),
     );
@@ -245,7 +263,7 @@ fn pubkeys_of(
 /// small serializable transaction (no values), and the revision it saw.
 pub async fn fingerprint(etcd: &Etcd) -> Result<(Fingerprint, i64), EtcdError> {
     let keys = ranges();
-    let (header, marks) = etcd.marks(&as_ranges(&keys)).await?;
+    let (header, marks) = etcd.marks(&as_ranges(fingerprinted(&keys))).await?;
     Ok((
         Fingerprint {
             cluster_id: header.cluster_id,

@@ -292,7 +292,30 @@ impl Build<'_> {
                 .collect()
         };
         let (peer_blocks, my_blocks) = (fam(peer), fam(me));
-        if peer_blocks.is_empty() && my_blocks.is_empty() {
+        let t = self.i.topology;
+        // A node without a block in this family may still run pods on
+        // addresses it borrows later (or that this node has not seen yet):
+        // wherever a pool tunnels, the tunnel between the two nodes is
+        // protected as if each of its blocks were there.
+        let tunnels = |from: &Node, to: &Node| -> Vec<(IpNet, Path)> {
+            t.pools
+                .iter()
+                .filter(|p| matches!(p.cidr, IpNet::V4(_)) == v4)
+                .map(|p| (p.cidr, t.path(from, to, &p.cidr)))
+                .filter(|(_, p)| matches!(p, Path::Ipip | Path::Vxlan(_)))
+                .collect()
+        };
+        let out_extra = if peer_blocks.is_empty() {
+            tunnels(me, peer)
+        } else {
+            vec![]
+        };
+        let inb_extra = if my_blocks.is_empty() {
+            tunnels(peer, me)
+        } else {
+            vec![]
+        };
+        if peer_blocks.is_empty() && my_blocks.is_empty() && out_extra.is_empty() && inb_extra.is_empty() {
             return None;
         }
         let mut view = PathView {
@@ -310,15 +333,16 @@ impl Build<'_> {
             view.blocked.push(reason.to_string());
             return Some(view);
         }
-        let t = self.i.topology;
         let pair = Pair {
             out: peer_blocks
                 .iter()
                 .map(|b| (*b, t.path(me, peer, b)))
+                .chain(out_extra)
                 .collect(),
             inb: my_blocks
                 .iter()
                 .map(|b| (*b, t.path(peer, me, b)))
+                .chain(inb_extra)
                 .collect(),
         };
         for (_, p) in pair.out.iter().chain(&pair.inb) {
@@ -375,10 +399,17 @@ impl Build<'_> {
                 dport,
             })
         };
+        // Outbound from any local source: an outer packet sourced from
+        // another address of this node is then encrypted (the SA is looked
+        // up by its addresses) or dropped, never sent in clear.
         let out_sels: BTreeSet<Selector> = pair
             .out
             .iter()
             .filter_map(|(_, p)| outer(me_ip, peer_ip, p))
+            .map(|sel| Selector {
+                src: any(v4),
+                ..sel
+            })
             .collect();
         let in_sels: BTreeSet<Selector> = pair
             .inb
@@ -426,6 +457,45 @@ impl Build<'_> {
         }
         Some(view)
     }
+}
+
+/// The catch-all block policies (DESIGN §5c): every IPIP packet, and every
+/// UDP packet to a Calico VXLAN port, that no per-peer policy protects is
+/// dropped in the kernel. Only for the tunnels the pools use (or a device
+/// this node has), so that other software's IPIP or VXLAN is left alone
+/// where Calico uses none. Pod addresses without a tunnel are the nftables
+/// guard's part: an XFRM selector cannot exclude this node's own pods.
+pub fn catch_all(t: &Topology) -> Vec<Selector> {
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        let pools = t
+            .pools
+            .iter()
+            .filter(|p| matches!(p.cidr, IpNet::V4(_)) == v4);
+        let (mut ipip, mut vxlan) = (false, false);
+        for p in pools {
+            ipip |= v4 && p.ipip != crate::datastore::calico::EncapMode::Never;
+            vxlan |= p.vxlan != crate::datastore::calico::EncapMode::Never;
+        }
+        vxlan |= t.device_vxlan_ports.iter().any(|(f, _)| *f == v4);
+        if ipip {
+            out.push(Selector {
+                src: any(v4),
+                dst: any(v4),
+                proto: PROTO_IPIP,
+                dport: 0,
+            });
+        }
+        if vxlan {
+            out.extend(t.vxlan_ports(v4).into_iter().map(|port| Selector {
+                src: any(v4),
+                dst: any(v4),
+                proto: PROTO_UDP,
+                dport: port,
+            }));
+        }
+    }
+    out
 }
 
 impl Desired {
@@ -535,6 +605,16 @@ impl Desired {
             };
             for blk in &u.blocks {
                 b.block_out(&mut view, &u.name, *blk, &u.reason);
+            }
+        }
+        if i.phase >= Phase::Encrypt {
+            for sel in catch_all(t) {
+                let p = PolicySpec {
+                    dir: Dir::Out,
+                    sel,
+                    action: Action::Block,
+                };
+                b.d.policies.insert(p.key(), p);
             }
         }
         b.d.installed_epochs = b.installed.iter().map(|(e, _, _)| *e).collect();

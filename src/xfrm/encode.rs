@@ -17,7 +17,7 @@ use netlink_packet_xfrm::{
 };
 use zeroize::Zeroize;
 
-use super::{Action, Dir, Mode, PolicySpec, SaSpec, Selector, PRIORITY, REPLAY_WINDOW};
+use super::{Action, Dir, Mode, PolicySpec, SaSpec, Selector, REPLAY_WINDOW};
 use crate::keys::{SaKey, ALGORITHM};
 
 /// The kernel's address family number of `ip`.
@@ -193,7 +193,7 @@ pub(super) fn policy_message(p: &PolicySpec, update: bool) -> XfrmMessage {
     let info = UserPolicyInfo {
         selector: xselector(&p.sel),
         lifetime_cfg: infinite(),
-        priority: PRIORITY,
+        priority: p.sel.priority(),
         direction: xdir(p.dir),
         action,
         ..Default::default()

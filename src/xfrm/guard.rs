@@ -1,25 +1,39 @@
-//! The plaintext guard: an nftables mirror of our outbound XFRM policies.
+//! The catch-all guard: from `encrypt` on, pod traffic that no XFRM
+//! policy protects is dropped in nftables (DESIGN §5c).
 //!
-//! An outbound policy is what makes the kernel encrypt a pod path, and the
-//! XFRM policy database can be emptied by anyone with `CAP_NET_ADMIN`
-//! (`ip xfrm policy flush`, another IPsec daemon starting, a module reload).
-//! Until the agent puts the policies back, the pod packets of those paths
-//! would leave in clear. The guard closes that window: a table
-//! `inet calico_ipsec` whose postrouting chain drops every packet that one
-//! of our outbound policies selects (same source, destination, protocol and
-//! port) but that the kernel is *not* about to transform (`rt ipsec
-//! missing`). While the policies are in place the guard never matches: the
-//! packet carries the XFRM bundle, and the ESP packet it becomes has another
-//! protocol. Block policies are mirrored the same way, so a blocked path
-//! stays blocked too.
+//! A list of protected paths fails open for every path it forgets: a node
+//! with no block, a borrowed address, a second source address, a VXLAN port
+//! set only in calico-node's environment, a peer not converged yet, a policy
+//! database flushed by anyone with `CAP_NET_ADMIN`. So the guard lists no
+//! path. Its table `inet calico_ipsec` has one postrouting chain that drops,
+//! per family, every packet that the kernel is *not* about to transform
+//! (`rt ipsec missing`) and that
+//! - is IPIP (IPv4), or UDP to any Calico VXLAN port (etcd's `default` and
+//!   `node.<name>` settings, and this node's `vxlan.calico`/`vxlan-v6.calico`
+//!   devices), or
+//! - goes to an address inside any IP pool, or
+//! - comes from an address inside a pool and goes to a cluster node,
 //!
-//! Ordering keeps every transition hitless: policies that are about to be
-//! deleted leave the guard first ([`Guard::before`]), and new ones join it
-//! only once they are in the kernel ([`Guard::after`]).
+//! unless it leaves through `lo`, a pod's veth (`cali*`) or one of Calico's
+//! tunnel devices (whose output is the IPIP or VXLAN packet the first rule
+//! sees). The per-peer policies carve the protected paths out of it: a
+//! packet they select carries its XFRM bundle and never matches.
+//!
+//! Exceptions, on purpose: same-node pod to pod and host to local pod
+//! (`cali*`), the node's own traffic (etcd, the API server, SSH: not pod
+//! addresses), and pod traffic to outside the cluster (neither a pool nor a
+//! node address; Calico's `natOutgoing` masquerades it before this chain,
+//! which runs after source NAT at priority 110).
+//!
+//! Order keeps transitions hitless: the guard is written after the XFRM
+//! policies at `encrypt` (so a path is protected before it is guarded) and
+//! removed before them when the phase drops below `encrypt`.
 //!
 //! The ruleset is written with `nft -f -` (the interface libnftables
 //! maintains; Kubernetes' knftables does the same), as one transaction that
-//! replaces the table: there is never a moment without a guard.
+//! replaces the table: there is never a moment without a guard. The script
+//! is also kept in the state directory, so that after a reboot the guard is
+//! back before etcd is even asked ([`restore`]).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -30,24 +44,30 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-use super::{Desired, Dir, Held, Plan, Selector};
+use crate::datastore::calico::Topology;
+use crate::datastore::ipsec::Phase;
 
 /// The nftables table the guard owns (family `inet`).
 pub const TABLE: &str = "calico_ipsec";
-/// The guard is written again at least this often, even when unchanged, so
-/// that a table removed by hand comes back.
+/// The guard is written again at least this often by the agent, even when
+/// unchanged, so that a table removed by hand comes back.
 pub const REASSERT: Duration = Duration::from_secs(30);
+/// Interfaces whose output the guard never drops: loopback, pods' veths
+/// and Calico's tunnel devices.
+pub const EXEMPT: [&str; 5] = ["lo", "cali*", "tunl0", "vxlan.calico", "vxlan-v6.calico"];
 /// Where `nft` is looked for before `$PATH` (kubelet may run a plugin with
 /// an almost empty `$PATH`).
 const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 /// The record of the last guard written, in the state directory's `node/`.
 const RECORD: &str = "guard";
+/// The last non-empty guard's script, in the state directory's `node/`.
+const SCRIPT: &str = "guard.nft";
 
 /// Why the guard could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
     /// No `nft` binary.
-    #[error("the nftables guard needs `nft` (Debian: nftables), found in none of /usr/sbin, /sbin, /usr/bin or $PATH; without it a flushed XFRM policy database leaves pod paths in clear until the agent restores it")]
+    #[error("the nftables catch-all needs `nft` (Debian: nftables), found in none of /usr/sbin, /sbin, /usr/bin or $PATH; without it pod paths that no XFRM policy covers could leave in clear, so encryption cannot be enforced on this node")]
     NoNft,
     /// `nft` could not be run.
     #[error("running {nft}: {source}")]
@@ -68,69 +88,56 @@ pub enum GuardError {
     },
 }
 
-/// The selectors the guard holds: every outbound policy (allowing or
-/// blocking).
+/// What the catch-all drops, per family: empty below `encrypt`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Guard {
-    sels: BTreeSet<Selector>,
+    /// Every IP pool (disabled ones too: their pods keep their addresses).
+    pools: BTreeSet<IpNet>,
+    /// Every cluster node's underlay address.
+    nodes: BTreeSet<IpNet>,
+    /// IPIP is dropped (an IPv4 pool tunnels with it).
+    ipip: bool,
+    /// VXLAN ports dropped, as (IPv4?, port).
+    vxlan: BTreeSet<(bool, u16)>,
 }
 
 impl Guard {
-    /// The guard for a desired state: its outbound policies.
-    pub fn of(want: &Desired) -> Self {
-        Self::outbound(want, |_| true)
-    }
-
-    fn outbound(want: &Desired, keep: impl Fn(&Selector) -> bool) -> Self {
-        Guard {
-            sels: want
-                .policies
+    /// The guard for a phase and a topology.
+    pub fn of(phase: Phase, t: &Topology) -> Self {
+        if phase < Phase::Encrypt {
+            return Self::default();
+        }
+        let mut g = Guard {
+            pools: t.pools.iter().map(|p| p.cidr).collect(),
+            nodes: t
+                .nodes
                 .values()
-                .filter(|p| p.dir == Dir::Out && keep(&p.sel))
-                .map(|p| Selector {
-                    src: p.sel.src.trunc(),
-                    dst: p.sel.dst.trunc(),
-                    ..p.sel
-                })
+                .flat_map(|n| [n.ipv4, n.ipv6])
+                .flatten()
+                .map(|u| IpNet::from(u.addr))
                 .collect(),
+            ..Self::default()
+        };
+        for sel in super::desired::catch_all(t) {
+            match sel.proto {
+                super::PROTO_IPIP => g.ipip = true,
+                _ => {
+                    g.vxlan
+                        .insert((matches!(sel.dst, IpNet::V4(_)), sel.dport));
+                }
+            }
         }
-    }
-
-    /// What may stay guarded while `plan` runs: the outbound policies that
-    /// are both held now and desired (a policy about to be deleted must stop
-    /// being guarded first, or its now-intended clear traffic is dropped).
-    /// `None` when the plan deletes no outbound policy.
-    pub fn before(want: &Desired, held: &Held, plan: &Plan) -> Option<Self> {
-        if !plan.del_policies.iter().any(|(d, _)| *d == Dir::Out) {
-            return None;
-        }
-        Some(Self::outbound(want, |s| {
-            held.policies.contains_key(&(Dir::Out, *s))
-        }))
-    }
-
-    /// The guard once the plan is applied: every desired outbound policy.
-    pub fn after(want: &Desired) -> Self {
-        Self::of(want)
-    }
-
-    /// Selectors guarded.
-    pub fn len(&self) -> usize {
-        self.sels.len()
+        g
     }
 
     /// True when nothing is guarded (the table is removed).
     pub fn is_empty(&self) -> bool {
-        self.sels.is_empty()
+        self.pools.is_empty() && !self.ipip && self.vxlan.is_empty()
     }
 
-    /// A digest of the selectors (for the record).
+    /// A digest of the script (for the record).
     pub fn digest(&self) -> String {
-        let mut h = Sha256::new();
-        for s in &self.sels {
-            h.update(format!("{}>{}:{}:{};", s.src, s.dst, s.proto, s.dport));
-        }
-        h.finalize()
+        Sha256::digest(self.script().as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
@@ -140,71 +147,66 @@ impl Guard {
     /// removes it when empty), in one transaction.
     pub fn script(&self) -> String {
         let mut out = format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n");
-        if self.sels.is_empty() {
+        if self.is_empty() {
             return out;
         }
         out.push_str(&format!("table inet {TABLE} {{\n"));
         let mut rules = Vec::new();
+        let set = |out: &mut String, name: &str, ty: &str, interval: bool, elems: Vec<String>| {
+            let flags = if interval { "\n    flags interval" } else { "" };
+            out.push_str(&format!(
+                "  set {name} {{\n    type {ty}{flags}\n    elements = {{ {} }}\n  }}\n",
+                elems.join(", ")
+            ));
+        };
         for v4 in [true, false] {
-            let (fam, addr, ty) = if v4 {
-                ("4", "ip", "ipv4_addr")
+            let (fam, addr, ty, nfproto) = if v4 {
+                ("4", "ip", "ipv4_addr", "ipv4")
             } else {
-                ("6", "ip6", "ipv6_addr")
+                ("6", "ip6", "ipv6_addr", "ipv6")
             };
-            let mine: Vec<&Selector> = self
-                .sels
+            let of_fam = |n: &&IpNet| matches!(n, IpNet::V4(_)) == v4;
+            let pools: Vec<String> = self.pools.iter().filter(of_fam).map(ToString::to_string).collect();
+            let nodes: Vec<String> = self.nodes.iter().filter(of_fam).map(|n| n.addr().to_string()).collect();
+            let ports: Vec<String> = self
+                .vxlan
                 .iter()
-                .filter(|s| matches!(s.dst, IpNet::V4(_)) == v4)
+                .filter(|(f, _)| *f == v4)
+                .map(|(_, p)| p.to_string())
                 .collect();
-            let shapes: [(&str, String, String, Vec<String>); 3] = [
-                (
-                    "any",
-                    format!("{ty} . {ty}"),
-                    format!("{addr} saddr . {addr} daddr"),
-                    mine.iter()
-                        .filter(|s| s.proto == 0)
-                        .map(|s| format!("{} . {}", s.src, s.dst))
-                        .collect(),
-                ),
-                (
-                    "proto",
-                    format!("{ty} . {ty} . inet_proto"),
-                    format!("{addr} saddr . {addr} daddr . meta l4proto"),
-                    mine.iter()
-                        .filter(|s| s.proto != 0 && s.dport == 0)
-                        .map(|s| format!("{} . {} . {}", s.src, s.dst, s.proto))
-                        .collect(),
-                ),
-                (
-                    "port",
-                    format!("{ty} . {ty} . inet_proto . inet_service"),
-                    format!("{addr} saddr . {addr} daddr . meta l4proto . th dport"),
-                    mine.iter()
-                        .filter(|s| s.proto != 0 && s.dport != 0)
-                        .map(|s| format!("{} . {} . {} . {}", s.src, s.dst, s.proto, s.dport))
-                        .collect(),
-                ),
-            ];
-            for (shape, key_type, key, elements) in shapes {
-                if elements.is_empty() {
-                    continue;
-                }
-                let set = format!("out{fam}_{shape}");
-                out.push_str(&format!(
-                    "  set {set} {{\n    type {key_type}\n    flags interval\n    elements = {{\n      {}\n    }}\n  }}\n",
-                    elements.join(",\n      ")
-                ));
-                // `meta nfproto` keeps an inet chain's IPv4 keys off IPv6
-                // packets and the other way round.
-                let nfproto = if v4 { "ipv4" } else { "ipv6" };
+            let drop = "rt ipsec missing counter drop";
+            if v4 && self.ipip {
                 rules.push(format!(
-                    "    meta nfproto {nfproto} {key} @{set} rt ipsec missing counter drop comment \"clear traffic of a calico-ipsec path\""
+                    "    meta nfproto ipv4 meta l4proto 4 {drop} comment \"IPIP without ESP\""
                 ));
             }
+            if !ports.is_empty() {
+                set(&mut out, &format!("vxlan{fam}"), "inet_service", false, ports);
+                rules.push(format!(
+                    "    meta nfproto {nfproto} udp dport @vxlan{fam} {drop} comment \"VXLAN without ESP\""
+                ));
+            }
+            if !pools.is_empty() {
+                set(&mut out, &format!("pools{fam}"), ty, true, pools);
+                rules.push(format!(
+                    "    meta nfproto {nfproto} {addr} daddr @pools{fam} {drop} comment \"to a pod address without ESP\""
+                ));
+                if !nodes.is_empty() {
+                    set(&mut out, &format!("nodes{fam}"), ty, false, nodes);
+                    rules.push(format!(
+                        "    meta nfproto {nfproto} {addr} saddr @pools{fam} {addr} daddr @nodes{fam} {drop} comment \"pod to node without ESP\""
+                    ));
+                }
+            }
         }
+        // After source NAT (100): a masqueraded pod packet to outside the
+        // cluster no longer has a pod source.
         out.push_str(
-            "  chain clear_out {\n    type filter hook postrouting priority filter; policy accept;\n",
+            "  chain clear_out {\n    type filter hook postrouting priority 110; policy accept;\n",
         );
+        for ifc in EXEMPT {
+            out.push_str(&format!("    oifname \"{ifc}\" accept\n"));
+        }
         for r in rules {
             out.push_str(&r);
             out.push('\n');
@@ -216,58 +218,28 @@ impl Guard {
     /// Writes the guard with `nft -f -`. An empty guard on a node without
     /// `nft` is nothing to do (there is no table to remove).
     pub fn apply(&self) -> Result<(), GuardError> {
-        let Some(nft) = nft_binary() else {
-            return if self.is_empty() {
-                Ok(())
-            } else {
-                Err(GuardError::NoNft)
-            };
-        };
-        let spawn_err = |source| GuardError::Spawn {
-            nft: nft.display().to_string(),
-            source,
-        };
-        let mut child = Command::new(&nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(self.script().as_bytes())
-                .map_err(spawn_err)?;
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if out.status.success() {
+        if self.is_empty() && nft_binary().is_none() {
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(GuardError::Refused {
-            code: out.status.code().unwrap_or(-1),
-            stderr: stderr
-                .chars()
-                .take(400)
-                .collect::<String>()
-                .escape_debug()
-                .to_string(),
-        })
+        run_nft(&self.script())
     }
 
     /// Writes the guard unless the record in `state_dir` says this same
-    /// guard was written less than [`REASSERT`] ago. Returns whether `nft`
-    /// ran.
-    pub fn sync(&self, state_dir: &Path) -> Result<bool, GuardError> {
+    /// guard was written in this boot (and, with `reassert`, less than
+    /// [`REASSERT`] ago). Returns whether `nft` ran. The ADD passes no
+    /// `reassert`: it writes only a changed guard, so `nft` stays off a
+    /// pod's critical path.
+    pub fn sync(&self, state_dir: &Path, boot: &str, reassert: bool) -> Result<bool, GuardError> {
         let digest = self.digest();
         // An empty guard, once removed, stays removed: it is not reasserted
         // (a node in MTU-only mode runs no `nft` after the first time).
-        if recorded(state_dir).is_some_and(|(d, at)| d == digest && (self.is_empty() || fresh(at)))
-        {
+        if recorded(state_dir).is_some_and(|r| {
+            r.digest == digest && r.boot == boot && (self.is_empty() || !reassert || fresh(r.at))
+        }) {
             return Ok(false);
         }
         // Whatever happens, the old record no longer vouches for the table.
-        let _ = std::fs::remove_file(record_path(state_dir));
+        forget(state_dir);
         match self.apply() {
             Ok(()) => {}
             // Removing the table fails only where nftables cannot be used at
@@ -277,14 +249,27 @@ impl Guard {
             }
             Err(e) => return Err(e),
         }
-        self.record(state_dir);
+        self.record(state_dir, boot);
         Ok(true)
     }
 
-    /// Records this guard as written now (a failure only means it is
-    /// written again next time).
-    fn record(&self, state_dir: &Path) {
-        let body = format!("{} {}\n", self.digest(), now());
+    /// Records this guard as written now, and keeps its script for
+    /// [`restore`] (a failure only means it is written again next time).
+    fn record(&self, state_dir: &Path, boot: &str) {
+        let body = format!("{} {} {}\n", self.digest(), now(), boot);
+        let script = state_dir.join("node").join(SCRIPT);
+        let kept = if self.is_empty() {
+            match std::fs::remove_file(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        } else {
+            crate::fsutil::write_atomic(&script, self.script().as_bytes(), 0o600)
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, "cannot keep the catch-all's script; after a reboot it is back only once etcd is read");
+        }
         if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600)
         {
             tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
@@ -292,19 +277,60 @@ impl Guard {
     }
 }
 
-impl Guard {
-    /// Narrows a guard the agent wrote to this one, before outbound
-    /// policies are deleted. Nothing to do (and no `nft` run) when no guard
-    /// was ever recorded on this node: an ADD on a node without an agent.
-    pub fn narrow(&self, state_dir: &Path) -> Result<bool, GuardError> {
-        if recorded(state_dir).is_none() {
-            return Ok(false);
-        }
-        forget(state_dir);
-        self.apply()?;
-        self.record(state_dir);
-        Ok(true)
+/// Puts the last guard written back when this boot has not written it yet
+/// (a reboot emptied nftables): before etcd is read, so that a node that
+/// enforced encryption never starts in clear. `boot` is the kernel's boot
+/// id. Returns whether `nft` ran.
+pub fn restore(state_dir: &Path, boot: &str) -> Result<bool, GuardError> {
+    if recorded(state_dir).is_some_and(|r| r.boot == boot) {
+        return Ok(false);
     }
+    let path = state_dir.join("node").join(SCRIPT);
+    let script = match crate::fsutil::read_state(&path, 1 << 20) {
+        Ok(Some(raw)) => String::from_utf8_lossy(&raw).into_owned(),
+        _ => return Ok(false),
+    };
+    if !script.starts_with(&format!("table inet {TABLE} {{}}\n")) {
+        tracing::warn!(path = %path.display(), "the kept catch-all script is not one of ours; not restored");
+        return Ok(false);
+    }
+    run_nft(&script)?;
+    tracing::warn!("restored the nftables catch-all kept from before this boot; etcd decides what follows");
+    Ok(true)
+}
+
+fn run_nft(script: &str) -> Result<(), GuardError> {
+    let Some(nft) = nft_binary() else {
+        return Err(GuardError::NoNft);
+    };
+    let spawn_err = |source| GuardError::Spawn {
+        nft: nft.display().to_string(),
+        source,
+    };
+    let mut child = Command::new(&nft)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(GuardError::Refused {
+        code: out.status.code().unwrap_or(-1),
+        stderr: stderr
+            .chars()
+            .take(400)
+            .collect::<String>()
+            .escape_debug()
+            .to_string(),
+    })
 }
 
 /// Forgets the last guard written, so the next [`Guard::sync`] writes it.
@@ -327,11 +353,22 @@ fn fresh(at: u64) -> bool {
     at <= n && n - at < REASSERT.as_secs()
 }
 
-fn recorded(state_dir: &Path) -> Option<(String, u64)> {
-    let raw = crate::fsutil::read_state(&record_path(state_dir), 256).ok()??;
+/// What the record says: the digest written, when, and in which boot.
+struct Record {
+    digest: String,
+    at: u64,
+    boot: String,
+}
+
+fn recorded(state_dir: &Path) -> Option<Record> {
+    let raw = crate::fsutil::read_state(&record_path(state_dir), 512).ok()??;
     let text = String::from_utf8(raw).ok()?;
-    let (d, at) = text.trim().split_once(' ')?;
-    Some((d.to_string(), at.parse().ok()?))
+    let mut it = text.split_whitespace();
+    Some(Record {
+        digest: it.next()?.to_string(),
+        at: it.next()?.parse().ok()?,
+        boot: it.next().unwrap_or_default().to_string(),
+    })
 }
 
 /// The `nft` binary, if the node has one.
@@ -346,137 +383,107 @@ pub fn nft_binary() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xfrm::{Action, Mode, PolicySpec, Template};
+    use crate::datastore::calico::{EncapMode, Node, Pool, Underlay};
 
-    fn sel(src: &str, dst: &str, proto: u8, dport: u16) -> Selector {
-        Selector {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto,
-            dport,
+    fn topology(ipip: EncapMode, vxlan: EncapMode) -> Topology {
+        let mut t = Topology::default();
+        for (cidr, name) in [("10.244.0.0/16", "v4"), ("fd00:244::/48", "v6")] {
+            t.pools.push(Pool {
+                name: name.into(),
+                cidr: cidr.parse().unwrap(),
+                ipip: if name == "v4" { ipip } else { EncapMode::Never },
+                vxlan,
+                disabled: false,
+            });
         }
-    }
-
-    fn desired(out: &[(Selector, bool)]) -> Desired {
-        let mut d = Desired::default();
-        for (s, block) in out {
-            let action = if *block {
-                Action::Block
-            } else {
-                Action::Allow(Template {
-                    src: s.src.addr(),
-                    dst: s.dst.addr(),
-                    mode: Mode::Transport,
-                    reqid: 1,
-                    optional: false,
-                })
-            };
-            d.policies.insert(
-                (Dir::Out, *s),
-                PolicySpec {
-                    dir: Dir::Out,
-                    sel: *s,
-                    action,
-                },
-            );
-        }
-        // An inbound policy is never guarded.
-        let inb = sel("10.0.0.2/32", "10.0.0.1/32", 4, 0);
-        d.policies.insert(
-            (Dir::In, inb),
-            PolicySpec {
-                dir: Dir::In,
-                sel: inb,
-                action: Action::Block,
+        t.nodes.insert(
+            "a".into(),
+            Node {
+                name: "a".into(),
+                ipv4: Some(Underlay {
+                    addr: "10.0.0.11".parse().unwrap(),
+                    subnet: "10.0.0.0/24".parse().unwrap(),
+                }),
+                ipv6: None,
+                blocks: vec![],
             },
         );
-        d
+        t
     }
 
     #[test]
-    fn every_outbound_policy_is_mirrored_by_shape_and_family() {
-        let d = desired(&[
-            (sel("10.0.0.1/32", "10.0.0.2/32", 4, 0), false),
-            (sel("10.0.0.1/32", "10.0.0.3/32", 17, 4789), false),
-            (sel("0.0.0.0/0", "10.244.3.0/26", 0, 0), false),
-            (sel("0.0.0.0/0", "10.244.9.0/26", 0, 0), true),
-            (sel("fd00::1/128", "fd00::3/128", 17, 4789), false),
-        ]);
-        let g = Guard::of(&d);
-        assert_eq!(g.len(), 5);
-        let s = g.script();
-        assert!(s.starts_with("table inet calico_ipsec {}\ndelete table inet calico_ipsec\n"));
-        assert!(s.contains("10.0.0.1/32 . 10.0.0.2/32 . 4"), "{s}");
-        assert!(s.contains("10.0.0.1/32 . 10.0.0.3/32 . 17 . 4789"), "{s}");
-        assert!(
-            s.contains("0.0.0.0/0 . 10.244.3.0/26,\n      0.0.0.0/0 . 10.244.9.0/26"),
-            "{s}"
-        );
-        assert!(s.contains("fd00::1/128 . fd00::3/128 . 17 . 4789"), "{s}");
-        assert!(
-            !s.contains("10.0.0.2/32 . 10.0.0.1/32"),
-            "inbound mirrored: {s}"
-        );
-        assert!(s.contains("meta nfproto ipv6 ip6 saddr . ip6 daddr . meta l4proto . th dport @out6_port rt ipsec missing"));
-        assert!(!s.contains("out6_any"), "no empty set: {s}");
+    fn below_encrypt_there_is_no_guard_and_the_table_goes() {
+        let t = topology(EncapMode::Always, EncapMode::Never);
+        for phase in [Phase::Off, Phase::Accept] {
+            let g = Guard::of(phase, &t);
+            assert!(g.is_empty());
+            assert_eq!(
+                g.script(),
+                "table inet calico_ipsec {}\ndelete table inet calico_ipsec\n"
+            );
+        }
     }
 
     #[test]
-    fn an_empty_guard_removes_the_table() {
-        let s = Guard::default().script();
-        assert_eq!(
-            s,
-            "table inet calico_ipsec {}\ndelete table inet calico_ipsec\n"
+    fn the_catch_all_drops_tunnels_pools_and_pod_to_node_without_esp() {
+        let mut t = topology(EncapMode::Always, EncapMode::Never);
+        let s = Guard::of(Phase::Encrypt, &t).script();
+        assert!(s.contains("priority 110"), "{s}");
+        for ifc in EXEMPT {
+            assert!(s.contains(&format!("oifname \"{ifc}\" accept")), "{s}");
+        }
+        assert!(s.contains("meta nfproto ipv4 meta l4proto 4 rt ipsec missing counter drop"), "{s}");
+        assert!(s.contains("elements = { 10.244.0.0/16 }"), "{s}");
+        assert!(s.contains("ip daddr @pools4 rt ipsec missing"), "{s}");
+        assert!(s.contains("ip saddr @pools4 ip daddr @nodes4 rt ipsec missing"), "{s}");
+        assert!(s.contains("ip6 daddr @pools6 rt ipsec missing"), "{s}");
+        assert!(!s.contains("udp dport"), "no VXLAN pool, no device: {s}");
+        // Every accept comes before the first drop.
+        assert!(s.rfind("accept\n").unwrap() < s.find("drop").unwrap(), "{s}");
+        // VXLAN: etcd's default, a node's own setting, and this node's device.
+        t = topology(EncapMode::Never, EncapMode::Always);
+        t.felix_nodes.insert(
+            "b".into(),
+            crate::datastore::calico::FelixOverride {
+                vxlan_port: Some(8472),
+                vxlan_port_v6: None,
+            },
         );
-    }
-
-    #[test]
-    fn policies_about_to_go_leave_the_guard_first() {
-        let keep = sel("10.0.0.1/32", "10.0.0.2/32", 4, 0);
-        let gone = sel("10.0.0.1/32", "10.0.0.3/32", 4, 0);
-        let new = sel("10.0.0.1/32", "10.0.0.4/32", 4, 0);
-        let was = desired(&[(keep, false), (gone, false)]);
-        let want = desired(&[(keep, false), (new, false)]);
-        let held = Held::exactly(&was);
-        let plan = Plan::diff(&want, &held);
-        let before = Guard::before(&want, &held, &plan).expect("a deletion");
-        assert_eq!(before.sels.iter().copied().collect::<Vec<_>>(), vec![keep]);
-        assert_eq!(Guard::after(&want).len(), 2);
-        // Nothing deleted: nothing to do first.
-        let plan = Plan::diff(&want, &Held::exactly(&want));
-        assert!(Guard::before(&want, &Held::exactly(&want), &plan).is_none());
+        t.device_vxlan_ports.push((true, 4790));
+        let s = Guard::of(Phase::Enforce, &t).script();
+        assert!(s.contains("elements = { 4789, 4790, 8472 }"), "{s}");
+        assert!(s.contains("meta nfproto ipv4 udp dport @vxlan4 rt ipsec missing"), "{s}");
+        assert!(s.contains("meta nfproto ipv6 udp dport @vxlan6 rt ipsec missing"), "{s}");
+        assert!(!s.contains("l4proto 4"), "no IPIP pool: {s}");
     }
 
     #[test]
     fn the_record_skips_an_unchanged_guard_until_it_must_be_reasserted() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("node")).unwrap();
+        let boot = "boot-1".to_string();
         let g = Guard::default();
-        // An empty guard with no nft is nothing to do, and is recorded.
-        std::fs::write(
-            record_path(dir.path()),
-            format!("{} {}\n", g.digest(), now()),
-        )
-        .unwrap();
-        assert!(!g.sync(dir.path()).unwrap());
-        std::fs::write(
-            record_path(dir.path()),
-            format!("{} {}\n", g.digest(), now() - REASSERT.as_secs()),
-        )
-        .unwrap();
-        assert!(recorded(dir.path()).is_some_and(|(_, at)| !fresh(at)));
-        // An empty guard is not reasserted.
-        assert!(!g.sync(dir.path()).unwrap());
-        // A guard with something in it is, once its record is old.
-        let full = Guard::of(&desired(&[(
-            sel("10.0.0.1/32", "10.0.0.2/32", 4, 0),
-            false,
-        )]));
-        std::fs::write(
-            record_path(dir.path()),
-            format!("{} {}\n", full.digest(), now() - REASSERT.as_secs()),
-        )
-        .unwrap();
-        assert!(recorded(dir.path()).is_some_and(|(d, at)| d == full.digest() && !fresh(at)));
+        let write = |g: &Guard, at: u64, boot: &str| {
+            std::fs::write(
+                record_path(dir.path()),
+                format!("{} {at} {boot}\n", g.digest()),
+            )
+            .unwrap()
+        };
+        // An empty guard written in this boot is nothing to do, even when
+        // its record is old: it is not reasserted.
+        write(&g, now() - REASSERT.as_secs(), &boot);
+        assert!(!g.sync(dir.path(), &boot, true).unwrap());
+        // A full guard: the ADD (no reassert) skips it in this boot; the
+        // agent reasserts an old one; a record of another boot vouches for
+        // nothing.
+        let full = Guard::of(Phase::Encrypt, &topology(EncapMode::Always, EncapMode::Never));
+        write(&full, now() - REASSERT.as_secs(), &boot);
+        let r = recorded(dir.path()).unwrap();
+        assert!(r.digest == full.digest() && r.boot == boot && !fresh(r.at));
+        write(&full, now(), "another-boot");
+        assert!(recorded(dir.path()).is_some_and(|r| r.boot != boot));
+        // Nothing kept, nothing restored.
+        assert!(!restore(dir.path(), "boot-2").unwrap_or(true));
     }
 }

@@ -77,7 +77,7 @@ pub enum XfrmError {
 }
 
 /// What an apply did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     /// States added (including replaced ones).
     pub states_added: usize,
@@ -89,6 +89,10 @@ pub struct Applied {
     pub policies_updated: usize,
     /// Policies deleted.
     pub policies_deleted: usize,
+    /// Policies the kernel refused, each named with the reason (a foreign
+    /// policy in the way, say). Each fails only its own path, which the
+    /// catch-all keeps blocked; the rest of the plan is applied.
+    pub refused: Vec<String>,
 }
 
 /// An XFRM netlink socket in the current network namespace.
@@ -174,7 +178,7 @@ fn our_state(payload: &[u8]) -> Result<Option<KernelSa>, NetlinkError> {
 /// Our policy in a dumped `XFRM_MSG_NEWPOLICY` payload, if it is ours.
 fn our_policy(payload: &[u8]) -> Result<Option<KernelPolicy>, NetlinkError> {
     let i = UserPolicyInfo::parse(payload).map_err(|e| decode_err("policy", e))?;
-    if i.priority != super::PRIORITY {
+    if !super::is_our_priority(i.priority) {
         return Ok(None);
     }
     let dir = match i.direction {
@@ -352,35 +356,30 @@ impl Xfrm {
         }
         done.states_added += adds.len();
 
-        // 2. Policies: adds, then atomic in-place updates.
+        // 2. Policies: adds (the catch-all last: see `Plan::diff`), then
+        //    atomic in-place updates. A refused add fails only itself: the
+        //    others stay, and the catch-all keeps its path blocked.
         let adds: Vec<_> = plan
             .add_policies
             .iter()
             .map(|p| policy_message(p, false))
             .collect();
         let failed = self.send(&adds, "add policies")?;
-        if let Some((i, source)) = failed.first() {
-            let bad: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-            let undo: Vec<_> = plan
-                .add_policies
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| !bad.contains(j))
-                .map(|(_, p)| del_policy_message(p.dir, &p.sel))
-                .collect();
-            let _ = self.send(&undo, "take back policies");
+        for (i, source) in &failed {
             let p = &plan.add_policies[*i];
             let what = describe_policy(p.dir, &p.sel);
-            return Err(if source.errno() == Some(libc::EEXIST) {
+            let why = if source.errno() == Some(libc::EEXIST) {
                 XfrmError::Foreign(what)
             } else {
                 XfrmError::Refused {
                     what: format!("add {what}"),
                     source: clone_err(source),
                 }
-            });
+            };
+            tracing::warn!(error = %why, "a policy was refused; its path stays blocked by the catch-all");
+            done.refused.push(why.to_string());
         }
-        done.policies_added += adds.len();
+        done.policies_added += adds.len() - failed.len();
         let updates: Vec<_> = plan
             .update_policies
             .iter()

@@ -9,9 +9,9 @@
 //! - [`Plan::diff`] compares the two.
 //!
 //! Ours, unambiguously: a state is ours when it is ESP and its reqid carries
-//! [`crate::keys::REQID_TAG`]; a policy is ours when its priority is
-//! [`PRIORITY`]. Nothing else in the kernel is read beyond that test, and
-//! nothing else is ever changed.
+//! [`crate::keys::REQID_TAG`]; a policy is ours when its priority is one of
+//! [`PRIORITY_HOST`], [`PRIORITY`] and [`PRIORITY_CATCH_ALL`]. Nothing else
+//! in the kernel is read beyond that test, and nothing else is ever changed.
 
 pub mod desired;
 mod encode;
@@ -29,9 +29,20 @@ use crate::keys::ALGORITHM;
 
 pub use desired::{Desired, DesiredError, Inputs, PathView, PeerView};
 
-/// The priority of every policy we install (lower wins in the kernel; this
-/// value mostly serves to recognise ours).
+/// The priority of our per-peer policies (lower wins in the kernel; the
+/// three values also serve to recognise ours).
 pub const PRIORITY: u32 = 0xCA1C;
+/// The priority of a policy toward one pod address (a borrowed /32 or /128
+/// inside another node's block): it must win over the block's policy.
+pub const PRIORITY_HOST: u32 = PRIORITY - 1;
+/// The priority of the catch-all block policies, under every per-peer
+/// policy: what no per-peer policy carves out is dropped (DESIGN §5c).
+pub const PRIORITY_CATCH_ALL: u32 = PRIORITY + 1;
+
+/// Whether a policy of this priority is ours.
+pub fn is_our_priority(p: u32) -> bool {
+    (PRIORITY_HOST..=PRIORITY_CATCH_ALL).contains(&p)
+}
 /// IP protocol number of IP-in-IP.
 pub const PROTO_IPIP: u8 = 4;
 /// IP protocol number of UDP.
@@ -186,6 +197,28 @@ pub struct PolicySpec {
     pub action: Action,
 }
 
+impl Selector {
+    /// True for a catch-all: any source to any destination.
+    pub fn is_catch_all(&self) -> bool {
+        self.src.prefix_len() == 0 && self.dst.prefix_len() == 0
+    }
+
+    /// The priority a policy with this selector gets: the catch-all under
+    /// everything, a single pod address above its block.
+    pub fn priority(&self) -> u32 {
+        if self.is_catch_all() {
+            PRIORITY_CATCH_ALL
+        } else if self.src.prefix_len() == 0
+            && self.proto == 0
+            && self.dst.prefix_len() == self.dst.max_prefix_len()
+        {
+            PRIORITY_HOST
+        } else {
+            PRIORITY
+        }
+    }
+}
+
 impl PolicySpec {
     /// The kernel's identity of a policy: direction and selector.
     pub fn key(&self) -> (Dir, Selector) {
@@ -273,7 +306,7 @@ impl KernelPolicy {
     pub fn matches(&self, spec: &PolicySpec) -> bool {
         let shape_ok = self.dir == spec.dir
             && self.sel == spec.sel
-            && self.priority == PRIORITY
+            && self.priority == spec.sel.priority()
             && self.other_templates == 0;
         shape_ok
             && match spec.action {
@@ -291,7 +324,7 @@ impl KernelPolicy {
         Self {
             dir: p.dir,
             sel: p.sel,
-            priority: PRIORITY,
+            priority: p.sel.priority(),
             block,
             templates,
             other_templates: 0,
@@ -393,6 +426,11 @@ impl Plan {
             .filter(|k| !want.policies.contains_key(k))
             .copied()
             .collect();
+        // The catch-all is added after the per-peer policies that carve
+        // paths out of it, and deleted before them: no packet of a path
+        // being protected or released meets it alone.
+        p.add_policies.sort_by_key(|s| s.sel.is_catch_all());
+        p.del_policies.sort_by_key(|(_, s)| !s.is_catch_all());
         p
     }
 

@@ -629,3 +629,39 @@ etcd_start() {
     echo "etcd did not come back" >&2
     return 1
 }
+
+# ------------------------------------------ fail-closed (test_failclosed.sh)
+
+# node_join_borrower NODE ADDR TUNNEL: a node joining the running cluster
+# with NO IPAM block affinity (its pods run on addresses borrowed from other
+# nodes' blocks): its Calico Node resource (shaped like the fixture's), its
+# namespace with tunl0 at TUNNEL and routes to every node's block, and its
+# conflist (host-local on TUNNEL/32: the chain is never run on it). No
+# peer gets a route to it: add one /32 per address it borrows.
+node_join_borrower() {
+    local n=$1 addr=$2 tunnel=$3 p
+    jq -c --arg n "$n" --arg a "$addr/24" --arg t "$tunnel" '.[$k]
+        | .metadata.name = $n | .metadata.uid = "e2e-\($n)"
+        | .spec.bgp.ipv4Address = $a | .spec.bgp.ipv4IPIPTunnelAddr = $t
+        | .spec.orchRefs[0].nodeName = $n' \
+        --arg k /calico/resources/v3/projectcalico.org/nodes/node-1 "$E2E_FIXTURE" \
+        | ectl put "/calico/resources/v3/projectcalico.org/nodes/$n" >/dev/null
+    node_add "$n" "$addr/24" 1500
+    node_ipip "$n" "$tunnel" 1480
+    for p in "${NODES[@]}"; do node_route_ipip "$n" "${BLOCK[$p]}" "${NODE_IP[$p]}"; done
+    NODE_IP[$n]=$addr TUNNEL[$n]=$tunnel BLOCK[$n]=$tunnel/32
+    NODES+=("$n")
+    node_conflist "$n"
+}
+
+# wire_clear FILE: packets of the capture with a pod address (10.244/16) in
+# clear, in the outer header or in the inner header of an IPIP packet.
+wire_clear() { tcpdump -r "$1" -nn ip 2>/dev/null | grep -c '10\.244\.' || true; }
+
+# wire_count FILE PROTO [A B]: packets of PROTO (as cap_ipv4 names it: ESP,
+# IPIP, ...), only those between addresses matching the EREs A and B (either
+# way) when given.
+wire_count() {
+    cap_ipv4 "$1" | awk -v p="$2" -v a="^(${3:-.*})\$" -v b="^(${4:-.*})\$" \
+        '$1 == p && (($3 ~ a && $4 ~ b) || ($3 ~ b && $4 ~ a))' | grep -c . || true
+}
