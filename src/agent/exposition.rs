@@ -37,7 +37,7 @@ pub(super) fn render(state: &Mutex<State>) -> String {
         .sample("calico_ipsec_xfrm_policies", &[("dir", "fwd")], pf as f64);
         e.gauge(
             "calico_ipsec_guard_ok",
-            "1 when the nftables guard that drops clear traffic of our paths (should their XFRM policies vanish) is in place or not needed",
+            "1 when the nftables catch-all (from encrypt on: pod traffic without ESP is dropped) is in place or not needed; a convergence that cannot write it fails",
             if r.guard.is_none() { 1.0 } else { 0.0 },
         );
     }

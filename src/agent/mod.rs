@@ -130,6 +130,9 @@ const CONVERGE_BUCKETS: [f64; 11] = [
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let node = opts.cfg.node_name()?;
+    // After a reboot, the catch-all this node enforced is back before etcd
+    // is asked (DESIGN §5c); the first convergence then decides.
+    crate::converge::cluster::restore_guard(&opts.cfg.state_dir);
     let rt = crate::runtime::daemon()?;
     rt.block_on(async move {
         let state = Arc::new(Mutex::new(State::new(node.clone())));
@@ -238,7 +241,25 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
     };
     let mut r = Reconciler::new(prefixes.len());
     let heartbeat = Duration::from_secs(u64::try_from(opts.lease_ttl / 3).unwrap_or(1).max(1));
-    let mut beat = tokio::time::interval(heartbeat);
+    // The lease's keep-alive runs on a task of its own: a convergence (the
+    // node lock, netlink, `nft`) blocks this loop, never the keep-alive, so
+    // a busy node does not drop out of the manager's count.
+    let (btx, mut brx) = mpsc::channel::<Option<bool>>(8);
+    {
+        let (etcd, state) = (etcd.clone(), Arc::clone(&state));
+        tokio::spawn(async move {
+            let mut beat = tokio::time::interval(heartbeat);
+            loop {
+                beat.tick().await;
+                let alive = publish::keep_alive(&etcd, &state).await;
+                // Full: the loop is busy and has beats to read; a lost
+                // lease is also in the state (no lease), seen at the next.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = btx.try_send(alive) {
+                    return;
+                }
+            }
+        });
+    }
     let mut resync = tokio::time::interval(opts.resync);
     resync.tick().await;
     loop {
@@ -247,7 +268,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
                 let Some(msg) = msg else { return };
                 r.on_watch(msg, &mut rx, &state);
             }
-            _ = beat.tick() => r.on_beat(&ctx).await,
+            Some(alive) = brx.recv() => r.on_beat(&ctx, alive),
             Some(ev) = krx.recv() => {
                 // A flush or a burst of writes arrives as many messages:
                 // let it finish, then converge once.

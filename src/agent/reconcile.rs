@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::kernel_watch::KernelEvent;
-use super::publish::{keep_alive, kek_fingerprint, publish, status_of, without_heartbeat};
+use super::publish::{kek_fingerprint, publish, status_of, without_heartbeat};
 use super::watch::{Change, WatchMsg};
 use super::{lock, mark_stale, AgentOptions, State};
 use crate::converge::{self, ConvergeError, NodeLock, Report};
@@ -319,8 +319,13 @@ impl Reconciler {
 
     /// The lease heartbeat: keeps the lease alive, clears a stale mark once
     /// etcd answers again, and asks for a publication when one is due.
-    pub(super) async fn on_beat(&mut self, ctx: &Ctx<'_>) {
-        let alive = keep_alive(ctx.etcd, ctx.state).await;
+    pub(super) fn on_beat(&mut self, ctx: &Ctx<'_>, alive: Option<bool>) {
+        // A lease lost (or never granted): publish again at once.
+        let alive = if self.last_published.is_some() && lock(ctx.state).lease.is_none() {
+            Some(false)
+        } else {
+            alive
+        };
         if alive == Some(true) && self.cache.all_up() && self.backoff.at.is_none() {
             let mut s = lock(ctx.state);
             if s.stale && s.report.is_some() {

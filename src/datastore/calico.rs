@@ -156,6 +156,9 @@ pub struct Topology {
     /// `vxlan-v6.calico`), as (IPv4?, port): what calico-node's
     /// `FELIX_VXLANPORT` set without telling etcd. Filled in by the caller.
     pub device_vxlan_ports: Vec<(bool, u16)>,
+    /// Nodes the operator excluded (our config's `excluded_nodes`, filled
+    /// in by the snapshot): refused as peers, so blocked from `encrypt` on.
+    pub excluded: BTreeSet<String>,
     /// Nodes that cannot be peers, with their blocks.
     pub unusable: Vec<Unusable>,
     /// What was skipped, for logs and status.

@@ -39,6 +39,10 @@ pub struct ClusterConfig {
     /// acknowledgement always names the change it answers.
     #[serde(default)]
     pub phase_generation: u64,
+    /// Nodes Calico lists that the operator excluded by name: the manager
+    /// steps past them, and their peers block them from `encrypt` on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_nodes: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -50,6 +54,7 @@ impl Default for ClusterConfig {
             rotation_interval_seconds: 24 * 3600,
             overlap_seconds: 300,
             phase_generation: 0,
+            excluded_nodes: Vec::new(),
         }
     }
 }

@@ -213,6 +213,11 @@ fn build(
         }
     }
     let pubkeys = pubkeys_of(at(base + 3), &mut problems);
+    let mut topology = topology;
+    topology.excluded = config
+        .as_ref()
+        .map(|c| c.excluded_nodes.iter().cloned().collect())
+        .unwrap_or_default();
     epochs.sort_by_key(|e| e.epoch);
     Ok(Snapshot {
         topology,

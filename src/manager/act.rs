@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 
 use super::{decide, lock, Action, ManagerOptions, Stats, View};
+use crate::datastore::calico::RESOURCES;
 use crate::datastore::etcd::Etcd;
 use crate::datastore::ipsec::{
     identities_digest, now_rfc3339, now_unix, CipherChange, EpochRecord, EpochState, IpsecStore,
@@ -21,6 +22,16 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
     let epochs = store.epochs_rev().await?;
     let nodes = store.node_statuses().await?;
     let identities = identities_digest(&store.identities().await?);
+    let prefix = format!("{RESOURCES}nodes/");
+    let calico_nodes: Vec<String> = etcd
+        .get_prefix_keys(&prefix)
+        .await
+        .map_err(IpsecStoreError::from)?
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .filter(|n| crate::datastore::calico::valid_node_name(n))
+        .map(str::to_string)
+        .collect();
     let ignored: Vec<String> = nodes
         .unreadable
         .iter()
@@ -46,6 +57,7 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
         epochs,
         live: nodes.live,
         unreadable: nodes.unreadable.into_iter().map(|(n, _)| n).collect(),
+        calico_nodes,
         identities,
         now: now_unix(),
     }))

@@ -17,6 +17,9 @@ pub struct View {
     /// Nodes whose leased status record cannot be read: they may hold SAs,
     /// so no step that needs every node's acknowledgement is taken.
     pub unreadable: Vec<String>,
+    /// Every node Calico lists (its Node resources): a phase step waits for
+    /// each one that is neither live nor excluded by the operator.
+    pub calico_nodes: Vec<String>,
     /// [`crate::datastore::ipsec::identities_digest`] of the identity records now.
     pub identities: String,
     /// Unix seconds now.
@@ -64,6 +67,21 @@ fn names(v: &[&(String, NodeStatus)]) -> String {
     n.join(", ")
 }
 
+/// The nodes Calico lists that have no live agent and that the operator has
+/// not excluded.
+pub fn not_following(v: &View) -> Vec<String> {
+    let (cfg, _) = &v.config;
+    v.calico_nodes
+        .iter()
+        .filter(|n| {
+            !v.live.iter().any(|(l, _)| l == *n)
+                && !v.unreadable.contains(n)
+                && !cfg.excluded_nodes.contains(n)
+        })
+        .cloned()
+        .collect()
+}
+
 /// Decides the next step (a pure function of the view).
 pub fn decide(v: &View) -> Action {
     let (cfg, _) = &v.config;
@@ -88,6 +106,18 @@ pub fn decide(v: &View) -> Action {
     // digest as ours): then it holds the SAs of every peer.
     let current = |s: &NodeStatus| cfg.phase == Phase::Off || s.identities == v.identities;
     if cfg.phase != cfg.target_phase {
+        // A node Calico lists whose agent is not live may still send in
+        // clear (paused, starved, partitioned): no step past it.
+        let absent = not_following(v);
+        if !absent.is_empty() {
+            return Action::Wait(format!(
+                "phase {:?} → {:?}: waiting for {} node(s) that Calico lists but whose agent is not live (or exclude them by name in excluded_nodes): {}",
+                cfg.phase,
+                cfg.target_phase,
+                absent.len(),
+                absent.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
         let behind: Vec<&(String, NodeStatus)> = v
             .live
             .iter()

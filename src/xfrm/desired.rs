@@ -508,6 +508,12 @@ impl Desired {
             .filter(|(n, _)| t.nodes.contains_key(*n))
             .map(|(n, id)| (n.as_str(), id.id));
         let mut refused = t.clashes(i.me, ids);
+        for n in t.excluded.iter().filter(|n| n.as_str() != i.me) {
+            refused.insert(
+                n.clone(),
+                "excluded by the operator (excluded_nodes in /calico/ipsec/v1/config)".into(),
+            );
+        }
         for (name, id) in i.identities {
             if id.id > keys::MAX_NODE_ID && name != i.me {
                 refused.insert(

@@ -124,11 +124,30 @@ fn phases_add_states_then_outbound_then_inbound_policies() {
 
     let encrypt = compute(Phase::Encrypt, &epochs);
     assert_eq!(encrypt.states.len(), 4);
-    assert_eq!(encrypt.policies.len(), 2);
+    assert_eq!(
+        encrypt.policies.len(),
+        3,
+        "one outbound policy per peer, and the IPIP catch-all"
+    );
     assert!(encrypt.policies.values().all(|p| p.dir == Dir::Out));
+    let catch_all: Vec<_> = encrypt
+        .policies
+        .values()
+        .filter(|p| p.sel.is_catch_all())
+        .collect();
+    assert_eq!(catch_all.len(), 1);
+    assert_eq!(catch_all[0].action, Action::Block);
+    assert_eq!(catch_all[0].sel.proto, PROTO_IPIP);
+    assert_eq!(catch_all[0].sel.priority(), crate::xfrm::PRIORITY_CATCH_ALL);
+    // Outbound IPIP from any local source.
+    assert!(encrypt
+        .policies
+        .values()
+        .filter(|p| !p.sel.is_catch_all())
+        .all(|p| p.sel.src == net("0.0.0.0/0") && p.sel.dst.prefix_len() == 32));
 
     let enforce = compute(Phase::Enforce, &epochs);
-    assert_eq!(enforce.policies.len(), 4);
+    assert_eq!(enforce.policies.len(), 5);
     let inbound: Vec<_> = enforce
         .policies
         .values()
@@ -165,7 +184,7 @@ fn spis_and_keys_follow_the_documented_layout() {
     assert_eq!(spis.len(), 2);
     assert!(spis.contains(&((2 << 24) | (20 << 16) | 2)));
     assert!(spis.contains(&((2 << 24) | (30 << 16) | 3)));
-    for p in d.policies.values() {
+    for p in d.policies.values().filter(|p| !p.sel.is_catch_all()) {
         assert_eq!(p.sel.proto, PROTO_IPIP, "the fixture's pool is IPIP Always");
         assert_eq!(allow(p).reqid, keys::reqid(1));
         assert_eq!(allow(p).mode, Mode::Transport);
@@ -187,7 +206,7 @@ fn rotation_installs_pending_inbound_and_keeps_senders_on_active() {
     let out = d
         .policies
         .values()
-        .find(|p| p.dir == Dir::Out)
+        .find(|p| p.dir == Dir::Out && !p.sel.is_catch_all())
         .expect("out");
     assert_eq!(allow(out).reqid, keys::reqid(2));
 }
@@ -344,7 +363,7 @@ fn cross_subnet_encapsulates_only_across_subnets() {
         policy(&d, Dir::Out, "0.0.0.0/0", "10.244.201.64/26").is_some(),
         "node-2: tunnel"
     );
-    let ipip = policy(&d, Dir::Out, "10.0.0.11/32", "10.0.1.13/32").expect("node-3: IPIP");
+    let ipip = policy(&d, Dir::Out, "0.0.0.0/0", "10.0.1.13/32").expect("node-3: IPIP");
     assert_eq!(ipip.sel.proto, PROTO_IPIP);
 }
 
@@ -531,4 +550,72 @@ fn each_epoch_carries_its_own_cipher() {
         "{:?}",
         by_epoch(2)
     );
+}
+
+/// Node-3's block with ordinal 12 (10.244.18.140) held by `holder`.
+fn borrowed_from_node_3(holder: &str) -> (String, Value) {
+    let mut allocs = vec![Value::Null; 64];
+    allocs[12] = json!(0);
+    (
+        "/calico/ipam/v2/assignment/ipv4/block/10.244.18.128-26".into(),
+        json!({"cidr": "10.244.18.128/26", "affinity": "host:node-3", "allocations": allocs,
+               "attributes": [{"secondary": {"node": holder, "pod": "p", "namespace": "default"}}]}),
+    )
+}
+
+#[test]
+fn a_borrowed_address_is_selected_toward_the_node_that_holds_it() {
+    let t = topology_of(&kvs("Never", "Never", &[borrowed_from_node_3("node-2")]));
+    let d = compute_in(&t, Phase::Encrypt, &[epoch(1, EpochState::Active)]);
+    let host = policy(&d, Dir::Out, "0.0.0.0/0", "10.244.18.140/32").expect("borrowed /32");
+    assert_eq!(allow(host).dst, ip("10.0.0.12"), "toward node-2, the holder");
+    assert_eq!(host.sel.priority(), crate::xfrm::PRIORITY_HOST);
+    let block = policy(&d, Dir::Out, "0.0.0.0/0", "10.244.18.128/26").expect("node-3's block");
+    assert_eq!(allow(block).dst, ip("10.0.0.13"));
+    assert!(host.sel.priority() < block.sel.priority(), "the /32 wins");
+    // Node-1's pods to node-2's address, sent from the borrowed address on
+    // node-2 back to node-1: node-1 accepts it in enforce.
+    let e = compute_in(&t, Phase::Enforce, &[epoch(1, EpochState::Active)]);
+    assert!(policy(&e, Dir::Fwd, "10.244.18.140/32", "10.244.135.0/26").is_some());
+}
+
+#[test]
+fn a_node_without_a_block_is_a_peer_wherever_a_pool_tunnels() {
+    let node_4 = (
+        format!("{RESOURCES}nodes/node-4"),
+        json!({"kind": "Node", "apiVersion": "projectcalico.org/v3", "metadata": {"name": "node-4"},
+               "spec": {"bgp": {"ipv4Address": "10.0.0.14/24"}}}),
+    );
+    for (ipip, vxlan, proto, dport) in [
+        ("Always", "Never", PROTO_IPIP, 0),
+        ("Never", "Always", PROTO_UDP, 4789),
+    ] {
+        let t = topology_of(&kvs(ipip, vxlan, &[node_4.clone()]));
+        let d = compute_in(&t, Phase::Encrypt, &[epoch(1, EpochState::Active)]);
+        let p = policy(&d, Dir::Out, "0.0.0.0/0", "10.0.0.14/32").expect("toward node-4");
+        assert_eq!((p.sel.proto, p.sel.dport), (proto, dport));
+        assert_eq!(allow(p).mode, Mode::Transport);
+        assert!(d.peers.iter().any(|v| v.name == "node-4" && !v.families.is_empty()));
+    }
+    // Without a tunnel there is nothing to select toward it: its borrowed
+    // addresses, once seen, are; until then the guard drops its traffic.
+    let t = topology_of(&kvs("Never", "Never", &[node_4]));
+    let d = compute_in(&t, Phase::Encrypt, &[epoch(1, EpochState::Active)]);
+    assert!(policy(&d, Dir::Out, "0.0.0.0/0", "10.0.0.14/32").is_none());
+}
+
+#[test]
+fn a_vxlan_port_set_only_on_the_device_is_selected_and_caught() {
+    let mut t = topology_of(&kvs("Never", "Always", &[]));
+    crate::converge::cluster::with_device_ports(&mut t, "node-1", vec![(true, 4790)]);
+    let d = compute_in(&t, Phase::Encrypt, &[epoch(1, EpochState::Active)]);
+    let p = policy(&d, Dir::Out, "0.0.0.0/0", "10.0.0.12/32").expect("toward node-2");
+    assert_eq!(p.sel.dport, 4790, "this node sends to its device's port");
+    let caught: BTreeSet<u16> = d
+        .policies
+        .values()
+        .filter(|p| p.sel.is_catch_all())
+        .map(|p| p.sel.dport)
+        .collect();
+    assert_eq!(caught, BTreeSet::from([4789, 4790]));
 }

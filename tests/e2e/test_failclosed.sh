@@ -62,12 +62,12 @@ diag() {
     local n
     for n in "$@"; do
         info "$n: agent log, last lines:"
-        tail -12 "$tmp/agent-$n.log" | cut -c1-240 | indent
+        tail -n 10 "$tmp/agent-$n.log" | cut -c1-240 | indent || true
         info "$n: XFRM policies:"
-        ipn "$n" xfrm policy | grep -Ev '^\s*(proto esp|mark|lifetime|limit|security)' | head -40 | indent
+        ipn "$n" xfrm policy | grep -Ev '^\s*(proto esp|mark|lifetime|limit|security)' | head -30 | indent || true
         info "$n: XFRM states: $(ipn "$n" xfrm state | grep -c '^src' || true); xfrm_stat: $(xfrm_errors "$n")"
         info "$n: nft ruleset:"
-        nsx "$n" nft list ruleset 2>&1 | head -40 | indent
+        nsx "$n" nft list ruleset 2>&1 | head -30 | indent || true
     done
 }
 # case_begin TITLE / case_end NODE...: a case's banner and time; the
@@ -97,6 +97,9 @@ blocked() { check_fails "$1" nsx "$2" ping -n -c 3 -i 0.3 -W 2 "$3"; }
 round_start() { ROUND=$1; cap_start wire br0 "$tmp/$1.pcap"; }
 # round_end: stop the capture; nothing pod-addressed and no IPIP in clear.
 round_end() {
+    # tcpdump's ring hands packets over in blocks retired after 1 s; those
+    # of the last second are lost when it is stopped earlier.
+    sleep 1.2
     cap_stop
     local f=$tmp/$ROUND.pcap clear ipip
     clear=$(wire_clear "$f") ipip=$(wire_count "$f" IPIP)

@@ -344,6 +344,26 @@ impl Etcd {
         Ok((rev, kvs))
     }
 
+    /// The keys under `prefix`, without their values (serializable).
+    pub async fn get_prefix_keys(&self, prefix: &str) -> Result<Vec<String>, EtcdError> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_serializable();
+        let (resp, _) = self
+            .members
+            .call(&format!("get {prefix}* (keys)"), true, |c| {
+                let opts = opts.clone();
+                async move { kv(&c).get(prefix, Some(opts)).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect())
+    }
+
     /// Reads every key under `prefix` with the lease each is bound to (0: none).
     pub async fn get_prefix_leased(&self, prefix: &str) -> Result<Vec<(Kv, i64)>, EtcdError> {
         let opts = GetOptions::new().with_prefix();
