@@ -444,7 +444,8 @@ impl Topology {
     pub fn vxlan_port(&self, node: &str, v4: bool) -> u16 {
         let o = self.felix_nodes.get(node);
         if v4 {
-            o.and_then(|o| o.vxlan_port).unwrap_or(self.felix.vxlan_port)
+            o.and_then(|o| o.vxlan_port)
+                .unwrap_or(self.felix.vxlan_port)
         } else {
             o.and_then(|o| o.vxlan_port_v6)
                 .unwrap_or(self.felix.vxlan_port_v6)

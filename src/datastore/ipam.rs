@@ -175,14 +175,21 @@ mod tests {
             (KEY, block(json!([0]), json!([]))),
             (KEY, block(json!(["x"]), json!([]))),
             (KEY, block(json!(vec![Value::Null; 65]), json!([]))),
-            (KEY, block(json!([0]), json!([{"secondary": {"node": "Bad Name"}}]))),
+            (
+                KEY,
+                block(json!([0]), json!([{"secondary": {"node": "Bad Name"}}])),
+            ),
             (
                 "/calico/ipam/v2/assignment/ipv6/block/10.244.18.128-26",
                 block(json!([]), json!([])),
             ),
         ];
         for (k, raw) in cases {
-            assert!(borrowed(k, &raw).is_err(), "{}", String::from_utf8_lossy(&raw));
+            assert!(
+                borrowed(k, &raw).is_err(),
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
         }
         let deleted = serde_json::to_vec(&json!({"deleted": true})).unwrap();
         assert_eq!(borrowed(KEY, &deleted).unwrap(), vec![]);

@@ -65,9 +65,38 @@ fn view(
             .map(|(i, s)| (format!("node-{}", i + 1), s))
             .collect(),
         unreadable: vec![],
+        calico_nodes: vec![],
         identities: "d".into(),
         now: 2000,
     }
+}
+
+#[test]
+fn no_phase_step_past_a_node_calico_lists_without_a_live_agent() {
+    let e = vec![epoch(1, EpochState::Active, Some(1000))];
+    let mut v = view(
+        Phase::Accept,
+        Phase::Enforce,
+        1,
+        e,
+        vec![node(Phase::Accept, 1, &[1], Some(1))],
+    );
+    v.calico_nodes = vec!["node-1".into(), "node-3".into()];
+    assert!(
+        matches!(decide(&v), Action::Wait(ref w) if w.contains("node-3") && w.contains("not live")),
+        "{:?}",
+        decide(&v)
+    );
+    // Once the operator excludes it by name, the phase moves on.
+    v.config.0.excluded_nodes = vec!["node-3".into()];
+    assert_eq!(
+        decide(&v),
+        Action::SetPhase {
+            from: Phase::Accept,
+            to: Phase::Encrypt
+        }
+    );
+    assert!(decide::not_following(&v).is_empty());
 }
 
 #[test]

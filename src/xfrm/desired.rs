@@ -315,7 +315,11 @@ impl Build<'_> {
         } else {
             vec![]
         };
-        if peer_blocks.is_empty() && my_blocks.is_empty() && out_extra.is_empty() && inb_extra.is_empty() {
+        if peer_blocks.is_empty()
+            && my_blocks.is_empty()
+            && out_extra.is_empty()
+            && inb_extra.is_empty()
+        {
             return None;
         }
         let mut view = PathView {

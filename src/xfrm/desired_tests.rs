@@ -568,7 +568,11 @@ fn a_borrowed_address_is_selected_toward_the_node_that_holds_it() {
     let t = topology_of(&kvs("Never", "Never", &[borrowed_from_node_3("node-2")]));
     let d = compute_in(&t, Phase::Encrypt, &[epoch(1, EpochState::Active)]);
     let host = policy(&d, Dir::Out, "0.0.0.0/0", "10.244.18.140/32").expect("borrowed /32");
-    assert_eq!(allow(host).dst, ip("10.0.0.12"), "toward node-2, the holder");
+    assert_eq!(
+        allow(host).dst,
+        ip("10.0.0.12"),
+        "toward node-2, the holder"
+    );
     assert_eq!(host.sel.priority(), crate::xfrm::PRIORITY_HOST);
     let block = policy(&d, Dir::Out, "0.0.0.0/0", "10.244.18.128/26").expect("node-3's block");
     assert_eq!(allow(block).dst, ip("10.0.0.13"));
@@ -590,12 +594,15 @@ fn a_node_without_a_block_is_a_peer_wherever_a_pool_tunnels() {
         ("Always", "Never", PROTO_IPIP, 0),
         ("Never", "Always", PROTO_UDP, 4789),
     ] {
-        let t = topology_of(&kvs(ipip, vxlan, &[node_4.clone()]));
+        let t = topology_of(&kvs(ipip, vxlan, std::slice::from_ref(&node_4)));
         let d = compute_in(&t, Phase::Encrypt, &[epoch(1, EpochState::Active)]);
         let p = policy(&d, Dir::Out, "0.0.0.0/0", "10.0.0.14/32").expect("toward node-4");
         assert_eq!((p.sel.proto, p.sel.dport), (proto, dport));
         assert_eq!(allow(p).mode, Mode::Transport);
-        assert!(d.peers.iter().any(|v| v.name == "node-4" && !v.families.is_empty()));
+        assert!(d
+            .peers
+            .iter()
+            .any(|v| v.name == "node-4" && !v.families.is_empty()));
     }
     // Without a tunnel there is nothing to select toward it: its borrowed
     // addresses, once seen, are; until then the guard drops its traffic.

@@ -122,8 +122,7 @@ impl Guard {
             match sel.proto {
                 super::PROTO_IPIP => g.ipip = true,
                 _ => {
-                    g.vxlan
-                        .insert((matches!(sel.dst, IpNet::V4(_)), sel.dport));
+                    g.vxlan.insert((matches!(sel.dst, IpNet::V4(_)), sel.dport));
                 }
             }
         }
@@ -166,8 +165,18 @@ impl Guard {
                 ("6", "ip6", "ipv6_addr", "ipv6")
             };
             let of_fam = |n: &&IpNet| matches!(n, IpNet::V4(_)) == v4;
-            let pools: Vec<String> = self.pools.iter().filter(of_fam).map(ToString::to_string).collect();
-            let nodes: Vec<String> = self.nodes.iter().filter(of_fam).map(|n| n.addr().to_string()).collect();
+            let pools: Vec<String> = self
+                .pools
+                .iter()
+                .filter(of_fam)
+                .map(ToString::to_string)
+                .collect();
+            let nodes: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(of_fam)
+                .map(|n| n.addr().to_string())
+                .collect();
             let ports: Vec<String> = self
                 .vxlan
                 .iter()
@@ -181,7 +190,13 @@ impl Guard {
                 ));
             }
             if !ports.is_empty() {
-                set(&mut out, &format!("vxlan{fam}"), "inet_service", false, ports);
+                set(
+                    &mut out,
+                    &format!("vxlan{fam}"),
+                    "inet_service",
+                    false,
+                    ports,
+                );
                 rules.push(format!(
                     "    meta nfproto {nfproto} udp dport @vxlan{fam} {drop} comment \"VXLAN without ESP\""
                 ));
@@ -295,7 +310,9 @@ pub fn restore(state_dir: &Path, boot: &str) -> Result<bool, GuardError> {
         return Ok(false);
     }
     run_nft(&script)?;
-    tracing::warn!("restored the nftables catch-all kept from before this boot; etcd decides what follows");
+    tracing::warn!(
+        "restored the nftables catch-all kept from before this boot; etcd decides what follows"
+    );
     Ok(true)
 }
 
@@ -432,14 +449,23 @@ mod tests {
         for ifc in EXEMPT {
             assert!(s.contains(&format!("oifname \"{ifc}\" accept")), "{s}");
         }
-        assert!(s.contains("meta nfproto ipv4 meta l4proto 4 rt ipsec missing counter drop"), "{s}");
+        assert!(
+            s.contains("meta nfproto ipv4 meta l4proto 4 rt ipsec missing counter drop"),
+            "{s}"
+        );
         assert!(s.contains("elements = { 10.244.0.0/16 }"), "{s}");
         assert!(s.contains("ip daddr @pools4 rt ipsec missing"), "{s}");
-        assert!(s.contains("ip saddr @pools4 ip daddr @nodes4 rt ipsec missing"), "{s}");
+        assert!(
+            s.contains("ip saddr @pools4 ip daddr @nodes4 rt ipsec missing"),
+            "{s}"
+        );
         assert!(s.contains("ip6 daddr @pools6 rt ipsec missing"), "{s}");
         assert!(!s.contains("udp dport"), "no VXLAN pool, no device: {s}");
         // Every accept comes before the first drop.
-        assert!(s.rfind("accept\n").unwrap() < s.find("drop").unwrap(), "{s}");
+        assert!(
+            s.rfind("accept\n").unwrap() < s.find("drop").unwrap(),
+            "{s}"
+        );
         // VXLAN: etcd's default, a node's own setting, and this node's device.
         t = topology(EncapMode::Never, EncapMode::Always);
         t.felix_nodes.insert(
@@ -452,8 +478,14 @@ mod tests {
         t.device_vxlan_ports.push((true, 4790));
         let s = Guard::of(Phase::Enforce, &t).script();
         assert!(s.contains("elements = { 4789, 4790, 8472 }"), "{s}");
-        assert!(s.contains("meta nfproto ipv4 udp dport @vxlan4 rt ipsec missing"), "{s}");
-        assert!(s.contains("meta nfproto ipv6 udp dport @vxlan6 rt ipsec missing"), "{s}");
+        assert!(
+            s.contains("meta nfproto ipv4 udp dport @vxlan4 rt ipsec missing"),
+            "{s}"
+        );
+        assert!(
+            s.contains("meta nfproto ipv6 udp dport @vxlan6 rt ipsec missing"),
+            "{s}"
+        );
         assert!(!s.contains("l4proto 4"), "no IPIP pool: {s}");
     }
 
@@ -477,7 +509,10 @@ mod tests {
         // A full guard: the ADD (no reassert) skips it in this boot; the
         // agent reasserts an old one; a record of another boot vouches for
         // nothing.
-        let full = Guard::of(Phase::Encrypt, &topology(EncapMode::Always, EncapMode::Never));
+        let full = Guard::of(
+            Phase::Encrypt,
+            &topology(EncapMode::Always, EncapMode::Never),
+        );
         write(&full, now() - REASSERT.as_secs(), &boot);
         let r = recorded(dir.path()).unwrap();
         assert!(r.digest == full.digest() && r.boot == boot && !fresh(r.at));
