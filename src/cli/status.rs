@@ -29,6 +29,10 @@ pub struct StatusArgs {
     /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The node's state directory (the conflist's `state_dir`): whether
+    /// this node has seen the cluster initialised is kept there.
+    #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
+    pub state_dir: std::path::PathBuf,
 }
 
 /// One object's state: in place, missing, or not wanted in this phase.
@@ -334,7 +338,7 @@ pub fn exec(args: &StatusArgs, out: &mut dyn Write) -> Result<(), CliError> {
         ))
         .map_err(crate::converge::ConvergeError::from)?,
     };
-    let seen = observe(&args.etcd.settings()?, node)?;
+    let seen = observe(&args.etcd.settings()?, node, &args.state_dir)?;
     let status = build(&seen, read_xfrm_stat());
     if args.json {
         super::print_json(out, &status)?;

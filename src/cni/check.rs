@@ -25,6 +25,7 @@ pub fn exec(req: &Request) -> Result<(), CniError> {
         Some(crate::converge::observe(
             &crate::converge::settings(&req.config),
             node,
+            &req.config.state_dir,
         )?)
     };
     let carriers = seen

@@ -8,7 +8,16 @@ use crate::xfrm::handover::hand_over;
 use crate::xfrm::kernel::Xfrm;
 use crate::xfrm::{Desired, Held, Inputs, Plan};
 
+use std::path::Path;
+
 use super::{phase_of, runtime, ConvergeError};
+
+fn missing(reason: String) -> ConvergeError {
+    ConvergeError::Store(crate::datastore::ipsec::IpsecStoreError::Malformed {
+        key: crate::datastore::ipsec::config_key(),
+        reason,
+    })
+}
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
 #[derive(Debug, Clone)]
@@ -29,16 +38,40 @@ pub struct Observed {
 
 /// Reads etcd and the kernel and computes the plan, without writing
 /// anything (CHECK and `calico-ipsec status`).
-pub fn observe(etcd: &EtcdSettings, node: String) -> Result<Observed, ConvergeError> {
+pub fn observe(
+    etcd: &EtcdSettings,
+    node: String,
+    state_dir: &Path,
+) -> Result<Observed, ConvergeError> {
     let snapshot = runtime()?.block_on(async {
         let etcd = Etcd::connect(etcd).await?;
         snapshot::read(&etcd).await
     })?;
-    observe_snapshot(snapshot, node)
+    observe_snapshot(snapshot, node, state_dir)
 }
 
-/// Computes the plan from a snapshot already read.
-pub fn observe_snapshot(snapshot: Snapshot, node: String) -> Result<Observed, ConvergeError> {
+/// Computes the plan from a snapshot already read. A missing config record
+/// is judged as a convergence judges it: on a node that has seen the
+/// cluster initialised, or that holds IPsec state, it is an error, never
+/// "phase off" (which would call every object of ours drift).
+pub fn observe_snapshot(
+    snapshot: Snapshot,
+    node: String,
+    state_dir: &Path,
+) -> Result<Observed, ConvergeError> {
+    if snapshot.config.is_none() {
+        if let Some(why) = &snapshot.config_problem {
+            return Err(missing(why.clone()));
+        }
+        if let Some(seen) = super::cluster::Seen::load(state_dir) {
+            return Err(seen.missing_config());
+        }
+        if !Xfrm::open()?.held()?.is_empty() {
+            return Err(missing(
+                "the record is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)".into(),
+            ));
+        }
+    }
     let (phase, icv_bits) = phase_of(&snapshot);
     let ready = super::agreement::published(&snapshot);
     let desired = Desired::compute(&Inputs {
