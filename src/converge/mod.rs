@@ -501,7 +501,18 @@ pub async fn converge_with(
         if guard.is_empty() {
             cluster::sync_guard(&guard, phase, &cfg.state_dir, &this_boot, true)?;
         }
-        applied = apply_with_keys(cfg, &snap, &agreed, &mut xfrm, &plan, &held)?;
+        applied = match apply_with_keys(cfg, &snap, &agreed, &mut xfrm, &plan, &held) {
+            Ok(a) => a,
+            Err(e) => {
+                // What did go in is still carved out of the catch-all, and
+                // what did not stays blocked: the guard is written anyway.
+                if let Err(g) = cluster::sync_guard(&guard, phase, &cfg.state_dir, &this_boot, true)
+                {
+                    tracing::error!(error = %g, "the nftables catch-all could not be written either");
+                }
+                return Err(e);
+            }
+        };
     }
     agreement::forget_deleted(cfg, &snap, &agreed)?;
     // From `encrypt` on, the catch-all comes after the policies that carve
@@ -579,7 +590,21 @@ pub async fn converge_with(
         lost_epochs: agreed.lost.iter().copied().collect(),
         unchanged: false,
         coalesced: false,
-        unprotected: desired.unprotected.clone(),
+        unprotected: desired
+            .unprotected
+            .iter()
+            .cloned()
+            .chain(
+                applied
+                    .refused
+                    .iter()
+                    .map(|why| crate::xfrm::desired::Unprotected {
+                        peer: String::new(),
+                        blocks: vec![],
+                        reason: format!("{why}: blocked by the catch-all"),
+                    }),
+            )
+            .collect(),
         mtu,
         stale: None,
         guard: None,

@@ -72,6 +72,12 @@ pub fn observe_snapshot(
             ));
         }
     }
+    let mut snapshot = snapshot;
+    super::cluster::with_device_ports(
+        &mut snapshot.topology,
+        &node,
+        super::cluster::device_vxlan_ports(),
+    );
     let (phase, icv_bits) = phase_of(&snapshot);
     let ready = super::agreement::published(&snapshot);
     let desired = Desired::compute(&Inputs {

@@ -156,6 +156,10 @@ pub struct Topology {
     /// `vxlan-v6.calico`), as (IPv4?, port): what calico-node's
     /// `FELIX_VXLANPORT` set without telling etcd. Filled in by the caller.
     pub device_vxlan_ports: Vec<(bool, u16)>,
+    /// Felix's `interfacePrefix` (pods' host-side interfaces), from
+    /// `default` and every node's own FelixConfiguration; "cali" when none
+    /// says. Output through them is a pod of this node, never the wire.
+    pub interface_prefixes: BTreeSet<String>,
     /// Nodes the operator excluded (our config's `excluded_nodes`, filled
     /// in by the snapshot): refused as peers, so blocked from `encrypt` on.
     pub excluded: BTreeSet<String>,
@@ -257,6 +261,26 @@ fn parse_felix(v: &Value) -> Result<FelixOverride, String> {
     })
 }
 
+/// Felix's `spec.interfacePrefix` ("cali", or a comma-separated list):
+/// only names an interface could start with (letters, digits, `-`, `_`,
+/// `.`), so that nothing else reaches an nftables rule.
+fn interface_prefixes(v: &Value) -> Vec<String> {
+    str_at(v, &["spec", "interfacePrefix"])
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| {
+                    !p.is_empty()
+                        && p.len() < 15
+                        && p.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                })
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Parses "10.244.135.0-26" or "fd00:10:244::-122" (Calico's block key form).
 fn parse_block(s: &str, v4: bool) -> Option<IpNet> {
     let (a, l) = s.rsplit_once('-')?;
@@ -271,6 +295,7 @@ impl Topology {
         let mut t = Topology::default();
         let mut affinities: Vec<(String, IpNet)> = Vec::new();
         let mut bad_nodes: BTreeMap<String, String> = BTreeMap::new();
+        let mut prefixes: BTreeSet<String> = BTreeSet::new();
         for (key, raw) in kvs {
             let mut skip = |reason: String| {
                 tracing::warn!(key = %key.escape_debug(), %reason, "skipping a Calico resource");
@@ -323,6 +348,9 @@ impl Topology {
                     continue;
                 }
             };
+            if kind == "felixconfigurations" {
+                prefixes.extend(interface_prefixes(&v));
+            }
             match kind {
                 "nodes" => match parse_node(name, &v) {
                     Ok(n) => {
@@ -387,6 +415,8 @@ impl Topology {
             n.blocks.dedup();
         }
         t.pools.sort_by(|a, b| a.name.cmp(&b.name));
+        prefixes.insert("cali".into());
+        t.interface_prefixes = prefixes;
         t
     }
 

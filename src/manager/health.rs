@@ -190,6 +190,18 @@ pub(super) fn render(s: &Stats) -> String {
         "1 while this manager is the leader",
         if s.leader { 1.0 } else { 0.0 },
     );
+    e.family(
+        "calico_ipsec_manager_node_not_following",
+        "gauge",
+        "1 for each node Calico lists whose agent is not live and that is not excluded: no phase step is taken past it",
+    );
+    for n in &s.not_following {
+        e.sample(
+            "calico_ipsec_manager_node_not_following",
+            &[("node", n)],
+            1.0,
+        );
+    }
     e.gauge(
         "calico_ipsec_manager_etcd_reachable",
         "1 when etcd answered the last request",

@@ -81,6 +81,7 @@ struct Stats {
     unreadable: usize,
     unleased: usize,
     ignored: Vec<String>,
+    not_following: Vec<String>,
 }
 
 /// Runs the manager until SIGTERM or SIGINT.

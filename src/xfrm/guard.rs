@@ -14,7 +14,8 @@
 //! - goes to an address inside any IP pool, or
 //! - comes from an address inside a pool and goes to a cluster node,
 //!
-//! unless it leaves through `lo`, a pod's veth (`cali*`) or one of Calico's
+//! unless it leaves through `lo`, a pod's veth (Felix's `interfacePrefix`,
+//! `cali*` by default) or one of Calico's
 //! tunnel devices (whose output is the IPIP or VXLAN packet the first rule
 //! sees). The per-peer policies carve the protected paths out of it: a
 //! packet they select carries its XFRM bundle and never matches.
@@ -52,9 +53,9 @@ pub const TABLE: &str = "calico_ipsec";
 /// The guard is written again at least this often by the agent, even when
 /// unchanged, so that a table removed by hand comes back.
 pub const REASSERT: Duration = Duration::from_secs(30);
-/// Interfaces whose output the guard never drops: loopback, pods' veths
-/// and Calico's tunnel devices.
-pub const EXEMPT: [&str; 5] = ["lo", "cali*", "tunl0", "vxlan.calico", "vxlan-v6.calico"];
+/// Interfaces whose output the guard never drops besides pods' own (Felix's
+/// `interfacePrefix`, "cali" by default): loopback and Calico's tunnels.
+pub const EXEMPT: [&str; 4] = ["lo", "tunl0", "vxlan.calico", "vxlan-v6.calico"];
 /// Where `nft` is looked for before `$PATH` (kubelet may run a plugin with
 /// an almost empty `$PATH`).
 const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
@@ -99,6 +100,8 @@ pub struct Guard {
     ipip: bool,
     /// VXLAN ports dropped, as (IPv4?, port).
     vxlan: BTreeSet<(bool, u16)>,
+    /// Pods' interface prefixes (exempt, with every name they start).
+    pods: BTreeSet<String>,
 }
 
 impl Guard {
@@ -116,6 +119,7 @@ impl Guard {
                 .flatten()
                 .map(|u| IpNet::from(u.addr))
                 .collect(),
+            pods: t.interface_prefixes.clone(),
             ..Self::default()
         };
         for sel in super::desired::catch_all(t) {
@@ -219,7 +223,8 @@ impl Guard {
         out.push_str(
             "  chain clear_out {\n    type filter hook postrouting priority 110; policy accept;\n",
         );
-        for ifc in EXEMPT {
+        let pods = self.pods.iter().map(|p| format!("{p}*"));
+        for ifc in EXEMPT.iter().map(|s| s.to_string()).chain(pods) {
             out.push_str(&format!("    oifname \"{ifc}\" accept\n"));
         }
         for r in rules {
@@ -404,6 +409,7 @@ mod tests {
 
     fn topology(ipip: EncapMode, vxlan: EncapMode) -> Topology {
         let mut t = Topology::default();
+        t.interface_prefixes.insert("cali".into());
         for (cidr, name) in [("10.244.0.0/16", "v4"), ("fd00:244::/48", "v6")] {
             t.pools.push(Pool {
                 name: name.into(),
@@ -446,7 +452,7 @@ mod tests {
         let mut t = topology(EncapMode::Always, EncapMode::Never);
         let s = Guard::of(Phase::Encrypt, &t).script();
         assert!(s.contains("priority 110"), "{s}");
-        for ifc in EXEMPT {
+        for ifc in EXEMPT.iter().chain(&["cali*"]) {
             assert!(s.contains(&format!("oifname \"{ifc}\" accept")), "{s}");
         }
         assert!(

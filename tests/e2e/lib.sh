@@ -366,11 +366,15 @@ etcd_up() {
 ectl() { ip netns exec "${E2E_NS_PREFIX}wire" etcdctl --endpoints "$ETCD_ENDPOINTS" "$@"; }
 
 # etcd_load_fixture FILE: one put per key of a {key: value} JSON file,
-# values as compact JSON (how Calico writes them).
+# values as compact JSON (how Calico writes them). FelixConfiguration
+# default gets interfacePrefix "cali,veth": the suites' pods come from the
+# ptp plugin, whose host-side devices are veth*, and Felix (so the
+# catch-all, which exempts pods' own interfaces) must be told so.
 etcd_load_fixture() {
     local k
     while IFS= read -r k; do
-        jq -c --arg k "$k" '.[$k]' "$1" | ectl put "$k" >/dev/null
+        jq -c --arg k "$k" '.[$k] | if .kind == "FelixConfiguration" and .metadata.name == "default"
+            then .spec.interfacePrefix = "cali,veth" else . end' "$1" | ectl put "$k" >/dev/null
     done < <(jq -r 'keys[]' "$1")
 }
 

@@ -250,7 +250,7 @@ round() {
     done
     if [[ -n $v6 ]]; then pool pool-v6 fd00:10:244::/48 Never "$v6"; else ectl del "$R/ippools/pool-v6" >/dev/null; fi
     jq -nc --argjson p "$port" '{apiVersion: "projectcalico.org/v3", kind: "FelixConfiguration",
-        metadata: {name: "default"}, spec: {vxlanPort: $p, vxlanPortV6: $p}}' \
+        metadata: {name: "default"}, spec: {vxlanPort: $p, vxlanPortV6: $p, interfacePrefix: "cali,veth"}}' \
         | ectl put "$R/felixconfigurations/default" >/dev/null
     for n in node-1 node-2 node-3; do
         vxlan_dev "$n" "$port"
