@@ -92,8 +92,9 @@ image:
 	@engine=$$(command -v docker || command -v podman) || { echo "image: neither docker nor podman is installed" >&2; exit 1; }; \
 	$$engine build -f install/Dockerfile -t $(IMAGE) .
 
-## test: everything CI runs.
-test: deps lint unit podman validate-manifests e2e fuzz
+## test: everything CI runs, stage by stage, with each stage's duration at the end.
+test:
+	@tests/stages.sh deps lint unit podman validate-manifests e2e fuzz
 
 ## demo: the main job: a three-node cluster in the VM, pods through [ptp, calico-ipsec],
 ## `calico-ipsec status`, and ESP on the wire while pods ping.

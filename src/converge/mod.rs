@@ -24,8 +24,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::clock::Stamp;
 use crate::config::{NodenameError, PluginConfig};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
@@ -33,12 +31,12 @@ use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::datastore::snapshot::{self, Snapshot};
 use crate::fsutil::SafeFileError;
 use crate::keys::{Kek, KekError};
-use crate::mtu::MtuParams;
 use crate::xfrm::guard::Guard;
 use crate::xfrm::handover::{hand_over, PeerAcks};
 use crate::xfrm::kernel::{Applied, Xfrm, XfrmError};
 use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan};
 use record::Converged;
+pub use report::Report;
 
 mod agreement;
 mod apply;
@@ -46,6 +44,7 @@ pub mod cluster;
 mod identity;
 mod observe;
 pub mod record;
+mod report;
 
 pub use apply::mtu_params;
 use apply::{apply_with_keys, kept};
@@ -111,83 +110,6 @@ pub enum ConvergeError {
     /// The async runtime could not start.
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] io::Error),
-}
-
-/// What a converge saw and did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Report {
-    /// This node.
-    pub node: String,
-    /// The phase applied.
-    pub phase: Phase,
-    /// This node's id, once it has one.
-    pub id: Option<u16>,
-    /// This node's incarnation (0 while the phase is off).
-    pub incarnation: u32,
-    /// True when a new incarnation was published this time.
-    pub new_incarnation: bool,
-    /// States desired.
-    pub states: usize,
-    /// Policies desired.
-    pub policies: usize,
-    /// Netlink writes done.
-    pub writes: usize,
-    /// The etcd revision of the snapshot.
-    pub revision: i64,
-    /// Milliseconds taken, lock wait included.
-    pub millis: u64,
-    /// Milliseconds from the start to the snapshot read from etcd.
-    pub read_millis: u64,
-    /// Milliseconds spent settling the incarnation (etcd writes included).
-    pub identity_millis: u64,
-    /// Milliseconds spent applying the plan (keys and netlink).
-    pub apply_millis: u64,
-    /// The epochs now installed (pending and active). This and the fields
-    /// below it up to `identities_digest` are empty when `unchanged`.
-    pub installed_epochs: Vec<u32>,
-    /// The epoch outbound policies send with, in encrypt and enforce.
-    pub active_epoch: Option<u32>,
-    /// The config's phase generation this convergence applied.
-    pub phase_generation: u64,
-    /// Our states by direction: (inbound, outbound).
-    pub states_by_dir: (usize, usize),
-    /// Our policies by direction: (inbound, outbound, forward).
-    pub policies_by_dir: (usize, usize, usize),
-    /// What the convergence changed, named (at most 8; empty when nothing).
-    pub changes: Vec<String>,
-    /// The digest of the node identities converged with.
-    pub identities_digest: String,
-    /// True when the last convergence was found to still hold (etcd's
-    /// fingerprint and the kernel unchanged), so nothing else was read.
-    pub unchanged: bool,
-    /// True when another process's etcd read, begun after this request,
-    /// vouched for it (concurrent ADDs), so etcd was not asked at all.
-    pub coalesced: bool,
-    /// Paths toward pod blocks that no SA can protect (blocked once
-    /// encryption is on), with their reasons.
-    pub unprotected: Vec<crate::xfrm::desired::Unprotected>,
-    /// What the pod MTU must fit: one entry per way a pod packet of this node
-    /// may leave it (empty when the datastore has no pool for its families).
-    pub mtu: Vec<MtuParams>,
-    /// Why the kernel was left as it was although etcd could not be
-    /// followed (a missing or malformed config, an epoch that cannot be
-    /// used): the node keeps what it has and reports itself stale.
-    pub stale: Option<String>,
-    /// Why the nftables guard that drops clear traffic of our paths while
-    /// the XFRM policies are missing could not be written (`None`: in place,
-    /// or not needed).
-    pub guard: Option<String>,
-    /// Policies the kernel refused (a foreign policy in the way): their
-    /// paths stay blocked by the catch-all, the others converged.
-    pub refused: Vec<String>,
-    /// Peers toward which this node still sends on an older incarnation's
-    /// SAs, waiting for them to acknowledge its new one (make-before-break).
-    pub waiting_for: Vec<String>,
-    /// Inbound SAs of peers' older incarnations kept while those peers may
-    /// still send on them.
-    pub kept_inbound: usize,
-    /// Key-agreement epochs this node cannot use (its private key is gone).
-    pub lost_epochs: Vec<u32>,
 }
 
 fn state_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ConvergeError {

@@ -157,3 +157,34 @@ fn clashing_addresses_and_ids_are_refused_never_me() {
     );
     assert!(refused["planted"].contains("10.0.0.12"), "{refused:?}");
 }
+
+#[test]
+fn felix_settings_per_node_and_the_pods_interface_prefixes() {
+    let mut kvs = fixture_kvs();
+    let felix = |name: &str, spec: Value| {
+        (
+            format!("{RESOURCES}felixconfigurations/{name}"),
+            serde_json::to_vec(&serde_json::json!({"kind": "FelixConfiguration", "metadata": {"name": name}, "spec": spec})).expect("json"),
+        )
+    };
+    kvs.push(felix(
+        "default",
+        serde_json::json!({"vxlanPort": 4790, "interfacePrefix": "cali, tap,bad name;"}),
+    ));
+    kvs.push(felix("node.node-2", serde_json::json!({"vxlanPort": 8472})));
+    kvs.push(felix("node.node-3", serde_json::json!({"vxlanPort": "x"})));
+    let t = topo(&kvs);
+    assert_eq!(t.vxlan_port("node-1", true), 4790);
+    assert_eq!(t.vxlan_port("node-2", true), 8472, "node.<name> wins");
+    assert_eq!(t.vxlan_port("node-2", false), DEFAULT_VXLAN_PORT);
+    assert_eq!(
+        t.vxlan_ports(true).into_iter().collect::<Vec<_>>(),
+        vec![4790, 8472]
+    );
+    assert!(t.skipped.iter().any(|s| s.key.ends_with("node.node-3")));
+    assert_eq!(
+        t.interface_prefixes.iter().cloned().collect::<Vec<_>>(),
+        vec!["cali".to_string(), "tap".to_string()],
+        "a prefix that is not an interface name never reaches nftables"
+    );
+}
