@@ -152,12 +152,12 @@ pub fn sync_guard(
     }
 }
 
-/// Puts back the catch-all kept from before this boot (see
-/// [`crate::xfrm::guard::restore`]); a failure is logged, and the
-/// convergence that follows writes the guard or fails.
-pub fn restore_guard(state_dir: &Path) {
+/// Puts back the catch-all kept from before this boot, or with `force`
+/// whatever this boot did (see [`crate::xfrm::guard::restore`]); a failure
+/// is logged, and the convergence that follows writes the guard or fails.
+pub fn restore_guard(state_dir: &Path, force: bool) {
     let boot = crate::clock::read_boot_id().unwrap_or_default();
-    if let Err(e) = crate::xfrm::guard::restore(state_dir, &boot) {
+    if let Err(e) = crate::xfrm::guard::restore(state_dir, &boot, force) {
         tracing::error!(error = %e, "cannot restore the nftables catch-all kept from before this boot");
     }
 }

@@ -150,7 +150,7 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let node = cfg.node_name()?;
     let _lock = NodeLock::acquire(&cfg.state_dir, NODE_LOCK_WAIT)?;
     // After a reboot, the catch-all is back before etcd is asked.
-    cluster::restore_guard(&cfg.state_dir);
+    cluster::restore_guard(&cfg.state_dir, false);
     let last = Converged::load(&cfg.state_dir).filter(|c| c.node == node);
     // ADDs that queued on the lock are answered by the read of whichever
     // holder began after they asked (group commit).

@@ -298,11 +298,13 @@ impl Guard {
 }
 
 /// Puts the last guard written back when this boot has not written it yet
-/// (a reboot emptied nftables): before etcd is read, so that a node that
+/// (a reboot emptied nftables), or always with `force` (the agent's start:
+/// the table may have gone without a reboot, and replacing it with the same
+/// one costs one `nft` run): before etcd is read, so that a node that
 /// enforced encryption never starts in clear. `boot` is the kernel's boot
 /// id. Returns whether `nft` ran.
-pub fn restore(state_dir: &Path, boot: &str) -> Result<bool, GuardError> {
-    if recorded(state_dir).is_some_and(|r| r.boot == boot) {
+pub fn restore(state_dir: &Path, boot: &str, force: bool) -> Result<bool, GuardError> {
+    if !force && recorded(state_dir).is_some_and(|r| r.boot == boot) {
         return Ok(false);
     }
     let path = state_dir.join("node").join(SCRIPT);
@@ -525,6 +527,6 @@ mod tests {
         write(&full, now(), "another-boot");
         assert!(recorded(dir.path()).is_some_and(|r| r.boot != boot));
         // Nothing kept, nothing restored.
-        assert!(!restore(dir.path(), "boot-2").unwrap_or(true));
+        assert!(!restore(dir.path(), "boot-2", true).unwrap_or(true));
     }
 }

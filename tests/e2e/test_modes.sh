@@ -328,7 +328,12 @@ while True:
 d, a = u.recvfrom(2048)
 open(sys.argv[1], "w").write(f"{n} {d.decode()}\n")' "$tmp/tcpudp.out" "$3" &
     local srv=$! i
-    sleep 1
+    # The server must listen before the client connects (python starts
+    # slowly under TCG on a busy host): poll, do not guess.
+    for ((i = 0; i < 100; i++)); do
+        [[ -n $(nsx "$2" ss -Hltn "sport = :5001") ]] && break
+        sleep 0.1
+    done
     nsx "$1" python3 -c '
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 5001), timeout=15); s.sendall(b"x" * 65536); s.close()
