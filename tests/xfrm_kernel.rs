@@ -217,16 +217,18 @@ fn a_foreign_policy_on_our_selector_is_refused_and_never_changed() {
         let mut x = Xfrm::open().expect("XFRM socket");
         let want = desired(&[2]);
         let held = x.held().expect("dump");
-        let err = x
+        let done = x
             .apply(&Plan::diff(&want, &held), &held, key)
-            .expect_err("the selector is taken");
-        assert!(matches!(err, XfrmError::Foreign(_)), "{err}");
-        assert!(err.to_string().contains("not ours"), "{err}");
+            .expect("the rest of the plan applies");
+        assert_eq!(done.refused.len(), 1, "{:?}", done.refused);
+        assert!(done.refused[0].contains("not ours"), "{:?}", done.refused);
         let after = x.held().expect("dump");
-        assert!(
-            after.policies.is_empty(),
-            "the policies added beside it were taken back: {after:?}"
+        assert_eq!(
+            after.policies.len(),
+            1,
+            "the refused policy fails only itself; the inbound one beside it stays: {after:?}"
         );
+        assert_eq!(after.states.len(), 2, "{after:?}");
         let pols = ip_cmd(&["xfrm", "policy", "list"]);
         assert!(
             pols.contains("priority 100"),

@@ -42,8 +42,8 @@ for n in "${NODES[@]}"; do
     s=$(status "$n")
     check_eq "$n: status says enforce" "$(jq -r .phase <<<"$s")" enforce
     check_eq "$n: converged (no pending change)" "$(jq -r .pending_changes <<<"$s")" 0
-    check_eq "$n: 4 states (in+out for 2 peers), 4 policies" \
-        "$(jq -r '"\(.kernel_states) \(.kernel_policies)"' <<<"$s")" "4 4"
+    check_eq "$n: 4 states (in+out for 2 peers), 5 policies (in+out for 2 peers, the IPIP catch-all)" \
+        "$(jq -r '"\(.kernel_states) \(.kernel_policies)"' <<<"$s")" "4 5"
     check_eq "$n: every peer's SAs and policies in place" \
         "$(jq -r '[.peers[] | .sa_out, .sa_in, .policy_out, .policy_in] | unique | join(",")' <<<"$s")" ok
     check "$n: CHECK passes for b-$n (no drift)" cni_check "$n" "b-$n"
@@ -65,13 +65,13 @@ inc=$(status node-1 | jq .incarnation)
 spi_in=$(ipn node-1 xfrm state list | awk '/^src 10.0.0.12 dst 10.0.0.11$/{getline; print $4; exit}')
 ipn node-1 xfrm state delete src 10.0.0.12 dst 10.0.0.11 proto esp spi "$spi_in"
 add node-1 f2-node-1 "ADD on node-1 after its inbound SA from node-2 was deleted"
-check_eq "the ADD saw the drift and restored the SA (nothing pending, 4 states, 4 policies)" \
-    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 4"
+check_eq "the ADD saw the drift and restored the SA (nothing pending, 4 states, 5 policies with the catch-all)" \
+    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 5"
 check_eq "an inbound SA lost: same incarnation (its key is node-2's)" "$(status node-1 | jq .incarnation)" "$inc"
-ipn node-1 xfrm policy delete src 10.0.0.11/32 dst 10.0.0.12/32 proto 4 dir out
+ipn node-1 xfrm policy delete src 0.0.0.0/0 dst 10.0.0.12/32 proto 4 dir out
 add node-1 f3-node-1 "ADD on node-1 after its outbound policy to node-2 was deleted"
-check_eq "the ADD saw the drift and restored the policy (nothing pending, 4 states, 4 policies)" \
-    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 4"
+check_eq "the ADD saw the drift and restored the policy (nothing pending, 4 states, 5 policies)" \
+    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 5"
 f1=$(fast)
 add node-1 f4-node-1 "another no-op ADD on node-1"
 check_eq "it took the fast path again" "$(fast)" $((f1 + 1))
@@ -162,8 +162,8 @@ add node-1 d-node-1 "ADD on node-1 after node-3 left etcd"
 check_eq "that ADD did not take the fast path (etcd's fingerprint changed)" "$(fast)" $((f2 + 1))
 check_eq "node-1 holds no state for node-3" "$(ipn node-1 xfrm state list | grep -c 10.0.0.13 || true)" 0
 check_eq "node-1 holds no policy for node-3" "$(ipn node-1 xfrm policy list | grep -c 10.0.0.13 || true)" 0
-check_eq "node-1 still holds node-2's SAs and policies, and blocks node-3's orphaned block (2 states, 3 policies)" \
-    "$(status node-1 | jq -r '"\(.kernel_states) \(.kernel_policies)"')" "2 3"
+check_eq "node-1 still holds node-2's SAs and policies, and blocks node-3's orphaned block (2 states, 4 policies with the catch-all)" \
+    "$(status node-1 | jq -r '"\(.kernel_states) \(.kernel_policies)"')" "2 4"
 check_match "node-1 blocks node-3's pod block, whose Node left but whose affinity stays" \
     "$(ipn node-1 xfrm policy list | paste -sd' ')" "src 0\.0\.0\.0/0 dst 10\.244\.18\.128/26[[:space:]]+dir out action block"
 
@@ -192,7 +192,7 @@ check_ge "some of the 50 queued ADDs were answered by another's etcd read" "$coa
 add node-1 e-node-1 "one more ADD after node-3 is back"
 s=$(status node-1)
 check_eq "after the ADDs node-1 holds exactly the desired set" \
-    "$(jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"' <<<"$s")" "0 4 4"
+    "$(jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"' <<<"$s")" "0 4 5"
 pids=()
 for i in $(seq 1 50); do
     cni_del node-1 "p$i" >"$tmp/del-$i.out" 2>&1 &
@@ -202,7 +202,7 @@ failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
 check_eq "50 concurrent DELs all succeed" "$failed" 0
 check_eq "after the DELs node-1 still holds exactly the desired set" \
-    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 4"
+    "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 5"
 check "CHECK passes on node-1 after it all" cni_check node-1 e-node-1
 
 rm -rf "$tmp"

@@ -117,7 +117,7 @@ for n in "${NODES[@]}"; do
     states=$(ip netns exec "$E2E_NS_PREFIX$n" ip xfrm state | grep -c '^src' || true)
     pols=$(ip netns exec "$E2E_NS_PREFIX$n" ip xfrm policy | grep -c '^src' || true)
     check_eq "$n: exactly 4 states in the kernel (2 peers × in/out × 1 epoch)" "$states" 4
-    check_eq "$n: exactly 4 policies in the kernel (2 peers × in/out)" "$pols" 4
+    check_eq "$n: exactly 5 policies in the kernel (2 peers × in/out, the IPIP catch-all)" "$pols" 5
     check_eq "$n: installed epochs" "$(jq -c .installed_epochs <<<"$out")" "[$target]"
 done
 ls "$tmp/state-node-2/node" | indent

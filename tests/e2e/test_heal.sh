@@ -169,16 +169,16 @@ check_ge "policy flush: node-1 holds its outbound policies again" \
 # ------------------------------------------------------- 3. foreign policy
 n3=${NODE_IP[node-3]} n2=${NODE_IP[node-2]}
 streams_start foreign-policy node-3
-info "a foreign policy (priority 100, no template) in place of node-3's $n3 -> $n2 proto 4 out policy"
-ipn node-3 xfrm policy update src "$n3/32" dst "$n2/32" proto 4 dir out priority 100
+info "a foreign policy (priority 100, no template) in place of node-3's 0.0.0.0/0 -> $n2 proto 4 out policy"
+ipn node-3 xfrm policy update src 0.0.0.0/0 dst "$n2/32" proto 4 dir out priority 100
 sleep 3
 check_match "foreign policy: node-3's agent reports it" \
     "$(grep -c 'not ours already holds' "$tmp/agent-node-3.log" || true)" '^[1-9]'
 check_match "foreign policy: still there (never deleted)" \
-    "$(ipn node-3 xfrm policy list dir out src "$n3/32" dst "$n2/32" proto 4)" 'priority 100'
-ipn node-3 xfrm policy delete src "$n3/32" dst "$n2/32" proto 4 dir out
+    "$(ipn node-3 xfrm policy list dir out src 0.0.0.0/0 dst "$n2/32" proto 4)" 'priority 100'
+ipn node-3 xfrm policy delete src 0.0.0.0/0 dst "$n2/32" proto 4 dir out
 wait_until 5 "foreign policy removed by hand: node-3's own policy is back" \
-    bash -c "ip netns exec ${E2E_NS_PREFIX}node-3 ip xfrm policy list dir out src $n3/32 dst $n2/32 proto 4 | grep -q 'tmpl src'"
+    bash -c "ip netns exec ${E2E_NS_PREFIX}node-3 ip xfrm policy list dir out src 0.0.0.0/0 dst $n2/32 proto 4 | grep -q 'tmpl src'"
 streams_stop foreign-policy
 no_clear foreign-policy node-3
 read -r sent lost span < <(window "$tmp/foreign-policy-23.json")

@@ -32,7 +32,8 @@ e2e_bin
 tmp=$(mktemp -d)
 daemon_cluster_up "$tmp" "$bin"
 cfg() { ipsec_cfg; }
-OUT_POLICIES=2
+# Per peer one outbound policy, and the IPIP catch-all (DESIGN §5c).
+OUT_POLICIES=3
 if [[ ${E2E_POOL_MODE:-Always} == Never ]]; then
     info "no encapsulation: the pool says Never, pod blocks routed via the peer on eth0"
     pool_key=/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool
@@ -43,7 +44,8 @@ if [[ ${E2E_POOL_MODE:-Always} == Never ]]; then
             [[ $p == "$n" ]] || ipn "$n" route replace "${BLOCK[$p]}" via "${NODE_IP[$p]}" dev eth0
         done
     done
-    # Per peer: any -> its block, and this node's block -> the peer's address.
+    # Per peer: any -> its block, and this node's block -> the peer's address
+    # (no tunnel: the nftables catch-all alone guards the pool addresses).
     OUT_POLICIES=4
 fi
 

@@ -455,7 +455,10 @@ ectl del /calico/ipsec/v1/config >/dev/null
 converge_all
 check_eq "config deleted in enforce: node-1 keeps all its states" "$(ipn node-1 xfrm state | grep -c '^src' || true)" "$before"
 check_match "config deleted: converge says why it keeps them" "$(cat "$tmp/converge-node-1.out")" 'missing|stale|keep'
-check "config deleted: an ADD still succeeds (the node keeps protecting)" cni_add node-1 cfg-pod
+out=$(cni_add node-1 cfg-pod 2>&1) && rc=0 || rc=$?
+check_eq "config deleted: an ADD is refused (the node has seen the cluster initialised)" "$rc" 1
+check_match "config deleted: the refusal names the missing record" "$out" '/calico/ipsec/v1/config.*missing'
+ip netns del "${E2E_NS_PREFIX}cfg-pod" 2>/dev/null || true
 fault "config deleted" ok ok
 printf '%s' "$cfg" | ectl put /calico/ipsec/v1/config >/dev/null
 
