@@ -520,9 +520,9 @@ pub async fn converge_with(
                 applied
                     .refused
                     .iter()
-                    .map(|why| crate::xfrm::desired::Unprotected {
-                        peer: String::new(),
-                        blocks: vec![],
+                    .map(|(dst, why)| crate::xfrm::desired::Unprotected {
+                        peer: owner_of(&snap.topology, dst),
+                        blocks: vec![*dst],
                         reason: format!("{why}: blocked by the catch-all"),
                     }),
             )
@@ -530,7 +530,7 @@ pub async fn converge_with(
         mtu,
         stale: None,
         guard: None,
-        refused: applied.refused.clone(),
+        refused: applied.refused.iter().map(|(_, why)| why.clone()).collect(),
         waiting_for: handover.waiting_for.into_iter().collect(),
         kept_inbound: handover.kept_inbound,
     };
@@ -541,6 +541,21 @@ pub async fn converge_with(
     }
     tracing::debug!(?report, "converged");
     Ok(report)
+}
+
+/// The node a refused policy's destination belongs to (its address or one
+/// of its blocks), for the report; the destination itself when none.
+fn owner_of(t: &crate::datastore::calico::Topology, dst: &ipnet::IpNet) -> String {
+    t.nodes
+        .values()
+        .find(|n| {
+            [n.ipv4, n.ipv6]
+                .into_iter()
+                .flatten()
+                .any(|u| *dst == ipnet::IpNet::from(u.addr))
+                || n.blocks.contains(dst)
+        })
+        .map_or_else(|| dst.to_string(), |n| n.name.clone())
 }
 
 /// Counts by direction: (inbound, outbound, forward).

@@ -89,10 +89,11 @@ pub struct Applied {
     pub policies_updated: usize,
     /// Policies deleted.
     pub policies_deleted: usize,
-    /// Policies the kernel refused, each named with the reason (a foreign
-    /// policy in the way, say). Each fails only its own path, which the
-    /// catch-all keeps blocked; the rest of the plan is applied.
-    pub refused: Vec<String>,
+    /// Policies the kernel refused, each with its selector's destination
+    /// and the reason (a foreign policy in the way, say). Each fails only
+    /// its own path, which the catch-all keeps blocked; the rest of the
+    /// plan is applied.
+    pub refused: Vec<(ipnet::IpNet, String)>,
 }
 
 /// An XFRM netlink socket in the current network namespace.
@@ -377,7 +378,7 @@ impl Xfrm {
                 }
             };
             tracing::warn!(error = %why, "a policy was refused; its path stays blocked by the catch-all");
-            done.refused.push(why.to_string());
+            done.refused.push((p.sel.dst, why.to_string()));
         }
         done.policies_added += adds.len() - failed.len();
         let updates: Vec<_> = plan

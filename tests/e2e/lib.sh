@@ -669,19 +669,3 @@ wire_count() {
     cap_ipv4 "$1" | awk -v p="$2" -v a="^(${3:-.*})\$" -v b="^(${4:-.*})\$" \
         '$1 == p && (($3 ~ a && $4 ~ b) || ($3 ~ b && $4 ~ a))' | grep -c . || true
 }
-
-# cni_cali NODE POD: give the host side of POD's veth, which the ptp plugin
-# names veth*, the name Calico gives it (cali + 11 hex, as pod_add does),
-# keeping its address and its route to the pod (lost while it is down).
-# The guard lets pod traffic leave unencrypted only through cali* devices.
-cni_cali() {
-    local node=$1 pod=$2 ip hif new src
-    ip=$(pod_ip "$pod")
-    hif=$(ipn "$node" -o route get "$ip" | sed -n 's/.* dev \([^ ]*\).*/\1/p')
-    new=cali$(printf '%s' "$pod" | sha1sum | cut -c1-11)
-    src=$(ipn "$node" route show "$ip/32" dev "$hif" | sed -n 's/.* src \([^ ]*\).*/\1/p')
-    ipn "$node" link set "$hif" down
-    ipn "$node" link set "$hif" name "$new"
-    ipn "$node" link set "$new" up
-    ipn "$node" route replace "$ip/32" dev "$new" scope link ${src:+src "$src"}
-}

@@ -8,7 +8,7 @@
 # blocked (no answer), as the case expects.
 #
 # 1. node-3's agent SIGSTOPped past its 4 s status lease just before
-#    `enable --wait`: for 10 s the phase stays below encrypt and enable has
+#    `enable --wait`: for 15 s the phase stays below encrypt and enable has
 #    not returned; after SIGCONT enable reaches enforce and p1 <-> p3 is
 #    encrypted.
 # 2. node-4 joins with a Node resource and NO block affinity; its pod p4
@@ -50,13 +50,9 @@ check "pod p3 on node-3" cni_add node-3 p3
 ip1=$(pod_ip p1) ip2=$(pod_ip p2) ip3=$(pod_ip p3)
 N1=${NODE_IP[node-1]} N2=${NODE_IP[node-2]} N3=${NODE_IP[node-3]}
 
-# status NODE: the node's `status` (with its conflist when the binary
-# takes one, by node name otherwise).
-if "$bin" status --help 2>&1 | grep -q -- '--config'; then
-    status() { nsx "$1" "$bin" status --config "$CNI_CONFLIST_DIR/$1.conflist"; }
-else
-    status() { nsx "$1" "$bin" status --nodename "$1"; }
-fi
+# status NODE: the node's `status`, with its state directory (where it
+# keeps whether it has seen the cluster initialised).
+status() { nsx "$1" "$bin" status --nodename "$1" --state-dir "$tmp/state-$1"; }
 # diag NODE...: what the nodes hold and logged, shown after a failed case.
 diag() {
     local n
@@ -75,7 +71,10 @@ diag() {
 case_begin() { echo "# --- $*"; CASE_FAILS=$E2E_FAIL CASE_T0=$SECONDS; }
 case_end() {
     info "case took $((SECONDS - CASE_T0))s"
-    ((E2E_FAIL == CASE_FAILS)) || diag "$@"
+    ((E2E_FAIL == CASE_FAILS)) && return 0
+    info "$ROUND: the wire (etcd, ARP and IPv6 left out):"
+    tcpdump -r "$tmp/$ROUND.pcap" -nn 'ip and not port 2379' 2>/dev/null | head -12 | cut -c1-160 | indent || true
+    diag "$@"
 }
 # poll SECS CMD...: CMD succeeds within SECS (quiet: no tally).
 poll() {
@@ -121,19 +120,20 @@ timeout 200 ip netns exec "${E2E_NS_PREFIX}wire" "$bin" enable --etcd-endpoints 
     --wait --timeout-seconds 180 >"$tmp/enable.out" 2>&1 &
 enable_pid=$!
 seen=" "
-end=$((SECONDS + 10))
+end=$((SECONDS + 15))
 while ((SECONDS < end)); do
     p=$(phase)
     [[ $seen == *" $p "* ]] || seen+="$p "
     sleep 0.3
 done
-info "phases seen in 10 s with node-3's agent stopped:$seen"
+info "phases seen in 15 s with node-3's agent stopped:$seen"
 check_eq "the phase never reached encrypt or enforce while node-3 was not live" \
     "$(grep -cE ' (encrypt|enforce) ' <<<"$seen" || true)" 0
 check "enable --wait still waiting while node-3 is not live" kill -0 "$enable_pid"
 kill -CONT "${AGENT_PID[node-3]}"
-rc=0
+t_cont=$SECONDS rc=0
 wait "$enable_pid" || rc=$?
+info "enable --wait returned $((SECONDS - t_cont))s after SIGCONT"
 check_eq "enable --wait returned 0 once node-3's agent resumed ($(tail -1 "$tmp/enable.out"))" "$rc" 0
 check_eq "phase enforce" "$(phase)" enforce
 round_start 1-enforce
@@ -149,6 +149,9 @@ case_begin "2. node-4 has no block affinity; its pod runs on an address borrowed
 N4=10.0.0.14 ip4=10.244.18.140
 node_join_borrower node-4 "$N4" 10.244.99.1
 E2E_LEASE_TTL=20 agent_start node-4
+# A default route, as every real host has: without one, proxy ARP never
+# answers the pod's 169.254.1.1.
+ipn node-4 route add default via 10.0.0.254 dev eth0
 pod_add node-4 p4 "$ip4" 1400
 # Calico's IPAM block of node-3: its tunnel address (ordinal 0) and p3 on
 # node-3, ordinal 12 (10.244.18.140) borrowed by node-4.
