@@ -221,7 +221,7 @@ fn a_foreign_policy_on_our_selector_is_refused_and_never_changed() {
             .apply(&Plan::diff(&want, &held), &held, key)
             .expect("the rest of the plan applies");
         assert_eq!(done.refused.len(), 1, "{:?}", done.refused);
-        assert!(done.refused[0].contains("not ours"), "{:?}", done.refused);
+        assert!(done.refused[0].1.contains("not ours"), "{:?}", done.refused);
         let after = x.held().expect("dump");
         assert_eq!(
             after.policies.len(),
