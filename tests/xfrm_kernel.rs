@@ -229,14 +229,14 @@ fn a_foreign_policy_on_our_selector_is_refused_and_never_changed() {
             "the refused policy fails only itself; the inbound one beside it stays: {after:?}"
         );
         assert_eq!(after.states.len(), 2, "{after:?}");
-        let pols = ip_cmd(&["xfrm", "policy", "list"]);
+        let pols = ip_cmd(&["xfrm", "policy", "list", "dir", "out"]);
         assert!(
             pols.contains("priority 100"),
             "the foreign policy stays: {pols}"
         );
         assert!(
             !pols.contains("tmpl"),
-            "and was never given our template: {pols}"
+            "and was never given our template (it is the only outbound one): {pols}"
         );
     });
 }
