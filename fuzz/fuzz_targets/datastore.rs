@@ -1,7 +1,8 @@
 //! Fuzzes what is parsed from etcd: Calico's Node, IPPool,
-//! FelixConfiguration and ClusterInformation records and IPAM block keys,
-//! and our config, epoch and identity records, then the desired XFRM state
-//! in every phase. Any panic is a bug: a malformed record is skipped and
+//! FelixConfiguration and ClusterInformation records, IPAM block keys and
+//! allocation block records (borrowed addresses), and our config, epoch and
+//! identity records, then the desired XFRM state and the catch-all's
+//! nftables script in every phase. Any panic is a bug: a malformed record is skipped and
 //! reported, never fatal. The desired state must also be self-consistent:
 //! a kernel holding exactly it needs no change.
 //!
@@ -14,6 +15,7 @@
 use calico_ipsec::datastore::etcd::Kv;
 use calico_ipsec::datastore::ipsec::Phase;
 use calico_ipsec::datastore::snapshot::{watched, Snapshot};
+use calico_ipsec::xfrm::guard::Guard;
 use calico_ipsec::xfrm::{Desired, Held, Inputs, Plan};
 use libfuzzer_sys::fuzz_target;
 
@@ -31,6 +33,12 @@ fuzz_target!(|data: &[u8]| {
         let (key, value) = if prefix.ends_with("/ipam/v2/host/") {
             let tail = String::from_utf8_lossy(body);
             (format!("{prefix}{name}/{tail}"), b"{}".to_vec())
+        } else if prefix.ends_with("/ipam/v2/assignment/") {
+            let block = ["ipv4/block/10.244.18.128-26", "ipv6/block/fd00:10:244::-122"];
+            (
+                format!("{prefix}{}", block[(sel as usize / ranges.len()) % 2]),
+                body.to_vec(),
+            )
         } else if *is_prefix {
             (format!("{prefix}{name}"), body.to_vec())
         } else {
@@ -59,5 +67,6 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(d) = Desired::compute(&inputs) {
             assert!(Plan::diff(&d, &Held::exactly(&d)).is_empty());
         }
+        let _ = Guard::of(phase, &snap.topology).script();
     }
 });

@@ -11,9 +11,11 @@
 #    `enable --wait`: for 15 s the phase stays below encrypt and enable has
 #    not returned; after SIGCONT enable reaches enforce and p1 <-> p3 is
 #    encrypted.
-# 2. node-4 joins with a Node resource and NO block affinity; its pod p4
-#    runs on 10.244.18.140, borrowed from node-3's block (the IPAM block
-#    record says so; routes as BIRD makes them): p1 <-> p4 encrypted.
+# 2. node-4 joins with a Node resource and NO block affinity while node-1's
+#    agent is down; its pod p4 runs on 10.244.18.140, borrowed from node-3's
+#    block (the IPAM block record says so; routes as BIRD makes them):
+#    p1 -> p4 blocked until an ADD converges node-1, then p1 <-> p4
+#    encrypted.
 # 3. node-1 sends toward node-2 from a second address (10.0.0.21):
 #    p1 -> p2 encrypted or blocked, never clear (which one is reported).
 # 4. A foreign allow policy on node-1 with the selector of our policy toward
@@ -146,6 +148,10 @@ case_end node-1 node-3
 
 # ------------------------------------------------------------------ case 2
 case_begin "2. node-4 has no block affinity; its pod runs on an address borrowed from node-3's block"
+# node-1's agent is down while node-4 joins: node-1 has not converged on its
+# new peer until an ADD does it.
+kill -TERM "${AGENT_PID[node-1]}"
+wait "${AGENT_PID[node-1]}" 2>/dev/null || true
 N4=10.0.0.14 ip4=10.244.18.140
 node_join_borrower node-4 "$N4" 10.244.99.1
 E2E_LEASE_TTL=20 agent_start node-4
@@ -167,6 +173,12 @@ jq -nc --argjson o3 "$o3" '{cidr: "10.244.18.128/26", affinity: "host:node-3", s
 # BIRD: the borrowing node advertises the /32, more specific than the block.
 for n in node-1 node-2 node-3; do ipn "$n" route replace "$ip4/32" via "$N4" dev tunl0 onlink; done
 wait_until 60 "node-4's agent publishes a leased status" live node-4 || true
+round_start 2-unconverged
+blocked "p1 -> p4 blocked while node-1 has not converged on its new peer" p1 "$ip4"
+round_end
+check "an ADD on node-1 converges it with node-4 as a peer" cni_add node-1 p1b
+case_end node-1 node-4
+E2E_LEASE_TTL=20 agent_start node-1
 round_start 2-borrowed
 reach "p1 -> p4 ($ip4, borrowed) answered" 60 p1 "$ip4"
 reach "p4 -> p1 answered" 20 p4 "$ip1"
