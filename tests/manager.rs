@@ -317,3 +317,72 @@ fn two_managers_step_only_on_acknowledgement_and_the_survivor_finishes_a_rotatio
         .await;
     });
 }
+
+#[test]
+fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_excluded() {
+    common::require_root();
+    let server = EtcdServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kek = dir.path().join("kek");
+    let kek_s = kek.to_str().expect("utf8");
+    cli(&server, &["keys", "init", "--kek-file", kek_s]);
+    let settings = EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: vec![server.endpoint.clone()],
+            ..EtcdConfig::default()
+        },
+        Duration::from_secs(2),
+    );
+    let _m = manager(&server, &kek, "m1", &dir.path().join("m1.log"));
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings).await.expect("connect");
+        let node_key = |n: &str| format!("/calico/resources/v3/projectcalico.org/nodes/{n}");
+        let mut ids = BTreeMap::new();
+        let mut leases = BTreeMap::new();
+        for (i, name) in ["node-1", "node-2", "node-3"].iter().enumerate() {
+            let node = format!(
+                r#"{{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"bgp":{{"ipv4Address":"10.0.0.1{i}/24"}}}}}}"#
+            );
+            etcd.put(&node_key(name), node.into_bytes(), None)
+                .await
+                .expect("node");
+            if *name == "node-3" {
+                continue; // Calico lists it; its agent never runs.
+            }
+            let ident = Identity {
+                id: u16::try_from(i + 1).expect("few"),
+                incarnation: 1,
+                boot_id: "b".into(),
+            };
+            etcd.put(&nodeid_key(name), encode(&ident), None)
+                .await
+                .expect("identity");
+            ids.insert(name.to_string(), ident);
+            leases.insert(name.to_string(), etcd.grant_lease(60).await.expect("lease"));
+        }
+        let nodes = Nodes {
+            leases,
+            digest: identities_digest(&ids),
+        };
+        nodes.ack(&etcd, Phase::Off, 0, &[], 1).await;
+        cli(&server, &["enable"]);
+        // Every live node acknowledged off, but node-3 is not following.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(config(&etcd).await.phase, Phase::Off, "no step past node-3");
+        let log = std::fs::read_to_string(dir.path().join("m1.log")).expect("log");
+        assert!(
+            log.contains("node-3") && log.contains("no live agent"),
+            "the manager names the node: {log}"
+        );
+        // The operator excludes it: the phase moves on.
+        let mut cfg = config(&etcd).await;
+        cfg.excluded_nodes = vec!["node-3".into()];
+        etcd.put(&calico_ipsec::datastore::ipsec::config_key(), encode(&cfg), None)
+            .await
+            .expect("config");
+        eventually(10, "the phase steps to accept once node-3 is excluded", || async {
+            config(&etcd).await.phase == Phase::Accept
+        })
+        .await;
+    });
+}
