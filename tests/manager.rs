@@ -118,6 +118,28 @@ struct Nodes {
 }
 
 impl Nodes {
+    /// Publishes an identity for each node and grants each a status lease.
+    async fn start(etcd: &Etcd, names: &[&str]) -> Self {
+        let mut ids = BTreeMap::new();
+        let mut leases = BTreeMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let ident = Identity {
+                id: u16::try_from(i + 1).expect("few"),
+                incarnation: 1,
+                boot_id: "b".into(),
+            };
+            etcd.put(&nodeid_key(name), encode(&ident), None)
+                .await
+                .expect("identity");
+            ids.insert(name.to_string(), ident);
+            leases.insert(name.to_string(), etcd.grant_lease(60).await.expect("lease"));
+        }
+        Nodes {
+            leases,
+            digest: identities_digest(&ids),
+        }
+    }
+
     async fn ack(&self, etcd: &Etcd, phase: Phase, gen: u64, installed: &[u32], active: u32) {
         for (i, (name, lease)) in self.leases.iter().enumerate() {
             let status = NodeStatus {
@@ -174,24 +196,7 @@ fn two_managers_step_only_on_acknowledgement_and_the_survivor_finishes_a_rotatio
     ];
     rt().block_on(async {
         let etcd = Etcd::connect(&settings).await.expect("connect");
-        let mut ids = BTreeMap::new();
-        let mut leases = BTreeMap::new();
-        for (i, name) in ["node-1", "node-2"].iter().enumerate() {
-            let ident = Identity {
-                id: u16::try_from(i + 1).expect("few"),
-                incarnation: 1,
-                boot_id: "b".into(),
-            };
-            etcd.put(&nodeid_key(name), encode(&ident), None)
-                .await
-                .expect("identity");
-            ids.insert(name.to_string(), ident);
-            leases.insert(name.to_string(), etcd.grant_lease(60).await.expect("lease"));
-        }
-        let nodes = Nodes {
-            leases,
-            digest: identities_digest(&ids),
-        };
+        let nodes = Nodes::start(&etcd, &["node-1", "node-2"]).await;
         nodes.ack(&etcd, Phase::Off, 0, &[], 1).await;
 
         // Enable: each step waits for every node's acknowledgement of the last.
@@ -337,8 +342,6 @@ fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_exclu
     rt().block_on(async {
         let etcd = Etcd::connect(&settings).await.expect("connect");
         let node_key = |n: &str| format!("/calico/resources/v3/projectcalico.org/nodes/{n}");
-        let mut ids = BTreeMap::new();
-        let mut leases = BTreeMap::new();
         for (i, name) in ["node-1", "node-2", "node-3"].iter().enumerate() {
             let node = format!(
                 r#"{{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"bgp":{{"ipv4Address":"10.0.0.1{i}/24"}}}}}}"#
@@ -346,24 +349,9 @@ fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_exclu
             etcd.put(&node_key(name), node.into_bytes(), None)
                 .await
                 .expect("node");
-            if *name == "node-3" {
-                continue; // Calico lists it; its agent never runs.
-            }
-            let ident = Identity {
-                id: u16::try_from(i + 1).expect("few"),
-                incarnation: 1,
-                boot_id: "b".into(),
-            };
-            etcd.put(&nodeid_key(name), encode(&ident), None)
-                .await
-                .expect("identity");
-            ids.insert(name.to_string(), ident);
-            leases.insert(name.to_string(), etcd.grant_lease(60).await.expect("lease"));
         }
-        let nodes = Nodes {
-            leases,
-            digest: identities_digest(&ids),
-        };
+        // Calico lists node-3; its agent never runs.
+        let nodes = Nodes::start(&etcd, &["node-1", "node-2"]).await;
         nodes.ack(&etcd, Phase::Off, 0, &[], 1).await;
         cli(&server, &["enable"]);
         // Every live node acknowledged off, but node-3 is not following.

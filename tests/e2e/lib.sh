@@ -451,6 +451,18 @@ node_conflist() {
         ]}' >"$CNI_CONFLIST_DIR/$n.conflist"
 }
 
+# node_resource_put NODE ADDR TUNNEL: NODE's Calico Node resource in etcd,
+# shaped like the fixture's node-1, at underlay ADDR/24 with tunl0 TUNNEL.
+node_resource_put() {
+    local n=$1 addr=$2 tunnel=$3
+    jq -c --arg n "$n" --arg a "$addr/24" --arg t "$tunnel" '.[$k]
+        | .metadata.name = $n | .metadata.uid = "e2e-\($n)"
+        | .spec.bgp.ipv4Address = $a | .spec.bgp.ipv4IPIPTunnelAddr = $t
+        | .spec.orchRefs[0].nodeName = $n' \
+        --arg k /calico/resources/v3/projectcalico.org/nodes/node-1 "$E2E_FIXTURE" \
+        | ectl put "/calico/resources/v3/projectcalico.org/nodes/$n" >/dev/null
+}
+
 # node_join NODE ADDR TUNNEL BLOCK: a node joining the running cluster: its
 # Calico Node resource and block affinity in etcd (shaped like the
 # fixture's), its namespace with tunl0 and routes, the peers' routes to its
@@ -458,12 +470,7 @@ node_conflist() {
 node_join() {
     local n=$1 addr=$2 tunnel=$3 block=$4 p
     NODE_IP[$n]=$addr TUNNEL[$n]=$tunnel BLOCK[$n]=$block
-    jq -c --arg n "$n" --arg a "$addr/24" --arg t "$tunnel" '.[$k]
-        | .metadata.name = $n | .metadata.uid = "e2e-\($n)"
-        | .spec.bgp.ipv4Address = $a | .spec.bgp.ipv4IPIPTunnelAddr = $t
-        | .spec.orchRefs[0].nodeName = $n' \
-        --arg k /calico/resources/v3/projectcalico.org/nodes/node-1 "$E2E_FIXTURE" \
-        | ectl put "/calico/resources/v3/projectcalico.org/nodes/$n" >/dev/null
+    node_resource_put "$n" "$addr" "$tunnel"
     ectl put "/calico/ipam/v2/host/$n/ipv4/block/${block/\//-}" '{"deleted":false,"state":"confirmed"}' >/dev/null
     node_add "$n" "$addr/24" 1500
     node_ipip "$n" "$tunnel" 1480
@@ -644,12 +651,7 @@ etcd_start() {
 # peer gets a route to it: add one /32 per address it borrows.
 node_join_borrower() {
     local n=$1 addr=$2 tunnel=$3 p
-    jq -c --arg n "$n" --arg a "$addr/24" --arg t "$tunnel" '.[$k]
-        | .metadata.name = $n | .metadata.uid = "e2e-\($n)"
-        | .spec.bgp.ipv4Address = $a | .spec.bgp.ipv4IPIPTunnelAddr = $t
-        | .spec.orchRefs[0].nodeName = $n' \
-        --arg k /calico/resources/v3/projectcalico.org/nodes/node-1 "$E2E_FIXTURE" \
-        | ectl put "/calico/resources/v3/projectcalico.org/nodes/$n" >/dev/null
+    node_resource_put "$n" "$addr" "$tunnel"
     node_add "$n" "$addr/24" 1500
     node_ipip "$n" "$tunnel" 1480
     for p in "${NODES[@]}"; do node_route_ipip "$n" "${BLOCK[$p]}" "${NODE_IP[$p]}"; done
