@@ -54,7 +54,7 @@ ip2=$(pod_ip p2) ip3=$(pod_ip p3)
 check "calico-ipsec enable --wait" nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
 check_eq "phase enforce" "$(ipsec_cfg | jq -r .phase)" enforce
 guard=$(nsx node-1 nft list table inet calico_ipsec 2>&1 || true)
-check_match "node-1's catch-all drops IPIP without ESP" "$guard" 'l4proto (4|ipip) rt ipsec missing'
+check_match "node-1's catch-all drops IPIP without ESP" "$guard" 'l4proto (4|ipip|ipencap) rt ipsec missing'
 check_match "node-1's catch-all drops pod-addressed packets without ESP" "$guard" 'daddr @pools4 rt ipsec missing'
 
 # streams_start CASE [NODE]: UDP p1→p2 (echoed) and ping p2→p3 at 200/s, and a capture
