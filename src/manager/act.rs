@@ -22,16 +22,21 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
     let epochs = store.epochs_rev().await?;
     let nodes = store.node_statuses().await?;
     let identities = identities_digest(&store.identities().await?);
+    // Calico's node list matters only to a phase step: read it (keys only)
+    // while one is pending, not on every tick of a steady cluster.
     let prefix = format!("{RESOURCES}nodes/");
-    let calico_nodes: Vec<String> = etcd
-        .get_prefix_keys(&prefix)
-        .await
-        .map_err(IpsecStoreError::from)?
-        .iter()
-        .filter_map(|k| k.strip_prefix(&prefix))
-        .filter(|n| crate::datastore::calico::valid_node_name(n))
-        .map(str::to_string)
-        .collect();
+    let calico_nodes: Vec<String> = if config.0.phase == config.0.target_phase {
+        Vec::new()
+    } else {
+        etcd.get_prefix_keys(&prefix)
+            .await
+            .map_err(IpsecStoreError::from)?
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .filter(|n| crate::datastore::calico::valid_node_name(n))
+            .map(str::to_string)
+            .collect()
+    };
     let ignored: Vec<String> = nodes
         .unreadable
         .iter()

@@ -17,8 +17,9 @@ pub struct View {
     /// Nodes whose leased status record cannot be read: they may hold SAs,
     /// so no step that needs every node's acknowledgement is taken.
     pub unreadable: Vec<String>,
-    /// Every node Calico lists (its Node resources): a phase step waits for
-    /// each one that is neither live nor excluded by the operator.
+    /// Every node Calico lists (its Node resources), read while a phase step
+    /// is pending: the step waits for each one that is neither live nor
+    /// excluded by the operator.
     pub calico_nodes: Vec<String>,
     /// [`crate::datastore::ipsec::identities_digest`] of the identity records now.
     pub identities: String,
