@@ -21,13 +21,13 @@ pub struct ConvergeArgs {
 
 /// Reads our entry from a conflist, or a lone entry.
 pub fn load_entry(path: &std::path::Path) -> Result<PluginConfig, CliError> {
-    let text = std::fs::read(path)?;
     let invalid = |reason: String| {
         CliError::Config(ConfigError::Invalid {
             field: "config",
             problem: format!("({}): {reason}", path.display()),
         })
     };
+    let text = std::fs::read(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
     let v: Value = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
     let entry = match v.get("plugins").and_then(Value::as_array) {
         Some(plugins) => plugins

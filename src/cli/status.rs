@@ -33,6 +33,10 @@ pub struct StatusArgs {
     /// this node has seen the cluster initialised is kept there.
     #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
     pub state_dir: std::path::PathBuf,
+    /// A conflist holding a calico-ipsec entry (as `converge --config`):
+    /// its nodename, etcd settings and state_dir replace the flags above.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// One object's state: in place, missing, or not wanted in this phase.
@@ -331,14 +335,25 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
 
 /// Runs `calico-ipsec status`.
 pub fn exec(args: &StatusArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let node = match &args.nodename {
-        Some(n) => crate::config::validate_nodename(n)?,
-        None => crate::config::read_nodename_file(std::path::Path::new(
-            crate::config::DEFAULT_NODENAME_FILE,
-        ))
-        .map_err(crate::converge::ConvergeError::from)?,
+    let seen = match &args.config {
+        Some(path) => {
+            let cfg = super::converge::load_entry(path)?;
+            let node = cfg
+                .node_name()
+                .map_err(crate::converge::ConvergeError::from)?;
+            observe(&crate::converge::settings(&cfg), node, &cfg.state_dir)?
+        }
+        None => {
+            let node = match &args.nodename {
+                Some(n) => crate::config::validate_nodename(n)?,
+                None => crate::config::read_nodename_file(std::path::Path::new(
+                    crate::config::DEFAULT_NODENAME_FILE,
+                ))
+                .map_err(crate::converge::ConvergeError::from)?,
+            };
+            observe(&args.etcd.settings()?, node, &args.state_dir)?
+        }
     };
-    let seen = observe(&args.etcd.settings()?, node, &args.state_dir)?;
     let status = build(&seen, read_xfrm_stat());
     if args.json {
         super::print_json(out, &status)?;
