@@ -212,9 +212,10 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
 /// node lock.
 ///
 /// `acks` are the peers' status records (the agent watches them; an ADD
-/// reads none): they let a hand-over to a new incarnation complete. With
-/// them (the agent) the nftables guard is also written; an ADD only narrows
-/// it before it removes outbound policies.
+/// reads none): they let a hand-over to a new incarnation complete. Both
+/// write the nftables catch-all (below `encrypt` before the plan, from
+/// `encrypt` on after it); the agent also reasserts it every 30 s, an ADD
+/// writes it only when it changed or this boot has not written it.
 pub async fn converge_with(
     cfg: &PluginConfig,
     etcd: &Etcd,

@@ -66,9 +66,9 @@ pub struct Report {
     /// followed (a missing or malformed config, an epoch that cannot be
     /// used): the node keeps what it has and reports itself stale.
     pub stale: Option<String>,
-    /// Why the nftables guard that drops clear traffic of our paths while
-    /// the XFRM policies are missing could not be written (`None`: in place,
-    /// or not needed).
+    /// Why the nftables catch-all could not be written. Always `None` in a
+    /// report: a convergence that cannot write it at `encrypt` or above
+    /// fails instead (kept for the status record's shape).
     pub guard: Option<String>,
     /// Policies the kernel refused (a foreign policy in the way): their
     /// paths stay blocked by the catch-all, the others converged.

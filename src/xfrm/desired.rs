@@ -21,8 +21,11 @@
 //!   inbound policies, so plaintext from peers is refused.
 //!
 //! Outbound policies are installed toward every peer, even one that has not
-//! published an incarnation yet: with no SA the kernel drops the traffic
-//! rather than sending it in clear (fail closed).
+//! published an incarnation yet, or one without a pod block (wherever a pool
+//! tunnels): with no SA the kernel drops the traffic rather than sending it
+//! in clear. From `encrypt` on, [`catch_all`] block policies under all of
+//! them drop the IPIP and VXLAN that no per-peer policy protects (DESIGN
+//! §5c); the nftables guard does the same for pod addresses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
