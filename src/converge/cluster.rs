@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::ConvergeError;
 use crate::datastore::calico::Topology;
 use crate::datastore::ipsec::{config_key, IpsecStoreError, Phase};
+use crate::datastore::snapshot::Snapshot;
 use crate::link::RouteSocket;
 use crate::xfrm::guard::Guard;
 
@@ -40,17 +41,19 @@ impl Seen {
     /// since). A record that cannot be read counts as seen: refusing is the
     /// safe side.
     pub fn load(state_dir: &Path) -> Option<Self> {
-        match crate::fsutil::read_state(&path(state_dir), 4096) {
-            Ok(None) => None,
-            Ok(Some(raw)) => Some(serde_json::from_slice(&raw).unwrap_or(Seen {
-                cluster_guid: "(unreadable record)".into(),
-                phase_generation: 0,
-            })),
-            Err(_) => Some(Seen {
-                cluster_guid: "(unreadable record)".into(),
-                phase_generation: 0,
-            }),
+        let read = crate::fsutil::read_state(&path(state_dir), 4096);
+        if matches!(read, Ok(None)) {
+            return None;
         }
+        Some(
+            read.ok()
+                .flatten()
+                .and_then(|raw| serde_json::from_slice(&raw).ok())
+                .unwrap_or(Seen {
+                    cluster_guid: "(unreadable record)".into(),
+                    phase_generation: 0,
+                }),
+        )
     }
 
     /// Notes a convergence on `phase`: remembered when not `off`, forgotten
@@ -88,17 +91,42 @@ impl Seen {
         })
     }
 
-    /// The refusal of a convergence while the config record is missing.
-    pub fn missing_config(&self) -> ConvergeError {
-        ConvergeError::Store(IpsecStoreError::Malformed {
-            key: config_key(),
-            reason: format!(
-                "the record is missing, but this node has seen the cluster initialised (clusterGUID {}, phase generation {}), so encryption may be required: restore the record (etcd backup, or `calico-ipsec keys init` then `enable`); to turn encryption off, run `calico-ipsec disable` before removing anything",
-                self.cluster_guid.escape_debug(),
-                self.phase_generation
-            ),
-        })
+    /// Why a convergence is refused while the config record is missing.
+    pub fn missing_reason(&self) -> String {
+        format!(
+            "the record is missing, but this node has seen the cluster initialised (clusterGUID {}, phase generation {}), so encryption may be required: restore the record (etcd backup, or `calico-ipsec keys init` then `enable`); to turn encryption off, run `calico-ipsec disable` before removing anything",
+            self.cluster_guid.escape_debug(),
+            self.phase_generation
+        )
     }
+}
+
+/// Why the config record cannot be followed, judged the same way by a
+/// convergence, CHECK and `status`: unparsable; missing on a node that has
+/// seen the cluster initialised; or missing while this node holds IPsec
+/// state. `None`: it can be followed (absent on a node that never saw the
+/// cluster and holds nothing is phase off).
+pub fn config_gone(snap: &Snapshot, state_dir: &Path, holds_state: bool) -> Option<String> {
+    if snap.config.is_some() {
+        return None;
+    }
+    if let Some(why) = &snap.config_problem {
+        return Some(why.clone());
+    }
+    if let Some(seen) = Seen::load(state_dir) {
+        return Some(seen.missing_reason());
+    }
+    holds_state.then(|| {
+        "the record is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)".into()
+    })
+}
+
+/// The refusal for a config record that cannot be followed.
+pub fn config_refused(reason: String) -> ConvergeError {
+    ConvergeError::Store(IpsecStoreError::Malformed {
+        key: config_key(),
+        reason,
+    })
 }
 
 /// The VXLAN ports this node's Calico devices send to, as (IPv4?, port):
@@ -175,7 +203,7 @@ mod tests {
         Seen::note(dir.path(), Phase::Enforce, Some("guid-1"), 2).unwrap();
         let s = Seen::load(dir.path()).unwrap();
         assert_eq!(s.phase_generation, 3, "the highest generation is kept");
-        let e = s.missing_config().to_string();
+        let e = config_refused(s.missing_reason()).to_string();
         assert!(
             e.contains("/calico/ipsec/v1/config") && e.contains("guid-1"),
             "{e}"

@@ -238,30 +238,16 @@ pub async fn converge_with(
     // off: a node that has seen the cluster initialised, or holds IPsec
     // state, refuses (an agent with state keeps it and reports itself
     // stale); only a node that has never seen it reads "no record" as off.
-    let seen = cluster::Seen::load(&cfg.state_dir);
-    let config_gone = match (&snap.config, &snap.config_problem, &seen) {
-        (None, Some(why), _) => Some(why.clone()),
-        (None, None, Some(s)) => Some(s.missing_config().to_string()),
-        (None, None, None) if !held.is_empty() => Some(format!(
-            "{} is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)",
-            crate::datastore::ipsec::config_key()
-        )),
-        _ => None,
-    };
+    let config_gone = cluster::config_gone(&snap, &cfg.state_dir, !held.is_empty());
     if let Some(why) = config_gone {
         if held.is_empty() || acks.is_none() {
-            return Err(IpsecStoreError::Malformed {
-                key: crate::datastore::ipsec::config_key(),
-                reason: why,
-            }
-            .into());
+            return Err(cluster::config_refused(why));
         }
         return Ok(kept(node, &snap, &held, why, started, mtu));
     }
     let mut snap = snap;
     cluster::with_device_ports(&mut snap.topology, &node, cluster::device_vxlan_ports());
     let guard = Guard::of(phase, &snap.topology);
-    let this_boot = crate::clock::read_boot_id().unwrap_or_default();
 
     // Off: remove whatever is ours; no identity needed.
     let mut mine: Option<(Identity, i64)> = None;
@@ -271,6 +257,12 @@ pub async fn converge_with(
         String::new()
     } else {
         boot_id()?
+    };
+    // The guard's record names the boot that wrote it, in every phase.
+    let this_boot = if phase == Phase::Off {
+        crate::clock::read_boot_id().unwrap_or_default()
+    } else {
+        boot.clone()
     };
     // The record may vouch for this convergence only when etcd was not
     // written and everything came from the snapshot (its fingerprint).

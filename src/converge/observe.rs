@@ -12,13 +12,6 @@ use std::path::Path;
 
 use super::{phase_of, runtime, ConvergeError};
 
-fn missing(reason: String) -> ConvergeError {
-    ConvergeError::Store(crate::datastore::ipsec::IpsecStoreError::Malformed {
-        key: crate::datastore::ipsec::config_key(),
-        reason,
-    })
-}
-
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
 #[derive(Debug, Clone)]
 pub struct Observed {
@@ -59,18 +52,9 @@ pub fn observe_snapshot(
     node: String,
     state_dir: &Path,
 ) -> Result<Observed, ConvergeError> {
-    if snapshot.config.is_none() {
-        if let Some(why) = &snapshot.config_problem {
-            return Err(missing(why.clone()));
-        }
-        if let Some(seen) = super::cluster::Seen::load(state_dir) {
-            return Err(seen.missing_config());
-        }
-        if !Xfrm::open()?.held()?.is_empty() {
-            return Err(missing(
-                "the record is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)".into(),
-            ));
-        }
+    let held = Xfrm::open()?.held()?;
+    if let Some(why) = super::cluster::config_gone(&snapshot, state_dir, !held.is_empty()) {
+        return Err(super::cluster::config_refused(why));
     }
     let mut snapshot = snapshot;
     super::cluster::with_device_ports(
@@ -91,7 +75,6 @@ pub fn observe_snapshot(
         agreement: &ready,
     })?;
     let mut desired = desired;
-    let held = Xfrm::open()?.held()?;
     // As an ADD would converge: without the peers' statuses, a hand-over
     // between incarnations waits.
     hand_over(&mut desired, &held, &snapshot.identities, None);

@@ -140,10 +140,7 @@ impl Guard {
 
     /// A digest of the script (for the record).
     pub fn digest(&self) -> String {
-        Sha256::digest(self.script().as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        digest_of(&self.script())
     }
 
     /// The `nft -f` script that replaces the table with this guard (or
@@ -235,22 +232,14 @@ impl Guard {
         out
     }
 
-    /// Writes the guard with `nft -f -`. An empty guard on a node without
-    /// `nft` is nothing to do (there is no table to remove).
-    pub fn apply(&self) -> Result<(), GuardError> {
-        if self.is_empty() && nft_binary().is_none() {
-            return Ok(());
-        }
-        run_nft(&self.script())
-    }
-
     /// Writes the guard unless the record in `state_dir` says this same
     /// guard was written in this boot (and, with `reassert`, less than
     /// [`REASSERT`] ago). Returns whether `nft` ran. The ADD passes no
     /// `reassert`: it writes only a changed guard, so `nft` stays off a
     /// pod's critical path.
     pub fn sync(&self, state_dir: &Path, boot: &str, reassert: bool) -> Result<bool, GuardError> {
-        let digest = self.digest();
+        let script = self.script();
+        let digest = digest_of(&script);
         // An empty guard, once removed, stays removed: it is not reasserted
         // (a node in MTU-only mode runs no `nft` after the first time).
         if recorded(state_dir).is_some_and(|r| {
@@ -260,41 +249,57 @@ impl Guard {
         }
         // Whatever happens, the old record no longer vouches for the table.
         forget(state_dir);
-        match self.apply() {
-            Ok(()) => {}
-            // Removing the table fails only where nftables cannot be used at
-            // all, and then there is no table: nothing is left to remove.
-            Err(e) if self.is_empty() => {
-                tracing::debug!(error = %e, "no nftables guard to remove");
+        // An empty guard on a node without `nft` is nothing to do (there is
+        // no table to remove).
+        if !(self.is_empty() && nft_binary().is_none()) {
+            match run_nft(&script) {
+                Ok(()) => {}
+                // Removing the table fails only where nftables cannot be
+                // used at all, and then there is no table: nothing is left.
+                Err(e) if self.is_empty() => {
+                    tracing::debug!(error = %e, "no nftables guard to remove");
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
-        self.record(state_dir, boot);
+        keep(state_dir, (!self.is_empty()).then_some(script.as_str()));
+        record(state_dir, &digest, boot);
         Ok(true)
     }
+}
 
-    /// Records this guard as written now, and keeps its script for
-    /// [`restore`] (a failure only means it is written again next time).
-    fn record(&self, state_dir: &Path, boot: &str) {
-        let body = format!("{} {} {}\n", self.digest(), now(), boot);
-        let script = state_dir.join("node").join(SCRIPT);
-        let kept = if self.is_empty() {
-            match std::fs::remove_file(&script) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
-                _ => Ok(()),
-            }
-        } else {
-            crate::fsutil::write_atomic(&script, self.script().as_bytes(), 0o600)
-                .map_err(|e| e.to_string())
-        };
-        if let Err(e) = kept {
-            tracing::warn!(error = %e, "cannot keep the catch-all's script; after a reboot it is back only once etcd is read");
+/// Keeps the script of a non-empty guard for [`restore`], or removes the
+/// kept one (a failure only means a reboot waits for etcd).
+fn keep(state_dir: &Path, script: Option<&str>) {
+    let path = state_dir.join("node").join(SCRIPT);
+    let kept = match script {
+        Some(s) => {
+            crate::fsutil::write_atomic(&path, s.as_bytes(), 0o600).map_err(|e| e.to_string())
         }
-        if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600)
-        {
-            tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
-        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, "cannot keep the catch-all's script; after a reboot it is back only once etcd is read");
     }
+}
+
+/// Records the guard whose script has `digest` as written now, in `boot`
+/// (a failure only means it is written again next time).
+fn record(state_dir: &Path, digest: &str, boot: &str) {
+    let body = format!("{digest} {} {boot}\n", now());
+    if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600) {
+        tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
+    }
+}
+
+fn digest_of(script: &str) -> String {
+    Sha256::digest(script.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
 }
 
 /// Puts the last guard written back when this boot has not written it yet
@@ -317,6 +322,8 @@ pub fn restore(state_dir: &Path, boot: &str, force: bool) -> Result<bool, GuardE
         return Ok(false);
     }
     run_nft(&script)?;
+    // This boot now holds it: the next ADD need not restore it again.
+    record(state_dir, &digest_of(&script), boot);
     tracing::warn!(
         "restored the nftables catch-all kept from before this boot; etcd decides what follows"
     );
