@@ -8,7 +8,6 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-pub mod attachment;
 pub mod cli;
 pub mod clock;
 pub mod cni;
@@ -28,4 +27,5 @@ pub mod netlink;
 pub mod netns;
 pub mod podmtu;
 pub mod runtime;
+pub mod state;
 pub mod xfrm;

@@ -8,9 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::attachment::{Backup, StateDir, StateError};
 use crate::link::{Link, LinkError, RouteSocket};
 use crate::netns::{self, NetnsError};
+use crate::state::attachment::{Backup, StateDir};
+use crate::state::StateError;
 
 /// A failure finding or changing the pod's links.
 #[derive(Debug, thiserror::Error)]

@@ -132,8 +132,8 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let node = opts.cfg.node_name()?;
     // After a reboot, the catch-all this node enforced is back before etcd
     // is asked (DESIGN §5c); the first convergence then decides.
-    match crate::converge::NodeLock::acquire(&opts.cfg.state_dir, crate::converge::NODE_LOCK_WAIT) {
-        Ok(_lock) => crate::converge::cluster::restore_guard(&opts.cfg.state_dir, true),
+    match crate::converge::open_state(&opts.cfg) {
+        Ok(mut state) => crate::converge::guard::restore(&mut state, true),
         Err(e) => {
             tracing::error!(error = %e, "cannot take the node lock to restore the nftables catch-all; the first convergence writes it")
         }

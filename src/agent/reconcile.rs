@@ -13,7 +13,7 @@ use super::kernel_watch::KernelEvent;
 use super::publish::{kek_fingerprint, publish, status_of, without_heartbeat};
 use super::watch::{Change, WatchMsg};
 use super::{lock, mark_stale, AgentOptions, State};
-use crate::converge::{self, ConvergeError, NodeLock, Report};
+use crate::converge::{self, ConvergeError, Report};
 use crate::datastore::etcd::{Etcd, Kv};
 use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus, PREFIX};
 use crate::datastore::snapshot::Snapshot;
@@ -480,9 +480,10 @@ async fn converge_once(
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         // The lock serialises with ADDs; they hold it for one convergence.
-        let _lock = NodeLock::acquire(&cfg.state_dir, converge::NODE_LOCK_WAIT)?;
+        let mut state = converge::open_state(cfg)?;
         handle.block_on(converge::converge_with(
             cfg,
+            &mut state,
             etcd,
             snap,
             Some(acks),

@@ -5,8 +5,8 @@ use serde_json::Value;
 use super::error::{code, CniError};
 use super::result::{self, MtuChange};
 use super::Request;
-use crate::attachment::StateDir;
 use crate::podmtu::{self, PodNet};
+use crate::state::attachment::StateDir;
 
 /// IPv6's minimum link MTU (RFC 8200).
 const IPV6_MIN_MTU: u32 = 1280;

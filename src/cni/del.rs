@@ -6,8 +6,9 @@
 //! (and GC), never returned.
 
 use super::Request;
-use crate::attachment::{StateDir, StateError};
 use crate::podmtu;
+use crate::state::attachment::StateDir;
+use crate::state::StateError;
 
 /// Runs DEL; problems are logged, not returned.
 pub fn exec(req: &Request) {

@@ -5,6 +5,7 @@
 //! modules pick a code themselves only for what they check on their own
 //! (a CHECK that finds drift, an ADD whose pod cannot take the bound).
 
+use crate::state::StateError;
 use serde_json::{json, Value};
 
 /// CNI error codes: 1–11 from the spec, 100 and up our own.
@@ -164,19 +165,19 @@ impl From<crate::converge::ConvergeError> for CniError {
                 format!("{details}; mount the cluster's KEK Secret at kek_file"),
                 "",
             ),
-            E::State { .. } => CniError::new(
-                code::STATE,
-                format!("{details}; check state_dir"),
-                "",
-            ),
-            E::Unsafe(_) => CniError::new(
-                code::STATE,
-                format!("{details}; calico-ipsec's files under state_dir must be its own regular files"),
-                "",
-            ),
-            E::LockTimeout { .. } => CniError::new(
+            E::State(StateError::LockTimeout { .. }) => CniError::new(
                 code::TRY_AGAIN_LATER,
                 format!("{details}; the pod is not started until this node's IPsec state is converged (the runtime retries)"),
+                "",
+            ),
+            E::State(StateError::Unsafe(_)) | E::State(StateError::Corrupt { .. }) => CniError::new(
+                code::STATE,
+                format!("{details}; calico-ipsec's files under state_dir and agreement_dir must be its own regular files"),
+                "",
+            ),
+            E::State(StateError::Io { .. }) | E::BootId { .. } => CniError::new(
+                code::STATE,
+                format!("{details}; check state_dir and agreement_dir"),
                 "",
             ),
             E::Agreement(_) => CniError::new(
@@ -185,8 +186,8 @@ impl From<crate::converge::ConvergeError> for CniError {
                 "",
             ),
             E::AgreementKeys(_) => CniError::new(
-                code::STATE,
-                format!("{details}; check agreement_dir (a tmpfs directory of calico-ipsec's own 0600 files)"),
+                code::TRY_AGAIN_LATER,
+                format!("{details}; the pod is not started until this node has a key pair for the epoch (the runtime retries)"),
                 "",
             ),
             E::Guard(_) => CniError::new(
@@ -206,10 +207,10 @@ mod tests {
 
     #[test]
     fn a_held_node_lock_is_try_again_later_and_a_planted_link_is_state() {
-        let e: CniError = ConvergeError::LockTimeout {
+        let e: CniError = ConvergeError::State(StateError::LockTimeout {
             path: "/var/lib/calico-ipsec/node/lock".into(),
             waited: std::time::Duration::from_secs(25),
-        }
+        })
         .into();
         assert_eq!(e.code, code::TRY_AGAIN_LATER);
         assert!(
@@ -217,8 +218,8 @@ mod tests {
             "{}",
             e.msg
         );
-        let e: CniError = ConvergeError::Unsafe(crate::fsutil::SafeFileError::Symlink(
-            "/var/lib/calico-ipsec/node/lock".into(),
+        let e: CniError = ConvergeError::State(StateError::Unsafe(
+            crate::fsutil::SafeFileError::Symlink("/var/lib/calico-ipsec/node/lock".into()),
         ))
         .into();
         assert_eq!(e.code, code::STATE);

@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use super::error::{code, CniError};
 use super::Request;
-use crate::attachment::StateDir;
 use crate::podmtu::PodMtuError;
+use crate::state::attachment::StateDir;
 
 const VALID: &str = "cni.dev/valid-attachments";
 

@@ -10,15 +10,13 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use zeroize::Zeroizing;
 
-use super::ConvergeError;
-use crate::config::PluginConfig;
+use super::error::ConvergeError;
 use crate::datastore::ipsec::IpsecStore;
 use crate::datastore::records::{PubkeyRecord, AGREEMENT_P256};
 use crate::datastore::snapshot::Snapshot;
-use crate::keys::agreement::{
-    file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, KeyStore, PUBLIC_LEN,
-};
+use crate::keys::agreement::{file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, PUBLIC_LEN};
 use crate::keys::{EpochSecret, Kek};
+use crate::state::{NodeState, StateError};
 
 /// What a convergence knows of key agreement.
 #[derive(Debug, Default)]
@@ -157,7 +155,7 @@ fn check_pubkey(
 /// epoch of `snap`, and verifies every peer's key. `kek` is needed only
 /// when the snapshot has an agreement epoch.
 pub(super) async fn prepare(
-    cfg: &PluginConfig,
+    state: &mut NodeState,
     store: &IpsecStore<'_>,
     snap: &Snapshot,
     node: &str,
@@ -176,7 +174,6 @@ pub(super) async fn prepare(
     let kek =
         kek.ok_or_else(|| ConvergeError::Agreement("no KEK to open the epochs with".into()))?;
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
-    let keystore = KeyStore::new(&cfg.agreement_dir);
     let none = BTreeMap::new();
     for rec in epochs {
         let e = rec.epoch;
@@ -195,7 +192,7 @@ pub(super) async fn prepare(
         // A retired epoch only drains: nothing is made or reported for it.
         let retired = rec.state == crate::datastore::records::EpochState::Retired;
         if retired {
-            if let (Some(public), Some(pair)) = (verified.get(node), keystore.load(e, &tag)?) {
+            if let (Some(public), Some(pair)) = (verified.get(node), stored_pair(state, e, &tag)?) {
                 if pair.public() == public {
                     out.mine.insert(e, pair);
                 }
@@ -205,7 +202,7 @@ pub(super) async fn prepare(
             continue;
         }
         match (published.get(node), verified.get(node)) {
-            (Some(_), Some(public)) => match keystore.load(e, &tag)? {
+            (Some(_), Some(public)) => match stored_pair(state, e, &tag)? {
                 Some(pair) if pair.public() == public => {
                     out.mine.insert(e, pair);
                 }
@@ -232,7 +229,7 @@ pub(super) async fn prepare(
                 // publication this snapshot does not show yet) is kept, never
                 // replaced: a file of an earlier epoch of the same number has
                 // another tag.
-                let (pair, _) = keystore.load_or_generate(e, &tag)?;
+                let pair = stored_or_new_pair(state, e, &tag)?;
                 let mac = pubkey_mac(&secret, &guid, e, node, pair.public())
                     .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
                 let r = PubkeyRecord {
@@ -256,6 +253,38 @@ pub(super) async fn prepare(
     verified_cache()
         .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
     Ok(out)
+}
+
+/// This node's stored pair for one epoch instance (`tag`, see
+/// [`file_tag`]), if it has one.
+fn stored_pair(state: &NodeState, e: u32, tag: &str) -> Result<Option<EpochKeyPair>, StateError> {
+    let Some(bytes) = state.private_key(e, tag)? else {
+        return Ok(None);
+    };
+    EpochKeyPair::from_private(bytes)
+        .map(Some)
+        .ok_or_else(|| StateError::Corrupt {
+            path: state.private_key_path(e, tag),
+            reason: "not a P-256 private key (remove it; a new pair is made and published)".into(),
+        })
+}
+
+/// This node's pair for one epoch instance: the stored one, or a new one,
+/// stored before it is returned so that a key is never published unless
+/// kept. A stored pair is never replaced: a pair stored but not yet
+/// published (a crash, or a publication the snapshot does not show yet) is
+/// the one published.
+fn stored_or_new_pair(
+    state: &mut NodeState,
+    e: u32,
+    tag: &str,
+) -> Result<EpochKeyPair, ConvergeError> {
+    if let Some(pair) = stored_pair(state, e, tag)? {
+        return Ok(pair);
+    }
+    let pair = EpochKeyPair::generate()?;
+    state.keep_private_key(e, tag, &pair.private_bytes())?;
+    Ok(pair)
 }
 
 /// Per agreement epoch, the nodes that published a key, unverified: what
@@ -283,7 +312,7 @@ pub fn published(snap: &Snapshot) -> BTreeMap<u32, BTreeSet<String>> {
 /// still has public keys in etcd but no readable record (the manager
 /// deletes both in one transaction, so such a record is only malformed).
 pub(super) fn forget_deleted(
-    cfg: &PluginConfig,
+    state: &mut NodeState,
     snap: &Snapshot,
     agreed: &Agreed,
 ) -> Result<(), ConvergeError> {
@@ -295,7 +324,7 @@ pub(super) fn forget_deleted(
         .chain(snap.epochs.iter().map(|e| e.epoch))
         .filter(|e| !opened.contains(e))
         .collect();
-    let removed = KeyStore::new(&cfg.agreement_dir).retain(&agreed.files, &keep_any)?;
+    let removed = state.retain_private_keys(&agreed.files, &keep_any)?;
     if !removed.is_empty() {
         tracing::info!(epochs = ?removed, "destroyed the private keys of deleted epochs (forward secrecy)");
     }

@@ -1,87 +1,72 @@
-//! Applying a plan with keys derived just in time, what the pod MTU must
-//! fit, and the report of a convergence that kept the kernel as it was.
+//! Step 4 of a convergence, *apply*: the ledger written ahead, the
+//! catch-all in its place around the plan, and the plan applied with keys
+//! derived just in time.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
-use super::{ms, phase_of, ConvergeError, Report};
+use super::agreement::Agreed;
+use super::decide::Decided;
+use super::error::ConvergeError;
+use super::facts::Facts;
+use super::guard;
+use super::identity::Mine;
 use crate::config::PluginConfig;
-use crate::datastore::paths::PathKind;
 use crate::datastore::snapshot::Snapshot;
 use crate::keys::{EpochSecret, Kek, SaId};
-use crate::mtu::{Encapsulation, IcvBits, MtuParams, OuterIp};
+use crate::state::{Ledger, NodeState};
 use crate::xfrm::kernel::{Applied, Xfrm};
 use crate::xfrm::{Dir, Held, Plan};
 
-/// The report of a convergence that left the kernel as it was, and why.
-pub(super) fn kept(
-    node: String,
-    snap: &Snapshot,
-    held: &Held,
-    why: String,
-    started: Instant,
-    mtu: Vec<MtuParams>,
-) -> Report {
-    tracing::error!(node = %node, reason = %why, "cannot follow etcd; keeping the XFRM state this node holds");
-    let (phase, _) = phase_of(snap);
-    let me = snap.identities.get(&node);
-    // The epochs the kernel still holds (so that none is deleted under it);
-    // the phase generation stays 0, so nothing is acknowledged.
-    let mut installed: Vec<u32> = held
-        .states
-        .values()
-        .map(|s| (s.reqid & 0xffff).saturating_sub(1))
-        .collect();
-    installed.sort_unstable();
-    installed.dedup();
-    Report {
-        node,
-        phase,
-        id: me.map(|i| i.id),
-        incarnation: me.map_or(0, |i| i.incarnation),
-        states: held.states.len(),
-        policies: held.policies.len(),
-        revision: snap.revision,
-        millis: ms(started),
-        read_millis: ms(started),
-        installed_epochs: installed,
-        mtu,
-        stale: Some(why),
-        // No active epoch and phase generation 0: nothing is acknowledged.
-        ..Report::default()
+/// Writes the ledger ahead of the SAs it lists (pruned to the epochs still
+/// installed), then applies the plan, with the catch-all before the
+/// policies below `encrypt` (a hitless disable) and after them from
+/// `encrypt` on (the guard step). When the apply fails, what did go in is
+/// still carved out of the catch-all, and what did not stays blocked: the
+/// guard is written anyway.
+pub(super) fn apply(
+    cfg: &PluginConfig,
+    state: &mut NodeState,
+    facts: &mut Facts,
+    mine: &mut Mine,
+    decided: &Decided,
+    agreed: &Agreed,
+) -> Result<Applied, ConvergeError> {
+    let plan = &decided.plan;
+    if mine.ident.is_some() {
+        let ledger = &mut mine.ledger;
+        let before = ledger.sent.len();
+        let installed = &decided.desired.installed_epochs;
+        ledger
+            .sent
+            .retain(|e| Ledger::epoch_of(e).is_some_and(|n| installed.contains(&n)));
+        let mut changed = mine.ledger_changed || before != ledger.sent.len();
+        for s in plan.created_outbound() {
+            changed |= ledger
+                .sent
+                .insert(Ledger::entry(s.epoch, &s.receiver, s.lane.index()));
+        }
+        if changed {
+            state.write_ledger(ledger.clone())?;
+            mine.ledger_changed = false;
+        }
     }
-}
-
-/// What the pod MTU of `node` must fit, from the pools and its families,
-/// with the cluster's ICV length.
-pub fn mtu_params(snap: &Snapshot, node: &str) -> Vec<MtuParams> {
-    let (_, icv_bits) = phase_of(snap);
-    let icv = IcvBits::from_bits(icv_bits.into()).unwrap_or(IcvBits::B128);
-    let Some(me) = snap.topology.nodes.get(node) else {
-        return Vec::new();
-    };
-    let mut out: Vec<MtuParams> = snap
-        .topology
-        .carriers(me)
-        .into_iter()
-        .filter_map(|(kind, v4)| {
-            let encapsulation = match kind {
-                PathKind::Ipip => Encapsulation::Ipip,
-                PathKind::Vxlan => Encapsulation::Vxlan,
-                PathKind::Tunnel => Encapsulation::None,
-                PathKind::Blocked => return None,
-            };
-            Some(MtuParams {
-                encapsulation,
-                icv,
-                outer: if v4 { OuterIp::V4 } else { OuterIp::V6 },
-                udp_encap: false,
-            })
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+    if plan.is_empty() {
+        return Ok(Applied::default());
+    }
+    tracing::info!(phase = ?facts.phase, plan = %plan.summary(), "converging XFRM");
+    if facts.guard.is_empty() {
+        guard::sync(state, facts, true)?;
+    }
+    let snap = &facts.snap;
+    match apply_with_keys(cfg, snap, agreed, &mut facts.xfrm, plan, &facts.held) {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            if let Err(g) = guard::sync(state, facts, true) {
+                tracing::error!(error = %g, "the nftables catch-all could not be written either");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Unseals the epochs the plan needs and applies it, deriving each key just
@@ -89,7 +74,7 @@ pub fn mtu_params(snap: &Snapshot, node: &str) -> Vec<MtuParams> {
 pub(super) fn apply_with_keys(
     cfg: &PluginConfig,
     snap: &Snapshot,
-    agreed: &super::agreement::Agreed,
+    agreed: &Agreed,
     xfrm: &mut Xfrm,
     plan: &Plan,
     held: &Held,

@@ -1,121 +1,38 @@
-//! This node's identity on the data plane: the node-wide lock, the ledger of
-//! outbound SAs created in the current incarnation, the boot id, and the
-//! publication of a new incarnation (so that no key is used by two SAs).
+//! Step 2 of a convergence, *identity*: this node's incarnation, and the
+//! publication of a new one whenever a key could otherwise be used twice.
+//!
+//! An outbound SA's key is derived from (epoch, me, incarnation, peer). If
+//! that SA is ever lost (a reboot, a flush, a peer that left and came back)
+//! it must not be created again with the same key: GCM nonces restart with
+//! every new SA. So the node keeps a ledger of every (epoch, peer) outbound
+//! SA it has created in its current incarnation, written before the SA is
+//! created ([`crate::state`]). A new incarnation is published in etcd
+//! (`nodeids/<node>`), before any SA that uses it exists, when:
+//! - the node has never published one;
+//! - the kernel's boot id differs from the one published (a reboot);
+//! - the ledger is missing or belongs to another incarnation or boot;
+//! - an outbound SA the ledger says was created is missing or altered
+//!   ([`renew`], from the decide step).
 
-use std::collections::BTreeSet;
-use std::fs::File;
-use std::io;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use super::error::ConvergeError;
+use super::facts::Facts;
+use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
+use crate::state::{Ledger, NodeState};
 
-use nix::fcntl::{Flock, FlockArg};
-use serde::{Deserialize, Serialize};
-
-use super::record;
-use super::{state_err, ConvergeError};
-use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError};
-use crate::fsutil;
-
-pub use crate::clock::BOOT_ID_PATH;
-
-/// How long an ADD (or the agent) waits for the node lock before giving up
-/// with "try again later": a holder does one convergence, each etcd request
-/// bounded by `etcd_timeout_ms`, so a longer wait means a stuck holder, and
-/// the runtime's retry is better than a pod creation that never returns.
-pub const NODE_LOCK_WAIT: Duration = Duration::from_secs(25);
-
-/// The node-wide lock: an exclusive `flock` on `<state_dir>/node/lock`
-/// (a regular file; a link there is refused, never followed).
-pub struct NodeLock {
-    _lock: Flock<File>,
-}
-
-impl NodeLock {
-    /// Takes the lock, waiting at most `wait` for another holder to let go;
-    /// [`ConvergeError::LockTimeout`] after that.
-    pub fn acquire(state_dir: &Path, wait: Duration) -> Result<Self, ConvergeError> {
-        let dir = state_dir.join("node");
-        create_private_dir(&dir)?;
-        let path = dir.join("lock");
-        let started = Instant::now();
-        let mut file = fsutil::open_lock(&path)?;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(Self { _lock: lock }),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
-                Err((f, nix::errno::Errno::EINTR)) => {
-                    file = f;
-                    continue;
-                }
-                Err((_, e)) => return Err(state_err("locking", &path)(io::Error::from(e))),
-            }
-            let waited = started.elapsed();
-            if waited >= wait {
-                return Err(ConvergeError::LockTimeout { path, waited });
-            }
-            std::thread::sleep(pause.min(wait - waited));
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-    }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), ConvergeError> {
-    Ok(fsutil::private_dir(dir)?)
-}
-
-/// The outbound SAs created in the current incarnation (names, no keys).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ledger {
-    /// The boot id it belongs to.
-    pub boot_id: String,
-    /// The incarnation it belongs to.
-    pub incarnation: u32,
-    /// "epoch/peer" of every outbound SA created.
-    pub sent: BTreeSet<String>,
-}
-
-impl Ledger {
-    pub(super) fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("node").join("ledger")
-    }
-
-    /// Reads the ledger; `None` when missing or unreadable (both mean the
-    /// history is unknown, which a new incarnation settles).
-    pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = match fsutil::read_state(&Self::path(state_dir), record::MAX_RECORD_BYTES) {
-            Ok(b) => b?,
-            Err(e) => {
-                tracing::warn!(error = %e, "the SA ledger is unusable; a new incarnation will be published");
-                return None;
-            }
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "the SA ledger is unreadable; a new incarnation will be published");
-                None
-            }
-        }
-    }
-
-    /// Writes the ledger atomically (0600), synced before any SA it lists.
-    pub fn save(&self, state_dir: &Path) -> Result<(), ConvergeError> {
-        let path = Self::path(state_dir);
-        if let Some(dir) = path.parent() {
-            create_private_dir(dir)?;
-        }
-        let body = serde_json::to_vec(self).unwrap_or_default();
-        fsutil::write_atomic(&path, &body, 0o600).map_err(state_err("writing", &path))
-    }
-
-    /// "epoch/peer" for IPv4 transport SAs, "epoch/peer/lane" for the others.
-    pub(super) fn entry(epoch: u32, peer: &str, lane: crate::xfrm::Lane) -> String {
-        match lane.index() {
-            0 => format!("{epoch}/{peer}"),
-            n => format!("{epoch}/{peer}/{n}"),
-        }
-    }
+/// This node's identity in one convergence.
+#[derive(Debug, Default)]
+pub(super) struct Mine {
+    /// The identity and its etcd revision (`None` while off).
+    pub ident: Option<(Identity, i64)>,
+    /// The ledger to hold; written in the apply step when `ledger_changed`.
+    pub ledger: Ledger,
+    /// Whether `ledger` differs from the one on disk.
+    pub ledger_changed: bool,
+    /// True when a new incarnation was published this time.
+    pub new_incarnation: bool,
+    /// True while nothing was read from etcd beyond the snapshot (the
+    /// convergence record may vouch only for such a convergence).
+    pub from_snapshot: bool,
 }
 
 /// Whether the published incarnation cannot be trusted to have fresh keys:
@@ -127,22 +44,88 @@ pub fn needs_new_incarnation(ident: &Identity, ledger: Option<&Ledger>, boot: &s
         || ledger.is_none_or(|l| l.incarnation != ident.incarnation || l.boot_id != boot)
 }
 
-/// Reads the kernel's boot id.
-pub fn boot_id() -> Result<String, ConvergeError> {
-    crate::clock::read_boot_id().map_err(state_err("reading", Path::new(BOOT_ID_PATH)))
+/// This node's identity: the snapshot's, or etcd's when the snapshot has
+/// none (or lags our own last publication), and a new incarnation when the
+/// published one cannot be trusted.
+pub(super) async fn settle(
+    store: &IpsecStore<'_>,
+    state: &NodeState,
+    facts: &Facts,
+    node: &str,
+) -> Result<Mine, ConvergeError> {
+    let mut mine = Mine {
+        from_snapshot: true,
+        ..Mine::default()
+    };
+    if facts.phase == Phase::Off {
+        return Ok(mine);
+    }
+    let boot = &facts.boot;
+    let loaded = state.ledger();
+    // A snapshot older than our own last publication (the agent's cache
+    // may lag its write) is no reason for yet another incarnation.
+    let behind =
+        |i: &Identity| loaded.is_some_and(|l| l.boot_id == *boot && l.incarnation > i.incarnation);
+    let known = facts
+        .snap
+        .identities
+        .get(node)
+        .filter(|i| i.id > 0 && !behind(i))
+        .zip(facts.snap.identity_revisions.get(node));
+    let current = match known {
+        Some((i, rev)) => (i.clone(), *rev),
+        None => {
+            mine.from_snapshot = false;
+            store.identity(node).await?
+        }
+    };
+    match loaded.filter(|_| !needs_new_incarnation(&current.0, loaded, boot)) {
+        Some(l) => {
+            mine.ledger = l.clone();
+            mine.ident = Some(current);
+        }
+        None => {
+            let floor = loaded.map_or(0, |l| l.incarnation);
+            bump(store, node, current, floor, boot, &mut mine).await?;
+        }
+    }
+    Ok(mine)
+}
+
+/// Publishes a new incarnation because an outbound SA of the current one is
+/// missing or altered.
+pub(super) async fn renew(
+    store: &IpsecStore<'_>,
+    node: &str,
+    boot: &str,
+    mine: &mut Mine,
+) -> Result<(), ConvergeError> {
+    let Some(current) = mine.ident.clone() else {
+        return Ok(());
+    };
+    tracing::warn!(
+        node = %node,
+        incarnation = current.0.incarnation,
+        "an outbound SA created earlier is missing or altered; publishing a new incarnation so that no key is used twice"
+    );
+    let floor = mine.ledger.incarnation;
+    bump(store, node, current, floor, boot, mine).await
 }
 
 /// Publishes the next incarnation (compare-and-swap on the identity record
 /// at its revision), above both the published one and `floor` (the local
-/// ledger's), and starts an empty ledger for it.
-pub(super) async fn bump(
+/// ledger's), and starts an empty ledger for it. The ledger is written by
+/// the apply step, before any SA; a crash before then leaves the old
+/// ledger, which names another incarnation: the next convergence publishes
+/// yet another.
+async fn bump(
     store: &IpsecStore<'_>,
     node: &str,
     (mut ident, mut rev): (Identity, i64),
     floor: u32,
     boot: &str,
-    state_dir: &Path,
-) -> Result<((Identity, i64), Ledger), ConvergeError> {
+    mine: &mut Mine,
+) -> Result<(), ConvergeError> {
     for _ in 0..16 {
         let next = Identity {
             id: ident.id,
@@ -150,22 +133,20 @@ pub(super) async fn bump(
             boot_id: boot.to_string(),
         };
         // The reply's revision saves reading the record back.
-        let written = store.publish_identity(node, &next, rev).await?;
-        if let Some(new_rev) = written {
-            let ledger = Ledger {
-                boot_id: boot.to_string(),
-                incarnation: next.incarnation,
-                sent: BTreeSet::new(),
-            };
-            ledger.save(state_dir)?;
+        if let Some(new_rev) = store.publish_identity(node, &next, rev).await? {
             tracing::info!(
                 node,
                 incarnation = next.incarnation,
                 "published a new incarnation"
             );
+            mine.ledger = Ledger::fresh(boot, next.incarnation);
+            mine.ledger_changed = true;
+            mine.new_incarnation = true;
+            mine.from_snapshot = false;
             // A missing revision (0) only makes a later compare-and-swap
             // fail and read the record back.
-            return Ok(((next, new_rev), ledger));
+            mine.ident = Some((next, new_rev));
+            return Ok(());
         }
         (ident, rev) = store.identity(node).await?;
     }
@@ -175,7 +156,6 @@ pub(super) async fn bump(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
     fn ident(inc: u32, boot: &str) -> Identity {
         Identity {
@@ -185,17 +165,9 @@ mod tests {
         }
     }
 
-    fn ledger(inc: u32, boot: &str) -> Ledger {
-        Ledger {
-            boot_id: boot.into(),
-            incarnation: inc,
-            sent: BTreeSet::new(),
-        }
-    }
-
     #[test]
     fn a_new_incarnation_after_reboot_first_start_or_lost_ledger() {
-        let l = ledger(4, "b1");
+        let l = Ledger::fresh("b1", 4);
         assert!(!needs_new_incarnation(&ident(4, "b1"), Some(&l), "b1"));
         assert!(
             needs_new_incarnation(&ident(0, ""), None, "b1"),
@@ -212,57 +184,6 @@ mod tests {
         assert!(
             needs_new_incarnation(&ident(5, "b1"), Some(&l), "b1"),
             "ledger of another incarnation"
-        );
-    }
-
-    #[test]
-    fn ledger_round_trip_is_0600() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut l = ledger(3, "b");
-        l.sent
-            .insert(Ledger::entry(2, "node-2", crate::xfrm::Lane::V4Transport));
-        l.save(dir.path()).expect("save");
-        assert_eq!(Ledger::load(dir.path()), Some(l));
-        let mode = fs::metadata(Ledger::path(dir.path()))
-            .expect("stat")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn the_node_lock_waits_a_bounded_time_and_refuses_a_link() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let held = NodeLock::acquire(dir.path(), Duration::ZERO).expect("first");
-        let started = Instant::now();
-        let err = match NodeLock::acquire(dir.path(), Duration::from_millis(300)) {
-            Err(e) => e,
-            Ok(_) => panic!("two holders of the node lock"),
-        };
-        let waited = started.elapsed();
-        assert!(matches!(err, ConvergeError::LockTimeout { .. }), "{err}");
-        assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(2));
-        assert!(err.to_string().contains("still held"), "{err}");
-        drop(held);
-        let again = NodeLock::acquire(dir.path(), Duration::from_millis(300));
-        assert!(again.is_ok(), "free once released");
-        drop(again);
-
-        let other = tempfile::tempdir().expect("tempdir");
-        let outside = other.path().join("victim");
-        fs::write(&outside, b"keep").expect("write");
-        fs::create_dir(other.path().join("node")).expect("mkdir");
-        std::os::unix::fs::symlink(&outside, other.path().join("node/lock")).expect("link");
-        let err = NodeLock::acquire(other.path(), Duration::ZERO).err();
-        assert!(
-            matches!(
-                err,
-                Some(ConvergeError::Unsafe(
-                    crate::fsutil::SafeFileError::Symlink(_)
-                ))
-            ),
-            "{err:?}"
         );
     }
 }

@@ -10,7 +10,8 @@ use crate::xfrm::{Desired, Held, Inputs, Plan};
 
 use std::path::Path;
 
-use super::{phase_of, runtime, ConvergeError};
+use super::error::{phase_of, runtime, ConvergeError};
+use crate::state::NodeState;
 
 /// How a snapshot turned into a plan, for CHECK and `status` (no writes).
 #[derive(Debug, Clone)]
@@ -53,7 +54,11 @@ pub fn observe_snapshot(
     state_dir: &Path,
 ) -> Result<Observed, ConvergeError> {
     let held = Xfrm::open()?.held()?;
-    if let Some(why) = super::cluster::config_gone(&snapshot, state_dir, !held.is_empty()) {
+    if let Some(why) = super::cluster::config_gone(
+        &snapshot,
+        NodeState::peek_seen(state_dir).as_ref(),
+        !held.is_empty(),
+    ) {
         return Err(super::cluster::config_refused(why));
     }
     let mut snapshot = snapshot;

@@ -1,126 +1,37 @@
-//! The convergence record: a cache of the last convergence that needed no
-//! write, which lets the next one prove in one small etcd request and one
-//! kernel dump that it still holds (the ADD's no-op path).
+//! The ADD's fast path: the record of the last convergence that needed no
+//! write lets the next one prove, in one small etcd request and one kernel
+//! dump, that it still holds.
 //!
 //! After a convergence that wrote nothing to etcd, the node keeps a record
-//! (`<state_dir>/node/converged`, 0600, no secrets) of:
-//! - the [`Fingerprint`] of the snapshot it converged from (per etcd range
-//!   read: key count and newest modification revision, which change on any
-//!   put or delete);
+//! ([`Converged`], in [`crate::state`]; no secrets) of:
+//! - the [`Fingerprint`](crate::datastore::snapshot::Fingerprint) of the
+//!   snapshot it converged from (per etcd range read: key count and newest
+//!   modification revision, which change on any put or delete);
 //! - a digest of the desired states and policies, in exactly the terms
 //!   [`Plan::diff`](crate::xfrm::Plan::diff) compares them with the kernel;
 //! - the boot id, and the digest of the ledger it was made under.
 //!
-//! The next convergence first checks the boot id and the ledger's bytes, reads the
-//! fingerprint (keys only, one per range) and dumps the kernel. When all of
-//! them match, the desired state is unchanged and the kernel holds exactly
-//! it: nothing needs to change, so nothing is read or written. Any mismatch,
-//! and every failure, falls back to the full convergence, which removes the
-//! record before it starts and writes a new one only when it succeeds.
-
-use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+//! The next convergence first checks the boot id and the ledger's digest,
+//! reads the fingerprint (keys only, one per range) and dumps the kernel.
+//! When all of them match, the desired state is unchanged and the kernel
+//! holds exactly it: nothing needs to change, so nothing is read or
+//! written. Any mismatch, and every failure, falls back to the full
+//! convergence, which removes the record before it starts and writes a new
+//! one only when it succeeds.
 
 use std::time::Instant;
 
+use sha2::{Digest, Sha256};
+
+use super::error::{boot_id, ms, ConvergeError};
+use super::report::Report;
 use crate::clock::Stamp;
-use crate::config::PluginConfig;
-use crate::datastore::ipsec::Phase;
-use crate::datastore::snapshot::{self, Fingerprint};
+use crate::datastore::etcd::Etcd;
+use crate::datastore::ipsec::{IpsecStoreError, Phase};
+use crate::datastore::snapshot;
+use crate::state::{Converged, NodeState};
+use crate::xfrm::kernel::Xfrm;
 use crate::xfrm::{Desired, Held};
-
-use super::identity::{boot_id, Ledger};
-use super::{ms, ConvergeError, Report};
-
-/// The largest record or ledger read (a ledger lists at most a few
-/// thousand peers per epoch).
-pub const MAX_RECORD_BYTES: u64 = 16 * 1024 * 1024;
-
-/// The record's format; a record of another version is ignored.
-pub const VERSION: u32 = 2;
-
-/// The last convergence that needs no etcd write to stay valid.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Converged {
-    /// [`VERSION`].
-    pub version: u32,
-    /// This node.
-    pub node: String,
-    /// The phase converged to.
-    pub phase: Phase,
-    /// The kernel's boot id then ("" while the phase is off).
-    pub boot_id: String,
-    /// This node's id, once it has one.
-    pub id: Option<u16>,
-    /// The incarnation of the identity and of the ledger (0 while off).
-    pub incarnation: u32,
-    /// [`file_digest`] of the ledger then ("" while off).
-    pub ledger: String,
-    /// States desired.
-    pub states: usize,
-    /// Policies desired.
-    pub policies: usize,
-    /// The etcd revision of the snapshot.
-    pub revision: i64,
-    /// The snapshot's fingerprint.
-    pub fingerprint: Fingerprint,
-    /// [`desired_digest`] of the desired state.
-    pub digest: String,
-    /// What the pod MTU must fit (as [`crate::converge::Report::mtu`]).
-    #[serde(default)]
-    pub mtu: Vec<crate::mtu::MtuParams>,
-    /// When the newest etcd read that found this record true began (the
-    /// full read that made it, or a fast path's fingerprint since): a
-    /// request made before then is answered by it ([`coalesced`]).
-    #[serde(default)]
-    pub checked: Option<Stamp>,
-}
-
-impl Converged {
-    /// Where the record lives under the state directory.
-    pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("node").join("converged")
-    }
-
-    /// Reads the record; `None` when missing, unreadable or of another
-    /// version (each means: converge fully).
-    pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = match crate::fsutil::read_state(&Self::path(state_dir), MAX_RECORD_BYTES) {
-            Ok(b) => b?,
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring the convergence record");
-                return None;
-            }
-        };
-        match serde_json::from_slice::<Self>(&bytes) {
-            Ok(c) if c.version == VERSION => Some(c),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!(error = %e, "ignoring an unreadable convergence record");
-                None
-            }
-        }
-    }
-
-    /// Writes the record atomically, 0600 (its directory exists: the node
-    /// lock lives there).
-    pub fn save(&self, state_dir: &Path) -> io::Result<()> {
-        let body = serde_json::to_vec(self).map_err(io::Error::other)?;
-        crate::fsutil::write_atomic(&Self::path(state_dir), &body, 0o600)
-    }
-
-    /// Removes the record; a missing one is fine.
-    pub fn invalidate(state_dir: &Path) -> io::Result<()> {
-        match fs::remove_file(Self::path(state_dir)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-}
 
 /// A `Hasher` that feeds SHA-256, so that the `Hash` of the terms compared
 /// (in one binary: the record's version is bumped with the format) becomes
@@ -134,19 +45,6 @@ impl std::hash::Hasher for ShaHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
-    }
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The SHA-256 of a file's bytes; "" when it cannot be read. Comparing it
-/// with the record's is cheaper than parsing the file again.
-pub fn file_digest(path: &Path) -> String {
-    match crate::fsutil::read_state(path, MAX_RECORD_BYTES) {
-        Ok(Some(b)) => hex(&Sha256::digest(&b)),
-        _ => String::new(),
     }
 }
 
@@ -169,46 +67,64 @@ pub fn held_digest(held: &Held) -> String {
     for p in held.policies.values() {
         p.hash(&mut h);
     }
-    hex(&h.0.finalize())
+    h.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether the node-local facts of the last convergence still hold: the same
 /// boot, and a ledger of the same incarnation (otherwise the incarnation must
-/// change).
-pub(super) fn local_facts_hold(
-    cfg: &PluginConfig,
-    last: &Converged,
-) -> Result<bool, ConvergeError> {
+/// change). The record holds the digest of the ledger it was made with: the
+/// same bytes are the same incarnation and boot.
+fn local_facts_hold(state: &NodeState, last: &Converged) -> Result<bool, ConvergeError> {
     if last.phase == Phase::Off {
         return Ok(true);
     }
     if boot_id()? != last.boot_id {
         return Ok(false);
     }
-    // The record holds the digest of the ledger it was made with: the same
-    // bytes are the same incarnation and boot (no parse needed).
-    let ledger = file_digest(&Ledger::path(&cfg.state_dir));
-    Ok(!ledger.is_empty() && ledger == last.ledger)
+    Ok(!state.ledger_digest().is_empty() && state.ledger_digest() == last.ledger)
 }
 
 /// The fast path: a report when the last convergence still holds (etcd's
-/// fingerprint and the kernel's [`held_digest`] unchanged: nothing
-/// to do), `None` otherwise.
-pub(super) fn still_converged(
-    last: Converged,
-    fingerprint: snapshot::Fingerprint,
-    revision: i64,
-    kernel_digest: &str,
+/// fingerprint and the kernel's [`held_digest`] unchanged: nothing to do),
+/// `None` otherwise. The kernel dump runs on its own thread while etcd
+/// answers.
+pub(super) async fn unchanged(
+    etcd: &Etcd,
+    state: &mut NodeState,
+    node: &str,
     started: Instant,
-) -> Option<Report> {
+) -> Result<Option<Report>, ConvergeError> {
+    let Some(last) = state.converged().filter(|c| c.node == node).cloned() else {
+        return Ok(None);
+    };
+    if !local_facts_hold(state, &last)? {
+        return Ok(None);
+    }
+    let dump = std::thread::spawn(|| -> Result<String, ConvergeError> {
+        Ok(held_digest(&Xfrm::open()?.held()?))
+    });
+    let checking = Stamp::now();
+    let fingerprint = snapshot::fingerprint(etcd).await;
+    let kernel = dump
+        .join()
+        .map_err(|_| ConvergeError::Runtime(std::io::Error::other("the XFRM dump panicked")))??;
+    let (fingerprint, revision) = fingerprint.map_err(IpsecStoreError::from)?;
     if fingerprint != last.fingerprint {
         tracing::debug!("etcd changed since the last convergence");
-        return None;
+        return Ok(None);
     }
-    if !kernel_holds(&last, kernel_digest) {
-        return None;
+    if !kernel_holds(&last, &kernel) {
+        return Ok(None);
     }
-    Some(unchanged_report(last, revision, started))
+    // Requests queued behind this one may take its answer.
+    if checking.is_some() {
+        let mut record = last.clone();
+        record.checked = checking;
+        if let Err(e) = state.save_converged(record) {
+            tracing::warn!(error = %e, "cannot refresh the convergence record");
+        }
+    }
+    Ok(Some(unchanged_report(last, revision, started)))
 }
 
 fn kernel_holds(last: &Converged, kernel_digest: &str) -> bool {
@@ -228,23 +144,22 @@ fn kernel_holds(last: &Converged, kernel_digest: &str) -> bool {
 /// the request is answered without asking etcd again: what it would read
 /// is no newer than what that read saw. `None`: check etcd as usual.
 pub(super) fn coalesced(
-    cfg: &PluginConfig,
-    last: &Converged,
-    asked: &Stamp,
+    state: &NodeState,
+    node: &str,
+    asked: Option<&Stamp>,
     started: Instant,
 ) -> Result<Option<Report>, ConvergeError> {
-    if !vouches(last, asked) {
+    let Some(last) = state.converged().filter(|c| c.node == node) else {
+        return Ok(None);
+    };
+    if !asked.is_some_and(|a| vouches(last, a)) || !local_facts_hold(state, last)? {
         return Ok(None);
     }
-    if !local_facts_hold(cfg, last)? {
-        return Ok(None);
-    }
-    let kernel = held_digest(&crate::xfrm::kernel::Xfrm::open()?.held()?);
+    let kernel = held_digest(&Xfrm::open()?.held()?);
     if !kernel_holds(last, &kernel) {
         return Ok(None);
     }
-    let revision = last.revision;
-    let mut report = unchanged_report(last.clone(), revision, started);
+    let mut report = unchanged_report(last.clone(), last.revision, started);
     report.coalesced = true;
     Ok(Some(report))
 }
@@ -280,6 +195,7 @@ fn unchanged_report(last: Converged, revision: i64, started: Instant) -> Report 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::CONVERGED_VERSION;
     use crate::xfrm::{Action, Dir, Lane, Mode, Plan, PolicySpec, SaSpec, Selector, Template};
     use std::net::{IpAddr, Ipv4Addr};
 
@@ -465,7 +381,7 @@ mod tests {
     fn a_record_answers_only_requests_made_before_its_read_began() {
         let asked = Stamp::now().expect("a boot id and CLOCK_BOOTTIME");
         let mut c: Converged = serde_json::from_value(serde_json::json!({
-            "version": VERSION, "node": "node-1", "phase": "enforce", "boot_id": "b",
+            "version": CONVERGED_VERSION, "node": "node-1", "phase": "enforce", "boot_id": "b",
             "id": 1, "incarnation": 3, "ledger": "", "states": 2, "policies": 2,
             "revision": 7, "fingerprint": {"cluster_id": 0, "marks": []}, "digest": "d"
         }))
@@ -492,43 +408,5 @@ mod tests {
             !vouches(&c, &asked),
             "a stamp of another boot answers nothing"
         );
-    }
-
-    #[test]
-    fn record_round_trip_is_0600_and_invalidates() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        fs::create_dir_all(dir.path().join("node")).expect("mkdir");
-        assert_eq!(Converged::load(dir.path()), None);
-        Converged::invalidate(dir.path()).expect("nothing to remove is fine");
-        let c = Converged {
-            version: VERSION,
-            node: "node-1".into(),
-            phase: Phase::Enforce,
-            boot_id: "b".into(),
-            id: Some(1),
-            incarnation: 3,
-            ledger: String::new(),
-            states: 6,
-            policies: 6,
-            revision: 42,
-            fingerprint: Fingerprint::default(),
-            digest: desired_digest(&desired()),
-            mtu: vec![crate::mtu::MtuParams::default()],
-            checked: Stamp::now(),
-        };
-        c.save(dir.path()).expect("save");
-        assert_eq!(Converged::load(dir.path()), Some(c.clone()));
-        let mode = fs::metadata(Converged::path(dir.path()))
-            .expect("stat")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let mut old = c;
-        old.version = VERSION + 1;
-        old.save(dir.path()).expect("save");
-        assert_eq!(Converged::load(dir.path()), None, "another version");
-        Converged::invalidate(dir.path()).expect("remove");
-        assert!(!Converged::path(dir.path()).exists());
     }
 }

@@ -1,10 +1,15 @@
 //! What a convergence reports: to the ADD's log, the agent's status record
 //! and metrics, and `calico-ipsec converge`.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
+use super::error::{ms, phase_of};
 use crate::datastore::ipsec::Phase;
+use crate::datastore::snapshot::Snapshot;
 use crate::mtu::MtuParams;
+use crate::xfrm::Held;
 
 /// What a converge saw and did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -81,4 +86,43 @@ pub struct Report {
     pub kept_inbound: usize,
     /// Key-agreement epochs this node cannot use (its private key is gone).
     pub lost_epochs: Vec<u32>,
+}
+
+/// The report of a convergence that left the kernel as it was, and why.
+pub(super) fn kept(
+    node: String,
+    snap: &Snapshot,
+    held: &Held,
+    why: String,
+    started: Instant,
+    mtu: Vec<MtuParams>,
+) -> Report {
+    tracing::error!(node = %node, reason = %why, "cannot follow etcd; keeping the XFRM state this node holds");
+    let (phase, _) = phase_of(snap);
+    let me = snap.identities.get(&node);
+    // The epochs the kernel still holds (so that none is deleted under it);
+    // the phase generation stays 0, so nothing is acknowledged.
+    let mut installed: Vec<u32> = held
+        .states
+        .values()
+        .map(|s| (s.reqid & 0xffff).saturating_sub(1))
+        .collect();
+    installed.sort_unstable();
+    installed.dedup();
+    Report {
+        node,
+        phase,
+        id: me.map(|i| i.id),
+        incarnation: me.map_or(0, |i| i.incarnation),
+        states: held.states.len(),
+        policies: held.policies.len(),
+        revision: snap.revision,
+        millis: ms(started),
+        read_millis: ms(started),
+        installed_epochs: installed,
+        mtu,
+        stale: Some(why),
+        // No active epoch and phase generation 0: nothing is acknowledged.
+        ..Report::default()
+    }
 }

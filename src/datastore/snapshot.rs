@@ -72,7 +72,7 @@ pub struct Fingerprint {
 }
 
 /// What a node reads from etcd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Calico's nodes, pools, blocks and clusterGUID.
     pub topology: Topology,

@@ -21,8 +21,6 @@
 //! deleted and every node has removed its private key, nothing that
 //! remains opens a capture of that epoch.
 
-use std::path::{Path, PathBuf};
-
 use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -45,12 +43,6 @@ pub enum AgreementError {
     /// The system's random source failed.
     #[error("cannot draw random bytes for an epoch key pair: {0}")]
     Random(String),
-    /// A stored private key is not a P-256 scalar.
-    #[error("{path}: not a P-256 private key (remove it; a new pair is made and published)")]
-    BadPrivate {
-        /// The file.
-        path: PathBuf,
-    },
     /// A peer's public key is not a point on P-256.
     #[error("the public key of {node} for epoch {epoch} is not a P-256 point")]
     BadPublic {
@@ -58,20 +50,6 @@ pub enum AgreementError {
         node: String,
         /// The epoch.
         epoch: u32,
-    },
-    /// A key file is not a regular file of ours (a link, a FIFO, too big).
-    #[error(transparent)]
-    Unsafe(#[from] crate::fsutil::SafeFileError),
-    /// The key directory could not be read or written.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The failure.
-        #[source]
-        source: std::io::Error,
     },
 }
 
@@ -126,8 +104,8 @@ impl EpochKeyPair {
         &self.public
     }
 
-    /// The private scalar, for the key file only.
-    fn private_bytes(&self) -> Zeroizing<Vec<u8>> {
+    /// The private scalar (32 bytes, big-endian), for the key file only.
+    pub fn private_bytes(&self) -> Zeroizing<Vec<u8>> {
         Zeroizing::new(self.secret.to_bytes().to_vec())
     }
 
@@ -230,104 +208,6 @@ impl EpochSecret {
         let mut okm = Zeroizing::new(vec![0u8; super::sa_key_len(id.key_bits)?]);
         hk.expand(&info, &mut okm).ok()?;
         Some(SaKey(SecretBytes::new(okm.to_vec())))
-    }
-}
-
-/// Where a node keeps its epoch private keys: one 0600 file per epoch,
-/// `<dir>/<epoch>.key` (64 hex characters), on tmpfs, so that a reboot
-/// forgets them and a disk never holds them.
-#[derive(Debug, Clone)]
-pub struct KeyStore {
-    dir: PathBuf,
-}
-
-impl KeyStore {
-    /// A store in `dir` (created 0700 when first written).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-
-    fn path(&self, epoch: u32, tag: &str) -> PathBuf {
-        self.dir.join(format!("{epoch}-{tag}.key"))
-    }
-
-    fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgreementError {
-        let path = path.to_path_buf();
-        move |source| AgreementError::Io { op, path, source }
-    }
-
-    /// This node's stored pair for `epoch` (the instance `tag` names, see
-    /// [`file_tag`]), if it has one.
-    pub fn load(&self, epoch: u32, tag: &str) -> Result<Option<EpochKeyPair>, AgreementError> {
-        let path = self.path(epoch, tag);
-        let Some(text) = crate::fsutil::read_state(&path, 256)? else {
-            return Ok(None);
-        };
-        let text = Zeroizing::new(text);
-        let bytes = super::secret_from_hex(text.trim_ascii(), 32)
-            .ok_or_else(|| AgreementError::BadPrivate { path: path.clone() })?;
-        EpochKeyPair::from_private(&bytes)
-            .map(Some)
-            .ok_or(AgreementError::BadPrivate { path })
-    }
-
-    /// This node's pair for `epoch` (instance `tag`): the stored one, or a
-    /// new one, stored before it is returned so that a key is never
-    /// published unless kept. A stored pair is never replaced. The flag is
-    /// true for a new pair.
-    pub fn load_or_generate(
-        &self,
-        epoch: u32,
-        tag: &str,
-    ) -> Result<(EpochKeyPair, bool), AgreementError> {
-        if let Some(pair) = self.load(epoch, tag)? {
-            return Ok((pair, false));
-        }
-        let path = self.path(epoch, tag);
-        let pair = EpochKeyPair::generate()?;
-        crate::fsutil::private_dir(&self.dir)?;
-        let text = super::secret_hex(&pair.private_bytes(), 0);
-        crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
-            .map_err(Self::io("writing", &path))?;
-        Ok((pair, true))
-    }
-
-    /// Removes every private key file but those of the epoch instances in
-    /// `keep` and of the epoch numbers in `keep_any` (an epoch whose record
-    /// cannot be read keeps its files): a deleted epoch's key, or one of an
-    /// earlier epoch of the same number, must not outlive it (forward
-    /// secrecy). Returns the files' epochs removed.
-    pub fn retain(
-        &self,
-        keep: &std::collections::BTreeSet<(u32, String)>,
-        keep_any: &std::collections::BTreeSet<u32>,
-    ) -> Result<Vec<u32>, AgreementError> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Self::io("listing", &self.dir)(e)),
-        };
-        let mut removed = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(Self::io("listing", &self.dir))?;
-            let name = entry.file_name();
-            let Some((epoch, tag)) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".key"))
-                .and_then(|n| n.split_once('-'))
-                .and_then(|(e, t)| Some((e.parse::<u32>().ok()?, t.to_string())))
-            else {
-                continue;
-            };
-            if keep_any.contains(&epoch) || keep.contains(&(epoch, tag)) {
-                continue;
-            }
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(Self::io("removing", &path))?;
-            removed.push(epoch);
-        }
-        removed.sort_unstable();
-        Ok(removed)
     }
 }
 
@@ -475,44 +355,18 @@ mod tests {
     }
 
     #[test]
-    fn the_store_keeps_a_pair_0600_and_forgets_deleted_epochs() {
-        use std::collections::BTreeSet;
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = KeyStore::new(dir.path().join("agreement"));
-        assert!(store.load(3, "aa").expect("nothing yet").is_none());
-        let (first, new) = store.load_or_generate(3, "aa").expect("generate");
-        assert!(new);
-        let (again, new) = store.load_or_generate(3, "aa").expect("load");
-        assert!(!new, "a stored pair is never replaced");
+    fn a_pair_is_never_formatted_and_file_tags_differ_per_secret() {
+        let first = EpochKeyPair::generate().expect("generate");
+        let again = EpochKeyPair::from_private(&first.private_bytes()).expect("parse");
         assert_eq!(
             first.public(),
             again.public(),
-            "the same pair after a restart"
+            "the same pair from its bytes"
         );
-        let mode = std::fs::metadata(dir.path().join("agreement/3-aa.key"))
-            .expect("stat")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        // Epoch 3 made again under the same number: another file.
-        let (other, _) = store.load_or_generate(3, "bb").expect("generate");
-        assert_ne!(other.public(), first.public());
-        store.load_or_generate(4, "cc").expect("generate");
-        store.load_or_generate(5, "dd").expect("generate");
-        let keep: BTreeSet<(u32, String)> = [(3, "bb".to_string()), (4, "cc".to_string())].into();
-        let removed = store.retain(&keep, &[5].into()).expect("retain");
-        assert_eq!(removed, vec![3], "the earlier epoch 3's file");
-        assert!(store.load(3, "aa").expect("load").is_none());
         assert!(
-            store.load(5, "dd").expect("load").is_some(),
-            "an unreadable record keeps its files"
+            EpochKeyPair::from_private(&[0u8; 32]).is_none(),
+            "zero is no scalar"
         );
-        std::fs::write(dir.path().join("agreement/6-ee.key"), "zz").expect("write");
-        assert!(matches!(
-            store.load(6, "ee"),
-            Err(AgreementError::BadPrivate { .. })
-        ));
         assert!(!format!("{first:?}").contains(&hex(&first.private_bytes())));
         let s1 = EpochSecret::from_bytes(vec![1; 32]);
         assert_eq!(file_tag(&s1, 3).len(), 16);

@@ -34,13 +34,14 @@
 //! maintains; Kubernetes' knftables does the same), as one transaction that
 //! replaces the table: there is never a moment without a guard. The script
 //! is also kept in the state directory, so that after a reboot the guard is
-//! back before etcd is even asked ([`restore`]).
+//! back before etcd is even asked (`converge::guard::restore`, from the
+//! script that [`crate::state`] keeps).
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -59,10 +60,6 @@ pub const EXEMPT: [&str; 4] = ["lo", "tunl0", "vxlan.calico", "vxlan-v6.calico"]
 /// Where `nft` is looked for before `$PATH` (kubelet may run a plugin with
 /// an almost empty `$PATH`).
 const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
-/// The record of the last guard written, in the state directory's `node/`.
-const RECORD: &str = "guard";
-/// The last non-empty guard's script, in the state directory's `node/`.
-const SCRIPT: &str = "guard.nft";
 
 /// Why the guard could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -231,106 +228,23 @@ impl Guard {
         out.push_str("  }\n}\n");
         out
     }
-
-    /// Writes the guard unless the record in `state_dir` says this same
-    /// guard was written in this boot (and, with `reassert`, less than
-    /// [`REASSERT`] ago). Returns whether `nft` ran. The ADD passes no
-    /// `reassert`: it writes only a changed guard, so `nft` stays off a
-    /// pod's critical path.
-    pub fn sync(&self, state_dir: &Path, boot: &str, reassert: bool) -> Result<bool, GuardError> {
-        let script = self.script();
-        let digest = digest_of(&script);
-        // An empty guard, once removed, stays removed: it is not reasserted
-        // (a node in MTU-only mode runs no `nft` after the first time).
-        if recorded(state_dir).is_some_and(|r| {
-            r.digest == digest && r.boot == boot && (self.is_empty() || !reassert || fresh(r.at))
-        }) {
-            return Ok(false);
-        }
-        // Whatever happens, the old record no longer vouches for the table.
-        forget(state_dir);
-        // An empty guard on a node without `nft` is nothing to do (there is
-        // no table to remove).
-        if !(self.is_empty() && nft_binary().is_none()) {
-            match run_nft(&script) {
-                Ok(()) => {}
-                // Removing the table fails only where nftables cannot be
-                // used at all, and then there is no table: nothing is left.
-                Err(e) if self.is_empty() => {
-                    tracing::debug!(error = %e, "no nftables guard to remove");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        keep(state_dir, (!self.is_empty()).then_some(script.as_str()));
-        record(state_dir, &digest, boot);
-        Ok(true)
-    }
 }
 
-/// Keeps the script of a non-empty guard for [`restore`], or removes the
-/// kept one (a failure only means a reboot waits for etcd).
-fn keep(state_dir: &Path, script: Option<&str>) {
-    let path = state_dir.join("node").join(SCRIPT);
-    let kept = match script {
-        Some(s) => {
-            crate::fsutil::write_atomic(&path, s.as_bytes(), 0o600).map_err(|e| e.to_string())
-        }
-        None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
-            _ => Ok(()),
-        },
-    };
-    if let Err(e) = kept {
-        tracing::warn!(error = %e, "cannot keep the catch-all's script; after a reboot it is back only once etcd is read");
-    }
-}
-
-/// Records the guard whose script has `digest` as written now, in `boot`
-/// (a failure only means it is written again next time).
-fn record(state_dir: &Path, digest: &str, boot: &str) {
-    let body = format!("{digest} {} {boot}\n", now());
-    if let Err(e) = crate::fsutil::write_atomic(&record_path(state_dir), body.as_bytes(), 0o600) {
-        tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
-    }
-}
-
-fn digest_of(script: &str) -> String {
+/// The SHA-256 of a script, in hex: what a guard's mark records.
+pub fn digest_of(script: &str) -> String {
     Sha256::digest(script.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>()
 }
 
-/// Puts the last guard written back when this boot has not written it yet
-/// (a reboot emptied nftables), or always with `force` (the agent's start:
-/// the table may have gone without a reboot, and replacing it with the same
-/// one costs one `nft` run): before etcd is read, so that a node that
-/// enforced encryption never starts in clear. `boot` is the kernel's boot
-/// id. Returns whether `nft` ran.
-pub fn restore(state_dir: &Path, boot: &str, force: bool) -> Result<bool, GuardError> {
-    if !force && recorded(state_dir).is_some_and(|r| r.boot == boot) {
-        return Ok(false);
-    }
-    let path = state_dir.join("node").join(SCRIPT);
-    let script = match crate::fsutil::read_state(&path, 1 << 20) {
-        Ok(Some(raw)) => String::from_utf8_lossy(&raw).into_owned(),
-        _ => return Ok(false),
-    };
-    if !script.starts_with(&format!("table inet {TABLE} {{}}\n")) {
-        tracing::warn!(path = %path.display(), "the kept catch-all script is not one of ours; not restored");
-        return Ok(false);
-    }
-    run_nft(&script)?;
-    // This boot now holds it: the next ADD need not restore it again.
-    record(state_dir, &digest_of(&script), boot);
-    tracing::warn!(
-        "restored the nftables catch-all kept from before this boot; etcd decides what follows"
-    );
-    Ok(true)
+/// Whether a kept script is one of ours (it starts by declaring our table).
+pub fn is_ours(script: &str) -> bool {
+    script.starts_with(&format!("table inet {TABLE} {{}}\n"))
 }
 
-fn run_nft(script: &str) -> Result<(), GuardError> {
+/// Runs `nft -f -` with the script.
+pub fn run_nft(script: &str) -> Result<(), GuardError> {
     let Some(nft) = nft_binary() else {
         return Err(GuardError::NoNft);
     };
@@ -361,44 +275,6 @@ fn run_nft(script: &str) -> Result<(), GuardError> {
             .collect::<String>()
             .escape_debug()
             .to_string(),
-    })
-}
-
-/// Forgets the last guard written, so the next [`Guard::sync`] writes it.
-pub fn forget(state_dir: &Path) {
-    let _ = std::fs::remove_file(record_path(state_dir));
-}
-
-fn record_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("node").join(RECORD)
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn fresh(at: u64) -> bool {
-    let n = now();
-    at <= n && n - at < REASSERT.as_secs()
-}
-
-/// What the record says: the digest written, when, and in which boot.
-struct Record {
-    digest: String,
-    at: u64,
-    boot: String,
-}
-
-fn recorded(state_dir: &Path) -> Option<Record> {
-    let raw = crate::fsutil::read_state(&record_path(state_dir), 512).ok()??;
-    let text = String::from_utf8(raw).ok()?;
-    let mut it = text.split_whitespace();
-    Some(Record {
-        digest: it.next()?.to_string(),
-        at: it.next()?.parse().ok()?,
-        boot: it.next().unwrap_or_default().to_string(),
     })
 }
 
@@ -502,38 +378,5 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("l4proto 4"), "no IPIP pool: {s}");
-    }
-
-    #[test]
-    fn the_record_skips_an_unchanged_guard_until_it_must_be_reasserted() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("node")).unwrap();
-        let boot = "boot-1".to_string();
-        let g = Guard::default();
-        let write = |g: &Guard, at: u64, boot: &str| {
-            std::fs::write(
-                record_path(dir.path()),
-                format!("{} {at} {boot}\n", g.digest()),
-            )
-            .unwrap()
-        };
-        // An empty guard written in this boot is nothing to do, even when
-        // its record is old: it is not reasserted.
-        write(&g, now() - REASSERT.as_secs(), &boot);
-        assert!(!g.sync(dir.path(), &boot, true).unwrap());
-        // A full guard: the ADD (no reassert) skips it in this boot; the
-        // agent reasserts an old one; a record of another boot vouches for
-        // nothing.
-        let full = Guard::of(
-            Phase::Encrypt,
-            &topology(EncapMode::Always, EncapMode::Never),
-        );
-        write(&full, now() - REASSERT.as_secs(), &boot);
-        let r = recorded(dir.path()).unwrap();
-        assert!(r.digest == full.digest() && r.boot == boot && !fresh(r.at));
-        write(&full, now(), "another-boot");
-        assert!(recorded(dir.path()).is_some_and(|r| r.boot != boot));
-        // Nothing kept, nothing restored.
-        assert!(!restore(dir.path(), "boot-2", true).unwrap_or(true));
     }
 }

@@ -16,33 +16,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::{io_err, StateError};
 use crate::fsutil::{self, Links, SafeFileError};
 
 use serde::{Deserialize, Serialize};
-
-/// A state-directory failure, naming the path.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    /// Reading, writing or listing failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// A state file exists but is not ours or is damaged.
-    #[error("state file {path} is unusable: {reason}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// Why it could not be read.
-        reason: String,
-    },
-}
 
 /// What ADD changed on one attachment, so DEL can put it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,11 +45,6 @@ pub type Listed = (PathBuf, Result<Backup, StateError>);
 #[derive(Debug, Clone)]
 pub struct StateDir {
     dir: PathBuf,
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
-    let path = path.to_path_buf();
-    move |source| StateError::Io { op, path, source }
 }
 
 impl StateDir {

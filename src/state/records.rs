@@ -1,0 +1,228 @@
+//! The records a node keeps about itself: what they hold and how each is
+//! read. Writing them is [`super::NodeState`]'s.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{digest, MAX_RECORD_BYTES};
+use crate::clock::Stamp;
+use crate::datastore::ipsec::Phase;
+use crate::datastore::snapshot::Fingerprint;
+use crate::fsutil;
+
+/// The convergence record's file under `<state_dir>/node`.
+pub(super) const CONVERGED: &str = "converged";
+/// The ledger's file.
+pub(super) const LEDGER: &str = "ledger";
+/// The file that says this node has seen the cluster initialised.
+pub(super) const SEEN: &str = "cluster";
+/// The guard's mark.
+pub(super) const GUARD: &str = "guard";
+
+/// The convergence record's format; a record of another version is ignored.
+pub const CONVERGED_VERSION: u32 = 2;
+
+/// The last convergence that needs no etcd write to stay valid (see
+/// `converge::record` for how it is used).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Converged {
+    /// [`CONVERGED_VERSION`].
+    pub version: u32,
+    /// This node.
+    pub node: String,
+    /// The phase converged to.
+    pub phase: Phase,
+    /// The kernel's boot id then ("" while the phase is off).
+    pub boot_id: String,
+    /// This node's id, once it has one.
+    pub id: Option<u16>,
+    /// The incarnation of the identity and of the ledger (0 while off).
+    pub incarnation: u32,
+    /// The ledger's digest then ("" while off).
+    pub ledger: String,
+    /// States desired.
+    pub states: usize,
+    /// Policies desired.
+    pub policies: usize,
+    /// The etcd revision of the snapshot.
+    pub revision: i64,
+    /// The snapshot's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The digest of the desired state, in the terms the plan compares.
+    pub digest: String,
+    /// What the pod MTU must fit.
+    #[serde(default)]
+    pub mtu: Vec<crate::mtu::MtuParams>,
+    /// When the newest etcd read that found this record true began: a
+    /// request made before then is answered by it.
+    #[serde(default)]
+    pub checked: Option<Stamp>,
+}
+
+/// Reads the record; `None` when missing, unreadable or of another version
+/// (each means: converge fully).
+pub(super) fn read_converged(path: &Path) -> Option<Converged> {
+    let bytes = match fsutil::read_state(path, MAX_RECORD_BYTES) {
+        Ok(b) => b?,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the convergence record");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Converged>(&bytes) {
+        Ok(c) if c.version == CONVERGED_VERSION => Some(c),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring an unreadable convergence record");
+            None
+        }
+    }
+}
+
+/// The outbound SAs created in the current incarnation (names, no keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// The boot id it belongs to.
+    pub boot_id: String,
+    /// The incarnation it belongs to.
+    pub incarnation: u32,
+    /// "epoch/peer" of every outbound SA created.
+    pub sent: BTreeSet<String>,
+}
+
+impl Ledger {
+    /// An empty ledger for a new incarnation.
+    pub fn fresh(boot_id: &str, incarnation: u32) -> Self {
+        Self {
+            boot_id: boot_id.to_string(),
+            incarnation,
+            sent: BTreeSet::new(),
+        }
+    }
+
+    /// "epoch/peer" for lane 0 (IPv4 transport), "epoch/peer/lane" for the others.
+    pub fn entry(epoch: u32, peer: &str, lane: u8) -> String {
+        match lane {
+            0 => format!("{epoch}/{peer}"),
+            n => format!("{epoch}/{peer}/{n}"),
+        }
+    }
+
+    /// The epoch an entry names.
+    pub fn epoch_of(entry: &str) -> Option<u32> {
+        entry.split('/').next()?.parse().ok()
+    }
+}
+
+/// Reads the ledger and the digest of its bytes; `None` when missing or
+/// unreadable (both mean the history is unknown, which a new incarnation
+/// settles).
+pub(super) fn read_ledger(path: &Path) -> (Option<Ledger>, String) {
+    let bytes = match fsutil::read_state(path, MAX_RECORD_BYTES) {
+        Ok(Some(b)) => b,
+        Ok(None) => return (None, String::new()),
+        Err(e) => {
+            tracing::warn!(error = %e, "the SA ledger is unusable; a new incarnation will be published");
+            return (None, String::new());
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(l) => (Some(l), digest(&bytes)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the SA ledger is unreadable; a new incarnation will be published");
+            (None, String::new())
+        }
+    }
+}
+
+/// This node has seen the cluster initialised (so a missing config record
+/// is never read as "off").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// Calico's clusterGUID at the time.
+    pub cluster_guid: String,
+    /// The highest phase generation converged on.
+    pub phase_generation: u64,
+}
+
+impl Seen {
+    /// What this node remembers (`None`: never initialised, or disabled
+    /// since). A record that cannot be read counts as seen: refusing is the
+    /// safe side.
+    pub(super) fn read(dir: &Path) -> Option<Self> {
+        let read = fsutil::read_state(&dir.join(SEEN), 4096);
+        if matches!(read, Ok(None)) {
+            return None;
+        }
+        Some(
+            read.ok()
+                .flatten()
+                .and_then(|raw| serde_json::from_slice(&raw).ok())
+                .unwrap_or(Seen {
+                    cluster_guid: "(unreadable record)".into(),
+                    phase_generation: 0,
+                }),
+        )
+    }
+
+    /// Why a convergence is refused while the config record is missing.
+    pub fn missing_reason(&self) -> String {
+        format!(
+            "the record is missing, but this node has seen the cluster initialised (clusterGUID {}, phase generation {}), so encryption may be required: restore the record (etcd backup, or `calico-ipsec keys init` then `enable`); to turn encryption off, run `calico-ipsec disable` before removing anything",
+            self.cluster_guid.escape_debug(),
+            self.phase_generation
+        )
+    }
+}
+
+/// The catch-all last written: its script's digest, when, and in which boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardMark {
+    /// The SHA-256 of the script `nft` ran.
+    pub digest: String,
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+    /// The kernel's boot id then.
+    pub boot: String,
+}
+
+impl GuardMark {
+    /// A mark for a script written now in `boot`.
+    pub fn now(digest: String, boot: &str) -> Self {
+        Self {
+            digest,
+            at: now(),
+            boot: boot.to_string(),
+        }
+    }
+
+    /// Whether it was written less than `within` ago.
+    pub fn fresh(&self, within: std::time::Duration) -> bool {
+        let n = now();
+        self.at <= n && n - self.at < within.as_secs()
+    }
+
+    pub(super) fn line(&self) -> String {
+        format!("{} {} {}\n", self.digest, self.at, self.boot)
+    }
+
+    pub(super) fn read(dir: &Path) -> Option<Self> {
+        let raw = fsutil::read_state(&dir.join(GUARD), 512).ok()??;
+        let text = String::from_utf8(raw).ok()?;
+        let mut it = text.split_whitespace();
+        Some(Self {
+            digest: it.next()?.to_string(),
+            at: it.next()?.parse().ok()?,
+            boot: it.next().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
