@@ -28,7 +28,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build dist deps lint unit podman e2e test demo bench fuzz clean validate-manifests image
+.PHONY: all build dist deps lint unit podman e2e test demo demo-run bench fuzz clean validate-manifests image
 
 all: build
 
@@ -40,23 +40,24 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## build: the host release binary, $(HOST_BIN) (tests, benches), the CNI client
-## the VM suites drive the chain with (examples/cni_client.rs), and the
-## shipped static binary, $(BIN). Where the musl target cannot be installed
-## (rustup cannot reach its server), the VM runs the host build, with a warning.
+## build: one cargo run: the shipped static binary, $(BIN), and the CNI
+## client the VM suites drive the chain with (examples/cni_client.rs), beside
+## it. The VM suites, the demo, podman and the benchmarks all run that binary.
+## Where the musl target cannot be installed (rustup cannot reach its
+## server), the host release build $(HOST_BIN) stands in, with a warning.
 build:
-	$(CARGO) build --release --locked
-	$(CARGO) build --release --locked --example cni_client
 	@rm -f $(BIN)
-	@$(MAKE) --no-print-directory dist || echo "WARNING: the shipped static binary \
-	could not be built (see above); the VM suites, demo and bench run the host build $(HOST_BIN)" >&2
+	@$(MAKE) --no-print-directory dist DIST_EXTRA="--example cni_client" || { \
+	echo "WARNING: the shipped static binary could not be built (see above); \
+	the VM suites, demo and bench run the host build $(HOST_BIN)" >&2; \
+	$(CARGO) build --release --locked --bin calico-ipsec --example cni_client; }
 
 ## dist: the shipped binary, static (musl, static-pie), as install/Dockerfile builds it.
 dist:
 	@rustup target list --installed | grep -qx $(MUSL) || rustup target add $(MUSL)
 	CC_x86_64_unknown_linux_musl=musl-gcc \
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build --release --locked --target $(MUSL)
+		$(CARGO) build --release --locked --target $(MUSL) --bin calico-ipsec $(DIST_EXTRA)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -98,7 +99,11 @@ test:
 
 ## demo: the main job: a three-node cluster in the VM, pods through [ptp, calico-ipsec],
 ## `calico-ipsec status`, and ESP on the wire while pods ping.
-demo: deps build
+## Each step says when it starts, and the durations come at the end.
+demo:
+	@tests/stages.sh deps build demo-run
+
+demo-run:
 	CALICO_IPSEC=$(VM_BIN) tests/e2e/vm.sh tests/e2e/demo.sh
 
 ## bench: ADD latency against tuning; 5,000-node datastore read against etcdctl; ADD

@@ -8,7 +8,7 @@ names=() secs=()
 start=$SECONDS rc=0
 for t in "$@"; do
     s=$SECONDS
-    echo "=== stage $t"
+    echo "=== stage $t (started at $((SECONDS - start)) s)"
     make --no-print-directory "$t" || rc=$?
     names+=("$t") secs+=($((SECONDS - s)))
     ((rc == 0)) || { echo "=== stage $t failed (exit $rc)"; break; }

@@ -106,7 +106,7 @@ pub fn borrowed(key: &str, raw: &[u8]) -> Result<Vec<Borrowed>, String> {
         if owner.as_deref() == Some(node) {
             continue;
         }
-        if !super::calico::valid_node_name(node) {
+        if node.is_empty() || crate::config::validate_nodename(node).is_err() {
             return Err(format!(
                 "attributes[{attr}].secondary.node {:?} is not a node name",
                 node.escape_debug().to_string()

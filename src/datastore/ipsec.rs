@@ -196,19 +196,21 @@ impl<'a> IpsecStore<'a> {
         kek: &Kek,
         change: CipherChange,
     ) -> Result<EpochRecord, IpsecStoreError> {
-        self.add_pending_epoch_if(kek, change, None)
+        self.add_pending_epoch_if(kek, change, &[])
             .await?
             .ok_or_else(|| IpsecStoreError::Contended("adding an epoch".into()))
     }
 
     /// Adds the next epoch as pending, only while every comparison in
-    /// `fence` holds (the manager's leadership); `None` when one does not.
+    /// `fence` holds (the manager's leadership, see
+    /// `leader::Fence::add_pending_epoch`; none: unfenced); `None` when one
+    /// does not.
     /// Its cipher is the newest epoch's, changed by `change`.
     pub async fn add_pending_epoch_if(
         &self,
         kek: &Kek,
         change: CipherChange,
-        fence: Option<&super::leader::Fence>,
+        fence: &[etcd_client::Compare],
     ) -> Result<Option<EpochRecord>, IpsecStoreError> {
         let Some(config) = self.config().await? else {
             return Err(IpsecStoreError::NotInitialised(config_key()));
@@ -254,14 +256,14 @@ impl<'a> IpsecStore<'a> {
                 etcd_client::CompareOp::Equal,
                 0,
             )];
-            cmp.extend(fence.map(|f| f.compares()).unwrap_or_default());
+            cmp.extend(fence.iter().cloned());
             let txn = etcd_client::Txn::new()
                 .when(cmp)
                 .and_then([etcd_client::TxnOp::put(key.as_str(), encode(&rec), None)]);
             if self.etcd.txn(&format!("create {key}"), txn).await? {
                 return Ok(Some(rec));
             }
-            if fence.is_some() {
+            if !fence.is_empty() {
                 // Lost the fence (leadership) or raced another writer: the
                 // caller decides.
                 return Ok(None);

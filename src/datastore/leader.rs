@@ -36,6 +36,19 @@ impl Fence {
         )]
     }
 
+    /// Adds the next epoch as pending while this leadership holds; `None`
+    /// when it does not.
+    pub async fn add_pending_epoch(
+        &self,
+        store: &IpsecStore<'_>,
+        kek: &crate::keys::Kek,
+        change: super::ipsec::CipherChange,
+    ) -> Result<Option<EpochRecord>, IpsecStoreError> {
+        store
+            .add_pending_epoch_if(kek, change, &self.compares())
+            .await
+    }
+
     fn txn(&self, extra: impl IntoIterator<Item = Compare>, ops: Vec<TxnOp>) -> Txn {
         let mut cmp = self.compares();
         cmp.extend(extra);

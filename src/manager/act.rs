@@ -164,8 +164,8 @@ pub(super) async fn tick(
                     )));
                 }
             };
-            let added = IpsecStore::new(etcd)
-                .add_pending_epoch_if(&kek, CipherChange::default(), Some(fence))
+            let added = fence
+                .add_pending_epoch(&IpsecStore::new(etcd), &kek, CipherChange::default())
                 .await?;
             if let Some(rec) = &added {
                 tracing::info!(epoch = rec.epoch, "rotation: added a pending epoch");

@@ -386,7 +386,12 @@ etcd_load_fixture() {
 
 CNI_CONFLIST_DIR=${CNI_CONFLIST_DIR:-/tmp/e2e-cni}
 CNI_BIN_PATH=${CNI_BIN_PATH:-/usr/lib/cni}
-CNI_CLIENT=${CNI_CLIENT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/release/examples/cni_client}
+# The client built with the binary under test (make build builds both in
+# one cargo run), else the host release build's.
+if [[ -z ${CNI_CLIENT:-} ]]; then
+    CNI_CLIENT=$(dirname "${CALICO_IPSEC:-/nonexistent/x}")/examples/cni_client
+    [[ -x $CNI_CLIENT ]] || CNI_CLIENT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/release/examples/cni_client
+fi
 
 # cni_run VERB NODE POD: VERB through NODE's list (or CNI_LIST's, when set:
 # another conflist for the same node) for namespace e2e-POD. Prints the
