@@ -146,6 +146,10 @@ pub struct PluginConfig {
     pub log_file: PathBuf,
     /// `log_level`.
     pub log_level: LogLevel,
+    /// `log_file_max_size` (MiB) and `log_file_max_count`, as Calico's plugin
+    /// names them: when the log reaches the size, it becomes `<file>.1` and
+    /// older ones shift up to the count.
+    pub log_rotation: LogRotation,
     /// `state_dir`: per-attachment MTU backups, and under `node/` the node
     /// lock, the incarnation ledger, the convergence record, the guard's
     /// record and the etcd member hint.
@@ -161,6 +165,23 @@ pub struct PluginConfig {
     pub mtu_iface_pattern: IfacePattern,
     /// `etcd_timeout_ms`: bound on connecting to etcd and on each request.
     pub etcd_timeout: std::time::Duration,
+}
+
+/// When the plugin's log file is rotated, and how many old ones are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRotation {
+    /// The size, in MiB, at which the file is rotated.
+    pub max_mib: u64,
+    /// How many rotated files are kept (`<file>.1` is the newest).
+    pub keep: u64,
+}
+
+impl LogRotation {
+    /// Calico's defaults: 100 MiB, 10 files.
+    pub const DEFAULT: LogRotation = LogRotation {
+        max_mib: 100,
+        keep: 10,
+    };
 }
 
 /// Typed, field-naming access to a JSON object.
@@ -215,6 +236,26 @@ impl<'a> Fields<'a> {
                 field,
                 format!("must be a number, not {}", json_kind(other)),
             )),
+        }
+    }
+
+    /// A whole number within `range`, in `unit`.
+    fn uint_within(
+        &self,
+        field: &'static str,
+        range: std::ops::RangeInclusive<u64>,
+        unit: &str,
+    ) -> Result<Option<u64>, ConfigError> {
+        match self.uint(field)? {
+            Some(n) if !range.contains(&n) => Err(invalid(
+                field,
+                format!(
+                    "must be between {} and {} {unit}, not {n}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+            n => Ok(n),
         }
     }
 
@@ -352,7 +393,17 @@ impl PluginConfig {
             }
         };
 
+        let log_rotation = LogRotation {
+            max_mib: f
+                .uint_within("log_file_max_size", 1..=10_240, "MiB")?
+                .unwrap_or(LogRotation::DEFAULT.max_mib),
+            keep: f
+                .uint_within("log_file_max_count", 1..=100, "files")?
+                .unwrap_or(LogRotation::DEFAULT.keep),
+        };
+
         Ok(PluginConfig {
+            log_rotation,
             etcd_timeout,
             etcd,
             nodename,

@@ -465,7 +465,17 @@ fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
     status.kek = new_k.fingerprint();
     rt.block_on(store.put_status("node-1", &status, lease))
         .expect("status");
-    ok(&["keys", "rotate-kek", "--finish", "--kek-file", new_s]);
+    // `--kek-file` is the current KEK, as in every subcommand; the KEK kept
+    // is `--new-kek-file`.
+    ok(&[
+        "keys",
+        "rotate-kek",
+        "--finish",
+        "--kek-file",
+        old_s,
+        "--new-kek-file",
+        new_s,
+    ]);
     for e in rt.block_on(store.epochs()).expect("epochs") {
         assert!(
             e.open(&new_k).is_ok(),

@@ -10,7 +10,7 @@ use clap::Args;
 use super::{CliError, EtcdArgs};
 use crate::config::{ConfigError, PluginConfig, DEFAULT_KEK_FILE};
 use crate::datastore::etcd::Etcd;
-use crate::datastore::ipsec::{IpsecStore, Phase};
+use crate::datastore::ipsec::{IpsecStore, IpsecStoreError, Phase};
 
 /// Arguments of `calico-ipsec agent`.
 #[derive(Debug, Args)]
@@ -196,15 +196,45 @@ pub fn exec_phase(args: &PhaseArgs, target: Phase, out: &mut dyn Write) -> Resul
     })
 }
 
+/// Whether a failed read is etcd being slow or away, which a wait rides
+/// out until its own timeout, rather than an answer.
+fn passing(e: &IpsecStoreError) -> bool {
+    matches!(e, IpsecStoreError::Etcd(_))
+}
+
 /// Waits until the phase reaches the target, printing what the manager
-/// says it waits for whenever that changes; on timeout, fails with it.
+/// says it waits for whenever that changes; on timeout, fails with it. A
+/// slow or failed etcd read is reported once and ridden out until the
+/// timeout (the cluster goes on moving meanwhile).
 async fn wait_for_target(etcd: &Etcd, timeout: u64, out: &mut dyn Write) -> Result<(), CliError> {
     let name = |p: Phase| format!("{p:?}").to_lowercase();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let mut said = String::new();
     let mut asked = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut failing: Option<String> = None;
     loop {
-        let cfg = crate::manager::wait_for_phase(etcd, Duration::ZERO).await?;
+        let cfg = match crate::manager::wait_for_phase(etcd, Duration::ZERO).await {
+            Ok(cfg) => {
+                if failing.take().is_some() {
+                    writeln!(out, "etcd answers again")?;
+                }
+                cfg
+            }
+            Err(e) if passing(&e) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(CliError::Io(std::io::Error::other(format!(
+                        "no answer from etcd at the end of the {timeout}s wait: {e}"
+                    ))));
+                }
+                if failing.is_none() {
+                    writeln!(out, "etcd read failed ({e}); still waiting")?;
+                }
+                failing = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         if cfg.phase == cfg.target_phase {
             writeln!(out, "phase {} reached", name(cfg.phase))?;
             return Ok(());
@@ -212,7 +242,14 @@ async fn wait_for_target(etcd: &Etcd, timeout: u64, out: &mut dyn Write) -> Resu
         let now = tokio::time::Instant::now();
         if now >= asked || now >= deadline {
             asked = now + Duration::from_secs(2);
-            let why = crate::manager::explain(etcd).await?;
+            let why = match crate::manager::explain(etcd).await {
+                Ok(why) => why,
+                Err(e) if passing(&e) && now < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if now >= deadline {
                 return Err(CliError::Io(std::io::Error::other(format!(
                     "the cluster is still at phase {} after {timeout}s: {why}",

@@ -7,7 +7,7 @@
 //! 2. The operator replaces the KEK Secret's content; kubelet updates the
 //!    mounted file on each node, and each agent reports the new fingerprint
 //!    in its status within a heartbeat.
-//! 3. `--finish --kek-file F`: once every live node reports the new KEK,
+//! 3. `--finish --new-kek-file F`: once every live node reports the new KEK,
 //!    the old sealing is dropped (each epoch sealed afresh under the new).
 
 use std::io::Write;
@@ -26,10 +26,11 @@ pub async fn exec(
     force: bool,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let kek = Kek::load(kek_file)?;
     if finish {
-        return finish_rotation(store, &kek, force, out).await;
+        let kept = Kek::load(new_kek_file.unwrap_or(kek_file))?;
+        return finish_rotation(store, &kept, force, out).await;
     }
+    let kek = Kek::load(kek_file)?;
     let Some(new_file) = new_kek_file else {
         return Err(CliError::Refused(
             "give --new-kek-file (start) or --finish (end)".into(),
@@ -60,7 +61,7 @@ pub async fn exec(
     writeln!(
         out,
         "next: put {} in the KEK Secret (nodes and manager), then run \
-         `calico-ipsec keys rotate-kek --finish --kek-file {}`: it names the nodes \
+         `calico-ipsec keys rotate-kek --finish --new-kek-file {}`: it names the nodes \
          not yet on KEK {}, and changes nothing until there are none",
         new_file.display(),
         new_file.display(),

@@ -62,15 +62,18 @@ pub enum KeysCommand {
         agreement: Option<bool>,
     },
     /// Change the KEK without an outage: seal every epoch under a new KEK
-    /// beside the current one; after every node holds the new KEK file,
-    /// `--finish` (with `--kek-file` naming the new KEK) drops the old.
+    /// (`--new-kek-file`) beside the current one (`--kek-file`); after every
+    /// node holds the new KEK file, the same command with `--finish` drops
+    /// the old. `--kek-file` is the current KEK here as everywhere else.
     RotateKek {
-        /// The new KEK file: read if it exists, otherwise written (0600).
+        /// The new KEK file: read if it exists, otherwise written (0600). With
+        /// `--finish`, the KEK to keep (when absent, the `--kek-file`, for a
+        /// caller whose KEK file already holds the new KEK).
         #[arg(long, required_unless_present = "finish")]
         new_kek_file: Option<PathBuf>,
-        /// End the rotation: keep only the sealing under `--kek-file`, once
-        /// every live node reports that KEK.
-        #[arg(long, conflicts_with = "new_kek_file")]
+        /// End the rotation: keep only the sealing under the new KEK, once
+        /// every live node reports it.
+        #[arg(long)]
         finish: bool,
         /// With `--finish`: do not wait for the nodes (those still on the old
         /// KEK can no longer open the epochs, and keep their SAs as they are).

@@ -1,7 +1,7 @@
 //! DEL: put back what ADD changed. Idempotent, and it never fails: libcni
 //! runs DEL in reverse chain order and stops at the first failure, and our
-//! entry is last, so a failing DEL here would keep every earlier plugin from
-//! releasing what it holds (pod IPs). A missing namespace, interface or
+//! entry sits right after calico's, so a failing DEL here would keep calico
+//! and every plugin before it from releasing what it holds (pod IPs). A missing namespace, interface or
 //! backup is success; any other problem is logged and left for the operator
 //! (and GC), never returned.
 

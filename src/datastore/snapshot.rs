@@ -1,6 +1,7 @@
 //! One consistent read of everything a node needs: Calico's topology and our
-//! config and epochs. The CNI plugin and (later) the agent build their
-//! desired state from a snapshot.
+//! config, epochs, identities and public keys. The CNI plugin reads one per
+//! full convergence; the agent keeps one up to date from its watch. Both
+//! build their desired state from it.
 
 use super::calico::{Topology, IPAM_HOSTS, RESOURCES};
 use super::etcd::{Etcd, EtcdError, EtcdSettings, Kv, Mark, Range};

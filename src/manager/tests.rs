@@ -132,7 +132,8 @@ fn a_phase_advances_only_when_every_live_node_acknowledged_it() {
         e.clone(),
         vec![node(Phase::Accept, 1, &[1], Some(1))],
     );
-    assert!(matches!(decide(&old_gen), Action::Wait(_)));
+    let why = waits(&old_gen);
+    assert!(why.contains("acknowledge Accept: node-1"), "{why}");
     let all = view(
         Phase::Accept,
         Phase::Enforce,
@@ -175,7 +176,8 @@ fn no_live_node_means_no_step() {
         vec![epoch(1, EpochState::Active, None)],
         vec![],
     );
-    assert!(matches!(decide(&v), Action::Wait(_)));
+    let why = waits(&v);
+    assert!(why.contains("no node agent is alive"), "{why}");
 }
 
 #[test]
@@ -241,7 +243,8 @@ fn rotation_activates_when_installed_everywhere_then_retires_after_overlap_then_
         retired.clone(),
         vec![node(p, 3, &[2], Some(2)), node(p, 3, &[1, 2], Some(2))],
     );
-    assert!(matches!(decide(&v), Action::Wait(_)));
+    let why = waits(&v);
+    assert!(why.contains("epoch Some(2)"), "{why}");
     let v = view(p, p, 3, retired, vec![node(p, 3, &[2], Some(2)); 2]);
     assert_eq!(decide(&v), Action::Delete(1));
 }
@@ -275,7 +278,8 @@ fn scheduled_rotation_adds_an_epoch_when_the_newest_is_old() {
     v.config.0.rotation_interval_seconds = 500;
     assert_eq!(decide(&v), Action::Rotate);
     v.config.0.rotation_interval_seconds = 5000;
-    assert!(matches!(decide(&v), Action::Wait(_)));
+    let why = waits(&v);
+    assert!(why.contains("steady"), "{why}");
     // While the KEK changes (an epoch sealed under two), no rotation.
     v.config.0.rotation_interval_seconds = 500;
     v.epochs[0]
@@ -358,5 +362,14 @@ fn a_node_that_lost_its_epoch_key_brings_a_new_epoch_at_once() {
         vec![epoch(1, EpochState::Active, Some(1000))],
         vec![node(Enforce, 0, &[1], Some(1))],
     );
-    assert!(matches!(decide(&v), Action::Wait(_)));
+    let why = waits(&v);
+    assert!(why.contains("steady"), "{why}");
+}
+
+/// The reason of a `Wait`, or a failure naming the action taken instead.
+fn waits(v: &View) -> String {
+    match decide(v) {
+        Action::Wait(why) => why,
+        other => panic!("expected a wait, got {other:?}"),
+    }
 }

@@ -102,7 +102,8 @@ def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bit
 
 def load_privs(spec):
     """ESP_AGREEMENT_DIRS="node-1=/dir,node-2=/dir": the nodes' epoch
-    private keys (<dir>/<epoch>.key, hex), by (epoch, node)."""
+    private keys (<dir>/<epoch>-<tag>.key, 64 hex characters of the
+    big-endian scalar), by (epoch, node)."""
     import os
     privs = {}
     for item in filter(None, spec.split(",")):
