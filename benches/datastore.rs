@@ -36,7 +36,7 @@ fn child(endpoint: &str, kek_hex_file: &str) {
     let me = "node-1";
     let mut n = 0usize;
     for rec in &snap.epochs {
-        let secret = rec.open(&kek).expect("unseal");
+        let secret = rec.open(&kek, &guid).expect("unseal");
         for peer in snap.topology.peers(me) {
             for (sender, receiver) in [(me, peer.name.as_str()), (peer.name.as_str(), me)] {
                 let k = secret

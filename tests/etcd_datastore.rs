@@ -17,6 +17,14 @@ use common::etcd::EtcdServer;
 use common::*;
 use serde_json::{json, Value};
 
+/// Calico's clusterGUID as the store reads it ("" without the fixture).
+fn guid(server: &EtcdServer) -> String {
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings(server)).await.expect("connect");
+        IpsecStore::new(&etcd).cluster_guid().await.expect("guid")
+    })
+}
+
 fn fixture_path() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calico/etcd-3-nodes.json")
 }
@@ -179,7 +187,7 @@ fn keys_init_rotate_show_and_no_secret_in_etcd() {
     let text = String::from_utf8_lossy(&dump.stdout).into_owned();
     assert!(text.contains("/calico/ipsec/v1/epochs/2"));
     for rec in &store_epochs {
-        let secret = rec.open(&kek).expect("opens with the KEK");
+        let secret = rec.open(&kek, &guid(&server)).expect("opens with the KEK");
         let raw = secret.expose();
         let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         let engines = [
@@ -242,7 +250,9 @@ fn wrong_kek_is_a_clear_error() {
         let etcd = Etcd::connect(&settings(&server)).await.expect("connect");
         IpsecStore::new(&etcd).epochs().await.expect("epochs")
     });
-    let e = epochs[0].open(&wrong).expect_err("wrong KEK");
+    let e = epochs[0]
+        .open(&wrong, &guid(&server))
+        .expect_err("wrong KEK");
     assert!(
         e.to_string().contains("epoch 1") && e.to_string().contains(&wrong.fingerprint()),
         "{e}"
@@ -420,9 +430,10 @@ fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
     let store = IpsecStore::new(&etcd);
     let epochs = rt.block_on(store.epochs()).expect("epochs");
     assert_eq!(epochs.len(), 2);
+    let g = guid(&server);
     for e in &epochs {
-        let a = e.open(&old_k).expect("opens with the old KEK");
-        let b = e.open(&new_k).expect("opens with the new KEK");
+        let a = e.open(&old_k, &g).expect("opens with the old KEK");
+        let b = e.open(&new_k, &g).expect("opens with the new KEK");
         assert_eq!(a, b, "the same secret under both");
         assert_eq!(e.key_bits, if e.epoch == 2 { 256 } else { 128 });
     }
@@ -478,19 +489,33 @@ fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
     ]);
     for e in rt.block_on(store.epochs()).expect("epochs") {
         assert!(
-            e.open(&new_k).is_ok(),
+            e.open(&new_k, &g).is_ok(),
             "epoch {} opens with the new KEK",
             e.epoch
         );
         assert!(
-            e.open(&old_k).is_err(),
+            e.open(&old_k, &g).is_err(),
             "epoch {} no longer opens with the old",
             e.epoch
         );
         assert!(e.also_sealed.is_empty());
         assert_eq!(e.kek_fingerprint, new_k.fingerprint());
     }
-    // And rotations go on, under the new KEK, keeping AES-256.
+    // No second epoch while one is pending (nobody activated epoch 2 here).
+    let out = cli(&server, &["keys", "rotate", "--kek-file", new_s]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("epoch 2 is pending"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Activated (as the manager would), rotations go on under the new KEK,
+    // keeping AES-256.
+    let mut two = rt.block_on(store.epochs()).expect("epochs")[1].clone();
+    two.state = calico_ipsec::datastore::ipsec::EpochState::Active;
+    let json = serde_json::to_string(&two).expect("json");
+    let put = server.etcdctl(&["put", "/calico/ipsec/v1/epochs/2", &json]);
+    assert!(put.status.success());
     ok(&["keys", "rotate", "--kek-file", new_s]);
     let last = rt.block_on(store.epochs()).expect("epochs");
     assert_eq!(last.last().map(|e| (e.epoch, e.key_bits)), Some((3, 256)));

@@ -124,8 +124,8 @@ pub fn setup_agreement(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
         let etcd = Etcd::connect(&settings(endpoint)).await.expect("connect");
         let snap = snapshot::read(&etcd).await.expect("snapshot");
         let rec = snap.epochs.first().expect("epoch 1");
-        let secret = rec.open(kek).expect("open epoch 1");
         let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
+        let secret = rec.open(kek, &guid).expect("open epoch 1");
         let keys: Vec<(String, Vec<u8>)> = (2..=peers + 1)
             .map(|i| {
                 let node = format!("node-{i}");

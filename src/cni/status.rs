@@ -55,7 +55,8 @@ fn keys_ready(
         return Err(format!("phase {phase:?} but no active key epoch in etcd"));
     }
     for e in live {
-        e.open(&kek).map_err(|err| err.to_string())?;
+        let guid = snap.topology.cluster_guid.as_deref().unwrap_or_default();
+        e.open(&kek, guid).map_err(|err| err.to_string())?;
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use crate::datastore::ipsec::IpsecStore;
 use crate::datastore::records::{PubkeyRecord, AGREEMENT_P256};
 use crate::datastore::snapshot::Snapshot;
 use crate::keys::agreement::{file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, PUBLIC_LEN};
-use crate::keys::{EpochSecret, Kek};
+use crate::keys::EpochSecret;
 use crate::state::{NodeState, StateError};
 
 /// What a convergence knows of key agreement.
@@ -33,7 +33,7 @@ pub struct Agreed {
     pub wrote: bool,
     /// The key files of the epochs in etcd (epoch, file tag).
     pub files: BTreeSet<(u32, String)>,
-    /// The secrets of the agreement epochs, opened once here and used again
+    /// The secrets of every epoch, opened once (`converge::epochs`) and used
     /// by the apply (zeroized on drop).
     pub secrets: BTreeMap<u32, EpochSecret>,
 }
@@ -159,9 +159,12 @@ pub(super) async fn prepare(
     store: &IpsecStore<'_>,
     snap: &Snapshot,
     node: &str,
-    kek: Option<&Kek>,
+    opened: BTreeMap<u32, EpochSecret>,
 ) -> Result<Agreed, ConvergeError> {
-    let mut out = Agreed::default();
+    let mut out = Agreed {
+        secrets: opened,
+        ..Agreed::default()
+    };
     let epochs: Vec<_> = snap
         .epochs
         .iter()
@@ -171,15 +174,13 @@ pub(super) async fn prepare(
         verified_cache().clear();
         return Ok(out);
     }
-    let kek =
-        kek.ok_or_else(|| ConvergeError::Agreement("no KEK to open the epochs with".into()))?;
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
     let none = BTreeMap::new();
     for rec in epochs {
         let e = rec.epoch;
-        let secret = rec
-            .open(kek)
-            .map_err(|err| ConvergeError::Agreement(err.to_string()))?;
+        let secret = out.secrets.get(&e).cloned().ok_or_else(|| {
+            ConvergeError::Agreement(format!("epoch {e} was not opened with the KEK"))
+        })?;
         let tag = file_tag(&secret, e);
         out.files.insert((e, tag.clone()));
         let published = snap.pubkeys.get(&e).unwrap_or(&none);

@@ -2,17 +2,14 @@
 //! catch-all in its place around the plan, and the plan applied with keys
 //! derived just in time.
 
-use std::collections::HashMap;
-
 use super::agreement::Agreed;
 use super::decide::Decided;
 use super::error::ConvergeError;
 use super::facts::Facts;
 use super::guard;
 use super::identity::Mine;
-use crate::config::PluginConfig;
 use crate::datastore::snapshot::Snapshot;
-use crate::keys::{EpochSecret, Kek, SaId};
+use crate::keys::SaId;
 use crate::state::{Ledger, NodeState};
 use crate::xfrm::kernel::{Applied, Xfrm};
 use crate::xfrm::{Dir, Held, Plan};
@@ -24,7 +21,6 @@ use crate::xfrm::{Dir, Held, Plan};
 /// still carved out of the catch-all, and what did not stays blocked: the
 /// guard is written anyway.
 pub(super) fn apply(
-    cfg: &PluginConfig,
     state: &mut NodeState,
     facts: &mut Facts,
     mine: &mut Mine,
@@ -34,12 +30,8 @@ pub(super) fn apply(
     let plan = &decided.plan;
     if mine.ident.is_some() {
         let ledger = &mut mine.ledger;
-        let before = ledger.sent.len();
-        let installed = &decided.desired.installed_epochs;
-        ledger
-            .sent
-            .retain(|e| Ledger::epoch_of(e).is_some_and(|n| installed.contains(&n)));
-        let mut changed = mine.ledger_changed || before != ledger.sent.len();
+        let pruned = ledger.prune(&decided.desired.installed_epochs);
+        let mut changed = mine.ledger_changed || pruned;
         for s in plan.created_outbound() {
             changed |= ledger
                 .sent
@@ -58,7 +50,7 @@ pub(super) fn apply(
         guard::sync(state, facts, true)?;
     }
     let snap = &facts.snap;
-    match apply_with_keys(cfg, snap, agreed, &mut facts.xfrm, plan, &facts.held) {
+    match apply_with_keys(snap, agreed, &mut facts.xfrm, plan, &facts.held) {
         Ok(a) => Ok(a),
         Err(e) => {
             if let Err(g) = guard::sync(state, facts, true) {
@@ -69,30 +61,16 @@ pub(super) fn apply(
     }
 }
 
-/// Unseals the epochs the plan needs and applies it, deriving each key just
-/// before its state is added.
+/// Applies the plan, deriving each key from its epoch's secret (opened by
+/// `converge::epochs`) just before its state is added.
 pub(super) fn apply_with_keys(
-    cfg: &PluginConfig,
     snap: &Snapshot,
     agreed: &Agreed,
     xfrm: &mut Xfrm,
     plan: &Plan,
     held: &Held,
 ) -> Result<Applied, ConvergeError> {
-    // The agreement epochs were opened by `prepare`; only the others are
-    // unsealed here, and only when a state is to be added.
-    let needs_keys = plan
-        .add_states
-        .iter()
-        .chain(&plan.replace_states)
-        .any(|s| !agreed.secrets.contains_key(&s.epoch));
-    let kek = if needs_keys {
-        Some(Kek::load(&cfg.kek_file)?)
-    } else {
-        None
-    };
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
-    let mut secrets: HashMap<u32, EpochSecret> = HashMap::new();
     let mut shared = super::agreement::SharedSecrets::default();
     let applied = xfrm.apply(plan, held, |s| {
         let rec = snap
@@ -100,14 +78,10 @@ pub(super) fn apply_with_keys(
             .iter()
             .find(|e| e.epoch == s.epoch)
             .ok_or_else(|| format!("epoch {} has no record", s.epoch))?;
-        let secret = match (agreed.secrets.get(&s.epoch), secrets.entry(s.epoch)) {
-            (Some(opened), _) => opened,
-            (None, std::collections::hash_map::Entry::Occupied(e)) => e.into_mut(),
-            (None, std::collections::hash_map::Entry::Vacant(v)) => {
-                let kek = kek.as_ref().ok_or("no KEK loaded")?;
-                v.insert(rec.open(kek).map_err(|e| e.to_string())?)
-            }
-        };
+        let secret = agreed
+            .secrets
+            .get(&s.epoch)
+            .ok_or_else(|| format!("epoch {} was not opened with the KEK", s.epoch))?;
         let id = SaId {
             epoch: s.epoch,
             sender: &s.sender,

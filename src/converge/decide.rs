@@ -8,7 +8,6 @@ use super::error::ConvergeError;
 use super::facts::Facts;
 use super::identity::{renew, Mine};
 use crate::datastore::ipsec::{identities_digest, Identity, IpsecStore};
-use crate::state::Ledger;
 use crate::xfrm::handover::{hand_over, possible, Handover, PeerAcks};
 use crate::xfrm::{Desired, DesiredError, Inputs, Plan};
 
@@ -76,8 +75,7 @@ pub(super) async fn decide(
         let plan = Plan::diff(&desired, &facts.held);
         let lost = plan.created_outbound().any(|s| {
             mine.ledger
-                .sent
-                .contains(&Ledger::entry(s.epoch, &s.receiver, s.lane.index()))
+                .used_before(s.epoch, &s.receiver, s.lane.index())
         });
         if !lost || mine.new_incarnation || mine.ident.is_none() {
             return Ok(Ok(Decided {

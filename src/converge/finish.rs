@@ -151,6 +151,7 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
     });
     let report = Report {
         node,
+        refused_epochs: Vec::new(),
         phase: facts.phase,
         id,
         incarnation,

@@ -127,9 +127,17 @@ async fn bump(
     mine: &mut Mine,
 ) -> Result<(), ConvergeError> {
     for _ in 0..16 {
+        let last = ident.incarnation.max(floor);
+        let Some(incarnation) = last.checked_add(1) else {
+            return Err(IpsecStoreError::Malformed {
+                key: crate::datastore::ipsec::nodeid_key(node),
+                reason: format!("incarnation {last} is the largest there is: delete this node's nodeids record once every epoch now in etcd has been rotated away and deleted"),
+            }
+            .into());
+        };
         let next = Identity {
             id: ident.id,
-            incarnation: ident.incarnation.max(floor) + 1,
+            incarnation,
             boot_id: boot.to_string(),
         };
         // The reply's revision saves reading the record back.

@@ -11,8 +11,9 @@
 //!    followed;
 //! 2. *identity* ([`identity`]): this node's incarnation, a new one when a
 //!    key could otherwise be used twice;
-//! 3. *keys* ([`agreement`]): this node's key pairs and the peers' verified
-//!    public keys;
+//! 3. *keys* ([`epochs`], [`agreement`]): every epoch opened with the
+//!    parameters it carries (an altered one is refused), this node's key
+//!    pairs and the peers' verified public keys;
 //! 4. *decide* ([`decide`]): the desired state, the hand-over between
 //!    incarnations, and the plan;
 //! 5. *apply* ([`apply`]): the ledger ahead, the catch-all in its place,
@@ -31,7 +32,6 @@ use crate::config::PluginConfig;
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{IpsecStore, IpsecStoreError};
 use crate::datastore::snapshot::{self, Snapshot};
-use crate::keys::Kek;
 use crate::state::NodeState;
 use crate::xfrm::handover::PeerAcks;
 
@@ -39,6 +39,7 @@ mod agreement;
 mod apply;
 pub mod cluster;
 mod decide;
+mod epochs;
 mod error;
 mod facts;
 mod finish;
@@ -140,14 +141,9 @@ pub async fn converge_with(
     let mut mine = identity::settle(&store, state, &facts, &node).await?;
     // Keys are published in every phase, off included, so that every
     // node's key is in etcd long before enable needs it.
-    let kek = facts
-        .snap
-        .epochs
-        .iter()
-        .any(|e| e.agreement.is_some())
-        .then(|| Kek::load(&cfg.kek_file))
-        .transpose()?;
-    let agreed = agreement::prepare(state, &store, &facts.snap, &node, kek.as_ref()).await?;
+    let opened = epochs::open(cfg, &mut facts)?;
+    let refused_epochs = opened.refused;
+    let agreed = agreement::prepare(state, &store, &facts.snap, &node, opened.secrets).await?;
     mine.from_snapshot &= !agreed.wrote;
     let decided = match decide::decide(&store, &facts, &mut mine, &agreed, acks, &node).await? {
         Ok(d) => d,
@@ -172,7 +168,7 @@ pub async fn converge_with(
         identity_millis: error::ms(t_identity),
         apply: Instant::now(),
     };
-    let applied = apply::apply(cfg, state, &mut facts, &mut mine, &decided, &agreed)?;
+    let applied = apply::apply(state, &mut facts, &mut mine, &decided, &agreed)?;
     let done = finish::Done {
         facts: &facts,
         mine: &mine,
@@ -180,5 +176,7 @@ pub async fn converge_with(
         applied,
         agreed: &agreed,
     };
-    finish::finish(state, done, acks.is_some(), node, timings)
+    let mut report = finish::finish(state, done, acks.is_some(), node, timings)?;
+    report.refused_epochs = refused_epochs;
+    Ok(report)
 }

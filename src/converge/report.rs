@@ -16,6 +16,9 @@ use crate::xfrm::Held;
 pub struct Report {
     /// This node.
     pub node: String,
+    /// Epochs whose record does not open with the parameters it carries
+    /// (altered after sealing), each with the reason: left unused.
+    pub refused_epochs: Vec<(u32, String)>,
     /// The phase applied.
     pub phase: Phase,
     /// This node's id, once it has one.

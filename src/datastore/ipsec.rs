@@ -43,7 +43,7 @@ pub enum IpsecStoreError {
     #[error("{0} does not exist: run `calico-ipsec keys init` first")]
     NotInitialised(String),
     /// Every node id is taken.
-    #[error("no free node id: all 65535 are allocated")]
+    #[error("no free node id: all 32767 are allocated")]
     IdsExhausted,
     /// The KEK given is not the one that sealed the existing epochs.
     #[error("the KEK file has fingerprint {given}, but epoch {epoch} was sealed with {expected}: this is the wrong KEK file (nodes could not open a new epoch sealed with it)")]
@@ -58,6 +58,12 @@ pub enum IpsecStoreError {
     /// The epochs are sealed under two KEKs (`keys rotate-kek` started).
     #[error("a KEK rotation is in progress: no epoch is added until it ends with `calico-ipsec keys rotate-kek --finish --kek-file <new KEK>`")]
     KekRotating,
+    /// `keys rotate` while an epoch is already pending.
+    #[error("epoch {0} is pending (installed on the nodes, not yet active): wait for the manager to activate it before adding another")]
+    PendingEpoch(u32),
+    /// An epoch number would pass the largest there is.
+    #[error("no epoch number is left after {0}")]
+    EpochsExhausted(u32),
     /// A new epoch's cipher cannot be used.
     #[error("the new epoch's cipher cannot be used: {0}")]
     BadCipher(String),
@@ -81,6 +87,12 @@ pub fn manager_status_key() -> String {
 /// The key of the config record.
 pub fn config_key() -> String {
     format!("{PREFIX}config")
+}
+
+/// `epoch-counter`: `{"last": N}`, the highest epoch number ever created,
+/// so that no number is used twice.
+pub fn epoch_counter_key() -> String {
+    format!("{PREFIX}epoch-counter")
 }
 
 /// The key of an epoch record.
@@ -160,26 +172,33 @@ impl<'a> IpsecStore<'a> {
         cipher: Cipher,
     ) -> Result<EpochRecord, IpsecStoreError> {
         let secret = EpochSecret::generate()?;
-        let rec = EpochRecord {
+        let guid = self.cluster_guid().await?;
+        let mut rec = EpochRecord {
             epoch: 1,
             state: EpochState::Active,
             created: now_rfc3339(),
             algorithm: ALGORITHM.into(),
             key_bits: cipher.key_bits,
             icv_bits: cipher.icv_bits,
-            kek_fingerprint: kek.fingerprint(),
-            sealed_secret: secret.seal(kek, 1)?,
+            kek_fingerprint: String::new(),
+            sealed_secret: String::new(),
+            seal: super::records::SEAL_BOUND,
             also_sealed: Default::default(),
             agreement: cipher
                 .agreement
                 .then(|| super::records::AGREEMENT_P256.to_string()),
             activated: Some(now_rfc3339()),
         };
+        rec.seal_under(&secret, kek, &guid)?;
         let created = self
             .etcd
             .create_all(&[
                 (&config_key(), encode(config)),
                 (&epoch_key(1), encode(&rec)),
+                (
+                    &epoch_counter_key(),
+                    encode(&serde_json::json!({ "last": 1 })),
+                ),
             ])
             .await?;
         if created {
@@ -215,6 +234,7 @@ impl<'a> IpsecStore<'a> {
         let Some(config) = self.config().await? else {
             return Err(IpsecStoreError::NotInitialised(config_key()));
         };
+        let guid = self.cluster_guid().await?;
         for _ in 0..16 {
             let epochs = self.epochs().await?;
             if epochs.iter().any(|e| !e.also_sealed.is_empty()) {
@@ -229,37 +249,74 @@ impl<'a> IpsecStore<'a> {
                     });
                 }
             }
-            let next = epochs.last().map_or(1, |e| e.epoch + 1);
+            if let Some(p) = epochs.iter().find(|e| e.state == EpochState::Pending) {
+                return Err(IpsecStoreError::PendingEpoch(p.epoch));
+            }
+            // Epoch numbers are never reused, even after a pending epoch
+            // was deleted: the counter keeps the highest ever created.
+            let counter = self.etcd.get(&epoch_counter_key()).await?;
+            let (counted, counter_rev) = counter.as_ref().map_or((0, 0), |kv| {
+                let n = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                    .ok()
+                    .and_then(|v| v["last"].as_u64())
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(0);
+                (n, kv.mod_revision)
+            });
+            let last = epochs.last().map_or(0, |e| e.epoch).max(counted);
+            let next = last
+                .checked_add(1)
+                .ok_or(IpsecStoreError::EpochsExhausted(last))?;
             let cipher = change.apply(epochs.last().map(EpochRecord::cipher).unwrap_or_default());
             let secret = EpochSecret::generate()?;
-            let rec = EpochRecord {
+            let mut rec = EpochRecord {
                 epoch: next,
                 state: EpochState::Pending,
                 created: now_rfc3339(),
                 algorithm: ALGORITHM.into(),
                 key_bits: cipher.key_bits,
                 icv_bits: cipher.icv_bits,
-                kek_fingerprint: kek.fingerprint(),
-                sealed_secret: secret.seal(kek, next)?,
+                kek_fingerprint: String::new(),
+                sealed_secret: String::new(),
+                seal: super::records::SEAL_BOUND,
                 also_sealed: Default::default(),
                 agreement: cipher
                     .agreement
                     .then(|| super::records::AGREEMENT_P256.to_string()),
                 activated: None,
             };
+            rec.seal_under(&secret, kek, &guid)?;
             if let Some(why) = rec.cipher_problem(config.icv_bits) {
                 return Err(IpsecStoreError::BadCipher(why));
             }
             let key = epoch_key(next);
-            let mut cmp = vec![etcd_client::Compare::version(
-                key.as_str(),
-                etcd_client::CompareOp::Equal,
-                0,
-            )];
+            let counter_key = epoch_counter_key();
+            let counter_cmp = if counter_rev == 0 {
+                etcd_client::Compare::version(
+                    counter_key.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )
+            } else {
+                etcd_client::Compare::mod_revision(
+                    counter_key.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    counter_rev,
+                )
+            };
+            let mut cmp = vec![
+                etcd_client::Compare::version(key.as_str(), etcd_client::CompareOp::Equal, 0),
+                counter_cmp,
+            ];
             cmp.extend(fence.iter().cloned());
-            let txn = etcd_client::Txn::new()
-                .when(cmp)
-                .and_then([etcd_client::TxnOp::put(key.as_str(), encode(&rec), None)]);
+            let txn = etcd_client::Txn::new().when(cmp).and_then([
+                etcd_client::TxnOp::put(key.as_str(), encode(&rec), None),
+                etcd_client::TxnOp::put(
+                    counter_key.as_str(),
+                    encode(&serde_json::json!({ "last": next })),
+                    None,
+                ),
+            ]);
             if self.etcd.txn(&format!("create {key}"), txn).await? {
                 return Ok(Some(rec));
             }
@@ -272,6 +329,24 @@ impl<'a> IpsecStore<'a> {
         Err(IpsecStoreError::Contended("adding an epoch".into()))
     }
 
+    /// Calico's clusterGUID (ClusterInformation `default`), which sealing
+    /// binds; "" when the cluster has none.
+    pub async fn cluster_guid(&self) -> Result<String, IpsecStoreError> {
+        let key = format!("{}clusterinformations/default", super::calico::RESOURCES);
+        let Some(kv) = self.etcd.get(&key).await? else {
+            return Ok(String::new());
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&kv.value).map_err(|e| IpsecStoreError::Malformed {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(v.pointer("/spec/clusterGUID")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string())
+    }
+
     /// Reads the config with its revision.
     pub async fn config_rev(&self) -> Result<Option<(ClusterConfig, i64)>, IpsecStoreError> {
         let key = config_key();
@@ -279,6 +354,28 @@ impl<'a> IpsecStore<'a> {
             None => Ok(None),
             Some(kv) => Ok(Some((decode(&key, &kv.value)?, kv.mod_revision))),
         }
+    }
+
+    /// Every epoch record that parses, with its revision, in epoch order,
+    /// and the key and reason of each that does not (skipped, as nodes skip
+    /// them, rather than stopping every step).
+    pub async fn epochs_lenient(
+        &self,
+    ) -> Result<(Vec<(EpochRecord, i64)>, Vec<(String, String)>), IpsecStoreError> {
+        let (_, kvs) = self
+            .etcd
+            .get_prefix(&format!("{PREFIX}epochs/"), false)
+            .await?;
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for kv in &kvs {
+            match decode::<EpochRecord>(&kv.key, &kv.value) {
+                Ok(e) => good.push((e, kv.mod_revision)),
+                Err(e) => bad.push((kv.key.clone(), e.to_string())),
+            }
+        }
+        good.sort_by_key(|(e, _)| e.epoch);
+        Ok((good, bad))
     }
 
     /// Every epoch record with its revision, in epoch order.
@@ -299,12 +396,14 @@ impl<'a> IpsecStore<'a> {
     /// (the start of a KEK rotation: nodes open epochs with either KEK).
     /// Returns the epochs resealed.
     pub async fn reseal_beside(&self, old: &Kek, new: &Kek) -> Result<Vec<u32>, IpsecStoreError> {
-        let fp = new.fingerprint();
+        let guid = self.cluster_guid().await?;
         self.reseal(|rec| {
-            let secret = rec.open(old)?;
-            rec.also_sealed
-                .insert(fp.clone(), secret.seal(new, rec.epoch)?);
-            Ok(())
+            let secret = rec.open(old, &guid)?;
+            if rec.seal != super::records::SEAL_BOUND {
+                // Both sealings of a record share its version.
+                rec.seal_under(&secret, old, &guid)?;
+            }
+            rec.seal_beside(&secret, new, &guid)
         })
         .await
     }
@@ -312,12 +411,10 @@ impl<'a> IpsecStore<'a> {
     /// Leaves `kek` the only sealing of every epoch (the end of a KEK
     /// rotation). Returns the epochs resealed.
     pub async fn reseal_only(&self, kek: &Kek) -> Result<Vec<u32>, IpsecStoreError> {
+        let guid = self.cluster_guid().await?;
         self.reseal(|rec| {
-            let secret = rec.open(kek)?;
-            rec.sealed_secret = secret.seal(kek, rec.epoch)?;
-            rec.kek_fingerprint = kek.fingerprint();
-            rec.also_sealed.clear();
-            Ok(())
+            let secret = rec.open(kek, &guid)?;
+            rec.seal_under(&secret, kek, &guid)
         })
         .await
     }
@@ -398,7 +495,7 @@ impl<'a> IpsecStore<'a> {
                 .iter()
                 .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
                 .collect();
-            let id = (1..=u16::MAX)
+            let id = (1..=crate::keys::MAX_NODE_ID)
                 .find(|i| !used.contains(i))
                 .ok_or(IpsecStoreError::IdsExhausted)?;
             let claimed = self
@@ -539,7 +636,7 @@ mod tests {
     fn records_are_readable_json_without_secret_bytes() {
         let kek = Kek::from_bytes(vec![1; 32]).expect("32");
         let secret = EpochSecret::from_bytes(vec![0x5a; 32]);
-        let rec = EpochRecord {
+        let mut rec = EpochRecord {
             epoch: 3,
             state: EpochState::Pending,
             created: rfc3339(0),
@@ -548,13 +645,32 @@ mod tests {
             icv_bits: None,
             kek_fingerprint: kek.fingerprint(),
             sealed_secret: secret.seal(&kek, 3).expect("seal"),
+            seal: super::super::records::SEAL_LEGACY,
             also_sealed: Default::default(),
             agreement: None,
             activated: None,
         };
+        // A legacy record (no "seal" field) still opens, with its epoch only.
+        let mut legacy = serde_json::to_value(&rec).expect("json");
+        legacy.as_object_mut().expect("object").remove("seal");
+        let read: EpochRecord = serde_json::from_value(legacy).expect("a legacy record reads");
+        assert_eq!(read.open(&kek, "guid").expect("open"), secret);
+        // Resealed, it is bound: the text names version 2, and an altered
+        // parameter no longer opens.
+        rec.seal_under(&secret, &kek, "guid").expect("reseal");
         let text = String::from_utf8(encode(&rec)).expect("utf8");
         assert!(text.contains("\"state\":\"pending\""), "{text}");
+        assert!(text.contains("\"seal\":2"), "{text}");
         assert!(!text.contains(&"5a".repeat(16)));
-        assert_eq!(rec.open(&kek).expect("open"), secret);
+        assert_eq!(rec.open(&kek, "guid").expect("open"), secret);
+        let mut weaker = rec.clone();
+        weaker.icv_bits = Some(64);
+        assert!(weaker.open(&kek, "guid").is_err(), "a shorter ICV");
+        assert!(rec.open(&kek, "other-guid").is_err(), "another cluster");
+        // Stripping the version turns it into a legacy record that does not open.
+        let mut stripped = serde_json::to_value(&rec).expect("json");
+        stripped.as_object_mut().expect("object").remove("seal");
+        let read: EpochRecord = serde_json::from_value(stripped).expect("reads");
+        assert!(read.open(&kek, "guid").is_err());
     }
 }

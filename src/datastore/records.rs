@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{EpochSecret, Kek, SealError, ALGORITHM};
+use crate::keys::{Aad, EpochSecret, Kek, SealBinding, SealError, ALGORITHM};
 
 /// Encryption phase of the cluster (DESIGN §6).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -135,8 +135,14 @@ pub struct EpochRecord {
     pub icv_bits: Option<u32>,
     /// Which KEK sealed it.
     pub kek_fingerprint: String,
-    /// base64(nonce || AES-256-GCM(secret) || tag), AAD bound to the epoch.
+    /// base64(nonce || AES-256-GCM(secret) || tag), the AAD bound to the
+    /// epoch and, from `seal` 2 on, to its parameters and the cluster.
     pub sealed_secret: String,
+    /// How the secret is sealed: 2, bound to [`Self::binding`]; 1 (absent,
+    /// records written before), bound to the epoch number only, which the
+    /// manager reseals as 2.
+    #[serde(default = "legacy_seal")]
+    pub seal: u32,
     /// The same secret sealed under other KEKs while the KEK changes
     /// (`keys rotate-kek`), by KEK fingerprint; empty otherwise.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -149,6 +155,15 @@ pub struct EpochRecord {
     /// before agreement existed keeps its keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agreement: Option<String>,
+}
+
+/// The sealing of records written before the parameters were bound.
+pub const SEAL_LEGACY: u32 = 1;
+/// The sealing that binds the parameters and the cluster.
+pub const SEAL_BOUND: u32 = 2;
+
+fn legacy_seal() -> u32 {
+    SEAL_LEGACY
 }
 
 /// Per-node P-256 key agreement (`crate::keys::agreement`).
@@ -208,15 +223,70 @@ impl EpochRecord {
         }
     }
 
-    /// Opens the secret with `kek`: the sealing made under it, the main one
-    /// or, while the KEK changes, the other.
-    pub fn open(&self, kek: &Kek) -> Result<EpochSecret, SealError> {
+    /// What a version 2 sealing of this record binds.
+    pub fn binding<'a>(&'a self, cluster_guid: &'a str) -> SealBinding<'a> {
+        SealBinding {
+            epoch: self.epoch,
+            algorithm: &self.algorithm,
+            key_bits: self.key_bits,
+            icv_bits: self.icv_bits,
+            agreement: self.agreement.as_deref(),
+            cluster_guid,
+        }
+    }
+
+    /// Opens the secret with `kek` (the sealing made under it: the main one
+    /// or, while the KEK changes, the other) in the cluster `cluster_guid`.
+    /// A version 2 record whose parameters were changed after sealing does
+    /// not open.
+    pub fn open(&self, kek: &Kek, cluster_guid: &str) -> Result<EpochSecret, SealError> {
         let sealed = self
             .also_sealed
             .get(&kek.fingerprint())
             .filter(|_| self.kek_fingerprint != kek.fingerprint())
             .unwrap_or(&self.sealed_secret);
-        EpochSecret::unseal(kek, self.epoch, sealed)
+        let binding = self.binding(cluster_guid);
+        let aad = match self.seal {
+            SEAL_LEGACY => Aad::Legacy(self.epoch),
+            SEAL_BOUND => Aad::Bound(&binding),
+            other => {
+                return Err(SealError::Malformed {
+                    epoch: self.epoch,
+                    reason: format!(
+                        "seal version {other} is not 1 or 2 (a newer calico-ipsec wrote it?)"
+                    ),
+                })
+            }
+        };
+        EpochSecret::unseal_with(kek, aad, sealed)
+    }
+
+    /// Seals `secret` under `kek` for this record as it now stands (version
+    /// 2), replacing the main sealing and dropping the others.
+    pub fn seal_under(
+        &mut self,
+        secret: &EpochSecret,
+        kek: &Kek,
+        cluster_guid: &str,
+    ) -> Result<(), SealError> {
+        self.sealed_secret = secret.seal_bound(kek, &self.binding(cluster_guid))?;
+        self.kek_fingerprint = kek.fingerprint();
+        self.also_sealed.clear();
+        self.seal = SEAL_BOUND;
+        Ok(())
+    }
+
+    /// Adds a sealing under another KEK beside the main one (version 2: the
+    /// main one must be version 2 too, see [`Self::seal_under`]).
+    pub fn seal_beside(
+        &mut self,
+        secret: &EpochSecret,
+        kek: &Kek,
+        cluster_guid: &str,
+    ) -> Result<(), SealError> {
+        let sealed = secret.seal_bound(kek, &self.binding(cluster_guid))?;
+        self.also_sealed.insert(kek.fingerprint(), sealed);
+        Ok(())
     }
 }
 
@@ -322,6 +392,7 @@ mod tests {
             icv_bits,
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
+            seal: crate::datastore::records::SEAL_BOUND,
             also_sealed: Default::default(),
             agreement: None,
             activated: None,

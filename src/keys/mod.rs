@@ -33,7 +33,7 @@ mod kek;
 mod secret;
 
 pub use kek::{Kek, KekError};
-pub use secret::{EpochSecret, SaKey, SealError, SecretBytes};
+pub use secret::{Aad, EpochSecret, SaKey, SealBinding, SealError, SecretBytes};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 

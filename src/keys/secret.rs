@@ -76,8 +76,78 @@ pub struct EpochSecret(SecretBytes);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaKey(pub SecretBytes);
 
-fn aad(epoch: u32) -> Vec<u8> {
+/// The associated data of a legacy (version 1) sealing: the epoch only.
+fn aad_v1(epoch: u32) -> Vec<u8> {
     format!("calico-ipsec/v1/epoch/{epoch}").into_bytes()
+}
+
+/// What a version 2 sealing binds the secret to: everything that decides
+/// how strong the epoch's SAs are, and the cluster. A record whose
+/// parameters differ from those sealed does not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealBinding<'a> {
+    /// The epoch number.
+    pub epoch: u32,
+    /// The SA algorithm, as the record names it.
+    pub algorithm: &'a str,
+    /// The AES key size of its SAs.
+    pub key_bits: u32,
+    /// Its ICV length, when the record names one (else the config's).
+    pub icv_bits: Option<u32>,
+    /// Its key agreement, when it has one.
+    pub agreement: Option<&'a str>,
+    /// Calico's clusterGUID ("" when the cluster has none).
+    pub cluster_guid: &'a str,
+}
+
+impl SealBinding<'_> {
+    /// The associated data: the label, then each field as a 4-byte
+    /// big-endian length and its bytes (numbers as 4 bytes big-endian; an
+    /// absent ICV or agreement as an empty field).
+    pub fn aad(&self) -> Vec<u8> {
+        let mut out = b"calico-ipsec/v2/epoch-seal".to_vec();
+        let icv = self.icv_bits.map(u32::to_be_bytes);
+        let fields: [&[u8]; 6] = [
+            &self.epoch.to_be_bytes(),
+            self.algorithm.as_bytes(),
+            &self.key_bits.to_be_bytes(),
+            icv.as_ref().map_or(&[][..], |b| &b[..]),
+            self.agreement.map_or(&[][..], str::as_bytes),
+            self.cluster_guid.as_bytes(),
+        ];
+        for f in fields {
+            let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(f);
+        }
+        out
+    }
+}
+
+/// What a sealing's associated data is made of.
+#[derive(Debug, Clone, Copy)]
+pub enum Aad<'a> {
+    /// Version 1 (records sealed before the parameters were bound): the
+    /// epoch number only.
+    Legacy(u32),
+    /// Version 2: [`SealBinding`].
+    Bound(&'a SealBinding<'a>),
+}
+
+impl Aad<'_> {
+    fn epoch(&self) -> u32 {
+        match self {
+            Aad::Legacy(e) => *e,
+            Aad::Bound(b) => b.epoch,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Aad::Legacy(e) => aad_v1(*e),
+            Aad::Bound(b) => b.aad(),
+        }
+    }
 }
 
 impl EpochSecret {
@@ -98,9 +168,20 @@ impl EpochSecret {
         self.0.expose()
     }
 
-    /// Seals under `kek` with AES-256-GCM, bound to `epoch` by the AAD, as
-    /// base64(nonce || ciphertext || tag).
+    /// Seals under `kek` with AES-256-GCM, bound to the epoch and its
+    /// parameters by the AAD (version 2), as base64(nonce || ciphertext || tag).
+    pub fn seal_bound(&self, kek: &Kek, binding: &SealBinding<'_>) -> Result<String, SealError> {
+        self.seal_with(kek, Aad::Bound(binding))
+    }
+
+    /// Seals as a legacy (version 1) record did, bound to `epoch` only
+    /// (tests of the migration).
     pub fn seal(&self, kek: &Kek, epoch: u32) -> Result<String, SealError> {
+        self.seal_with(kek, Aad::Legacy(epoch))
+    }
+
+    fn seal_with(&self, kek: &Kek, aad: Aad<'_>) -> Result<String, SealError> {
+        let epoch = aad.epoch();
         let cipher = Aes256Gcm::new_from_slice(kek.expose()).map_err(|_| SealError::Malformed {
             epoch,
             reason: "KEK has the wrong length".into(),
@@ -110,7 +191,7 @@ impl EpochSecret {
         let nonce = Nonce::<Aes256Gcm>::from(nonce_bytes);
         let mut buf = Zeroizing::new(self.0.expose().to_vec());
         cipher
-            .encrypt_in_place(&nonce, &aad(epoch), &mut *buf)
+            .encrypt_in_place(&nonce, &aad.bytes(), &mut *buf)
             .map_err(|_| SealError::Malformed {
                 epoch,
                 reason: "encryption failed".into(),
@@ -120,8 +201,15 @@ impl EpochSecret {
         Ok(B64.encode(out))
     }
 
-    /// Opens a value made by [`EpochSecret::seal`] for the same `epoch`.
+    /// Opens a legacy value made by [`EpochSecret::seal`] for the same `epoch`.
     pub fn unseal(kek: &Kek, epoch: u32, sealed: &str) -> Result<Self, SealError> {
+        Self::unseal_with(kek, Aad::Legacy(epoch), sealed)
+    }
+
+    /// Opens a sealed value with the associated data it must have been made
+    /// with; a different KEK, epoch or (version 2) parameter fails.
+    pub fn unseal_with(kek: &Kek, aad: Aad<'_>, sealed: &str) -> Result<Self, SealError> {
+        let epoch = aad.epoch();
         let raw = B64
             .decode(sealed.trim())
             .map_err(|e| SealError::Malformed {
@@ -148,7 +236,7 @@ impl EpochSecret {
         let nonce = Nonce::<Aes256Gcm>::from(nonce_arr);
         let mut buf = Zeroizing::new(ct.to_vec());
         cipher
-            .decrypt_in_place(&nonce, &aad(epoch), &mut *buf)
+            .decrypt_in_place(&nonce, &aad.bytes(), &mut *buf)
             .map_err(|_| SealError::WrongKey {
                 epoch,
                 kek_fingerprint: kek.fingerprint(),
@@ -188,6 +276,126 @@ mod tests {
         assert!(!sealed.contains(&B64.encode(s.expose())));
         assert!(EpochSecret::unseal(&kek(1), 7, "!!!").is_err());
         assert!(EpochSecret::unseal(&kek(1), 7, "AAAA").is_err());
+    }
+
+    #[test]
+    fn a_bound_seal_opens_only_with_the_parameters_it_was_made_for() {
+        let s = EpochSecret::generate().expect("random");
+        let b = SealBinding {
+            epoch: 7,
+            algorithm: "rfc4106(gcm(aes))",
+            key_bits: 256,
+            icv_bits: Some(128),
+            agreement: Some("p256"),
+            cluster_guid: "guid-1",
+        };
+        let sealed = s.seal_bound(&kek(1), &b).expect("seal");
+        let open = |b: &SealBinding<'_>| EpochSecret::unseal_with(&kek(1), Aad::Bound(b), &sealed);
+        assert_eq!(open(&b).expect("opens"), s);
+        // Each downgrade an etcd writer without the KEK could try fails.
+        for (what, altered) in [
+            (
+                "agreement stripped",
+                SealBinding {
+                    agreement: None,
+                    ..b
+                },
+            ),
+            ("AES-128", SealBinding { key_bits: 128, ..b }),
+            (
+                "64-bit ICV",
+                SealBinding {
+                    icv_bits: Some(64),
+                    ..b
+                },
+            ),
+            (
+                "ICV left to the config",
+                SealBinding {
+                    icv_bits: None,
+                    ..b
+                },
+            ),
+            ("another epoch", SealBinding { epoch: 8, ..b }),
+            (
+                "another cluster",
+                SealBinding {
+                    cluster_guid: "guid-2",
+                    ..b
+                },
+            ),
+            (
+                "another algorithm",
+                SealBinding {
+                    algorithm: "x",
+                    ..b
+                },
+            ),
+        ] {
+            assert!(open(&altered).is_err(), "{what}");
+        }
+        // Read as a legacy record (the version field stripped), it does not
+        // open either: the AAD differs.
+        assert!(EpochSecret::unseal(&kek(1), 7, &sealed).is_err());
+        // Field boundaries count: moving bytes between fields changes the AAD.
+        let a = SealBinding {
+            algorithm: "ab",
+            cluster_guid: "c",
+            ..b
+        }
+        .aad();
+        let c = SealBinding {
+            algorithm: "a",
+            cluster_guid: "bc",
+            ..b
+        }
+        .aad();
+        assert_ne!(a, c);
+    }
+
+    /// Sealings made by an independent implementation (Python's
+    /// `cryptography`, `seal_aad` in tests/e2e/esp_decrypt.py): KEK 0x01 x 32,
+    /// nonce 0x02 x 12, secret 0x03 x 32.
+    #[test]
+    fn bound_sealings_from_an_independent_implementation_open() {
+        let full = SealBinding {
+            epoch: 7,
+            algorithm: "rfc4106(gcm(aes))",
+            key_bits: 256,
+            icv_bits: Some(128),
+            agreement: Some("p256"),
+            cluster_guid: "guid-1",
+        };
+        let bare = SealBinding {
+            epoch: 3,
+            algorithm: "rfc4106(gcm(aes))",
+            key_bits: 128,
+            icv_bits: None,
+            agreement: None,
+            cluster_guid: "",
+        };
+        let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(full.aad()),
+            "63616c69636f2d69707365632f76322f65706f63682d7365616c000000040000000700000011726663343130362867636d28616573292900000004000001000000000400000080000000047032353600000006677569642d31"
+        );
+        assert_eq!(
+            hex(bare.aad()),
+            "63616c69636f2d69707365632f76322f65706f63682d7365616c000000040000000300000011726663343130362867636d2861657329290000000400000080000000000000000000000000"
+        );
+        for (b, sealed) in [
+            (
+                &full,
+                "AgICAgICAgICAgICBNXKSklUwv7Qz7/LX6TBsaG20uzoso5y3oTj+Hv4d3zCpBaGwgFul1kLWNyur27Z",
+            ),
+            (
+                &bare,
+                "AgICAgICAgICAgICBNXKSklUwv7Qz7/LX6TBsaG20uzoso5y3oTj+Hv4d3wpsh/TaoR89v8p0D/7ggvr",
+            ),
+        ] {
+            let s = EpochSecret::unseal_with(&kek(1), Aad::Bound(b), sealed).expect("opens");
+            assert_eq!(s.expose(), &[3u8; 32][..]);
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::datastore::ipsec::{
     IpsecStoreError,
 };
 use crate::datastore::leader::Fence;
+use crate::datastore::records::SEAL_LEGACY;
 use crate::keys::Kek;
 
 async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, IpsecStoreError> {
@@ -19,7 +20,7 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
     let Some(config) = store.config_rev().await? else {
         return Ok(None);
     };
-    let epochs = store.epochs_rev().await?;
+    let (epochs, malformed) = store.epochs_lenient().await?;
     let nodes = store.node_statuses().await?;
     let identities = identities_digest(&store.identities().await?);
     // Calico's node list matters only to a phase step: read it (keys only)
@@ -54,6 +55,14 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
             tracing::warn!(records = ?ignored, "status records under nodes/ that count as no live node; an unreadable one under a lease holds every step that needs acknowledgement");
         }
         s.ignored = ignored;
+        let skipped: Vec<String> = malformed
+            .iter()
+            .map(|(k, why)| format!("{k}: {why}"))
+            .collect();
+        if s.malformed_epochs != skipped && !skipped.is_empty() {
+            tracing::error!(records = ?skipped, "epoch records that cannot be parsed are skipped (nodes skip them too); fix or delete them");
+        }
+        s.malformed_epochs = skipped;
         s.unreadable = nodes.unreadable.len();
         s.unleased = nodes.unleased.len();
     }
@@ -65,7 +74,73 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
         calico_nodes,
         identities,
         now: now_unix(),
+        refused: Vec::new(),
     }))
+}
+
+/// Whether a record says it is sealed under `kek` (mainly or beside).
+fn sealed_for(rec: &EpochRecord, kek: &Kek) -> bool {
+    let fp = kek.fingerprint();
+    rec.kek_fingerprint == fp || rec.also_sealed.contains_key(&fp)
+}
+
+/// With the KEK at hand, reseals legacy records (version 1, parameters not
+/// bound) as version 2, one step on its own, and notes in the view every
+/// epoch that claims this KEK but does not open with the parameters it
+/// carries (altered in etcd). Without the KEK nothing is checked here:
+/// nodes refuse such records themselves.
+async fn check_seals(
+    etcd: &Etcd,
+    opts: &ManagerOptions,
+    fence: &Fence,
+    view: &mut View,
+    stats: &Mutex<Stats>,
+) -> Result<Option<Action>, IpsecStoreError> {
+    let Ok(kek) = Kek::load(&opts.kek_file) else {
+        return Ok(None);
+    };
+    let store = IpsecStore::new(etcd);
+    let guid = store.cluster_guid().await?;
+    let kek_changing = view.epochs.iter().any(|(e, _)| !e.also_sealed.is_empty());
+    let mut legacy = Vec::new();
+    let mut refused = Vec::new();
+    for (rec, rev) in &view.epochs {
+        if !sealed_for(rec, &kek) {
+            continue;
+        }
+        match rec.open(&kek, &guid) {
+            Ok(secret) if rec.seal == SEAL_LEGACY && !kek_changing => {
+                let mut bound = rec.clone();
+                if bound.seal_under(&secret, &kek, &guid).is_ok() {
+                    legacy.push((bound, *rev));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => refused.push((rec.epoch, e.to_string())),
+        }
+    }
+    if !legacy.is_empty() {
+        let list: Vec<u32> = legacy.iter().map(|(e, _)| e.epoch).collect();
+        if store.put_epochs_fenced(fence, &legacy).await? {
+            tracing::info!(epochs = ?list, "resealed legacy epoch records: their parameters and the clusterGUID are now bound to the secret");
+        }
+        return Ok(Some(Action::Wait(format!(
+            "resealed epochs {list:?} (version 2)"
+        ))));
+    }
+    {
+        let mut s = lock(stats);
+        let now: Vec<String> = refused
+            .iter()
+            .map(|(e, why)| format!("epoch {e}: {why}"))
+            .collect();
+        if s.refused_epochs != now && !now.is_empty() {
+            tracing::error!(epochs = ?now, "epoch records altered after sealing (their parameters no longer match): no node uses them; the manager retires them and rotates");
+        }
+        s.refused_epochs = now;
+    }
+    view.refused = refused.into_iter().map(|(e, _)| e).collect();
+    Ok(None)
 }
 
 /// One step of the leader: read, decide, write under the fence ([`Fence`]).
@@ -75,11 +150,14 @@ pub(super) async fn tick(
     fence: &Fence,
     stats: &Mutex<Stats>,
 ) -> Result<Action, IpsecStoreError> {
-    let Some(view) = read_view(etcd, stats).await? else {
+    let Some(mut view) = read_view(etcd, stats).await? else {
         return Ok(Action::Wait(
             "no /calico/ipsec/v1/config: run `calico-ipsec keys init`".into(),
         ));
     };
+    if let Some(wait) = check_seals(etcd, opts, fence, &mut view, stats).await? {
+        return Ok(wait);
+    }
     {
         let mut s = lock(stats);
         s.phase = Some(view.config.0.phase);
@@ -123,7 +201,9 @@ pub(super) async fn tick(
             } else {
                 store.delete_epoch_fenced(fence, *n, *rev).await?
             };
-            if done {
+            if done && rec.state == EpochState::Active {
+                tracing::warn!(epoch = n, "the active epoch's activation time was unreadable or in this manager's future: stamped again now (the overlap and the next rotation count from it)");
+            } else if done {
                 if matches!(action, Action::Activate(_)) {
                     lock(stats).activations += 1;
                     tracing::info!(

@@ -25,6 +25,9 @@ pub struct View {
     pub identities: String,
     /// Unix seconds now.
     pub now: u64,
+    /// Epochs whose record claims this manager's KEK but does not open
+    /// with the parameters it carries (altered in etcd): no node uses them.
+    pub refused: Vec<u32>,
 }
 
 /// The one step a tick takes.
@@ -156,7 +159,13 @@ pub fn decide(v: &View) -> Action {
     };
     let newest_active = of(EpochState::Active).map(|e| e.epoch).max();
     let lost = |e: u32| v.live.iter().any(|(_, s)| s.lost_epochs.contains(&e));
+    let refused = |e: u32| v.refused.contains(&e);
     if let Some(p) = of(EpochState::Pending).map(|e| e.epoch).min() {
+        if refused(p) {
+            // Altered in etcd: no node installs it. Retire it; the next
+            // rotation makes a fresh one (under a new number).
+            return Action::Retire(vec![p]);
+        }
         if newest_active.is_some_and(|a| p < a) {
             // A pending epoch older than the active one can never be used.
             return Action::Retire(vec![p]);
@@ -183,6 +192,15 @@ pub fn decide(v: &View) -> Action {
             names(&missing)
         ));
     }
+    // The overlap and the next rotation count from the newest epoch's
+    // activation, which this manager stamps: a time it cannot read, or one
+    // in its future (another host's clock), is stamped again now.
+    if let Some(rec) = newest_active.and_then(|n| of(EpochState::Active).find(|e| e.epoch == n)) {
+        let stamped = rec.activated.as_deref().and_then(parse_rfc3339);
+        if stamped.is_none_or(|t| t > v.now) {
+            return Action::Activate(rec.epoch);
+        }
+    }
     if let Some(newest) = newest_active {
         let older: Vec<u32> = of(EpochState::Active)
             .map(|e| e.epoch)
@@ -191,9 +209,9 @@ pub fn decide(v: &View) -> Action {
         if !older.is_empty() {
             let rec = of(EpochState::Active).find(|e| e.epoch == newest);
             let since = rec
-                .and_then(|e| e.activated.as_deref().or(Some(e.created.as_str())))
+                .and_then(|e| e.activated.as_deref())
                 .and_then(parse_rfc3339)
-                .unwrap_or(0);
+                .unwrap_or(v.now);
             let lagging: Vec<_> = v
                 .live
                 .iter()
@@ -242,12 +260,15 @@ pub fn decide(v: &View) -> Action {
     if let Some(newest) = newest_active.filter(|_| !kek_changing) {
         // A node that lost its key for the active epoch can send to no one:
         // rotate now rather than at the interval.
-        if acks && lost(newest) {
+        if (acks && lost(newest)) || refused(newest) {
             return Action::Rotate;
         }
         if cfg.rotation_interval_seconds > 0 {
             let rec = of(EpochState::Active).find(|e| e.epoch == newest);
-            let born = rec.and_then(|e| parse_rfc3339(&e.created)).unwrap_or(v.now);
+            let born = rec
+                .and_then(|e| e.activated.as_deref())
+                .and_then(parse_rfc3339)
+                .unwrap_or(v.now);
             if v.now >= born.saturating_add(cfg.rotation_interval_seconds) {
                 return Action::Rotate;
             }

@@ -76,6 +76,10 @@ struct Stats {
     waiting: String,
     last_loop: Option<Instant>,
     kek_error: Option<String>,
+    /// Epoch records that do not parse, skipped.
+    malformed_epochs: Vec<String>,
+    /// Epoch records altered after sealing, refused.
+    refused_epochs: Vec<String>,
     write_error: Option<String>,
     step_error: Option<String>,
     unreadable: usize,

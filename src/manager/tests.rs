@@ -14,6 +14,7 @@ fn epoch(n: u32, state: EpochState, activated: Option<u64>) -> (EpochRecord, i64
             icv_bits: None,
             kek_fingerprint: String::new(),
             sealed_secret: String::new(),
+            seal: crate::datastore::records::SEAL_BOUND,
             also_sealed: Default::default(),
             agreement: None,
             activated: activated.map(ipsec::rfc3339),
@@ -68,6 +69,7 @@ fn view(
         calico_nodes: vec![],
         identities: "d".into(),
         now: 2000,
+        refused: vec![],
     }
 }
 
@@ -372,4 +374,66 @@ fn waits(v: &View) -> String {
         Action::Wait(why) => why,
         other => panic!("expected a wait, got {other:?}"),
     }
+}
+
+#[test]
+fn an_altered_epoch_is_retired_or_rotated_away_never_activated() {
+    use Phase::Enforce;
+    let p = Enforce;
+    // An altered pending epoch, installed everywhere as far as the statuses
+    // say: retired, not activated.
+    let mut v = view(
+        p,
+        p,
+        3,
+        vec![
+            epoch(1, EpochState::Active, Some(1500)),
+            epoch(2, EpochState::Pending, None),
+        ],
+        vec![node(p, 3, &[1, 2], Some(1)); 2],
+    );
+    assert_eq!(decide(&v), Action::Activate(2), "unaltered: activated");
+    v.refused = vec![2];
+    assert_eq!(decide(&v), Action::Retire(vec![2]));
+    // The active epoch altered: a new epoch is made at once.
+    let mut v = view(
+        p,
+        p,
+        3,
+        vec![epoch(1, EpochState::Active, Some(1500))],
+        vec![node(p, 3, &[1], Some(1)); 2],
+    );
+    let why = waits(&v);
+    assert!(why.contains("steady"), "{why}");
+    v.refused = vec![1];
+    assert_eq!(decide(&v), Action::Rotate);
+}
+
+#[test]
+fn rotation_counts_from_the_managers_activation_stamp_not_the_creators_clock() {
+    use Phase::Enforce;
+    let p = Enforce;
+    // Created (by `keys rotate` on a host whose clock is far behind) at
+    // 1000, activated by the manager at 1900: with a 500 s interval the
+    // rotation is due at 2400, not at 1500.
+    let mut v = view(
+        p,
+        p,
+        3,
+        vec![epoch(1, EpochState::Active, Some(1900))],
+        vec![node(p, 3, &[1], Some(1))],
+    );
+    v.config.0.rotation_interval_seconds = 500;
+    let why = waits(&v);
+    assert!(why.contains("steady"), "{why}");
+    v.now = 2400;
+    assert_eq!(decide(&v), Action::Rotate);
+    // A stamp in the manager's future (another host's clock), or one it
+    // cannot read, is stamped again: never a rotation or a retirement
+    // decided on it.
+    v.now = 2000;
+    v.epochs[0].0.activated = Some(ipsec::rfc3339(9000));
+    assert_eq!(decide(&v), Action::Activate(1));
+    v.epochs[0].0.activated = Some("yesterday".into());
+    assert_eq!(decide(&v), Action::Activate(1));
 }

@@ -91,6 +91,12 @@ pub struct Ledger {
     pub incarnation: u32,
     /// "epoch/peer" of every outbound SA created.
     pub sent: BTreeSet<String>,
+    /// Epochs whose entries were dropped when they left the kernel: one
+    /// that comes back (set active again, or restored from a backup) would
+    /// get its old keys back, so any outbound SA of it needs a new
+    /// incarnation.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub forgotten: BTreeSet<u32>,
 }
 
 impl Ledger {
@@ -100,7 +106,31 @@ impl Ledger {
             boot_id: boot_id.to_string(),
             incarnation,
             sent: BTreeSet::new(),
+            forgotten: BTreeSet::new(),
         }
+    }
+
+    /// Whether an outbound SA (epoch, peer, lane) would reuse a key of this
+    /// incarnation: it was created before, or its epoch was forgotten.
+    pub fn used_before(&self, epoch: u32, peer: &str, lane: u8) -> bool {
+        self.forgotten.contains(&epoch) || self.sent.contains(&Self::entry(epoch, peer, lane))
+    }
+
+    /// Drops the entries of epochs no longer installed, remembering their
+    /// numbers; returns whether anything changed.
+    pub fn prune(&mut self, installed: &[u32]) -> bool {
+        let before = (self.sent.len(), self.forgotten.len());
+        let mut gone = BTreeSet::new();
+        self.sent.retain(|e| match Self::epoch_of(e) {
+            Some(n) if installed.contains(&n) => true,
+            Some(n) => {
+                gone.insert(n);
+                false
+            }
+            None => false,
+        });
+        self.forgotten.extend(gone);
+        before != (self.sent.len(), self.forgotten.len())
     }
 
     /// "epoch/peer" for lane 0 (IPv4 transport), "epoch/peer/lane" for the others.

@@ -52,6 +52,9 @@ pub enum DesiredError {
     /// The cluster has no clusterGUID, which salts every key.
     #[error("Calico's ClusterInformation has no clusterGUID, which salts every key")]
     NoClusterGuid,
+    /// This node's id does not fit an SPI.
+    #[error("this node's id {0} is above {max}, which an SPI holds (/calico/ipsec/v1/nodeids/): delete its nodeids and ids records so it gets a lower one", max = keys::MAX_NODE_ID)]
+    IdTooLarge(u16),
     /// The ICV length in the config is not 64, 96 or 128.
     #[error("/calico/ipsec/v1/config has icvBits {0}; use 64, 96 or 128")]
     BadIcv(u32),
@@ -528,6 +531,9 @@ impl Desired {
                     format!("has node id {}, above {}", id.id, keys::MAX_NODE_ID),
                 );
             }
+        }
+        if let Some(mine) = i.my_identity.filter(|m| m.id > keys::MAX_NODE_ID) {
+            return Err(DesiredError::IdTooLarge(mine.id));
         }
         let me = t
             .nodes

@@ -46,6 +46,7 @@ fn epoch(n: u32, state: EpochState) -> EpochRecord {
         icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
+        seal: crate::datastore::records::SEAL_BOUND,
         also_sealed: Default::default(),
         agreement: None,
         activated: None,
@@ -625,4 +626,28 @@ fn a_vxlan_port_set_only_on_the_device_is_selected_and_caught() {
         .map(|p| p.sel.dport)
         .collect();
     assert_eq!(caught, BTreeSet::from([4789, 4790]));
+}
+
+#[test]
+fn an_own_id_above_what_an_spi_holds_is_refused_not_masked() {
+    let t = topology();
+    let mut ids = ids();
+    let epochs = [epoch(1, EpochState::Active)];
+    let mut compute = |id: u16| {
+        ids.get_mut("node-1").expect("node-1").id = id;
+        Desired::compute(&Inputs {
+            topology: &t,
+            me: "node-1",
+            my_identity: ids.get("node-1"),
+            identities: &ids,
+            phase: Phase::Encrypt,
+            epochs: &epochs,
+            icv_bits: 128,
+            agreement: &std::collections::BTreeMap::new(),
+        })
+    };
+    assert!(compute(keys::MAX_NODE_ID).is_ok());
+    // 0x8001 masked would be id 1, another node's SPIs.
+    let err = compute(0x8001).expect_err("refused");
+    assert!(matches!(err, DesiredError::IdTooLarge(0x8001)), "{err}");
 }

@@ -42,6 +42,7 @@ fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
         icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
+        seal: crate::datastore::records::SEAL_BOUND,
         also_sealed: Default::default(),
         agreement: None,
         activated: None,

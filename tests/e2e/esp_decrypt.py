@@ -4,8 +4,8 @@
 Usage: esp_decrypt.py PCAP ETCD_DUMP KEK_FILE MARKER [POD_CIDRS]
 
 ETCD_DUMP is `etcdctl get --prefix /calico/ -w json`. From it and the KEK
-this script opens each epoch secret (AES-256-GCM, AAD
-"calico-ipsec/v1/epoch/N", value = base64(nonce || ciphertext || tag)) and
+this script opens each epoch secret (AES-256-GCM, the AAD of seal_aad(),
+value = base64(nonce || ciphertext || tag)) and
 derives each SA's key exactly as the README documents:
 
     okm = HKDF-SHA256(IKM = epoch secret, salt = clusterGUID,
@@ -152,6 +152,20 @@ def read_pcap(path):
             yield frame[16:]
 
 
+def seal_aad(rec, guid):
+    """The AAD an epoch record's secret was sealed with: version 1 binds the
+    epoch number; version 2 ("seal": 2) length-prefixes the epoch, algorithm,
+    key bits, ICV bits, agreement and clusterGUID (docs/spec.md)."""
+    n = rec["epoch"]
+    if rec.get("seal", 1) == 1:
+        return f"calico-ipsec/v1/epoch/{n}".encode()
+    icv = rec.get("icv_bits")
+    fields = [struct.pack(">I", n), rec["algorithm"].encode(), struct.pack(">I", rec.get("key_bits", 128)),
+              struct.pack(">I", icv) if icv is not None else b"", (rec.get("agreement") or "").encode(),
+              guid.encode()]
+    return b"calico-ipsec/v2/epoch-seal" + b"".join(struct.pack(">I", len(f)) + f for f in fields)
+
+
 def main():
     pcap, dump, kek_file, marker = sys.argv[1:5]
     pods = [ipaddress.ip_network(c) for c in sys.argv[5].split(",")] if len(sys.argv) > 5 else []
@@ -166,7 +180,7 @@ def main():
             try:
                 n = v["epoch"]
                 raw = base64.b64decode(v["sealedSecret"] if "sealedSecret" in v else v["sealed_secret"])
-                secrets[n] = AESGCM(kek).decrypt(raw[:12], raw[12:], f"calico-ipsec/v1/epoch/{n}".encode())
+                secrets[n] = AESGCM(kek).decrypt(raw[:12], raw[12:], seal_aad(v, guid))
                 key_bits[n] = v.get("key_bits", 128)
             except Exception:  # noqa: BLE001 - a planted record without a secret
                 pass

@@ -134,10 +134,10 @@ wait_until 60 "node-1 refuses node-2's forged key" grep -q 'does not verify' "$t
 wait_until 60 "node-2 finds the record under its name is not its key, and reports epoch 4 lost" \
     grep -q 'is not this node.s key' "$tmp/agent-node-2.log" || true
 wait_until 120 "the manager retired the forged epoch: epoch 3 alone again" only_epoch 3 || true
-# The next epoch takes the free number 4 again, with fresh keys (the forged
-# record went with the retired epoch).
+# The next epoch takes number 5: numbers are never reused (the epoch
+# counter), and the forged record went with the retired epoch 4.
 check "keys rotate after the forgery" rotate
-wait_until 120 "the new epoch 4 active: the cluster moves on" only_epoch 4 || true
+wait_until 120 "the new epoch 5 active: the cluster moves on" only_epoch 5 || true
 
 kill -TERM "$ping12" "$ping23" 2>/dev/null || true
 wait "$ping12" "$ping23" 2>/dev/null || true
