@@ -312,6 +312,7 @@ fn node_status_vanishes_with_its_lease() {
             handover: false,
             kek: String::new(),
             lost_epochs: vec![],
+            seal: 2,
         };
         store
             .put_status("node-1", &status, lease)
@@ -460,6 +461,7 @@ fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
         handover: false,
         kek: old_k.fingerprint(),
         lost_epochs: vec![],
+        seal: 2,
     };
     rt.block_on(store.put_status("node-1", &status, lease))
         .expect("status");

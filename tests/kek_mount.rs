@@ -133,6 +133,7 @@ fn stand_in_agent(server: &EtcdServer) {
             handover: false,
             kek: String::new(),
             lost_epochs: vec![],
+            seal: 2,
         };
         let lease = etcd.grant_lease(120).await.expect("lease");
         IpsecStore::new(&etcd)
@@ -353,4 +354,154 @@ fn a_fifo_kek_fails_fast_everywhere() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// kubelet's update of a mounted Secret: a new timestamped directory, then
+/// `..data` swapped to it by one rename.
+fn kubelet_update(dir: &Path, text: &[u8]) {
+    let ts = "..2026_12_06_10_00_00.987654321";
+    std::fs::create_dir_all(dir.join(ts)).expect("mkdir");
+    std::fs::set_permissions(dir.join(ts), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let file = dir.join(ts).join("kek");
+    std::fs::write(&file, text).expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+    symlink(ts, dir.join("..data_tmp")).expect("link");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
+}
+
+/// The status record's `kek` of `node`.
+fn reported_kek(server: &EtcdServer, node: &str) -> String {
+    block_on(async {
+        let etcd = Etcd::connect(&settings(server)).await.expect("connect");
+        IpsecStore::new(&etcd)
+            .statuses()
+            .await
+            .expect("statuses")
+            .into_iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, s)| s.kek)
+            .unwrap_or_default()
+    })
+}
+
+/// KEK rotation as shipped: the agent runs with `--kek-from` the kubelet
+/// mount and the plugin's copy as the entry's `kek_file`. When kubelet
+/// swaps `..data` to the new KEK, the copy follows (atomically, 0600, a
+/// regular file), the status reports the copy's fingerprint, and
+/// `rotate-kek --finish` waits for exactly that.
+#[test]
+fn the_plugins_kek_copy_follows_a_kubelet_update_and_finish_waits_for_it() {
+    require_root();
+    let mut server = EtcdServer::start();
+    server.load_fixture(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/calico/etcd-3-nodes.json"
+    )));
+    let tmp = open_tempdir();
+    let old = init(&server, tmp.path(), "86400");
+    let mount_dir = tmp.path().join("vol");
+    let mounted = kubelet_mount(&mount_dir, &old, 0, 0o400);
+    let copy = tmp.path().join("net.d/calico-ipsec/kek");
+    let conflist = tmp.path().join("10-calico.conflist");
+    let entry = serde_json::json!({
+        "name": "k8s-pod-network", "cniVersion": "0.3.1",
+        "plugins": [
+            {"type": "calico"},
+            {"type": "calico-ipsec", "etcd_endpoints": server.endpoint, "nodename": "node-1",
+             "kek_file": copy, "state_dir": tmp.path().join("state"),
+             "agreement_dir": tmp.path().join("agreement"),
+             "log_file_path": tmp.path().join("cni.log")}
+        ]
+    });
+    std::fs::write(&conflist, entry.to_string()).expect("conflist");
+    let log = tmp.path().join("agent.log");
+    let mut agent = Command::new(PLUGIN)
+        .arg("agent")
+        .arg("--config")
+        .arg(&conflist)
+        .arg("--kek-from")
+        .arg(&mounted)
+        .args([
+            "--listen",
+            "none",
+            "--lease-ttl-seconds",
+            "3",
+            "--resync-seconds",
+            "2",
+        ])
+        .env_remove("NODENAME")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("agent");
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !ok() {
+            if t.elapsed() > Duration::from_secs(30) {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{what}: not within 30 s; agent log:\n{said}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let fp = |text: &[u8]| {
+        let f = tmp.path().join("fp");
+        std::fs::write(&f, text).expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        calico_ipsec::keys::Kek::load(&f)
+            .expect("kek")
+            .fingerprint()
+    };
+    let old_fp = fp(&old);
+    wait("the copy made at start", &|| {
+        std::fs::read(&copy).ok().as_deref() == Some(&old[..])
+    });
+    wait("the status reports the copy's KEK", &|| {
+        reported_kek(&server, "node-1") == old_fp
+    });
+
+    // Step 1 of a KEK rotation, then the Secret changes.
+    let new_file = tmp.path().join("new-kek");
+    let mut c = Command::new(PLUGIN);
+    c.args(["keys", "rotate-kek", "--kek-file"])
+        .arg(tmp.path().join("created-kek"))
+        .arg("--new-kek-file")
+        .arg(&new_file);
+    let out = run(c, &server);
+    assert!(out.status.success(), "{}", text(&out));
+    let new = std::fs::read(&new_file).expect("new KEK");
+    let new_fp = fp(&new);
+    assert_ne!(new_fp, old_fp);
+    let finish = || {
+        let mut c = Command::new(PLUGIN);
+        c.args(["keys", "rotate-kek", "--finish", "--kek-file"])
+            .arg(tmp.path().join("created-kek"))
+            .arg("--new-kek-file")
+            .arg(&new_file);
+        run(c, &server)
+    };
+    let early = finish();
+    assert!(
+        !early.status.success(),
+        "finish before any node holds the new KEK"
+    );
+    assert!(text(&early).contains("node-1"), "{}", text(&early));
+
+    kubelet_update(&mount_dir, &new);
+    wait("the copy follows the Secret", &|| {
+        std::fs::read(&copy).ok().as_deref() == Some(&new[..])
+    });
+    let meta = std::fs::symlink_metadata(&copy).expect("stat");
+    assert!(
+        meta.file_type().is_file(),
+        "a regular file, not a link into the mount"
+    );
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    wait("the status reports the new KEK", &|| {
+        reported_kek(&server, "node-1") == new_fp
+    });
+    let done = finish();
+    assert!(done.status.success(), "{}", text(&done));
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

@@ -155,6 +155,7 @@ impl Nodes {
                 handover: false,
                 kek: String::new(),
                 lost_epochs: vec![],
+                seal: 2,
             };
             IpsecStore::new(etcd)
                 .put_status(name, &status, *lease)

@@ -52,6 +52,7 @@ fn status(phase: Phase, gen: u64) -> NodeStatus {
         handover: false,
         kek: String::new(),
         lost_epochs: vec![],
+        seal: 2,
     }
 }
 

@@ -62,6 +62,34 @@ pub struct AgentOptions {
     pub lease_ttl: i64,
     /// Full re-convergence period even without events.
     pub resync: Duration,
+    /// The mounted KEK Secret that the plugin's copy (`cfg.kek_file`)
+    /// follows; `None` leaves the copy alone.
+    pub kek_from: Option<PathBuf>,
+}
+
+/// Makes the plugin's KEK copy equal to the mounted Secret (atomically,
+/// 0600), so that a KEK changed in the Secret reaches the CNI plugin
+/// without a restart; the status then reports the copy's fingerprint,
+/// which `keys rotate-kek --finish` waits for. A failure is logged once
+/// per distinct reason; the copy stays as it was.
+pub fn follow_kek(from: &std::path::Path, copy: &std::path::Path, said: &mut Option<String>) {
+    match crate::install::install_kek(from, copy) {
+        Ok(crate::install::Outcome::Written) => {
+            let fp = crate::keys::Kek::load(copy)
+                .map(|k| k.fingerprint())
+                .unwrap_or_default();
+            tracing::info!(from = %from.display(), copy = %copy.display(), fingerprint = %fp, "the plugin's KEK copy now follows the mounted Secret");
+            *said = None;
+        }
+        Ok(_) => *said = None,
+        Err(e) => {
+            let why = e.to_string();
+            if said.as_deref() != Some(why.as_str()) {
+                tracing::error!(from = %from.display(), copy = %copy.display(), error = %why, "cannot bring the plugin's KEK copy in line with the mounted Secret");
+                *said = Some(why);
+            }
+        }
+    }
 }
 
 /// Why the agent stopped.
@@ -132,6 +160,9 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let node = opts.cfg.node_name()?;
     // After a reboot, the catch-all this node enforced is back before etcd
     // is asked (DESIGN §5c); the first convergence then decides.
+    if let Some(from) = &opts.kek_from {
+        follow_kek(from, &opts.cfg.kek_file, &mut None);
+    }
     match crate::converge::open_state(&opts.cfg) {
         Ok(mut state) => crate::converge::guard::restore(&mut state, true),
         Err(e) => {

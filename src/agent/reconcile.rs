@@ -238,6 +238,8 @@ pub(super) struct Reconciler {
     backoff: Backoff,
     last_published: Option<NodeStatus>,
     published_at: Instant,
+    /// The last failure to follow the mounted KEK, logged once.
+    kek_said: Option<String>,
 }
 
 impl Reconciler {
@@ -251,6 +253,7 @@ impl Reconciler {
             backoff: Backoff::new(),
             last_published: None,
             published_at: Instant::now(),
+            kek_said: None,
         }
     }
 
@@ -339,7 +342,11 @@ impl Reconciler {
         if alive == Some(false) || self.published_at.elapsed() >= REPUBLISH {
             self.last_published = None;
         }
-        // A new KEK (the Secret changed): say so within a heartbeat.
+        // A new KEK (the Secret changed): the plugin's copy follows it, and
+        // the status says so within a heartbeat.
+        if let Some(from) = &ctx.opts.kek_from {
+            super::follow_kek(from, &ctx.opts.cfg.kek_file, &mut self.kek_said);
+        }
         let kek_changed = self
             .last_published
             .as_ref()

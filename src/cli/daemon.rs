@@ -32,6 +32,11 @@ pub struct AgentArgs {
     /// The KEK file; overrides the entry's kek_file.
     #[arg(long)]
     pub kek_file: Option<PathBuf>,
+    /// The mounted KEK Secret (kubelet's `..data` layout): the agent keeps
+    /// the plugin's copy (the entry's kek_file) equal to it, atomically, so
+    /// that a KEK changed in the Secret reaches the plugin without a restart.
+    #[arg(long)]
+    pub kek_from: Option<PathBuf>,
     /// This node's name; overrides the entry's nodename.
     #[arg(long, env = "NODENAME")]
     pub nodename: Option<String>,
@@ -146,6 +151,7 @@ pub fn exec_agent(args: &AgentArgs) -> Result<(), CliError> {
         cfg.etcd = s.config;
     }
     let opts = crate::agent::AgentOptions {
+        kek_from: args.kek_from.clone(),
         cfg,
         listen: listen_addr(&args.listen)?,
         conf_dir: repair.then(|| args.conf_dir.clone()),

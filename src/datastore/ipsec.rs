@@ -173,6 +173,7 @@ impl<'a> IpsecStore<'a> {
     ) -> Result<EpochRecord, IpsecStoreError> {
         let secret = EpochSecret::generate()?;
         let guid = self.cluster_guid().await?;
+        let version = self.seal_version().await?;
         let mut rec = EpochRecord {
             epoch: 1,
             state: EpochState::Active,
@@ -189,7 +190,7 @@ impl<'a> IpsecStore<'a> {
                 .then(|| super::records::AGREEMENT_P256.to_string()),
             activated: Some(now_rfc3339()),
         };
-        rec.seal_under(&secret, kek, &guid)?;
+        rec.seal_under(&secret, kek, &guid, version)?;
         let created = self
             .etcd
             .create_all(&[
@@ -235,6 +236,7 @@ impl<'a> IpsecStore<'a> {
             return Err(IpsecStoreError::NotInitialised(config_key()));
         };
         let guid = self.cluster_guid().await?;
+        let version = self.seal_version().await?;
         for _ in 0..16 {
             let epochs = self.epochs().await?;
             if epochs.iter().any(|e| !e.also_sealed.is_empty()) {
@@ -285,7 +287,7 @@ impl<'a> IpsecStore<'a> {
                     .then(|| super::records::AGREEMENT_P256.to_string()),
                 activated: None,
             };
-            rec.seal_under(&secret, kek, &guid)?;
+            rec.seal_under(&secret, kek, &guid, version)?;
             if let Some(why) = rec.cipher_problem(config.icv_bits) {
                 return Err(IpsecStoreError::BadCipher(why));
             }
@@ -327,6 +329,24 @@ impl<'a> IpsecStore<'a> {
             }
         }
         Err(IpsecStoreError::Contended("adding an epoch".into()))
+    }
+
+    /// The sealing version a new record gets: [`super::records::SEAL_BOUND`]
+    /// once every live node opens it (an agent of the previous release
+    /// opens only legacy records, so a rolling upgrade keeps working),
+    /// legacy before.
+    pub async fn seal_version(&self) -> Result<u32, IpsecStoreError> {
+        let all_bound = self
+            .node_statuses()
+            .await?
+            .live
+            .iter()
+            .all(|(_, s)| s.seal >= super::records::SEAL_BOUND);
+        Ok(if all_bound {
+            super::records::SEAL_BOUND
+        } else {
+            super::records::SEAL_LEGACY
+        })
     }
 
     /// Calico's clusterGUID (ClusterInformation `default`), which sealing
@@ -399,10 +419,6 @@ impl<'a> IpsecStore<'a> {
         let guid = self.cluster_guid().await?;
         self.reseal(|rec| {
             let secret = rec.open(old, &guid)?;
-            if rec.seal != super::records::SEAL_BOUND {
-                // Both sealings of a record share its version.
-                rec.seal_under(&secret, old, &guid)?;
-            }
             rec.seal_beside(&secret, new, &guid)
         })
         .await
@@ -414,7 +430,8 @@ impl<'a> IpsecStore<'a> {
         let guid = self.cluster_guid().await?;
         self.reseal(|rec| {
             let secret = rec.open(kek, &guid)?;
-            rec.seal_under(&secret, kek, &guid)
+            let version = rec.seal;
+            rec.seal_under(&secret, kek, &guid, version)
         })
         .await
     }
@@ -657,7 +674,8 @@ mod tests {
         assert_eq!(read.open(&kek, "guid").expect("open"), secret);
         // Resealed, it is bound: the text names version 2, and an altered
         // parameter no longer opens.
-        rec.seal_under(&secret, &kek, "guid").expect("reseal");
+        rec.seal_under(&secret, &kek, "guid", super::super::records::SEAL_BOUND)
+            .expect("reseal");
         let text = String::from_utf8(encode(&rec)).expect("utf8");
         assert!(text.contains("\"state\":\"pending\""), "{text}");
         assert!(text.contains("\"seal\":2"), "{text}");

@@ -261,32 +261,41 @@ impl EpochRecord {
         EpochSecret::unseal_with(kek, aad, sealed)
     }
 
-    /// Seals `secret` under `kek` for this record as it now stands (version
-    /// 2), replacing the main sealing and dropping the others.
+    /// Seals `secret` under `kek` for this record as it now stands, as
+    /// `version` ([`SEAL_BOUND`], or [`SEAL_LEGACY`] while a live node
+    /// opens only that), replacing the main sealing and dropping the others.
     pub fn seal_under(
         &mut self,
         secret: &EpochSecret,
         kek: &Kek,
         cluster_guid: &str,
+        version: u32,
     ) -> Result<(), SealError> {
-        self.sealed_secret = secret.seal_bound(kek, &self.binding(cluster_guid))?;
+        self.seal = version;
+        self.sealed_secret = self.sealing(secret, kek, cluster_guid)?;
         self.kek_fingerprint = kek.fingerprint();
         self.also_sealed.clear();
-        self.seal = SEAL_BOUND;
         Ok(())
     }
 
-    /// Adds a sealing under another KEK beside the main one (version 2: the
-    /// main one must be version 2 too, see [`Self::seal_under`]).
+    /// Adds a sealing under another KEK beside the main one, of the same
+    /// version.
     pub fn seal_beside(
         &mut self,
         secret: &EpochSecret,
         kek: &Kek,
         cluster_guid: &str,
     ) -> Result<(), SealError> {
-        let sealed = secret.seal_bound(kek, &self.binding(cluster_guid))?;
+        let sealed = self.sealing(secret, kek, cluster_guid)?;
         self.also_sealed.insert(kek.fingerprint(), sealed);
         Ok(())
+    }
+
+    fn sealing(&self, secret: &EpochSecret, kek: &Kek, guid: &str) -> Result<String, SealError> {
+        match self.seal {
+            SEAL_LEGACY => secret.seal(kek, self.epoch),
+            _ => secret.seal_bound(kek, &self.binding(guid)),
+        }
     }
 }
 
@@ -331,6 +340,11 @@ pub struct NodeStatus {
     /// as after a reboot): the manager moves to a new epoch at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_epochs: Vec<u32>,
+    /// The newest epoch sealing this node opens ([`SEAL_BOUND`]; absent, 0:
+    /// an agent from before it, which opens [`SEAL_LEGACY`] records only).
+    /// Records are sealed as version 2 only once every live node opens it.
+    #[serde(default)]
+    pub seal: u32,
 }
 
 /// The status records under `nodes/`, sorted by what they can tell.

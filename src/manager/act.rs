@@ -12,7 +12,7 @@ use crate::datastore::ipsec::{
     IpsecStoreError,
 };
 use crate::datastore::leader::Fence;
-use crate::datastore::records::SEAL_LEGACY;
+use crate::datastore::records::{SEAL_BOUND, SEAL_LEGACY};
 use crate::keys::Kek;
 
 async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, IpsecStoreError> {
@@ -102,6 +102,8 @@ async fn check_seals(
     let store = IpsecStore::new(etcd);
     let guid = store.cluster_guid().await?;
     let kek_changing = view.epochs.iter().any(|(e, _)| !e.also_sealed.is_empty());
+    // Every live agent opens bound records (a rolling upgrade is over).
+    let all_bound = view.live.iter().all(|(_, s)| s.seal >= SEAL_BOUND);
     let mut legacy = Vec::new();
     let mut refused = Vec::new();
     for (rec, rev) in &view.epochs {
@@ -109,9 +111,9 @@ async fn check_seals(
             continue;
         }
         match rec.open(&kek, &guid) {
-            Ok(secret) if rec.seal == SEAL_LEGACY && !kek_changing => {
+            Ok(secret) if rec.seal == SEAL_LEGACY && !kek_changing && all_bound => {
                 let mut bound = rec.clone();
-                if bound.seal_under(&secret, &kek, &guid).is_ok() {
+                if bound.seal_under(&secret, &kek, &guid, SEAL_BOUND).is_ok() {
                     legacy.push((bound, *rev));
                 }
             }

@@ -37,6 +37,7 @@ fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeS
         handover: false,
         kek: String::new(),
         lost_epochs: vec![],
+        seal: 2,
     }
 }
 

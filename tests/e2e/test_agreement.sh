@@ -168,11 +168,11 @@ wait "${AGENT_PID[node-1]}" 2>/dev/null || true
 rm -f "$tmp"/agreement-node-1/*.key
 ipn node-1 xfrm state flush
 agent_start node-1
-wait_until 60 "reboot: node-1 finds its epoch-4 private key gone and reports the epoch lost" \
+wait_until 60 "reboot: node-1 finds its epoch-5 private key gone and reports the epoch lost" \
     grep -q 'its private key is not here' "$tmp/agent-node-1.log" || true
-wait_until 180 "reboot: the manager rotates at once: epoch 5 active, epoch 4 deleted" only_epoch 5 || true
-check_eq "reboot: node-1 holds a new 0600 private key for epoch 5" \
-    "$(stat -c %a "$tmp"/agreement-node-1/5-*.key 2>&1)" 600
+wait_until 180 "reboot: the manager rotates at once: epoch 6 active, epoch 5 deleted" only_epoch 6 || true
+check_eq "reboot: node-1 holds a new 0600 private key for epoch 6" \
+    "$(stat -c %a "$tmp"/agreement-node-1/6-*.key 2>&1)" 600
 sleep 3
 kill -TERM "$ping12" "$ping23" 2>/dev/null || true
 wait "$ping12" "$ping23" 2>/dev/null || true
@@ -182,7 +182,7 @@ check_eq "reboot: packets with a pod address in clear on node-1's port" "$clear"
 lost23=$(jq '.lost | length' "$tmp/reboot-23.json")
 info "reboot: echo 2→3 (pair without node-1): $(jq '.sent | length' "$tmp/reboot-23.json") sent, $lost23 lost"
 check_eq "reboot: the pair without node-1 lost nothing" "$lost23" 0
-# node-1's own pair is dark from the flush until epoch 5 (fail closed), then
+# node-1's own pair is dark from the flush until epoch 6 (fail closed), then
 # flows again: the last 2 s of echoes all came back.
 read -r sent12 lost12 tail12 < <(python3 - "$tmp/reboot-12.json" <<'PY'
 import json, sys
@@ -193,6 +193,6 @@ print(len(d["sent"]), len(d["lost"]), len(late & set(d["lost"])))
 PY
 )
 info "reboot: echo 1→2: $sent12 sent, $lost12 lost while node-1 had no key"
-check_eq "reboot: echo 1→2 flows again under epoch 5 (lost in its last 2 s)" "$tail12" 0
+check_eq "reboot: echo 1→2 flows again under epoch 6 (lost in its last 2 s)" "$tail12" 0
 daemons_stop
 e2e_finish

@@ -286,8 +286,11 @@ kill_round() {
         # kills 1, 7, 13 and 19 puts kills inside every step of a rotation
         # (pending, active, retired, deleted).
         if ((k % 6 == 1)); then
-            timeout 60 ip netns exec "${E2E_NS_PREFIX}wire" "$bin" keys rotate --etcd-endpoints "$ETCD_ENDPOINTS" \
-                --kek-file "$tmp/kek" >"$tmp/rotate-$k.out" 2>&1 &
+            # keys rotate refuses while the last epoch is still pending
+            # (node-1, killed again and again, may not have installed it):
+            # try again until it is accepted.
+            timeout 60 bash -c 'until ip netns exec "$1" "$2" keys rotate --etcd-endpoints "$3" --kek-file "$4"; do sleep 0.5; done' _ \
+                "${E2E_NS_PREFIX}wire" "$bin" "$ETCD_ENDPOINTS" "$tmp/kek" >"$tmp/rotate-$k.out" 2>&1 &
             ROTATE_PID=$!
         fi
         # Once the agent serves (its process is up: seconds in a slow VM),
