@@ -392,7 +392,7 @@ fn reported_kek(server: &EtcdServer, node: &str) -> String {
 #[test]
 fn the_plugins_kek_copy_follows_a_kubelet_update_and_finish_waits_for_it() {
     require_root();
-    let mut server = EtcdServer::start();
+    let server = EtcdServer::start();
     server.load_fixture(Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/calico/etcd-3-nodes.json"
