@@ -19,6 +19,10 @@
 # 5. node-1 reboots (its private keys and SAs gone): it reports the epoch
 #    lost, the manager rotates at once, node-1's pair flows again under the
 #    new epoch, nothing crosses in clear, and node-2↔node-3 loses nothing.
+# 6. A downgrade attempt: a pending AES-256 epoch with key agreement is
+#    rewritten in etcd without agreement and with AES-128. Every node
+#    refuses it (the parameters are bound into the seal), the manager
+#    retires it, no SA of it exists anywhere, and no echo is lost.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -194,5 +198,42 @@ PY
 )
 info "reboot: echo 1→2: $sent12 sent, $lost12 lost while node-1 had no key"
 check_eq "reboot: echo 1→2 flows again under epoch 6 (lost in its last 2 s)" "$tail12" 0
+
+# ------------------------------------------------- 6. a downgrade attempt
+# Someone who can write etcd but has no KEK takes a pending AES-256 epoch
+# with key agreement and strips the agreement and lowers the key to
+# AES-128. The parameters are bound into the seal: every node refuses the
+# record, the manager retires it, and traffic stays on epoch 6.
+for m in mgr-a mgr-b; do kill -TERM "${MANAGER_PID[$m]}" 2>/dev/null || true; done
+for m in mgr-a mgr-b; do wait "${MANAGER_PID[$m]}" 2>/dev/null || true; done
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/down-12.json" 100 2>/dev/null &
+ping12=$!
+ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/down-23.json" 100 2>/dev/null &
+ping23=$!
+sleep 1
+check "keys rotate --key-bits 256 (epoch 7, pending, with key agreement)" rotate --key-bits 256
+ectl get --print-value-only /calico/ipsec/v1/epochs/7 | jq -c 'del(.agreement) | .key_bits = 128' |
+    ectl put /calico/ipsec/v1/epochs/7 >/dev/null
+info "epoch 7 as altered: $(ectl get --print-value-only /calico/ipsec/v1/epochs/7 | jq -c '{epoch, key_bits, agreement, seal}')"
+for n in "${NODES[@]}"; do
+    wait_until 60 "downgrade: $n refuses the altered epoch 7" \
+        grep -q 'does not open with its own parameters' "$tmp/agent-$n.log" || true
+done
+manager_start mgr-a
+manager_start mgr-b
+wait_until 120 "downgrade: the manager retires the altered epoch: epoch 6 alone again" only_epoch 6 || true
+grep -h 'altered after sealing' "$tmp"/manager-mgr-*.log | tail -1 | indent
+for n in "${NODES[@]}"; do
+    # Epoch 7's SPIs carry 7 % 255 + 1 = 0x08 in their top byte.
+    check_eq "downgrade: $n holds no SA of epoch 7" "$(ipn "$n" xfrm state | grep -c 'spi 0x08' || true)" 0
+done
+sleep 1
+kill -TERM "$ping12" "$ping23" 2>/dev/null || true
+wait "$ping12" "$ping23" 2>/dev/null || true
+for pair in 12 23; do
+    lost=$(jq '.lost | length' "$tmp/down-$pair.json")
+    info "downgrade: echo ${pair:0:1}→${pair:1:1}: $(jq '.sent | length' "$tmp/down-$pair.json") sent, $lost lost"
+    check_eq "downgrade: echoes lost p${pair:0:1}→p${pair:1:1} (traffic stays on epoch 6)" "$lost" 0
+done
 daemons_stop
 e2e_finish

@@ -16,6 +16,10 @@
 #      and node-2 and its pod reaches node-1's over ESP; node-3's agent,
 #      stopped with SIGTERM, leaves its states in place; node-3's SAs go
 #      from the others once its records leave etcd.
+#   5. A deleted epoch comes back, still active (etcd restored from an
+#      older backup): node-1 and node-2 take new incarnations, so none of
+#      the keys they held for it before comes back; the manager retires it;
+#      no echo is lost and nothing crosses in clear.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -170,6 +174,47 @@ kill -TERM "$ping_pid"; wait "$ping_pid" || true
 read -r sent lost <<<"$(ping_report 4)"
 info "while node-4 joined and node-3 left: $sent echoes sent, $lost lost"
 check_eq "echoes p1 → p2 lost while node-4 joined and node-3 left" "$lost" 0
+
+# ------------------------------------------------ 5. an epoch restored
+# An etcd restored from an older backup brings back a deleted epoch, still
+# active: the same secret. Its keys must not come back with it: every node
+# remembers the epochs that left its kernel in its incarnation, and takes a
+# new incarnation (new keys) before it creates an outbound SA of it again.
+old=$target
+saved=$(ectl get --print-value-only "/calico/ipsec/v1/epochs/$old")
+spi_byte=$(printf '0x%02x' $((old % 255 + 1)))
+keys_of() { # NODE: the AEAD keys of its states of epoch $old
+    ipn "$1" xfrm state | awk -v b="$spi_byte" '/^src/ {e = 0} $0 ~ "spi " b {e = 1} e && /aead/ {print $3}'
+}
+before_keys=$(for n in node-1 node-2; do keys_of "$n"; done | sort -u)
+check_ge "epoch $old's keys read from the kernel" "$(grep -c . <<<"$before_keys")" 4
+inc_of() { nsx "$1" "$bin" status --nodename "$1" --json | jq -r .incarnation; }
+inc1=$(inc_of node-1) inc2=$(inc_of node-2)
+rotate
+target=$(newest_epoch)
+wait_until 90 "epoch $target active, epoch $old deleted" only_epoch "$target" || true
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-5.json" 100 2>/dev/null &
+ping_pid=$!
+cap_start wire w-node-1 "$tmp/restore.pcap"
+sleep 1
+ectl put "/calico/ipsec/v1/epochs/$old" "$saved" >/dev/null
+has_old() { [[ $(ipn "$1" xfrm state | grep -c "spi $spi_byte") -ge 2 ]]; }
+wait_until 60 "node-1 holds epoch $old's SAs again" has_old node-1 || true
+wait_until 60 "node-2 holds epoch $old's SAs again" has_old node-2 || true
+after_keys=$(for n in node-1 node-2; do keys_of "$n"; done | sort -u)
+info "restored epoch $old: incarnations node-1 $inc1 → $(inc_of node-1), node-2 $inc2 → $(inc_of node-2)"
+check_ge "restored epoch $old: SA keys in the kernel again" "$(grep -c . <<<"$after_keys")" 4
+check_eq "restored epoch $old: keys used before that came back" \
+    "$(comm -12 <(echo "$before_keys") <(echo "$after_keys") | grep -c . || true)" 0
+wait_until 90 "the manager retires the restored epoch: epoch $target alone again" only_epoch "$target" || true
+sleep 1
+cap_stop
+kill -TERM "$ping_pid"; wait "$ping_pid" || true
+read -r sent lost <<<"$(ping_report 5)"
+info "while epoch $old came back and went: $sent echoes sent, $lost lost"
+check_eq "echoes lost while a deleted epoch came back" "$lost" 0
+check_eq "restored epoch: packets with a pod address in clear on node-1's port" \
+    "$(cap_ipv4 "$tmp/restore.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)" 0
 
 for n in node-1 node-2 node-4; do
     if grep -q ' ERROR ' "$tmp/agent-$n.log"; then
