@@ -28,7 +28,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build dist deps lint unit podman e2e test demo demo-run bench fuzz clean validate-manifests image
+.PHONY: all build dist deps lint unit podman e2e test test-long demo demo-run bench fuzz clean validate-manifests image
 
 all: build
 
@@ -96,6 +96,14 @@ image:
 ## test: everything CI runs, stage by stage, with each stage's duration at the end.
 test:
 	@tests/stages.sh deps lint unit podman validate-manifests e2e fuzz
+
+## test-long: the soak rounds `make test` leaves out, on the same binary: the
+## heal suite's agent kills during rotations, E2E_HEAL_ROUNDS rounds (default 5)
+## of E2E_HEAL_KILLS kills (default 60), instead of one round of 20.
+test-long: build
+	CALICO_IPSEC=$(VM_BIN) E2E_HEAL_ROUNDS=$${E2E_HEAL_ROUNDS:-5} E2E_HEAL_KILLS=$${E2E_HEAL_KILLS:-60} \
+		E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-5400} E2E_TIMEOUT=$${E2E_TIMEOUT:-6000} \
+		tests/e2e/vm.sh tests/e2e/run-all.sh 'test_heal.sh'
 
 ## demo: the main job: a three-node cluster in the VM, pods through [ptp, calico-ipsec],
 ## `calico-ipsec status`, and ESP on the wire while pods ping.
