@@ -28,7 +28,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build dist deps lint unit podman e2e test test-long demo demo-run bench fuzz clean validate-manifests image
+.PHONY: all build dist deps lint unit podman e2e test test-long fips fips-e2e demo demo-run bench fuzz clean validate-manifests image
 
 all: build
 
@@ -96,6 +96,31 @@ image:
 ## test: everything CI runs, stage by stage, with each stage's duration at the end.
 test:
 	@tests/stages.sh deps lint unit podman validate-manifests e2e fuzz
+
+## fips: the FIPS build: every key primitive from AWS-LC's FIPS 140-3 validated
+## module (aws-lc-fips-sys, through aws-lc-rs; src/keys/crypto). Building the
+## module needs cmake, Go and clang (FIPS_PACKAGES, installed here). Runs the
+## key tests (the same vectors as the standard build) and leaves the binary
+## and the CNI client in target/fips-bin/.
+FIPS_PACKAGES := cmake golang-go clang libclang-dev
+fips:
+	@missing=$$(for p in $(FIPS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(CARGO) test --locked --features fips --lib keys::
+	$(CARGO) build --locked --features fips --bin calico-ipsec --example cni_client
+	mkdir -p target/fips-bin/examples
+	cp target/debug/calico-ipsec target/fips-bin/calico-ipsec
+	cp target/debug/examples/cni_client target/fips-bin/examples/cni_client
+
+## fips-e2e: one VM round with the FIPS build, on Debian's kernel booted with
+## fips=1 (its crypto in FIPS mode): the data-plane suite.
+fips-e2e: fips
+	CALICO_IPSEC=$(CURDIR)/target/fips-bin/calico-ipsec E2E_APPEND=fips=1 \
+		E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-900} E2E_TIMEOUT=$${E2E_TIMEOUT:-1200} \
+		tests/e2e/vm.sh tests/e2e/run-all.sh 'test_dataplane.sh'
 
 ## test-long: the soak rounds `make test` leaves out, on the same binary: the
 ## heal suite's agent kills during rotations, E2E_HEAL_ROUNDS rounds (default 5)

@@ -165,6 +165,9 @@ pub struct PluginConfig {
     pub mtu_iface_pattern: IfacePattern,
     /// `etcd_timeout_ms`: bound on connecting to etcd and on each request.
     pub etcd_timeout: std::time::Duration,
+    /// `allow_non_fips_kernel`: lets the FIPS build run on a kernel that is
+    /// not in FIPS mode (ignored by the standard build).
+    pub allow_non_fips_kernel: bool,
 }
 
 /// When the plugin's log file is rotated, and how many old ones are kept.
@@ -403,6 +406,7 @@ impl PluginConfig {
         };
 
         Ok(PluginConfig {
+            allow_non_fips_kernel: f.boolean("allow_non_fips_kernel")?.unwrap_or(false),
             log_rotation,
             etcd_timeout,
             etcd,

@@ -222,6 +222,41 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(tmp)
 }
 
+/// Removes the temporary files that writers killed between creating and
+/// renaming them left in `dir` (names made by [`write_atomic`], of a process
+/// that no longer runs); returns how many. Links are removed, never followed.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let me = std::process::id();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_writer) else {
+            continue;
+        };
+        let alive = pid == me || Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The writer's pid in a name [`temp_name`] made: `.{name}.{pid}.{seq}.{nanos}.tmp`.
+fn temp_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = rest.rsplitn(4, '.');
+    let nanos = parts.next()?;
+    let seq = parts.next()?;
+    let pid = parts.next()?;
+    parts.next()?;
+    (u32::from_str_radix(nanos, 16).is_ok() && seq.parse::<u64>().is_ok())
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
 /// Syncs a directory, so a rename in it survives a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::OpenOptions::new()
@@ -446,5 +481,40 @@ mod tests {
         assert!(is_stdout(Path::new("/proc/self/fd/1")));
         let tmp = tempfile::tempdir().expect("tempdir");
         assert!(!is_stdout(&tmp.path().join("plugin.log")));
+    }
+
+    #[test]
+    fn temporary_files_of_dead_writers_are_removed_and_no_others() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path();
+        // A pid no process has (above the kernel's pid_max).
+        let dead = format!(".ledger.{}.3.0badcafe.tmp", 1u32 << 30);
+        let mine = format!(".ledger.{}.4.0badcafe.tmp", std::process::id());
+        for n in [
+            dead.as_str(),
+            mine.as_str(),
+            "ledger",
+            ".ledger.x.tmp",
+            "a.1.2.3.tmp",
+        ] {
+            fs::write(d.join(n), b"x").expect("write");
+        }
+        // A name of a dead writer that is a link: the link goes, not its target.
+        let outside = d.join("outside");
+        fs::write(&outside, b"keep").expect("write");
+        let linked = format!(".guard.{}.1.00000001.tmp", 1u32 << 30);
+        std::os::unix::fs::symlink(&outside, d.join(&linked)).expect("link");
+        assert_eq!(remove_stale_temps(d), 2);
+        assert!(!d.join(&dead).exists() && !d.join(&linked).exists());
+        for kept in [
+            mine.as_str(),
+            "ledger",
+            ".ledger.x.tmp",
+            "a.1.2.3.tmp",
+            "outside",
+        ] {
+            assert!(d.join(kept).exists(), "{kept} kept");
+        }
+        assert_eq!(remove_stale_temps(&d.join("missing")), 0);
     }
 }

@@ -19,6 +19,10 @@ fn main() -> ExitCode {
         _ => calico_ipsec::config::LogLevel::Warn,
     };
     calico_ipsec::logging::init_stderr(level);
+    if let Err(e) = calico_ipsec::keys::crypto::ready(false) {
+        eprintln!("calico-ipsec: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut stdout = std::io::stdout().lock();
     match calico_ipsec::cli::exec(cli, &mut stdout) {
         Ok(()) => ExitCode::SUCCESS,

@@ -318,6 +318,7 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
         }
     )?;
     writeln!(out)?;
+    writeln!(out, "crypto:       {}", crate::keys::crypto::describe())?;
     let nonzero: Vec<String> = s
         .xfrm_stat
         .iter()

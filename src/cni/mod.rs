@@ -328,6 +328,11 @@ fn run_inner(
         parse_request(env, raw)?
     };
     tracing::debug!(command = req.env.command.as_str(), cni_version = %req.version, container = ?req.env.container_id, "CNI request");
+    // The FIPS build handles no key outside FIPS mode; DEL never fails.
+    if req.env.command != Command::Del {
+        crate::keys::crypto::ready(req.config.allow_non_fips_kernel)
+            .map_err(|why| CniError::new(code::KEYS, why, ""))?;
+    }
     match req.env.command {
         Command::Add => add::exec(&req).map(Some),
         Command::Del => {

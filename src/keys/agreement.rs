@@ -21,14 +21,9 @@
 //! deleted and every node has removed its private key, nothing that
 //! remains opens a capture of that epoch.
 
-use hkdf::Hkdf;
-use hmac::{Hmac, KeyInit, Mac};
-use p256::elliptic_curve::sec1::ToEncodedPoint;
-use p256::{PublicKey, SecretKey};
-use sha2::Sha256;
+use super::crypto::{self, P256Private};
 use zeroize::Zeroizing;
 
-use super::secret::random;
 use super::{EpochSecret, SaId, SaKey, SecretBytes};
 
 /// The length of a SEC1 uncompressed P-256 point.
@@ -54,9 +49,9 @@ pub enum AgreementError {
 }
 
 /// This node's key pair for one epoch. The private scalar is zeroized on
-/// drop (`SecretKey` does so) and never formatted.
+/// drop (by the provider) and never formatted.
 pub struct EpochKeyPair {
-    secret: SecretKey,
+    secret: P256Private,
     public: [u8; PUBLIC_LEN],
 }
 
@@ -75,28 +70,21 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl EpochKeyPair {
-    /// A fresh pair from the system's random source.
+    /// A fresh pair from the provider's random source.
     pub fn generate() -> Result<Self, AgreementError> {
-        loop {
-            let mut b = Zeroizing::new([0u8; 32]);
-            random(&mut b[..]).map_err(|e| AgreementError::Random(e.to_string()))?;
-            // A value outside [1, n-1] (probability about 2^-32) is drawn again.
-            if let Ok(secret) = SecretKey::from_slice(&b[..]) {
-                return Ok(Self::from_secret(secret));
-            }
-        }
+        P256Private::generate()
+            .map(Self::from_secret)
+            .map_err(AgreementError::Random)
     }
 
-    fn from_secret(secret: SecretKey) -> Self {
-        let point = secret.public_key().to_encoded_point(false);
-        let mut public = [0u8; PUBLIC_LEN];
-        public.copy_from_slice(point.as_bytes());
+    fn from_secret(secret: P256Private) -> Self {
+        let public = secret.public();
         Self { secret, public }
     }
 
     /// The pair of a known 32-byte private scalar; `None` when it is not one.
     pub fn from_private(bytes: &[u8]) -> Option<Self> {
-        SecretKey::from_slice(bytes).ok().map(Self::from_secret)
+        P256Private::from_be_bytes(bytes).map(Self::from_secret)
     }
 
     /// The public key, SEC1 uncompressed.
@@ -106,48 +94,43 @@ impl EpochKeyPair {
 
     /// The private scalar (32 bytes, big-endian), for the key file only.
     pub fn private_bytes(&self) -> Zeroizing<Vec<u8>> {
-        Zeroizing::new(self.secret.to_bytes().to_vec())
+        self.secret.to_be_bytes()
     }
 
     /// The ECDH x-coordinate with a peer's public key (which must be a point
     /// on P-256, else `None`): the same on both ends.
     pub fn shared(&self, peer: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
-        let peer = PublicKey::from_sec1_bytes(peer).ok()?;
-        let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), peer.as_affine());
-        let mut z = Zeroizing::new([0u8; 32]);
-        let raw: &[u8] = shared.raw_secret_bytes();
-        z.copy_from_slice(raw);
-        Some(z)
+        self.secret.agree(peer)
     }
 }
 
 /// The MAC key for the public keys of `epoch`.
 fn mac_key(secret: &EpochSecret, cluster_guid: &str, epoch: u32) -> Zeroizing<[u8; 32]> {
-    let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), secret.expose());
     let mut info = MAC_LABEL.to_vec();
     info.extend_from_slice(&epoch.to_be_bytes());
     let mut k = Zeroizing::new([0u8; 32]);
     // 32 bytes: far below HKDF-SHA256's limit.
-    let _ = hk.expand(&info, &mut k[..]);
+    let _ = crypto::hkdf_sha256(
+        Some(cluster_guid.as_bytes()),
+        secret.expose(),
+        &info,
+        &mut k[..],
+    );
     k
 }
 
-fn mac_of(
+/// The MAC's key and the length prefix of `node`; `None` for a name longer
+/// than a node name may be.
+fn mac_input(
     secret: &EpochSecret,
     cluster_guid: &str,
     epoch: u32,
     node: &str,
-    public: &[u8],
-) -> Option<Hmac<Sha256>> {
+) -> Option<(Zeroizing<[u8; 32]>, [u8; 2])> {
     let len = u16::try_from(node.len())
         .ok()
         .filter(|l| usize::from(*l) <= super::MAX_NAME_LEN)?;
-    let key = mac_key(secret, cluster_guid, epoch);
-    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&key[..]).ok()?;
-    m.update(&len.to_be_bytes());
-    m.update(node.as_bytes());
-    m.update(public);
-    Some(m)
+    Some((mac_key(secret, cluster_guid, epoch), len.to_be_bytes()))
 }
 
 /// The MAC a node publishes beside its public key for `epoch`; `None` for
@@ -159,12 +142,11 @@ pub fn pubkey_mac(
     node: &str,
     public: &[u8],
 ) -> Option<[u8; 32]> {
-    let tag = mac_of(secret, cluster_guid, epoch, node, public)?
-        .finalize()
-        .into_bytes();
-    let mut out = [0u8; 32];
-    out.copy_from_slice(tag.as_slice());
-    Some(out)
+    let (key, len) = mac_input(secret, cluster_guid, epoch, node)?;
+    Some(crypto::hmac_sha256(
+        &key[..],
+        &[&len, node.as_bytes(), public],
+    ))
 }
 
 /// Whether `mac` authenticates `public` as `node`'s key for `epoch`
@@ -177,10 +159,10 @@ pub fn verify_pubkey(
     public: &[u8],
     mac: &[u8],
 ) -> bool {
-    public.len() == PUBLIC_LEN
-        && PublicKey::from_sec1_bytes(public).is_ok()
-        && mac_of(secret, cluster_guid, epoch, node, public)
-            .is_some_and(|m| m.verify_slice(mac).is_ok())
+    crypto::p256_public_valid(public)
+        && mac_input(secret, cluster_guid, epoch, node).is_some_and(|(key, len)| {
+            crypto::hmac_sha256_verify(&key[..], &[&len, node.as_bytes(), public], mac)
+        })
 }
 
 impl EpochSecret {
@@ -204,9 +186,8 @@ impl EpochSecret {
         let mut ikm = Zeroizing::new(Vec::with_capacity(64));
         ikm.extend_from_slice(self.expose());
         ikm.extend_from_slice(z);
-        let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), &ikm);
         let mut okm = Zeroizing::new(vec![0u8; super::sa_key_len(id.key_bits)?]);
-        hk.expand(&info, &mut okm).ok()?;
+        crypto::hkdf_sha256(Some(cluster_guid.as_bytes()), &ikm, &info, &mut okm)?;
         Some(SaKey(SecretBytes::new(okm.to_vec())))
     }
 }
@@ -216,11 +197,10 @@ impl EpochSecret {
 /// deletion) never meets an earlier one's file, and a KEK change (which
 /// seals the same secret again) keeps it.
 pub fn file_tag(secret: &EpochSecret, epoch: u32) -> String {
-    let hk = Hkdf::<Sha256>::new(None, secret.expose());
     let mut info = b"calico-ipsec/v1/agreement-file".to_vec();
     info.extend_from_slice(&epoch.to_be_bytes());
     let mut t = [0u8; 8];
-    let _ = hk.expand(&info, &mut t);
+    let _ = crypto::hkdf_sha256(None, secret.expose(), &info, &mut t);
     hex(&t)
 }
 

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 
 use crate::fsutil::{self, Links, SafeFileError};
 
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::secret::{random, SecretBytes};
@@ -135,10 +134,7 @@ impl Kek {
     /// A public identifier of this KEK: the first 16 hex digits of
     /// SHA-256("calico-ipsec/v1/kek-fingerprint" || KEK). Safe to store and show.
     pub fn fingerprint(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(b"calico-ipsec/v1/kek-fingerprint");
-        h.update(self.expose());
-        h.finalize()[..8]
+        super::crypto::sha256(&[b"calico-ipsec/v1/kek-fingerprint", self.expose()])[..8]
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()

@@ -29,6 +29,7 @@
 use zeroize::Zeroizing;
 
 pub mod agreement;
+pub mod crypto;
 mod kek;
 mod secret;
 

@@ -2,20 +2,15 @@
 
 use std::fmt;
 
-use aes_gcm::aead::{AeadInOut, KeyInit, Nonce};
-use aes_gcm::Aes256Gcm;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hkdf::Hkdf;
-use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use super::crypto::{self, NONCE_LEN, TAG_LEN};
 use super::{Kek, SaId};
 
 /// Bytes of an epoch secret.
 pub const EPOCH_SECRET_LEN: usize = 32;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 
 /// Secret bytes: zeroized on drop, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -65,7 +60,7 @@ pub enum SealError {
 
 /// Fills `buf` from the OS random source.
 pub fn random(buf: &mut [u8]) -> Result<(), SealError> {
-    getrandom::fill(buf).map_err(|e| SealError::Random(e.to_string()))
+    crypto::random(buf).map_err(SealError::Random)
 }
 
 /// The 32-byte secret of one key epoch; per-SA keys derive from it.
@@ -182,22 +177,15 @@ impl EpochSecret {
 
     fn seal_with(&self, kek: &Kek, aad: Aad<'_>) -> Result<String, SealError> {
         let epoch = aad.epoch();
-        let cipher = Aes256Gcm::new_from_slice(kek.expose()).map_err(|_| SealError::Malformed {
-            epoch,
-            reason: "KEK has the wrong length".into(),
-        })?;
-        let mut nonce_bytes = [0u8; NONCE_LEN];
-        random(&mut nonce_bytes)?;
-        let nonce = Nonce::<Aes256Gcm>::from(nonce_bytes);
-        let mut buf = Zeroizing::new(self.0.expose().to_vec());
-        cipher
-            .encrypt_in_place(&nonce, &aad.bytes(), &mut *buf)
-            .map_err(|_| SealError::Malformed {
+        let mut nonce = [0u8; NONCE_LEN];
+        random(&mut nonce)?;
+        let sealed = crypto::seal_aes256gcm(kek.expose(), &nonce, &aad.bytes(), self.0.expose())
+            .ok_or_else(|| SealError::Malformed {
                 epoch,
-                reason: "encryption failed".into(),
+                reason: "the KEK is not a 256-bit key".into(),
             })?;
-        let mut out = nonce_bytes.to_vec();
-        out.extend_from_slice(&buf);
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
         Ok(B64.encode(out))
     }
 
@@ -226,20 +214,15 @@ impl EpochSecret {
                 ),
             });
         }
-        let cipher = Aes256Gcm::new_from_slice(kek.expose()).map_err(|_| SealError::Malformed {
-            epoch,
-            reason: "KEK has the wrong length".into(),
-        })?;
         let (nonce_bytes, ct) = raw.split_at(NONCE_LEN);
-        let mut nonce_arr = [0u8; NONCE_LEN];
-        nonce_arr.copy_from_slice(nonce_bytes);
-        let nonce = Nonce::<Aes256Gcm>::from(nonce_arr);
-        let mut buf = Zeroizing::new(ct.to_vec());
-        cipher
-            .decrypt_in_place(&nonce, &aad.bytes(), &mut *buf)
-            .map_err(|_| SealError::WrongKey {
-                epoch,
-                kek_fingerprint: kek.fingerprint(),
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(nonce_bytes);
+        let buf =
+            crypto::open_aes256gcm(kek.expose(), &nonce, &aad.bytes(), ct).ok_or_else(|| {
+                SealError::WrongKey {
+                    epoch,
+                    kek_fingerprint: kek.fingerprint(),
+                }
             })?;
         Ok(Self(SecretBytes(buf)))
     }
@@ -247,10 +230,14 @@ impl EpochSecret {
     /// The key of one SA; see the module docs for the exact derivation.
     pub fn derive(&self, cluster_guid: &str, id: &SaId<'_>) -> Option<SaKey> {
         let info = id.info()?;
-        let hk = Hkdf::<Sha256>::new(Some(cluster_guid.as_bytes()), self.0.expose());
         let mut okm = Zeroizing::new(vec![0u8; super::sa_key_len(id.key_bits)?]);
         // 20 or 36 bytes: far below HKDF-SHA256's limit of 255 * 32.
-        hk.expand(&info, &mut okm).ok()?;
+        crypto::hkdf_sha256(
+            Some(cluster_guid.as_bytes()),
+            self.0.expose(),
+            &info,
+            &mut okm,
+        )?;
         Some(SaKey(SecretBytes(okm)))
     }
 }

@@ -168,6 +168,14 @@ impl NodeState {
     ) -> Result<Self, StateError> {
         let dir = state_dir.join("node");
         let lock = NodeLock::acquire(&dir, wait)?;
+        // A writer killed between creating its temporary file and renaming
+        // it leaves the file behind: gone once nobody can be writing it.
+        for d in [&dir, state_dir, agreement_dir] {
+            let n = fsutil::remove_stale_temps(d);
+            if n > 0 {
+                tracing::info!(dir = %d.display(), files = n, "removed temporary files of killed writers");
+            }
+        }
         let (ledger, ledger_digest) = records::read_ledger(&dir.join(records::LEDGER));
         Ok(Self {
             converged: records::read_converged(&dir.join(records::CONVERGED)),
