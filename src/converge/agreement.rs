@@ -190,70 +190,102 @@ pub(super) async fn prepare(
                 verified.insert(peer.clone(), p);
             }
         }
-        // A retired epoch only drains: nothing is made or reported for it.
-        let retired = rec.state == crate::datastore::records::EpochState::Retired;
-        if retired {
-            if let (Some(public), Some(pair)) = (verified.get(node), stored_pair(state, e, &tag)?) {
-                if pair.public() == public {
-                    out.mine.insert(e, pair);
-                }
-            }
-            out.verified.insert(e, verified);
-            out.secrets.insert(e, secret);
-            continue;
-        }
-        match (published.get(node), verified.get(node)) {
-            (Some(_), Some(public)) => match stored_pair(state, e, &tag)? {
-                Some(pair) if pair.public() == public => {
-                    out.mine.insert(e, pair);
-                }
-                held => {
-                    tracing::warn!(
-                        epoch = e,
-                        have_private = held.is_some(),
-                        "this node's public key for the epoch is in etcd but its private key is not here (a reboot?): the epoch is lost to this node until the next one"
-                    );
-                    out.lost.insert(e);
-                }
-            },
-            (Some(_), None) => {
-                // Our own record does not verify: never overwritten (write
-                // once), so this epoch cannot be used here.
-                tracing::error!(
-                    epoch = e,
-                    "the public key in etcd under this node's name is not this node's key (it does not verify): the epoch is lost to this node until the next one"
-                );
-                out.lost.insert(e);
-            }
-            (None, _) => {
-                // A pair stored but not yet published (a crash, or a
-                // publication this snapshot does not show yet) is kept, never
-                // replaced: a file of an earlier epoch of the same number has
-                // another tag.
-                let pair = stored_or_new_pair(state, e, &tag)?;
-                let mac = pubkey_mac(&secret, &guid, e, node, pair.public())
-                    .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
-                let r = PubkeyRecord {
-                    public: B64.encode(pair.public()),
-                    mac: B64.encode(mac),
-                };
-                if !store.create_pubkey(e, node, &r).await? {
-                    return Err(ConvergeError::Agreement(format!(
-                        "another writer created this node's public key for epoch {e} first; converging again"
-                    )));
-                }
-                out.wrote = true;
-                tracing::info!(epoch = e, "published this node's public key for the epoch");
-                verified.insert(node.to_string(), *pair.public());
-                out.mine.insert(e, pair);
-            }
-        }
+        let ctx = Epoch {
+            epoch: e,
+            tag: &tag,
+            secret: &secret,
+            guid: &guid,
+            retired: rec.state == crate::datastore::records::EpochState::Retired,
+            mine_published: published.contains_key(node),
+        };
+        own_pair(state, store, node, &ctx, &mut verified, &mut out).await?;
         out.verified.insert(e, verified);
         out.secrets.insert(e, secret);
     }
     verified_cache()
         .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
     Ok(out)
+}
+
+/// One agreement epoch as `prepare` sees it.
+struct Epoch<'a> {
+    epoch: u32,
+    tag: &'a str,
+    secret: &'a EpochSecret,
+    guid: &'a str,
+    retired: bool,
+    /// Whether etcd holds a public key under this node's name.
+    mine_published: bool,
+}
+
+/// This node's pair for one epoch: the stored one when its published key
+/// verifies, a new one published when none is, or the epoch lost (the
+/// private key gone, or the record under our name not ours). A retired
+/// epoch only drains: nothing is made or reported for it.
+async fn own_pair(
+    state: &mut NodeState,
+    store: &IpsecStore<'_>,
+    node: &str,
+    ep: &Epoch<'_>,
+    verified: &mut BTreeMap<String, [u8; PUBLIC_LEN]>,
+    out: &mut Agreed,
+) -> Result<(), ConvergeError> {
+    let (e, tag) = (ep.epoch, ep.tag);
+    if ep.retired {
+        if let (Some(public), Some(pair)) = (verified.get(node), stored_pair(state, e, tag)?) {
+            if pair.public() == public {
+                out.mine.insert(e, pair);
+            }
+        }
+        return Ok(());
+    }
+    match (ep.mine_published, verified.get(node)) {
+        (true, Some(public)) => match stored_pair(state, e, tag)? {
+            Some(pair) if pair.public() == public => {
+                out.mine.insert(e, pair);
+            }
+            held => {
+                tracing::warn!(
+                    epoch = e,
+                    have_private = held.is_some(),
+                    "this node's public key for the epoch is in etcd but its private key is not here (a reboot?): the epoch is lost to this node until the next one"
+                );
+                out.lost.insert(e);
+            }
+        },
+        (true, None) => {
+            // Our own record does not verify: never overwritten (write
+            // once), so this epoch cannot be used here.
+            tracing::error!(
+                epoch = e,
+                "the public key in etcd under this node's name is not this node's key (it does not verify): the epoch is lost to this node until the next one"
+            );
+            out.lost.insert(e);
+        }
+        (false, _) => {
+            // A pair stored but not yet published (a crash, or a
+            // publication this snapshot does not show yet) is kept, never
+            // replaced: a file of an earlier epoch of the same number has
+            // another tag.
+            let pair = stored_or_new_pair(state, e, tag)?;
+            let mac = pubkey_mac(ep.secret, ep.guid, e, node, pair.public())
+                .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
+            let r = PubkeyRecord {
+                public: B64.encode(pair.public()),
+                mac: B64.encode(mac),
+            };
+            if !store.create_pubkey(e, node, &r).await? {
+                return Err(ConvergeError::Agreement(format!(
+                    "another writer created this node's public key for epoch {e} first; converging again"
+                )));
+            }
+            out.wrote = true;
+            tracing::info!(epoch = e, "published this node's public key for the epoch");
+            verified.insert(node.to_string(), *pair.public());
+            out.mine.insert(e, pair);
+        }
+    }
+    Ok(())
 }
 
 /// This node's stored pair for one epoch instance (`tag`, see
