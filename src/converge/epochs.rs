@@ -60,7 +60,7 @@ pub(super) fn open(cfg: &PluginConfig, facts: &mut Facts) -> Result<Opened, Conv
             }
             Err(e) => {
                 tracing::error!(epoch = rec.epoch, error = %e, "an epoch record does not open with its own parameters (altered in etcd?): it is not used, and traffic stays on the epochs that do");
-                out.refused.push((rec.epoch, e.to_string()));
+                out.refused.push((rec.epoch, rec.refusal(&e)));
             }
         }
     }

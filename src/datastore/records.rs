@@ -261,6 +261,18 @@ impl EpochRecord {
         EpochSecret::unseal_with(kek, aad, sealed)
     }
 
+    /// Why this record, sealed under the KEK tried, does not open, in the
+    /// operator's terms.
+    pub fn refusal(&self, e: &SealError) -> String {
+        match e {
+            SealError::WrongKey { kek_fingerprint, .. } => format!(
+                "epoch {} names KEK {kek_fingerprint} but does not open with the parameters it carries (key_bits {}, icv_bits {:?}, agreement {:?}, seal {}): they, or its sealed secret, were changed after sealing",
+                self.epoch, self.key_bits, self.icv_bits, self.agreement, self.seal
+            ),
+            other => other.to_string(),
+        }
+    }
+
     /// Seals `secret` under `kek` for this record as it now stands, as
     /// `version` ([`SEAL_BOUND`], or [`SEAL_LEGACY`] while a live node
     /// opens only that), replacing the main sealing and dropping the others.

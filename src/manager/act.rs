@@ -118,7 +118,7 @@ async fn check_seals(
                 }
             }
             Ok(_) => {}
-            Err(e) => refused.push((rec.epoch, e.to_string())),
+            Err(e) => refused.push((rec.epoch, rec.refusal(&e))),
         }
     }
     if !legacy.is_empty() {
