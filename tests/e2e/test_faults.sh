@@ -197,6 +197,11 @@ ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/
 ping_pid=$!
 cap_start wire w-node-1 "$tmp/restore.pcap"
 sleep 1
+# The managers would retire the older epoch at once (the overlap has long
+# passed), before any node installs it: stopped, they let the nodes act on
+# it as on any active epoch, which is what must not reuse a key.
+for m in mgr-a mgr-b; do kill -TERM "${MANAGER_PID[$m]}" 2>/dev/null || true; done
+for m in mgr-a mgr-b; do wait "${MANAGER_PID[$m]}" 2>/dev/null || true; done
 ectl put "/calico/ipsec/v1/epochs/$old" "$saved" >/dev/null
 has_old() { [[ $(ipn "$1" xfrm state | grep -c "spi $spi_byte") -ge 2 ]]; }
 wait_until 60 "node-1 holds epoch $old's SAs again" has_old node-1 || true
@@ -206,6 +211,8 @@ info "restored epoch $old: incarnations node-1 $inc1 → $(inc_of node-1), node-
 check_ge "restored epoch $old: SA keys in the kernel again" "$(grep -c . <<<"$after_keys")" 4
 check_eq "restored epoch $old: keys used before that came back" \
     "$(comm -12 <(echo "$before_keys") <(echo "$after_keys") | grep -c . || true)" 0
+manager_start mgr-a
+manager_start mgr-b
 wait_until 90 "the manager retires the restored epoch: epoch $target alone again" only_epoch "$target" || true
 sleep 1
 cap_stop
