@@ -55,14 +55,8 @@ pub(super) fn finish(
     node: String,
     t: Timings,
 ) -> Result<Report, ConvergeError> {
-    let Done {
-        facts,
-        mine,
-        decided,
-        applied,
-        agreed,
-    } = done;
-    agreement::forget_deleted(state, &facts.snap, agreed)?;
+    let (facts, mine, decided, applied) = (done.facts, done.mine, &done.decided, &done.applied);
+    agreement::forget_deleted(state, &facts.snap, done.agreed)?;
     // From `encrypt` on, the catch-all comes after the policies that carve
     // the protected paths out of it.
     guard::sync(state, facts, reassert)?;
@@ -112,13 +106,6 @@ pub(super) fn finish(
             tracing::warn!(error = %e, "cannot write the convergence record; the next ADD reads etcd in full");
         }
     }
-    let done = Done {
-        facts,
-        mine,
-        decided,
-        applied,
-        agreed,
-    };
     Ok(report(done, node, t))
 }
 
