@@ -2,6 +2,7 @@
 //! `/calico/ipsec/v1/`.
 
 pub mod calico;
+pub mod epochs;
 pub mod etcd;
 pub mod ipam;
 pub mod ipsec;

@@ -1,0 +1,270 @@
+//! Creating and resealing epoch records: `keys init`, `keys rotate` and
+//! the manager's rotations (numbers from the epoch counter, never reused),
+//! the sealing version the live agents can open, and the KEK rotation's
+//! reseals.
+
+use super::ipsec::{
+    config_key, encode, epoch_counter_key, epoch_key, now_rfc3339, Cipher, CipherChange,
+    ClusterConfig, EpochRecord, EpochState, IpsecStore, IpsecStoreError, ALGORITHM,
+};
+use crate::keys::{EpochSecret, Kek, SealError};
+
+impl IpsecStore<'_> {
+    /// Creates the config and epoch 1 (active), atomically; refuses when
+    /// either exists.
+    pub async fn init(
+        &self,
+        kek: &Kek,
+        config: &ClusterConfig,
+        cipher: Cipher,
+    ) -> Result<EpochRecord, IpsecStoreError> {
+        let secret = EpochSecret::generate()?;
+        let guid = self.cluster_guid().await?;
+        let version = self.seal_version().await?;
+        let mut rec = EpochRecord {
+            epoch: 1,
+            state: EpochState::Active,
+            created: now_rfc3339(),
+            algorithm: ALGORITHM.into(),
+            key_bits: cipher.key_bits,
+            icv_bits: cipher.icv_bits,
+            kek_fingerprint: String::new(),
+            sealed_secret: String::new(),
+            seal: super::records::SEAL_BOUND,
+            also_sealed: Default::default(),
+            agreement: cipher
+                .agreement
+                .then(|| super::records::AGREEMENT_P256.to_string()),
+            activated: Some(now_rfc3339()),
+        };
+        rec.seal_under(&secret, kek, &guid, version)?;
+        let created = self
+            .etcd()
+            .create_all(&[
+                (&config_key(), encode(config)),
+                (&epoch_key(1), encode(&rec)),
+                (
+                    &epoch_counter_key(),
+                    encode(&serde_json::json!({ "last": 1 })),
+                ),
+            ])
+            .await?;
+        if created {
+            Ok(rec)
+        } else {
+            Err(IpsecStoreError::AlreadyInitialised(config_key()))
+        }
+    }
+
+    /// Adds the next epoch as pending, sealed under `kek`, with the newest
+    /// epoch's cipher changed by `change`.
+    pub async fn add_pending_epoch(
+        &self,
+        kek: &Kek,
+        change: CipherChange,
+    ) -> Result<EpochRecord, IpsecStoreError> {
+        self.add_pending_epoch_if(kek, change, &[])
+            .await?
+            .ok_or_else(|| IpsecStoreError::Contended("adding an epoch".into()))
+    }
+
+    /// Adds the next epoch as pending, only while every comparison in
+    /// `fence` holds (the manager's leadership, see
+    /// `leader::Fence::add_pending_epoch`; none: unfenced); `None` when one
+    /// does not.
+    /// Its cipher is the newest epoch's, changed by `change`.
+    pub async fn add_pending_epoch_if(
+        &self,
+        kek: &Kek,
+        change: CipherChange,
+        fence: &[etcd_client::Compare],
+    ) -> Result<Option<EpochRecord>, IpsecStoreError> {
+        let Some(config) = self.config().await? else {
+            return Err(IpsecStoreError::NotInitialised(config_key()));
+        };
+        let guid = self.cluster_guid().await?;
+        let version = self.seal_version().await?;
+        for _ in 0..16 {
+            let epochs = self.epochs().await?;
+            if epochs.iter().any(|e| !e.also_sealed.is_empty()) {
+                return Err(IpsecStoreError::KekRotating);
+            }
+            if let Some(last) = epochs.last() {
+                if last.kek_fingerprint != kek.fingerprint() {
+                    return Err(IpsecStoreError::KekMismatch {
+                        given: kek.fingerprint(),
+                        expected: last.kek_fingerprint.clone(),
+                        epoch: last.epoch,
+                    });
+                }
+            }
+            if let Some(p) = epochs.iter().find(|e| e.state == EpochState::Pending) {
+                return Err(IpsecStoreError::PendingEpoch(p.epoch));
+            }
+            // Epoch numbers are never reused, even after a pending epoch
+            // was deleted: the counter keeps the highest ever created.
+            let counter = self.etcd().get(&epoch_counter_key()).await?;
+            let (counted, counter_rev) = counter.as_ref().map_or((0, 0), |kv| {
+                let n = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                    .ok()
+                    .and_then(|v| v["last"].as_u64())
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(0);
+                (n, kv.mod_revision)
+            });
+            let last = epochs.last().map_or(0, |e| e.epoch).max(counted);
+            let next = last
+                .checked_add(1)
+                .ok_or(IpsecStoreError::EpochsExhausted(last))?;
+            let cipher = change.apply(epochs.last().map(EpochRecord::cipher).unwrap_or_default());
+            let secret = EpochSecret::generate()?;
+            let mut rec = EpochRecord {
+                epoch: next,
+                state: EpochState::Pending,
+                created: now_rfc3339(),
+                algorithm: ALGORITHM.into(),
+                key_bits: cipher.key_bits,
+                icv_bits: cipher.icv_bits,
+                kek_fingerprint: String::new(),
+                sealed_secret: String::new(),
+                seal: super::records::SEAL_BOUND,
+                also_sealed: Default::default(),
+                agreement: cipher
+                    .agreement
+                    .then(|| super::records::AGREEMENT_P256.to_string()),
+                activated: None,
+            };
+            rec.seal_under(&secret, kek, &guid, version)?;
+            if let Some(why) = rec.cipher_problem(config.icv_bits) {
+                return Err(IpsecStoreError::BadCipher(why));
+            }
+            let key = epoch_key(next);
+            let counter_key = epoch_counter_key();
+            let counter_cmp = if counter_rev == 0 {
+                etcd_client::Compare::version(
+                    counter_key.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )
+            } else {
+                etcd_client::Compare::mod_revision(
+                    counter_key.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    counter_rev,
+                )
+            };
+            let mut cmp = vec![
+                etcd_client::Compare::version(key.as_str(), etcd_client::CompareOp::Equal, 0),
+                counter_cmp,
+            ];
+            cmp.extend(fence.iter().cloned());
+            let txn = etcd_client::Txn::new().when(cmp).and_then([
+                etcd_client::TxnOp::put(key.as_str(), encode(&rec), None),
+                etcd_client::TxnOp::put(
+                    counter_key.as_str(),
+                    encode(&serde_json::json!({ "last": next })),
+                    None,
+                ),
+            ]);
+            if self.etcd().txn(&format!("create {key}"), txn).await? {
+                return Ok(Some(rec));
+            }
+            if !fence.is_empty() {
+                // Lost the fence (leadership) or raced another writer: the
+                // caller decides.
+                return Ok(None);
+            }
+        }
+        Err(IpsecStoreError::Contended("adding an epoch".into()))
+    }
+
+    /// The sealing version a new record gets: [`super::records::SEAL_BOUND`]
+    /// once every live node opens it (an agent of the previous release
+    /// opens only legacy records, so a rolling upgrade keeps working),
+    /// legacy before.
+    pub async fn seal_version(&self) -> Result<u32, IpsecStoreError> {
+        let all_bound = self
+            .node_statuses()
+            .await?
+            .live
+            .iter()
+            .all(|(_, s)| s.seal >= super::records::SEAL_BOUND);
+        Ok(if all_bound {
+            super::records::SEAL_BOUND
+        } else {
+            super::records::SEAL_LEGACY
+        })
+    }
+
+    /// Calico's clusterGUID (ClusterInformation `default`), which sealing
+    /// binds; "" when the cluster has none.
+    pub async fn cluster_guid(&self) -> Result<String, IpsecStoreError> {
+        let key = format!("{}clusterinformations/default", super::calico::RESOURCES);
+        let Some(kv) = self.etcd().get(&key).await? else {
+            return Ok(String::new());
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&kv.value).map_err(|e| IpsecStoreError::Malformed {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(v.pointer("/spec/clusterGUID")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Seals every epoch's secret under `new` beside its current sealing
+    /// (the start of a KEK rotation: nodes open epochs with either KEK).
+    /// Returns the epochs resealed.
+    pub async fn reseal_beside(&self, old: &Kek, new: &Kek) -> Result<Vec<u32>, IpsecStoreError> {
+        let guid = self.cluster_guid().await?;
+        self.reseal(|rec| {
+            let secret = rec.open(old, &guid)?;
+            rec.seal_beside(&secret, new, &guid)
+        })
+        .await
+    }
+
+    /// Leaves `kek` the only sealing of every epoch (the end of a KEK
+    /// rotation). Returns the epochs resealed.
+    pub async fn reseal_only(&self, kek: &Kek) -> Result<Vec<u32>, IpsecStoreError> {
+        let guid = self.cluster_guid().await?;
+        self.reseal(|rec| {
+            let secret = rec.open(kek, &guid)?;
+            let version = rec.seal;
+            rec.seal_under(&secret, kek, &guid, version)
+        })
+        .await
+    }
+
+    /// Rewrites every epoch record through `f`, each by compare-and-swap;
+    /// an epoch changed meanwhile (the manager moved it) is read again.
+    async fn reseal<F>(&self, mut f: F) -> Result<Vec<u32>, IpsecStoreError>
+    where
+        F: FnMut(&mut EpochRecord) -> Result<(), SealError>,
+    {
+        let mut done = Vec::new();
+        for _ in 0..16 {
+            let mut raced = false;
+            for (mut rec, rev) in self.epochs_rev().await? {
+                if done.contains(&rec.epoch) {
+                    continue;
+                }
+                f(&mut rec)?;
+                match self
+                    .etcd()
+                    .compare_and_put_at(&epoch_key(rec.epoch), rev, encode(&rec))
+                    .await?
+                {
+                    Some(_) => done.push(rec.epoch),
+                    None => raced = true,
+                }
+            }
+            if !raced {
+                return Ok(done);
+            }
+        }
+        Err(IpsecStoreError::Contended("resealing the epochs".into()))
+    }
+}
