@@ -165,6 +165,26 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let kek = tmp.path().join("kek");
     let kek_s = kek.to_str().expect("utf8");
+    let settings = EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: cluster.endpoints(),
+            ..EtcdConfig::default()
+        },
+        // The test's own budget: it observes, and may wait out an election.
+        Duration::from_secs(5),
+    );
+    let rt = rt();
+    let etcd = rt.block_on(Etcd::connect(&settings)).expect("settings");
+    // Calico's records first, as in a real cluster: the epochs are sealed
+    // bound to its clusterGUID.
+    let fixture = fixture("etcd-3-nodes.json");
+    rt.block_on(async {
+        for (k, v) in fixture.as_object().expect("fixture object") {
+            etcd.put(k, v.to_string().into_bytes(), None)
+                .await
+                .expect("load fixture");
+        }
+    });
     cli(
         &eps,
         &[
@@ -176,24 +196,6 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
             "0",
         ],
     );
-    let settings = EtcdSettings::from_config(
-        &EtcdConfig {
-            endpoints: cluster.endpoints(),
-            ..EtcdConfig::default()
-        },
-        // The test's own budget: it observes, and may wait out an election.
-        Duration::from_secs(5),
-    );
-    let rt = rt();
-    let etcd = rt.block_on(Etcd::connect(&settings)).expect("settings");
-    let fixture = fixture("etcd-3-nodes.json");
-    rt.block_on(async {
-        for (k, v) in fixture.as_object().expect("fixture object") {
-            etcd.put(k, v.to_string().into_bytes(), None)
-                .await
-                .expect("load fixture");
-        }
-    });
 
     let bin = plugin_dir(tmp.path());
     let entry = json!({"etcd_endpoints": eps, "etcd_timeout_ms": 2000,
