@@ -262,10 +262,16 @@ mod tests {
             hex(&z[..]),
             "eb459a6b30d70eb4c0ddcd34ea96ed59e8f8d1843c22dd895ab603aa13d9a81d"
         );
-        for (bits, want) in [
-            (128, "ae694764015ea6aa072428712a7696cff59eb7f5"),
+        // The lane suffix is part of the info the public keys follow
+        // (docs/spec.md: AES-128 lanes 1-3 with agreement).
+        for (bits, lane, want) in [
+            (128, 0, "ae694764015ea6aa072428712a7696cff59eb7f5"),
+            (128, 1, "584e87a40d7685b4dd4f6faa33faafc6fa924023"),
+            (128, 2, "fedfff7b7636292478c25a1af085c297dcce3fe1"),
+            (128, 3, "7bd815707f6794fc88a04ca2c8c2ded577928294"),
             (
                 256,
+                0,
                 "7ef6e5f916ca9156e44477be925b92ade7d26158eae80ab913054f7837e3dc31eb1a5922",
             ),
         ] {
@@ -274,13 +280,13 @@ mod tests {
                 sender: "node-1",
                 incarnation: 2,
                 receiver: "node-2",
-                lane: 0,
+                lane,
                 key_bits: bits,
             };
             let k = secret
                 .derive_agreed(guid, &id, &z, a.public(), b.public())
                 .expect("key");
-            assert_eq!(hex(k.0.expose()), want, "AES-{bits}");
+            assert_eq!(hex(k.0.expose()), want, "AES-{bits} lane {lane}");
         }
         let mac = pubkey_mac(&secret, guid, 7, "node-1", a.public()).expect("mac");
         assert_eq!(
