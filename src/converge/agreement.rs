@@ -200,7 +200,6 @@ pub(super) async fn prepare(
         };
         own_pair(state, store, node, &ctx, &mut verified, &mut out).await?;
         out.verified.insert(e, verified);
-        out.secrets.insert(e, secret);
     }
     verified_cache()
         .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));

@@ -50,7 +50,7 @@ pub(super) fn open(cfg: &PluginConfig, facts: &mut Facts) -> Result<Opened, Conv
             }
             // Sealed under another KEK altogether: this node holds the
             // wrong KEK file, a configuration error, not a record to skip.
-            Err(_) if !sealed_for(&rec, &kek) => {
+            Err(_) if !rec.sealed_under(&kek) => {
                 return Err(crate::datastore::ipsec::IpsecStoreError::KekMismatch {
                     given: kek.fingerprint(),
                     expected: rec.kek_fingerprint.clone(),
@@ -66,10 +66,4 @@ pub(super) fn open(cfg: &PluginConfig, facts: &mut Facts) -> Result<Opened, Conv
     }
     snap.epochs = kept;
     Ok(out)
-}
-
-/// Whether the record says it is sealed under `kek` (mainly or beside).
-fn sealed_for(rec: &crate::datastore::records::EpochRecord, kek: &Kek) -> bool {
-    let fp = kek.fingerprint();
-    rec.kek_fingerprint == fp || rec.also_sealed.contains_key(&fp)
 }

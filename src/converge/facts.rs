@@ -32,10 +32,9 @@ pub(super) struct Facts {
     pub mtu: Vec<MtuParams>,
     /// The catch-all this phase and topology need.
     pub guard: Guard,
-    /// The boot id an identity is tied to ("" while off: none is needed).
+    /// The kernel's boot id: what an identity and the guard's mark are
+    /// tied to (read leniently while off, where no identity needs it).
     pub boot: String,
-    /// The boot id the guard's mark names, in every phase.
-    pub this_boot: String,
 }
 
 /// The outcome of reading: converge from these facts, or keep the kernel
@@ -79,14 +78,10 @@ pub(super) fn read(
     cluster::with_device_ports(&mut snap.topology, node, cluster::device_vxlan_ports());
     let (phase, icv_bits) = phase_of(&snap);
     let guard = Guard::of(phase, &snap.topology);
-    let (boot, this_boot) = if phase == Phase::Off {
-        (
-            String::new(),
-            crate::clock::read_boot_id().unwrap_or_default(),
-        )
+    let boot = if phase == Phase::Off {
+        crate::clock::read_boot_id().unwrap_or_default()
     } else {
-        let b = boot_id()?;
-        (b.clone(), b)
+        boot_id()?
     };
     Ok(Read::Follow(Box::new(Facts {
         snap,
@@ -97,7 +92,6 @@ pub(super) fn read(
         mtu,
         guard,
         boot,
-        this_boot,
     })))
 }
 

@@ -86,7 +86,12 @@ pub(super) fn finish(
             version: CONVERGED_VERSION,
             node: node.clone(),
             phase: facts.phase,
-            boot_id: facts.boot.clone(),
+            // The record names no boot while off (no identity is held).
+            boot_id: if facts.phase == Phase::Off {
+                String::new()
+            } else {
+                facts.boot.clone()
+            },
             id,
             incarnation,
             ledger: if facts.phase == Phase::Off {

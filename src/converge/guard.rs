@@ -18,7 +18,7 @@ pub(super) fn sync(
     facts: &Facts,
     reassert: bool,
 ) -> Result<(), ConvergeError> {
-    match write(state, &facts.guard, &facts.this_boot, reassert) {
+    match write(state, &facts.guard, &facts.boot, reassert) {
         Ok(_) => Ok(()),
         Err(e) if facts.phase < Phase::Encrypt => {
             tracing::warn!(error = %e, "cannot remove the nftables catch-all");

@@ -9,6 +9,38 @@ use super::ipsec::{
 };
 use crate::keys::{EpochSecret, Kek, SealError};
 
+/// A new epoch record of `cipher` in `state` (activated now when active),
+/// its secret sealed under `kek` as `version`.
+fn new_epoch(
+    epoch: u32,
+    state: EpochState,
+    cipher: Cipher,
+    secret: &EpochSecret,
+    kek: &Kek,
+    guid: &str,
+    version: u32,
+) -> Result<EpochRecord, SealError> {
+    let now = now_rfc3339();
+    let mut rec = EpochRecord {
+        epoch,
+        state,
+        activated: (state == EpochState::Active).then(|| now.clone()),
+        created: now,
+        algorithm: ALGORITHM.into(),
+        key_bits: cipher.key_bits,
+        icv_bits: cipher.icv_bits,
+        kek_fingerprint: String::new(),
+        sealed_secret: String::new(),
+        seal: version,
+        also_sealed: Default::default(),
+        agreement: cipher
+            .agreement
+            .then(|| super::records::AGREEMENT_P256.to_string()),
+    };
+    rec.seal_under(secret, kek, guid, version)?;
+    Ok(rec)
+}
+
 impl IpsecStore<'_> {
     /// Creates the config and epoch 1 (active), atomically; refuses when
     /// either exists.
@@ -21,23 +53,7 @@ impl IpsecStore<'_> {
         let secret = EpochSecret::generate()?;
         let guid = self.cluster_guid().await?;
         let version = self.seal_version().await?;
-        let mut rec = EpochRecord {
-            epoch: 1,
-            state: EpochState::Active,
-            created: now_rfc3339(),
-            algorithm: ALGORITHM.into(),
-            key_bits: cipher.key_bits,
-            icv_bits: cipher.icv_bits,
-            kek_fingerprint: String::new(),
-            sealed_secret: String::new(),
-            seal: super::records::SEAL_BOUND,
-            also_sealed: Default::default(),
-            agreement: cipher
-                .agreement
-                .then(|| super::records::AGREEMENT_P256.to_string()),
-            activated: Some(now_rfc3339()),
-        };
-        rec.seal_under(&secret, kek, &guid, version)?;
+        let rec = new_epoch(1, EpochState::Active, cipher, &secret, kek, &guid, version)?;
         let created = self
             .etcd()
             .create_all(&[
@@ -118,23 +134,15 @@ impl IpsecStore<'_> {
                 .ok_or(IpsecStoreError::EpochsExhausted(last))?;
             let cipher = change.apply(epochs.last().map(EpochRecord::cipher).unwrap_or_default());
             let secret = EpochSecret::generate()?;
-            let mut rec = EpochRecord {
-                epoch: next,
-                state: EpochState::Pending,
-                created: now_rfc3339(),
-                algorithm: ALGORITHM.into(),
-                key_bits: cipher.key_bits,
-                icv_bits: cipher.icv_bits,
-                kek_fingerprint: String::new(),
-                sealed_secret: String::new(),
-                seal: super::records::SEAL_BOUND,
-                also_sealed: Default::default(),
-                agreement: cipher
-                    .agreement
-                    .then(|| super::records::AGREEMENT_P256.to_string()),
-                activated: None,
-            };
-            rec.seal_under(&secret, kek, &guid, version)?;
+            let rec = new_epoch(
+                next,
+                EpochState::Pending,
+                cipher,
+                &secret,
+                kek,
+                &guid,
+                version,
+            )?;
             if let Some(why) = rec.cipher_problem(config.icv_bits) {
                 return Err(IpsecStoreError::BadCipher(why));
             }

@@ -261,6 +261,14 @@ impl EpochRecord {
         EpochSecret::unseal_with(kek, aad, sealed)
     }
 
+    /// Whether the record says it is sealed under `kek` (mainly, or beside
+    /// it while the KEK changes): if it then does not open, it was altered;
+    /// if it does not say so, the KEK is the wrong one.
+    pub fn sealed_under(&self, kek: &Kek) -> bool {
+        let fp = kek.fingerprint();
+        self.kek_fingerprint == fp || self.also_sealed.contains_key(&fp)
+    }
+
     /// Why this record, sealed under the KEK tried, does not open, in the
     /// operator's terms.
     pub fn refusal(&self, e: &SealError) -> String {

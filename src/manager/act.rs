@@ -78,12 +78,6 @@ async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, Ip
     }))
 }
 
-/// Whether a record says it is sealed under `kek` (mainly or beside).
-fn sealed_for(rec: &EpochRecord, kek: &Kek) -> bool {
-    let fp = kek.fingerprint();
-    rec.kek_fingerprint == fp || rec.also_sealed.contains_key(&fp)
-}
-
 /// With the KEK at hand, reseals legacy records (version 1, parameters not
 /// bound) as version 2, one step on its own, and notes in the view every
 /// epoch that claims this KEK but does not open with the parameters it
@@ -107,7 +101,7 @@ async fn check_seals(
     let mut legacy = Vec::new();
     let mut refused = Vec::new();
     for (rec, rev) in &view.epochs {
-        if !sealed_for(rec, &kek) {
+        if !rec.sealed_under(&kek) {
             continue;
         }
         match rec.open(&kek, &guid) {

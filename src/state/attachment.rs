@@ -145,6 +145,11 @@ impl StateDir {
     /// Every backup in the directory, with its path; corrupt files are
     /// returned as errors in place so the caller can report each one.
     pub fn list(&self) -> Result<Vec<Listed>, StateError> {
+        // The temporary files of ADDs killed mid-write go too.
+        let swept = fsutil::remove_stale_temps(&self.dir);
+        if swept > 0 {
+            tracing::info!(dir = %self.dir.display(), files = swept, "removed temporary files of killed writers");
+        }
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -258,9 +263,15 @@ mod tests {
         dir.save(&backup("a")).expect("save");
         dir.save(&backup("b")).expect("save");
         fs::write(tmp.path().join("junk_eth0.json"), b"[]").expect("write");
+        // An ADD killed between writing its temporary file and the rename.
+        let killed = tmp
+            .path()
+            .join(format!(".a_eth0.json.{}.0.00000001.tmp", 1u32 << 30));
+        fs::write(&killed, b"{").expect("write");
         let all = dir.list().expect("list");
         assert_eq!(all.len(), 3);
         assert_eq!(all.iter().filter(|(_, r)| r.is_ok()).count(), 2);
+        assert!(!killed.exists(), "GC's listing sweeps dead writers' files");
     }
 
     #[test]

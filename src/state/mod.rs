@@ -170,7 +170,9 @@ impl NodeState {
         let lock = NodeLock::acquire(&dir, wait)?;
         // A writer killed between creating its temporary file and renaming
         // it leaves the file behind: gone once nobody can be writing it.
-        for d in [&dir, state_dir, agreement_dir] {
+        // (Pod attachments, one file per pod beside `node/`, are swept by
+        // GC, which lists them anyway: not on every ADD.)
+        for d in [dir.as_path(), agreement_dir] {
             let n = fsutil::remove_stale_temps(d);
             if n > 0 {
                 tracing::info!(dir = %d.display(), files = n, "removed temporary files of killed writers");
