@@ -60,6 +60,7 @@ fn sa(dir: Dir, peer: u8) -> SaSpec {
         sender: "a".into(),
         incarnation: 1,
         receiver: "b".into(),
+        receiver_incarnation: None,
         icv_bits: 128,
         key_bits: 128,
         lane: Lane::V4Transport,

@@ -11,7 +11,7 @@ pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
     NodeStatus {
         kek,
         lost_epochs: r.lost_epochs.clone(),
-        seal: crate::datastore::records::SEAL_BOUND,
+        seal: crate::datastore::records::SEAL_NEWEST,
         id: r.id.unwrap_or(0),
         incarnation: r.incarnation,
         installed_epochs: r.installed_epochs.clone(),

@@ -44,6 +44,10 @@ pub enum KeysCommand {
         /// Seconds an old epoch stays installed after senders switch.
         #[arg(long, default_value_t = 300)]
         overlap_seconds: u64,
+        /// Per-node P-256 key agreement for epoch 1 (and those after it):
+        /// `p256` (the default) or `none`.
+        #[arg(long, default_value = "p256", value_parser = parse_agreement)]
+        agreement: bool,
     },
     /// Add a new pending epoch; the manager activates it once every node has it.
     Rotate {
@@ -57,7 +61,9 @@ pub enum KeysCommand {
         #[arg(long, value_parser = super::mtu::parse_icv)]
         icv_bits: Option<u32>,
         /// Per-node P-256 key agreement for the new epoch (and those after
-        /// it): `p256` or `none`. Default: the newest epoch's.
+        /// it): `p256` or `none`. Default: the newest epoch's, except that
+        /// the first epoch with keys per incarnation moves a cluster to
+        /// `p256`.
         #[arg(long, value_parser = parse_agreement)]
         agreement: Option<bool>,
     },
@@ -98,6 +104,7 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             key_bits,
             rotation_interval_seconds,
             overlap_seconds,
+            agreement,
         } => {
             if store.config().await?.is_some() {
                 return Err(
@@ -117,6 +124,7 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
             };
             let cipher = Cipher {
                 key_bits: *key_bits,
+                agreement: *agreement,
                 ..Cipher::default()
             };
             let rec = store.init(&kek, &config, cipher).await?;

@@ -12,9 +12,11 @@ use zeroize::Zeroizing;
 
 use super::error::ConvergeError;
 use crate::datastore::ipsec::IpsecStore;
-use crate::datastore::records::{PubkeyRecord, AGREEMENT_P256};
+use crate::datastore::records::{PubkeyOwner, PubkeyRecord, AGREEMENT_P256};
 use crate::datastore::snapshot::Snapshot;
-use crate::keys::agreement::{file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, PUBLIC_LEN};
+use crate::keys::agreement::{
+    file_tag, pubkey_mac, verify_pubkey, EpochKeyPair, KeyOwner, PUBLIC_LEN,
+};
 use crate::keys::EpochSecret;
 use crate::state::{NodeState, StateError};
 
@@ -23,12 +25,20 @@ use crate::state::{NodeState, StateError};
 pub struct Agreed {
     /// This node's pair for each agreement epoch it can use.
     pub mine: BTreeMap<u32, EpochKeyPair>,
-    /// The public keys that verified, per epoch and node (this node's too).
-    pub verified: BTreeMap<u32, BTreeMap<String, [u8; PUBLIC_LEN]>>,
-    /// Agreement epochs this node cannot use: its record is in etcd but its
-    /// private key is gone (a reboot emptied tmpfs), or the record is not
-    /// its own key. Its paths wait for a new epoch.
+    /// The public keys that verified, per epoch and node (this node's
+    /// too), with the incarnation each belongs to (epochs sealed as version
+    /// 3: the node's current one; earlier epochs: `None`).
+    pub verified: BTreeMap<u32, BTreeMap<String, (Option<u32>, [u8; PUBLIC_LEN])>>,
+    /// Agreement epochs sealed before version 3 that this node cannot use:
+    /// its record is in etcd but its private key is gone (a reboot emptied
+    /// tmpfs), or the record is not its own key. Its paths wait for a new
+    /// epoch.
     pub lost: BTreeSet<u32>,
+    /// Why this node needs a new incarnation before it can use an epoch
+    /// sealed as version 3 (its key for the current incarnation is
+    /// published but its private key is gone, or the record is not its own):
+    /// a new incarnation gets a new pair.
+    pub renew: Option<&'static str>,
     /// Whether this convergence wrote a public key to etcd.
     pub wrote: bool,
     /// The key files of the epochs in etcd (epoch, file tag).
@@ -56,8 +66,9 @@ impl Agreed {
     }
 
     /// The key of one SA of an agreement epoch, from this node's pair and
-    /// the peer's verified key (`None` when either is missing). `shared`
-    /// keeps each pair's ECDH result for the other SAs of the same apply.
+    /// the peer's verified key (`None` when either is missing, or the key
+    /// belongs to another incarnation than the SA's). `shared` keeps each
+    /// pair's ECDH result for the other SAs of the same apply.
     pub fn derive(
         &self,
         secret: &EpochSecret,
@@ -67,10 +78,16 @@ impl Agreed {
         shared: &mut SharedSecrets,
     ) -> Option<crate::keys::SaKey> {
         let outbound = s.dir == crate::xfrm::Dir::Out;
-        let peer = if outbound { &s.receiver } else { &s.sender };
+        let (peer, peer_inc) = match (outbound, s.receiver_incarnation) {
+            (true, r) => (&s.receiver, r),
+            (false, r) => (&s.sender, r.map(|_| s.incarnation)),
+        };
         let pair = self.mine.get(&s.epoch)?;
-        let theirs = self.verified.get(&s.epoch)?.get(peer)?;
-        let z = match shared.0.entry((s.epoch, peer.clone())) {
+        let (inc, theirs) = self.verified.get(&s.epoch)?.get(peer)?;
+        if *inc != peer_inc {
+            return None;
+        }
+        let z = match shared.0.entry((s.epoch, peer.clone(), peer_inc)) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => v.insert(pair.shared(theirs)?),
         };
@@ -83,11 +100,12 @@ impl Agreed {
     }
 }
 
-/// The ECDH results of one apply, by (epoch, peer): each is used by every
-/// SA of the pair (both directions, every lane). Zeroized on drop; its
-/// Debug output shows only how many it holds.
+/// The ECDH results of one apply, by (epoch, peer, peer's incarnation for
+/// keys per incarnation): each is used by every SA of the pair (both
+/// directions, every lane). Zeroized on drop; its Debug output shows only
+/// how many it holds.
 #[derive(Default)]
-pub struct SharedSecrets(BTreeMap<(u32, String), Zeroizing<[u8; 32]>>);
+pub struct SharedSecrets(BTreeMap<(u32, String, Option<u32>), Zeroizing<[u8; 32]>>);
 
 impl std::fmt::Debug for SharedSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,7 +121,7 @@ fn decode(b64: &str) -> Option<Vec<u8>> {
 type Checked = (PubkeyRecord, [u8; PUBLIC_LEN]);
 
 /// Public-key records that verified, by (epoch, file tag, clusterGUID,
-/// node): the MAC key comes from the epoch secret and the GUID. The agent
+/// owner): the MAC key comes from the epoch secret and the GUID. The agent
 /// converges on every change, and each record costs a MAC and a point
 /// check: at 1,000 peers and two epochs, 2,000 of each per convergence. An
 /// entry answers only for the exact record text it was made from, and the
@@ -112,8 +130,8 @@ type Checked = (PubkeyRecord, [u8; PUBLIC_LEN]);
 /// no longer in etcd are dropped at each convergence.
 static VERIFIED: Mutex<BTreeMap<Slot, Checked>> = Mutex::new(BTreeMap::new());
 
-/// (epoch, file tag, clusterGUID, node).
-type Slot = (u32, String, String, String);
+/// (epoch, file tag, clusterGUID, owner).
+type Slot = (u32, String, String, PubkeyOwner);
 
 fn verified_cache() -> MutexGuard<'static, BTreeMap<Slot, Checked>> {
     // The map is left consistent at every step: a panic elsewhere while it
@@ -121,17 +139,18 @@ fn verified_cache() -> MutexGuard<'static, BTreeMap<Slot, Checked>> {
     VERIFIED.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `peer`'s key for epoch `e` when `r` verifies under `secret`, from the
+/// `owner`'s key for epoch `e` when `r` verifies under `secret`, from the
 /// cache when this exact record verified before.
 fn check_pubkey(
     secret: &EpochSecret,
     guid: &str,
     e: u32,
     tag: &str,
-    peer: &str,
+    owner: &PubkeyOwner,
     r: &PubkeyRecord,
 ) -> Option<[u8; PUBLIC_LEN]> {
-    let slot = (e, tag.to_string(), guid.to_string(), peer.to_string());
+    let peer = owner.0.as_str();
+    let slot = (e, tag.to_string(), guid.to_string(), owner.clone());
     if let Some((rec, public)) = verified_cache().get(&slot) {
         if rec == r {
             return Some(*public);
@@ -141,7 +160,11 @@ fn check_pubkey(
         tracing::warn!(epoch = e, node = %peer.escape_debug(), "a public key record is not base64; its paths wait");
         return None;
     };
-    if !verify_pubkey(secret, guid, e, peer, &public, &mac) {
+    let key_owner = KeyOwner {
+        node: peer,
+        incarnation: owner.1,
+    };
+    if !verify_pubkey(secret, guid, e, key_owner, &public, &mac) {
         tracing::error!(epoch = e, node = %peer.escape_debug(), "a public key does not verify under the epoch secret (written by someone without the KEK?); it is not used and its paths wait");
         return None;
     }
@@ -152,13 +175,15 @@ fn check_pubkey(
 }
 
 /// Makes sure this node has a pair and a published key for every agreement
-/// epoch of `snap`, and verifies every peer's key. `kek` is needed only
-/// when the snapshot has an agreement epoch.
+/// epoch of `snap`, and verifies every peer's key. For an epoch sealed as
+/// version 3 the keys are those of each node's current incarnation
+/// (`my_inc` for this node; none is made while it has none).
 pub(super) async fn prepare(
     state: &mut NodeState,
     store: &IpsecStore<'_>,
     snap: &Snapshot,
     node: &str,
+    my_inc: Option<u32>,
     opened: BTreeMap<u32, EpochSecret>,
 ) -> Result<Agreed, ConvergeError> {
     let mut out = Agreed {
@@ -181,28 +206,55 @@ pub(super) async fn prepare(
         let secret = out.secrets.get(&e).cloned().ok_or_else(|| {
             ConvergeError::Agreement(format!("epoch {e} was not opened with the KEK"))
         })?;
-        let tag = file_tag(&secret, e);
+        let per_inc = rec.binds_receiver();
+        // Whose key counts: each node's current incarnation's, or the one
+        // key of the epoch.
+        let wanted = |n: &str| -> Option<Option<u32>> {
+            if !per_inc {
+                return Some(None);
+            }
+            let inc = if n == node {
+                my_inc
+            } else {
+                snap.identities.get(n).map(|i| i.incarnation)
+            };
+            inc.filter(|i| *i > 0).map(Some)
+        };
+        let base_tag = file_tag(&secret, e);
+        let tag = match (per_inc, my_inc) {
+            (true, Some(i)) => format!("{base_tag}.i{i}"),
+            (true, None) => {
+                // No incarnation yet (phase off): nothing to make or use.
+                out.files.insert((e, base_tag));
+                continue;
+            }
+            (false, _) => base_tag,
+        };
         out.files.insert((e, tag.clone()));
         let published = snap.pubkeys.get(&e).unwrap_or(&none);
         let mut verified = BTreeMap::new();
-        for (peer, r) in published {
-            if let Some(p) = check_pubkey(&secret, &guid, e, &tag, peer, r) {
-                verified.insert(peer.clone(), p);
+        for (owner, r) in published {
+            if wanted(&owner.0) != Some(owner.1) {
+                continue;
+            }
+            if let Some(p) = check_pubkey(&secret, &guid, e, &tag, owner, r) {
+                verified.insert(owner.0.clone(), (owner.1, p));
             }
         }
+        let me = (node.to_string(), wanted(node).flatten());
         let ctx = Epoch {
             epoch: e,
             tag: &tag,
             secret: &secret,
             guid: &guid,
-            retired: rec.state == crate::datastore::records::EpochState::Retired,
-            mine_published: published.contains_key(node),
+            retired: !per_inc && rec.state == crate::datastore::records::EpochState::Retired,
+            incarnation: me.1,
+            mine_published: published.contains_key(&me),
         };
         own_pair(state, store, node, &ctx, &mut verified, &mut out).await?;
         out.verified.insert(e, verified);
     }
-    verified_cache()
-        .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
+    verified_cache().retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
     Ok(out)
 }
 
@@ -213,53 +265,69 @@ struct Epoch<'a> {
     secret: &'a EpochSecret,
     guid: &'a str,
     retired: bool,
-    /// Whether etcd holds a public key under this node's name.
+    /// This node's incarnation, for keys per incarnation.
+    incarnation: Option<u32>,
+    /// Whether etcd holds a public key under this node's name (and
+    /// incarnation).
     mine_published: bool,
 }
 
 /// This node's pair for one epoch: the stored one when its published key
 /// verifies, a new one published when none is, or the epoch lost (the
-/// private key gone, or the record under our name not ours). A retired
-/// epoch only drains: nothing is made or reported for it.
+/// private key gone, or the record under our name not ours): for keys per
+/// incarnation, a new incarnation is asked for instead. A retired epoch
+/// sealed before version 3 only drains: nothing is made or reported for it.
 async fn own_pair(
     state: &mut NodeState,
     store: &IpsecStore<'_>,
     node: &str,
     ep: &Epoch<'_>,
-    verified: &mut BTreeMap<String, [u8; PUBLIC_LEN]>,
+    verified: &mut BTreeMap<String, (Option<u32>, [u8; PUBLIC_LEN])>,
     out: &mut Agreed,
 ) -> Result<(), ConvergeError> {
     let (e, tag) = (ep.epoch, ep.tag);
+    let mine_verified = verified.get(node).map(|(_, p)| *p);
     if ep.retired {
-        if let (Some(public), Some(pair)) = (verified.get(node), stored_pair(state, e, tag)?) {
-            if pair.public() == public {
+        if let (Some(public), Some(pair)) = (mine_verified, stored_pair(state, e, tag)?) {
+            if *pair.public() == public {
                 out.mine.insert(e, pair);
             }
         }
         return Ok(());
     }
-    match (ep.mine_published, verified.get(node)) {
+    let mut lose = |out: &mut Agreed, why: &'static str| {
+        verified.remove(node);
+        match ep.incarnation {
+            Some(_) => out.renew = Some(why),
+            None => {
+                out.lost.insert(e);
+            }
+        }
+    };
+    match (ep.mine_published, mine_verified) {
         (true, Some(public)) => match stored_pair(state, e, tag)? {
-            Some(pair) if pair.public() == public => {
+            Some(pair) if *pair.public() == public => {
                 out.mine.insert(e, pair);
             }
             held => {
                 tracing::warn!(
                     epoch = e,
+                    incarnation = ?ep.incarnation,
                     have_private = held.is_some(),
-                    "this node's public key for the epoch is in etcd but its private key is not here (a reboot?): the epoch is lost to this node until the next one"
+                    "this node's public key for the epoch is in etcd but its private key is not here (a reboot?)"
                 );
-                out.lost.insert(e);
+                lose(out, "this node's private key for an epoch is gone");
             }
         },
         (true, None) => {
             // Our own record does not verify: never overwritten (write
-            // once), so this epoch cannot be used here.
+            // once), so this key cannot be used here.
             tracing::error!(
                 epoch = e,
-                "the public key in etcd under this node's name is not this node's key (it does not verify): the epoch is lost to this node until the next one"
+                incarnation = ?ep.incarnation,
+                "the public key in etcd under this node's name is not this node's key (it does not verify)"
             );
-            out.lost.insert(e);
+            lose(out, "the public key in etcd under this node's name is not its own");
         }
         (false, _) => {
             // A pair stored but not yet published (a crash, or a
@@ -267,20 +335,24 @@ async fn own_pair(
             // replaced: a file of an earlier epoch of the same number has
             // another tag.
             let pair = stored_or_new_pair(state, e, tag)?;
-            let mac = pubkey_mac(ep.secret, ep.guid, e, node, pair.public())
+            let owner = KeyOwner {
+                node,
+                incarnation: ep.incarnation,
+            };
+            let mac = pubkey_mac(ep.secret, ep.guid, e, owner, pair.public())
                 .ok_or_else(|| ConvergeError::Agreement("node name too long".into()))?;
             let r = PubkeyRecord {
                 public: B64.encode(pair.public()),
                 mac: B64.encode(mac),
             };
-            if !store.create_pubkey(e, node, &r).await? {
+            if !store.create_pubkey(e, node, ep.incarnation, &r).await? {
                 return Err(ConvergeError::Agreement(format!(
                     "another writer created this node's public key for epoch {e} first; converging again"
                 )));
             }
             out.wrote = true;
-            tracing::info!(epoch = e, "published this node's public key for the epoch");
-            verified.insert(node.to_string(), *pair.public());
+            tracing::info!(epoch = e, incarnation = ?ep.incarnation, "published this node's public key for the epoch");
+            verified.insert(node.to_string(), (ep.incarnation, *pair.public()));
             out.mine.insert(e, pair);
         }
     }
@@ -319,7 +391,8 @@ fn stored_or_new_pair(
     Ok(pair)
 }
 
-/// Per agreement epoch, the nodes that published a key, unverified: what
+/// Per agreement epoch, the nodes that published a key (of their current
+/// incarnation, for keys per incarnation), unverified: what
 /// `status` and CHECK, which hold no KEK, take for the readiness a
 /// convergence computes (they differ only for a key that fails its MAC or a
 /// private key this node lost, both of which the convergence logs).
@@ -328,10 +401,17 @@ pub fn published(snap: &Snapshot) -> BTreeMap<u32, BTreeSet<String>> {
         .iter()
         .filter(|e| e.agreement.as_deref() == Some(AGREEMENT_P256))
         .map(|e| {
+            let current = |(n, inc): &PubkeyOwner| {
+                !e.binds_receiver()
+                    || snap
+                        .identities
+                        .get(n)
+                        .is_some_and(|i| Some(i.incarnation) == *inc)
+            };
             let nodes = snap
                 .pubkeys
                 .get(&e.epoch)
-                .map(|m| m.keys().cloned().collect())
+                .map(|m| m.keys().filter(|o| current(o)).map(|o| o.0.clone()).collect())
                 .unwrap_or_default();
             (e.epoch, nodes)
         })
@@ -368,11 +448,48 @@ mod tests {
     use super::*;
 
     fn record(secret: &EpochSecret, epoch: u32, node: &str, pair: &EpochKeyPair) -> PubkeyRecord {
-        let mac = pubkey_mac(secret, "guid", epoch, node, pair.public()).expect("mac");
+        let owner = KeyOwner {
+            node,
+            incarnation: None,
+        };
+        let mac = pubkey_mac(secret, "guid", epoch, owner, pair.public()).expect("mac");
         PubkeyRecord {
             public: B64.encode(pair.public()),
             mac: B64.encode(mac),
         }
+    }
+
+    fn o(node: &str) -> PubkeyOwner {
+        (node.to_string(), None)
+    }
+
+    #[test]
+    fn a_key_per_incarnation_verifies_only_for_that_incarnation() {
+        let e = 0xffe0;
+        let secret = EpochSecret::generate().expect("secret");
+        let pair = EpochKeyPair::generate().expect("pair");
+        let owner = KeyOwner {
+            node: "node-2",
+            incarnation: Some(3),
+        };
+        let mac = pubkey_mac(&secret, "guid", e, owner, pair.public()).expect("mac");
+        let r = PubkeyRecord {
+            public: B64.encode(pair.public()),
+            mac: B64.encode(mac),
+        };
+        let tag = file_tag(&secret, e);
+        let at = |inc: Option<u32>| ("node-2".to_string(), inc);
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, &at(Some(3)), &r),
+            Some(*pair.public())
+        );
+        // Moved to another incarnation, or read as a key for the whole
+        // epoch: it does not verify.
+        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(Some(4)), &r), None);
+        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(None), &r), None);
+        // And a key for the whole epoch does not verify as one incarnation's.
+        let whole = record(&secret, e, "node-2", &pair);
+        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(Some(3)), &whole), None);
     }
 
     #[test]
@@ -384,12 +501,12 @@ mod tests {
         let good = record(&secret, e, "node-2", &pair);
         let tag = file_tag(&secret, e);
         assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, "node-2", &good),
+            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &good),
             Some(*pair.public())
         );
         // Served again from the cache.
         assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, "node-2", &good),
+            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &good),
             Some(*pair.public())
         );
         // A record replaced by someone without the KEK: another key with a
@@ -402,17 +519,17 @@ mod tests {
             &EpochKeyPair::generate().expect("pair"),
         );
         assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, "node-2", &forged),
+            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &forged),
             None
         );
         let cut = PubkeyRecord {
             mac: B64.encode([0u8; 16]),
             ..good.clone()
         };
-        assert_eq!(check_pubkey(&secret, "guid", e, &tag, "node-2", &cut), None);
+        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &cut), None);
         // The same record under another node's name does not verify.
         assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, "node-3", &good),
+            check_pubkey(&secret, "guid", e, &tag, &o("node-3"), &good),
             None
         );
         // A later epoch of the same number (another secret, so another
@@ -420,12 +537,12 @@ mod tests {
         let tag2 = file_tag(&other, e);
         assert_ne!(tag, tag2);
         assert_eq!(
-            check_pubkey(&other, "guid", e, &tag2, "node-2", &good),
+            check_pubkey(&other, "guid", e, &tag2, &o("node-2"), &good),
             None
         );
         // The same record under another clusterGUID (another MAC key).
         assert_eq!(
-            check_pubkey(&secret, "guid-2", e, &tag, "node-2", &good),
+            check_pubkey(&secret, "guid-2", e, &tag, &o("node-2"), &good),
             None
         );
         // Not base64: refused, never a panic.
@@ -434,7 +551,7 @@ mod tests {
             mac: "%%%".into(),
         };
         assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, "node-4", &junk),
+            check_pubkey(&secret, "guid", e, &tag, &o("node-4"), &junk),
             None
         );
     }

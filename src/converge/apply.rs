@@ -33,9 +33,18 @@ pub(super) fn apply(
         let pruned = ledger.prune(&decided.desired.installed_epochs);
         let mut changed = mine.ledger_changed || pruned;
         for s in plan.created_outbound() {
-            changed |= ledger
-                .sent
-                .insert(Ledger::entry(s.epoch, &s.receiver, s.lane.index()));
+            let lane = s.lane.index();
+            changed |= ledger.sent.insert(match s.receiver_incarnation {
+                None => Ledger::entry(s.epoch, &s.receiver, lane),
+                Some(r) => Ledger::bound_entry(s.epoch, &s.receiver, lane, r),
+            });
+        }
+        for s in plan
+            .created_inbound()
+            .filter(|s| s.receiver_incarnation.is_some())
+        {
+            let entry = Ledger::bound_entry(s.epoch, &s.sender, s.lane.index(), s.incarnation);
+            changed |= ledger.received.insert(entry);
         }
         if changed {
             state.write_ledger(ledger.clone())?;
@@ -89,6 +98,7 @@ pub(super) fn apply_with_keys(
             receiver: &s.receiver,
             lane: s.lane.index(),
             key_bits: s.key_bits,
+            receiver_incarnation: s.receiver_incarnation,
         };
         if rec.agreement.is_some() {
             return agreed.derive(secret, &guid, s, &id, &mut shared).ok_or_else(|| {

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use super::agreement::Agreed;
 use super::error::ConvergeError;
 use super::facts::Facts;
-use super::identity::{renew, Mine};
+use super::identity::Mine;
 use crate::datastore::ipsec::{identities_digest, Identity, IpsecStore};
 use crate::xfrm::handover::{hand_over, possible, Handover, PeerAcks};
-use crate::xfrm::{Desired, DesiredError, Inputs, Plan};
+use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan, SaSpec};
 
 /// What the convergence will make the kernel hold.
 pub(super) struct Decided {
@@ -23,68 +23,113 @@ pub(super) struct Decided {
     pub ids_now: BTreeMap<String, Identity>,
 }
 
-/// Computes the desired state and the plan. When the plan would create an
-/// outbound SA the ledger says was created before (it was lost or altered),
-/// a new incarnation is published and the plan computed again. `Err` of
-/// the outer result is a failure; the inner `Err` is a desired state etcd
-/// does not allow (the caller keeps what the kernel holds, if anything).
+/// What the decide step concluded.
+pub(super) enum Decision {
+    /// The desired state and the plan.
+    Decided(Box<Decided>),
+    /// A desired state etcd does not allow (the caller keeps what the
+    /// kernel holds, if anything).
+    Refused(DesiredError),
+    /// The plan would make an SA again under a key this incarnation used
+    /// (an outbound SA's nonces, or an inbound SA's replay window, would
+    /// start over): a new incarnation must be published, and the keys
+    /// prepared and the plan computed again. Says why.
+    Renew(&'static str),
+}
+
+/// Computes the desired state and the plan. A state whose key binds both
+/// ends and that the ledger does not vouch for (it was made for another
+/// incarnation of either end) is replaced: the kernel never shows a key.
 pub(super) async fn decide(
     store: &IpsecStore<'_>,
     facts: &Facts,
-    mine: &mut Mine,
+    mine: &Mine,
     agreed: &Agreed,
     acks: Option<&PeerAcks>,
     node: &str,
-) -> Result<Result<Decided, DesiredError>, ConvergeError> {
+) -> Result<Decision, ConvergeError> {
     let ready = agreed.readiness(node);
-    loop {
-        let computed = Desired::compute(&Inputs {
-            topology: &facts.snap.topology,
-            me: node,
-            my_identity: mine.ident.as_ref().map(|(i, _)| i),
-            identities: &facts.snap.identities,
-            phase: facts.phase,
-            epochs: &facts.snap.epochs,
-            icv_bits: facts.icv_bits,
-            agreement: &ready,
-        });
-        let mut desired = match computed {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(e)),
-        };
-        // The snapshot may predate our own publication.
-        let mut ids_now = facts.snap.identities.clone();
-        if let Some((m, _)) = &mine.ident {
-            ids_now.insert(node.to_string(), m.clone());
+    let computed = Desired::compute(&Inputs {
+        topology: &facts.snap.topology,
+        me: node,
+        my_identity: mine.ident.as_ref().map(|(i, _)| i),
+        identities: &facts.snap.identities,
+        phase: facts.phase,
+        epochs: &facts.snap.epochs,
+        icv_bits: facts.icv_bits,
+        agreement: &ready,
+    });
+    let mut desired = match computed {
+        Ok(d) => d,
+        Err(e) => return Ok(Decision::Refused(e)),
+    };
+    // The snapshot may predate our own publication.
+    let mut ids_now = facts.snap.identities.clone();
+    if let Some((m, _)) = &mine.ident {
+        ids_now.insert(node.to_string(), m.clone());
+    }
+    // An ADD reads the peers' statuses only when a hand-over may apply.
+    let mut acks = match acks {
+        Some(a) => Some(a.clone()),
+        None if possible(&desired, &facts.held) => {
+            let live = store.statuses().await?;
+            Some(PeerAcks::from_statuses(
+                live.iter().map(|(n, s)| (n.as_str(), s)),
+            ))
         }
-        // An ADD reads the peers' statuses only when a hand-over may apply.
-        let mut acks = match acks {
-            Some(a) => Some(a.clone()),
-            None if possible(&desired, &facts.held) => {
-                let live = store.statuses().await?;
-                Some(PeerAcks::from_statuses(
-                    live.iter().map(|(n, s)| (n.as_str(), s)),
-                ))
-            }
-            None => None,
-        };
-        if let Some(a) = acks.as_mut() {
-            a.current = identities_digest(&ids_now);
-        }
-        let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
-        let plan = Plan::diff(&desired, &facts.held);
-        let lost = plan.created_outbound().any(|s| {
-            mine.ledger
-                .used_before(s.epoch, &s.receiver, s.lane.index())
-        });
-        if !lost || mine.new_incarnation || mine.ident.is_none() {
-            return Ok(Ok(Decided {
-                desired,
-                plan,
-                handover,
-                ids_now,
-            }));
-        }
-        renew(store, node, &facts.boot, mine).await?;
+        None => None,
+    };
+    if let Some(a) = acks.as_mut() {
+        a.current = identities_digest(&ids_now);
+    }
+    let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
+    let mut plan = Plan::diff(&desired, &facts.held);
+    let stale: Vec<SaSpec> = desired
+        .states
+        .values()
+        .filter(|s| s.receiver_incarnation.is_some() && !handover.kept.contains(&s.key()))
+        .filter(|s| !vouched(&mine.ledger, s))
+        .filter(|s| facts.held.states.get(&s.key()).is_some_and(|k| k.matches(s)))
+        .cloned()
+        .collect();
+    plan.replace_states.extend(stale);
+    let l = &mine.ledger;
+    let lost_out = plan.created_outbound().any(|s| {
+        l.sent_before(s.epoch, &s.receiver, s.lane.index(), s.receiver_incarnation)
+    });
+    let lost_in = plan
+        .created_inbound()
+        .filter(|s| s.receiver_incarnation.is_some())
+        .any(|s| l.received_before(s.epoch, &s.sender, s.lane.index(), s.incarnation));
+    if (lost_out || lost_in) && !mine.new_incarnation && mine.ident.is_some() {
+        return Ok(Decision::Renew(if lost_out {
+            "an outbound SA created earlier is missing or altered"
+        } else {
+            "an inbound SA created earlier is missing or altered (its replay window would start over)"
+        }));
+    }
+    Ok(Decision::Decided(Box::new(Decided {
+        desired,
+        plan,
+        handover,
+        ids_now,
+    })))
+}
+
+/// Whether the ledger says a state of a key that binds both ends was made
+/// for the incarnations `s` names (this node's is the ledger's own).
+fn vouched(ledger: &crate::state::Ledger, s: &SaSpec) -> bool {
+    let lane = s.lane.index();
+    match (s.dir, s.receiver_incarnation) {
+        (_, None) => true,
+        (Dir::Out, Some(r)) => ledger
+            .sent
+            .contains(&crate::state::Ledger::bound_entry(s.epoch, &s.receiver, lane, r)),
+        (_, Some(_)) => ledger.received.contains(&crate::state::Ledger::bound_entry(
+            s.epoch,
+            &s.sender,
+            lane,
+            s.incarnation,
+        )),
     }
 }

@@ -11,8 +11,11 @@
 //! - the node has never published one;
 //! - the kernel's boot id differs from the one published (a reboot);
 //! - the ledger is missing or belongs to another incarnation or boot;
-//! - an outbound SA the ledger says was created is missing or altered
-//!   ([`renew`], from the decide step).
+//! - an outbound SA the ledger says was created is missing or altered, or
+//!   an inbound SA whose key binds this incarnation (its replay window
+//!   would start over), or this node's private key for its incarnation in
+//!   an epoch whose public keys belong to incarnations is gone ([`renew`],
+//!   from the keys and decide steps).
 
 use super::error::ConvergeError;
 use super::facts::Facts;
@@ -92,13 +95,15 @@ pub(super) async fn settle(
     Ok(mine)
 }
 
-/// Publishes a new incarnation because an outbound SA of the current one is
-/// missing or altered.
+/// Publishes a new incarnation because a key of the current one cannot be
+/// used again (`why`: an SA of it is missing or altered, or this node's
+/// private key for it is gone).
 pub(super) async fn renew(
     store: &IpsecStore<'_>,
     node: &str,
     boot: &str,
     mine: &mut Mine,
+    why: &str,
 ) -> Result<(), ConvergeError> {
     let Some(current) = mine.ident.clone() else {
         return Ok(());
@@ -106,7 +111,8 @@ pub(super) async fn renew(
     tracing::warn!(
         node = %node,
         incarnation = current.0.incarnation,
-        "an outbound SA created earlier is missing or altered; publishing a new incarnation so that no key is used twice"
+        reason = why,
+        "publishing a new incarnation so that no key is used twice"
     );
     let floor = mine.ledger.incarnation;
     bump(store, node, current, floor, boot, mine).await

@@ -143,24 +143,40 @@ pub async fn converge_with(
     // node's key is in etcd long before enable needs it.
     let opened = epochs::open(cfg, &mut facts)?;
     let refused_epochs = opened.refused;
-    let agreed = agreement::prepare(state, &store, &facts.snap, &node, opened.secrets).await?;
-    mine.from_snapshot &= !agreed.wrote;
-    let decided = match decide::decide(&store, &facts, &mut mine, &agreed, acks, &node).await? {
-        Ok(d) => d,
-        // What etcd says cannot be followed: keep what protects the node
-        // now rather than tear it down.
-        Err(e) if !facts.held.is_empty() => {
-            let why = e.to_string();
-            return Ok(report::kept(
-                node,
-                &facts.snap,
-                &facts.held,
-                why,
-                started,
-                facts.mtu,
-            ));
+    let mut secrets = opened.secrets;
+    // Keys, then the plan; once more after a new incarnation (a key of the
+    // current one would be used twice), whose keys differ.
+    let (agreed, decided) = loop {
+        let my_inc = mine.ident.as_ref().map(|(i, _)| i.incarnation);
+        let agreed = agreement::prepare(state, &store, &facts.snap, &node, my_inc, secrets).await?;
+        mine.from_snapshot &= !agreed.wrote;
+        let renewable = !mine.new_incarnation && mine.ident.is_some();
+        if let Some(why) = agreed.renew.filter(|_| renewable) {
+            identity::renew(&store, &node, &facts.boot, &mut mine, why).await?;
+            secrets = agreed.secrets;
+            continue;
         }
-        Err(e) => return Err(e.into()),
+        match decide::decide(&store, &facts, &mine, &agreed, acks, &node).await? {
+            decide::Decision::Decided(d) => break (agreed, *d),
+            decide::Decision::Renew(why) => {
+                identity::renew(&store, &node, &facts.boot, &mut mine, why).await?;
+                secrets = agreed.secrets;
+            }
+            // What etcd says cannot be followed: keep what protects the
+            // node now rather than tear it down.
+            decide::Decision::Refused(e) if !facts.held.is_empty() => {
+                let why = e.to_string();
+                return Ok(report::kept(
+                    node,
+                    &facts.snap,
+                    &facts.held,
+                    why,
+                    started,
+                    facts.mtu,
+                ));
+            }
+            decide::Decision::Refused(e) => return Err(e.into()),
+        }
     };
     let timings = finish::Timings {
         started,

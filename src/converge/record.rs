@@ -217,6 +217,7 @@ mod tests {
                     sender: "a".into(),
                     incarnation: 1,
                     receiver: "b".into(),
+                    receiver_incarnation: None,
                     icv_bits: 128,
                     key_bits: 128,
                     lane: Lane::V4Transport,

@@ -7,6 +7,7 @@ use super::ipsec::{
     config_key, encode, epoch_counter_key, epoch_key, now_rfc3339, Cipher, CipherChange,
     ClusterConfig, EpochRecord, EpochState, IpsecStore, IpsecStoreError, ALGORITHM,
 };
+use super::records::{SEAL_BOTH_ENDS, SEAL_LEGACY, SEAL_NEWEST};
 use crate::keys::{EpochSecret, Kek, SealError};
 
 /// A new epoch record of `cipher` in `state` (activated now when active),
@@ -132,7 +133,16 @@ impl IpsecStore<'_> {
             let next = last
                 .checked_add(1)
                 .ok_or(IpsecStoreError::EpochsExhausted(last))?;
-            let cipher = change.apply(epochs.last().map(EpochRecord::cipher).unwrap_or_default());
+            let newest = epochs.last();
+            let mut base = newest.map(EpochRecord::cipher).unwrap_or_default();
+            // Key agreement is the default: the first epoch whose keys are
+            // per incarnation (so a reboot costs no rotation) turns it on
+            // unless the operator says otherwise; after that, the newest
+            // epoch's choice stands.
+            if version >= SEAL_BOTH_ENDS && newest.is_none_or(|n| !n.binds_receiver()) {
+                base.agreement = true;
+            }
+            let cipher = change.apply(base);
             let secret = EpochSecret::generate()?;
             let rec = new_epoch(
                 next,
@@ -186,22 +196,20 @@ impl IpsecStore<'_> {
         Err(IpsecStoreError::Contended("adding an epoch".into()))
     }
 
-    /// The sealing version a new record gets: [`super::records::SEAL_BOUND`]
-    /// once every live node opens it (an agent of the previous release
-    /// opens only legacy records, so a rolling upgrade keeps working),
-    /// legacy before.
+    /// The sealing version a new record gets: the newest one every live
+    /// node opens ([`SEAL_NEWEST`] once all run this release; an agent of
+    /// an earlier release reports what it opens, so a rolling upgrade keeps
+    /// working).
     pub async fn seal_version(&self) -> Result<u32, IpsecStoreError> {
-        let all_bound = self
+        let opened_by_all = self
             .node_statuses()
             .await?
             .live
             .iter()
-            .all(|(_, s)| s.seal >= super::records::SEAL_BOUND);
-        Ok(if all_bound {
-            super::records::SEAL_BOUND
-        } else {
-            super::records::SEAL_LEGACY
-        })
+            .map(|(_, s)| s.seal)
+            .min()
+            .unwrap_or(SEAL_NEWEST);
+        Ok(opened_by_all.clamp(SEAL_LEGACY, SEAL_NEWEST))
     }
 
     /// Calico's clusterGUID (ClusterInformation `default`), which sealing

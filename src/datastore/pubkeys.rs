@@ -1,14 +1,20 @@
 //! Each node's public key for each epoch with key agreement
-//! (`pubkeys/<epoch>/<node>`). A record is written once and never changed:
+//! (`pubkeys/<epoch>/<node>`, or `pubkeys/<epoch>/<node>/<incarnation>`
+//! for an epoch sealed as version 3, whose keys belong to one incarnation
+//! of a node). A record is written once and never changed:
 //! the kernel never shows an SA's key, so a key that changed under an
 //! unchanged SPI could not be noticed (docs/design/key-agreement.md).
 
 use super::ipsec::{encode, IpsecStore, IpsecStoreError, PREFIX};
 use super::records::PubkeyRecord;
 
-/// The key of `node`'s public key for `epoch`.
-pub fn pubkey_key(epoch: u32, node: &str) -> String {
-    format!("{PREFIX}pubkeys/{epoch}/{node}")
+/// The key of `node`'s public key for `epoch` (of one incarnation when
+/// `incarnation` is given).
+pub fn pubkey_key(epoch: u32, node: &str, incarnation: Option<u32>) -> String {
+    match incarnation {
+        None => format!("{PREFIX}pubkeys/{epoch}/{node}"),
+        Some(i) => format!("{PREFIX}pubkeys/{epoch}/{node}/{i}"),
+    }
 }
 
 /// The prefix of every node's public key for `epoch`.
@@ -17,15 +23,16 @@ pub fn pubkeys_prefix(epoch: u32) -> String {
 }
 
 impl IpsecStore<'_> {
-    /// Writes `node`'s public key for `epoch` unless a record is there;
-    /// true when this call wrote it.
+    /// Writes `node`'s public key for `epoch` (of `incarnation`, when
+    /// given) unless a record is there; true when this call wrote it.
     pub async fn create_pubkey(
         &self,
         epoch: u32,
         node: &str,
+        incarnation: Option<u32>,
         rec: &PubkeyRecord,
     ) -> Result<bool, IpsecStoreError> {
-        let key = pubkey_key(epoch, node);
+        let key = pubkey_key(epoch, node, incarnation);
         Ok(self
             .etcd()
             .create_all(&[(key.as_str(), encode(rec))])

@@ -138,9 +138,11 @@ pub struct EpochRecord {
     /// base64(nonce || AES-256-GCM(secret) || tag), the AAD bound to the
     /// epoch and, from `seal` 2 on, to its parameters and the cluster.
     pub sealed_secret: String,
-    /// How the secret is sealed: 2, bound to [`Self::binding`]; 1 (absent,
-    /// records written before), bound to the epoch number only, which the
-    /// manager reseals as 2.
+    /// How the secret is sealed: 3, bound to [`Self::binding`] with keys
+    /// that bind both ends' incarnations ([`SEAL_BOTH_ENDS`]); 2, bound to
+    /// [`Self::binding`]; 1 (absent, records written before), bound to the
+    /// epoch number only, which the manager reseals as 2 (never as 3: that
+    /// would change the keys of a live epoch).
     #[serde(default = "legacy_seal")]
     pub seal: u32,
     /// The same secret sealed under other KEKs while the KEK changes
@@ -161,6 +163,13 @@ pub struct EpochRecord {
 pub const SEAL_LEGACY: u32 = 1;
 /// The sealing that binds the parameters and the cluster.
 pub const SEAL_BOUND: u32 = 2;
+/// The sealing of version 2's fields under the version 3 label: the
+/// epoch's SA keys bind the receiver's incarnation too (the v2 derivation),
+/// and with agreement each node's public key belongs to one incarnation
+/// (`pubkeys/<epoch>/<node>/<incarnation>`), so a reboot costs no rotation.
+pub const SEAL_BOTH_ENDS: u32 = 3;
+/// The newest sealing this release writes and opens.
+pub const SEAL_NEWEST: u32 = SEAL_BOTH_ENDS;
 
 fn legacy_seal() -> u32 {
     SEAL_LEGACY
@@ -169,8 +178,14 @@ fn legacy_seal() -> u32 {
 /// Per-node P-256 key agreement (`crate::keys::agreement`).
 pub const AGREEMENT_P256: &str = "p256";
 
-/// A node's public key for one epoch (`pubkeys/<epoch>/<node>`), written
-/// once: SEC1 uncompressed, with its MAC under the epoch secret, both base64.
+/// Whose public key a record is: the node, and for an epoch sealed as
+/// [`SEAL_BOTH_ENDS`] the incarnation it belongs to.
+pub type PubkeyOwner = (String, Option<u32>);
+
+/// A node's public key for one epoch (`pubkeys/<epoch>/<node>`, or
+/// `pubkeys/<epoch>/<node>/<incarnation>` for an epoch sealed as
+/// [`SEAL_BOTH_ENDS`]), written once: SEC1 uncompressed, with its MAC under
+/// the epoch secret, both base64.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PubkeyRecord {
     /// base64 of the 65-byte SEC1 uncompressed point.
@@ -249,16 +264,24 @@ impl EpochRecord {
         let aad = match self.seal {
             SEAL_LEGACY => Aad::Legacy(self.epoch),
             SEAL_BOUND => Aad::Bound(&binding),
+            SEAL_BOTH_ENDS => Aad::BoundBothEnds(&binding),
             other => {
                 return Err(SealError::Malformed {
                     epoch: self.epoch,
                     reason: format!(
-                        "seal version {other} is not 1 or 2 (a newer calico-ipsec wrote it?)"
+                        "seal version {other} is not 1, 2 or 3 (a newer calico-ipsec wrote it?)"
                     ),
                 })
             }
         };
         EpochSecret::unseal_with(kek, aad, sealed)
+    }
+
+    /// Whether its SA keys bind both ends' incarnations (sealed as
+    /// [`SEAL_BOTH_ENDS`]): the v2 derivation, and public keys per
+    /// incarnation.
+    pub fn binds_receiver(&self) -> bool {
+        self.seal >= SEAL_BOTH_ENDS
     }
 
     /// Whether the record says it is sealed under `kek` (mainly, or beside
@@ -314,7 +337,8 @@ impl EpochRecord {
     fn sealing(&self, secret: &EpochSecret, kek: &Kek, guid: &str) -> Result<String, SealError> {
         match self.seal {
             SEAL_LEGACY => secret.seal(kek, self.epoch),
-            _ => secret.seal_bound(kek, &self.binding(guid)),
+            SEAL_BOUND => secret.seal_bound(kek, &self.binding(guid)),
+            _ => secret.seal_bound_v3(kek, &self.binding(guid)),
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::clock::Stamp;
 use serde::{Deserialize, Serialize};
 
 use super::ipsec::{config_key, ClusterConfig, EpochRecord, Identity, IpsecStoreError, PREFIX};
-use super::records::PubkeyRecord;
+use super::records::{PubkeyOwner, PubkeyRecord};
 
 /// The Calico resource kinds a node needs, under [`RESOURCES`]. Workload
 /// endpoints and policies (the bulk of a big cluster) are not read.
@@ -98,8 +98,9 @@ pub struct Snapshot {
     /// The fingerprint of what was read, at the same revision.
     pub fingerprint: Fingerprint,
     /// Each node's public key for each epoch with key agreement, by epoch
-    /// then node, as written (verified against the epoch secret where used).
-    pub pubkeys: BTreeMap<u32, BTreeMap<String, PubkeyRecord>>,
+    /// then owner (the node, and the incarnation for an epoch sealed as
+    /// version 3), as written (verified against the epoch secret where used).
+    pub pubkeys: BTreeMap<u32, BTreeMap<PubkeyOwner, PubkeyRecord>>,
     /// When the read from etcd began (`None` for the agent's watch cache,
     /// whose contents may lag etcd by an unknown time).
     pub read_at: Option<Stamp>,
@@ -235,34 +236,48 @@ fn build(
     })
 }
 
-/// The `pubkeys/<epoch>/<node>` records; a malformed one is reported and
-/// left out (that peer's paths wait, blocked, for a good one).
+/// The `pubkeys/<epoch>/<node>[/<incarnation>]` records; a malformed one
+/// is reported and left out (that peer's paths wait, blocked, for a good
+/// one).
 fn pubkeys_of(
     kvs: &[Kv],
     problems: &mut Vec<String>,
-) -> BTreeMap<u32, BTreeMap<String, PubkeyRecord>> {
+) -> BTreeMap<u32, BTreeMap<PubkeyOwner, PubkeyRecord>> {
     let prefix = format!("{PREFIX}pubkeys/");
-    let mut out: BTreeMap<u32, BTreeMap<String, PubkeyRecord>> = BTreeMap::new();
+    let mut out: BTreeMap<u32, BTreeMap<PubkeyOwner, PubkeyRecord>> = BTreeMap::new();
     for kv in kvs {
         let key = kv.key.escape_debug().to_string();
-        let parsed = kv
-            .key
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.split_once('/'))
-            .and_then(|(e, node)| Some((e.parse::<u32>().ok()?, node)))
-            .filter(|(_, node)| !node.is_empty() && !node.contains('/'));
-        let Some((epoch, node)) = parsed else {
-            problems.push(format!("{key} is not pubkeys/<epoch>/<node>"));
+        let Some((epoch, owner)) = kv.key.strip_prefix(&prefix).and_then(pubkey_path) else {
+            problems.push(format!(
+                "{key} is not pubkeys/<epoch>/<node> or pubkeys/<epoch>/<node>/<incarnation>"
+            ));
             continue;
         };
         match serde_json::from_slice::<PubkeyRecord>(&kv.value) {
             Ok(r) => {
-                out.entry(epoch).or_default().insert(node.to_string(), r);
+                out.entry(epoch).or_default().insert(owner, r);
             }
             Err(e) => problems.push(format!("{key} is malformed: {e}")),
         }
     }
     out
+}
+
+/// `<epoch>/<node>` or `<epoch>/<node>/<incarnation>` (decimal numbers
+/// without a sign), as (epoch, owner).
+fn pubkey_path(rest: &str) -> Option<(u32, PubkeyOwner)> {
+    let mut parts = rest.split('/');
+    let epoch = parts.next()?.parse::<u32>().ok()?;
+    let node = parts.next().filter(|n| !n.is_empty())?;
+    let incarnation = match parts.next() {
+        None => None,
+        Some(i) if i.bytes().all(|b| b.is_ascii_digit()) => Some(i.parse::<u32>().ok()?),
+        Some(_) => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((epoch, (node.to_string(), incarnation)))
 }
 
 /// Reads the current [`Fingerprint`] of everything a snapshot reads, in one

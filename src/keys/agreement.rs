@@ -32,6 +32,10 @@ pub const PUBLIC_LEN: usize = 65;
 /// The HKDF info label of the public-key MAC key.
 const MAC_LABEL: &[u8] = b"calico-ipsec/v1/pubkey-mac";
 
+/// The same for epochs sealed as version 3, whose keys belong to one
+/// incarnation of a node.
+const MAC_LABEL_V2: &[u8] = b"calico-ipsec/v2/pubkey-mac";
+
 /// Why a key pair or a peer's public key cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AgreementError {
@@ -104,9 +108,30 @@ impl EpochKeyPair {
     }
 }
 
-/// The MAC key for the public keys of `epoch`.
-fn mac_key(secret: &EpochSecret, cluster_guid: &str, epoch: u32) -> Zeroizing<[u8; 32]> {
-    let mut info = MAC_LABEL.to_vec();
+/// Whose key a MAC vouches for: a node, and for an epoch sealed as version
+/// 3 the incarnation the key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyOwner<'a> {
+    /// The node's name.
+    pub node: &'a str,
+    /// Its incarnation (version 3 epochs), or `None` (a key for the whole
+    /// epoch, as earlier epochs have).
+    pub incarnation: Option<u32>,
+}
+
+/// The MAC key for the public keys of `epoch` (the v2 label when the keys
+/// belong to incarnations).
+fn mac_key(
+    secret: &EpochSecret,
+    cluster_guid: &str,
+    epoch: u32,
+    per_incarnation: bool,
+) -> Zeroizing<[u8; 32]> {
+    let mut info = if per_incarnation {
+        MAC_LABEL_V2.to_vec()
+    } else {
+        MAC_LABEL.to_vec()
+    };
     info.extend_from_slice(&epoch.to_be_bytes());
     let mut k = Zeroizing::new([0u8; 32]);
     // 32 bytes: far below HKDF-SHA256's limit.
@@ -119,18 +144,25 @@ fn mac_key(secret: &EpochSecret, cluster_guid: &str, epoch: u32) -> Zeroizing<[u
     k
 }
 
-/// The MAC's key and the length prefix of `node`; `None` for a name longer
-/// than a node name may be.
+/// The MAC's key and the bytes before the point: `u16be(len(node)) ||
+/// node`, then `u32be(incarnation)` for a key of one incarnation; `None`
+/// for a name longer than a node name may be.
 fn mac_input(
     secret: &EpochSecret,
     cluster_guid: &str,
     epoch: u32,
-    node: &str,
-) -> Option<(Zeroizing<[u8; 32]>, [u8; 2])> {
-    let len = u16::try_from(node.len())
+    owner: KeyOwner<'_>,
+) -> Option<(Zeroizing<[u8; 32]>, Vec<u8>)> {
+    let len = u16::try_from(owner.node.len())
         .ok()
         .filter(|l| usize::from(*l) <= super::MAX_NAME_LEN)?;
-    Some((mac_key(secret, cluster_guid, epoch), len.to_be_bytes()))
+    let mut head = len.to_be_bytes().to_vec();
+    head.extend_from_slice(owner.node.as_bytes());
+    if let Some(i) = owner.incarnation {
+        head.extend_from_slice(&i.to_be_bytes());
+    }
+    let key = mac_key(secret, cluster_guid, epoch, owner.incarnation.is_some());
+    Some((key, head))
 }
 
 /// The MAC a node publishes beside its public key for `epoch`; `None` for
@@ -139,29 +171,26 @@ pub fn pubkey_mac(
     secret: &EpochSecret,
     cluster_guid: &str,
     epoch: u32,
-    node: &str,
+    owner: KeyOwner<'_>,
     public: &[u8],
 ) -> Option<[u8; 32]> {
-    let (key, len) = mac_input(secret, cluster_guid, epoch, node)?;
-    Some(crypto::hmac_sha256(
-        &key[..],
-        &[&len, node.as_bytes(), public],
-    ))
+    let (key, head) = mac_input(secret, cluster_guid, epoch, owner)?;
+    Some(crypto::hmac_sha256(&key[..], &[&head, public]))
 }
 
-/// Whether `mac` authenticates `public` as `node`'s key for `epoch`
+/// Whether `mac` authenticates `public` as `owner`'s key for `epoch`
 /// (compared in constant time), and `public` is a point on P-256.
 pub fn verify_pubkey(
     secret: &EpochSecret,
     cluster_guid: &str,
     epoch: u32,
-    node: &str,
+    owner: KeyOwner<'_>,
     public: &[u8],
     mac: &[u8],
 ) -> bool {
     crypto::p256_public_valid(public)
-        && mac_input(secret, cluster_guid, epoch, node).is_some_and(|(key, len)| {
-            crypto::hmac_sha256_verify(&key[..], &[&len, node.as_bytes(), public], mac)
+        && mac_input(secret, cluster_guid, epoch, owner).is_some_and(|(key, head)| {
+            crypto::hmac_sha256_verify(&key[..], &[&head, public], mac)
         })
 }
 
@@ -216,6 +245,14 @@ mod tests {
             receiver,
             lane: 0,
             key_bits: 128,
+            receiver_incarnation: None,
+        }
+    }
+
+    fn v1(node: &str) -> KeyOwner<'_> {
+        KeyOwner {
+            node,
+            incarnation: None,
         }
     }
 
@@ -282,13 +319,14 @@ mod tests {
                 receiver: "node-2",
                 lane,
                 key_bits: bits,
+                receiver_incarnation: None,
             };
             let k = secret
                 .derive_agreed(guid, &id, &z, a.public(), b.public())
                 .expect("key");
             assert_eq!(hex(k.0.expose()), want, "AES-{bits} lane {lane}");
         }
-        let mac = pubkey_mac(&secret, guid, 7, "node-1", a.public()).expect("mac");
+        let mac = pubkey_mac(&secret, guid, 7, v1("node-1"), a.public()).expect("mac");
         assert_eq!(
             hex(&mac),
             "7326230af3bcfce0620c33d1330bc907a19967071e45a2f396b02b01e427bbff"
@@ -303,9 +341,9 @@ mod tests {
         assert!(a.shared(&bad).is_none());
         assert!(a.shared(&[4u8; 10]).is_none());
         let secret = EpochSecret::from_bytes(vec![0x11; 32]);
-        let mac = pubkey_mac(&secret, "g", 7, "a", &bad).expect("mac");
+        let mac = pubkey_mac(&secret, "g", 7, v1("a"), &bad).expect("mac");
         assert!(
-            !verify_pubkey(&secret, "g", 7, "a", &bad, &mac),
+            !verify_pubkey(&secret, "g", 7, v1("a"), &bad, &mac),
             "not a point"
         );
     }
@@ -314,27 +352,27 @@ mod tests {
     fn the_mac_binds_the_key_to_its_node_epoch_and_secret() {
         let secret = EpochSecret::from_bytes(vec![0x11; 32]);
         let a = pair(1);
-        let mac = pubkey_mac(&secret, "g", 7, "node-a", a.public()).expect("mac");
-        assert!(verify_pubkey(&secret, "g", 7, "node-a", a.public(), &mac));
+        let mac = pubkey_mac(&secret, "g", 7, v1("node-a"), a.public()).expect("mac");
+        assert!(verify_pubkey(&secret, "g", 7, v1("node-a"), a.public(), &mac));
         assert!(
-            !verify_pubkey(&secret, "g", 7, "node-b", a.public(), &mac),
+            !verify_pubkey(&secret, "g", 7, v1("node-b"), a.public(), &mac),
             "moved to another node"
         );
         assert!(
-            !verify_pubkey(&secret, "g", 8, "node-a", a.public(), &mac),
+            !verify_pubkey(&secret, "g", 8, v1("node-a"), a.public(), &mac),
             "moved to another epoch"
         );
         let other = EpochSecret::from_bytes(vec![0x22; 32]);
-        let forged = pubkey_mac(&other, "g", 7, "node-a", pair(9).public()).expect("mac");
+        let forged = pubkey_mac(&other, "g", 7, v1("node-a"), pair(9).public()).expect("mac");
         assert!(
-            !verify_pubkey(&secret, "g", 7, "node-a", pair(9).public(), &forged),
+            !verify_pubkey(&secret, "g", 7, v1("node-a"), pair(9).public(), &forged),
             "a writer without the epoch secret cannot substitute a key"
         );
         assert!(!verify_pubkey(
             &secret,
             "g",
             7,
-            "node-a",
+            v1("node-a"),
             a.public(),
             &mac[..31]
         ));

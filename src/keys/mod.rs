@@ -19,6 +19,10 @@
 //! The receiver's name is length-prefixed and last, so the suffix's length
 //! (0, 1 or 2 bytes) says which form it is: an AES-256 key never shares the
 //! HKDF output an AES-128 key of the same SA would have.
+//! An epoch sealed as version 3 uses the v2 derivation: the label is
+//! `"calico-ipsec/v2/sa"` and `u32be(receiver incarnation)` follows the
+//! receiver's name (before the suffix), so a receiver that lost its SAs
+//! takes a new incarnation and never accepts a replay of earlier traffic.
 //! The lane is the SA's family and mode: 0 IPv4 transport (IPIP, VXLAN),
 //! 1 IPv4 tunnel (no encapsulation), 2 IPv6 transport (VXLAN over IPv6),
 //! 3 IPv6 tunnel. One key per (epoch, sender, sender incarnation, receiver,
@@ -75,8 +79,14 @@ fn hex_val(c: u8) -> Option<u8> {
 /// The AEAD every SA uses: AES-GCM as RFC 4106 puts it in ESP.
 pub const ALGORITHM: &str = "rfc4106(gcm(aes))";
 
-/// The HKDF info label's prefix; bump the version to change the derivation.
+/// The HKDF info label's prefix of epochs sealed before version 3: the
+/// key depends on the sender's incarnation only.
 pub const INFO_LABEL: &[u8] = b"calico-ipsec/v1/sa";
+
+/// The HKDF info label's prefix of epochs sealed as version 3: the
+/// receiver's incarnation follows its name, so a receiver that lost its
+/// SAs (and so its replay windows) never gets the same key back.
+pub const INFO_LABEL_V2: &[u8] = b"calico-ipsec/v2/sa";
 
 /// AES key sizes an epoch may use, in bits.
 pub const KEY_BITS: [u32; 2] = [128, 256];
@@ -109,6 +119,9 @@ pub struct SaId<'a> {
     pub lane: u8,
     /// The AES key size of the epoch (128 or 256).
     pub key_bits: u32,
+    /// The receiver's incarnation, for an epoch sealed as version 3 (the
+    /// v2 derivation); `None` for earlier epochs.
+    pub receiver_incarnation: Option<u32>,
 }
 
 impl SaId<'_> {
@@ -118,12 +131,18 @@ impl SaId<'_> {
     /// a key size we do not use.
     pub fn info(&self) -> Option<Vec<u8>> {
         let mut info =
-            Vec::with_capacity(INFO_LABEL.len() + 13 + self.sender.len() + self.receiver.len());
-        info.extend_from_slice(INFO_LABEL);
+            Vec::with_capacity(INFO_LABEL.len() + 17 + self.sender.len() + self.receiver.len());
+        info.extend_from_slice(match self.receiver_incarnation {
+            None => INFO_LABEL,
+            Some(_) => INFO_LABEL_V2,
+        });
         info.extend_from_slice(&self.epoch.to_be_bytes());
         push_name(&mut info, self.sender)?;
         info.extend_from_slice(&self.incarnation.to_be_bytes());
         push_name(&mut info, self.receiver)?;
+        if let Some(r) = self.receiver_incarnation {
+            info.extend_from_slice(&r.to_be_bytes());
+        }
         match self.key_bits {
             128 if self.lane != 0 => info.push(self.lane),
             128 => {}
@@ -212,7 +231,24 @@ mod tests {
             receiver: "node-2",
             lane: 0,
             key_bits: 128,
+            receiver_incarnation: None,
         };
+        let v2 = SaId {
+            receiver_incarnation: Some(5),
+            lane: 1,
+            ..id.clone()
+        };
+        let mut want2 = b"calico-ipsec/v2/sa".to_vec();
+        want2.extend_from_slice(&[0, 0, 0, 1, 0, 6]);
+        want2.extend_from_slice(b"node-1");
+        want2.extend_from_slice(&[0, 0, 0, 2, 0, 6]);
+        want2.extend_from_slice(b"node-2");
+        want2.extend_from_slice(&[0, 0, 0, 5, 1]);
+        assert_eq!(
+            v2.info(),
+            Some(want2),
+            "v2: the receiver's incarnation after its name, then the lane"
+        );
         let mut want = b"calico-ipsec/v1/sa".to_vec();
         want.extend_from_slice(&[0, 0, 0, 1, 0, 6]);
         want.extend_from_slice(b"node-1");

@@ -96,11 +96,22 @@ pub struct SealBinding<'a> {
 }
 
 impl SealBinding<'_> {
-    /// The associated data: the label, then each field as a 4-byte
-    /// big-endian length and its bytes (numbers as 4 bytes big-endian; an
-    /// absent ICV or agreement as an empty field).
+    /// The associated data of a version 2 sealing: the label, then each
+    /// field as a 4-byte big-endian length and its bytes (numbers as 4
+    /// bytes big-endian; an absent ICV or agreement as an empty field).
     pub fn aad(&self) -> Vec<u8> {
-        let mut out = b"calico-ipsec/v2/epoch-seal".to_vec();
+        self.aad_labelled(b"calico-ipsec/v2/epoch-seal")
+    }
+
+    /// The associated data of a version 3 sealing: the same fields under
+    /// another label, so that a version 3 record (whose keys also bind the
+    /// receiver's incarnation) never opens as a version 2 one.
+    pub fn aad_v3(&self) -> Vec<u8> {
+        self.aad_labelled(b"calico-ipsec/v3/epoch-seal")
+    }
+
+    fn aad_labelled(&self, label: &[u8]) -> Vec<u8> {
+        let mut out = label.to_vec();
         let icv = self.icv_bits.map(u32::to_be_bytes);
         let fields: [&[u8]; 6] = [
             &self.epoch.to_be_bytes(),
@@ -127,13 +138,16 @@ pub enum Aad<'a> {
     Legacy(u32),
     /// Version 2: [`SealBinding`].
     Bound(&'a SealBinding<'a>),
+    /// Version 3: [`SealBinding`] under the version 3 label (the epoch's
+    /// keys bind both ends' incarnations).
+    BoundBothEnds(&'a SealBinding<'a>),
 }
 
 impl Aad<'_> {
     fn epoch(&self) -> u32 {
         match self {
             Aad::Legacy(e) => *e,
-            Aad::Bound(b) => b.epoch,
+            Aad::Bound(b) | Aad::BoundBothEnds(b) => b.epoch,
         }
     }
 
@@ -141,6 +155,7 @@ impl Aad<'_> {
         match self {
             Aad::Legacy(e) => aad_v1(*e),
             Aad::Bound(b) => b.aad(),
+            Aad::BoundBothEnds(b) => b.aad_v3(),
         }
     }
 }
@@ -173,6 +188,12 @@ impl EpochSecret {
     /// (tests of the migration).
     pub fn seal(&self, kek: &Kek, epoch: u32) -> Result<String, SealError> {
         self.seal_with(kek, Aad::Legacy(epoch))
+    }
+
+    /// Seals under `kek` as [`EpochSecret::seal_bound`] does, with the
+    /// version 3 associated data.
+    pub fn seal_bound_v3(&self, kek: &Kek, binding: &SealBinding<'_>) -> Result<String, SealError> {
+        self.seal_with(kek, Aad::BoundBothEnds(binding))
     }
 
     fn seal_with(&self, kek: &Kek, aad: Aad<'_>) -> Result<String, SealError> {
@@ -398,6 +419,7 @@ mod tests {
                     receiver: "b",
                     lane: 0,
                     key_bits: 128,
+                    receiver_incarnation: None,
                 },
             )
             .expect("derives");
@@ -486,6 +508,7 @@ mod tests {
                         receiver,
                         lane,
                         key_bits: 128,
+                        receiver_incarnation: None,
                     },
                 )
                 .expect("derives");
@@ -531,6 +554,7 @@ mod tests {
                 receiver,
                 lane,
                 key_bits: 256,
+                receiver_incarnation: None,
             };
             let k = secret.derive(guid, &id).expect("derives");
             let hex: String = k.0.expose().iter().map(|b| format!("{b:02x}")).collect();

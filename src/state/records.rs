@@ -89,8 +89,17 @@ pub struct Ledger {
     pub boot_id: String,
     /// The incarnation it belongs to.
     pub incarnation: u32,
-    /// "epoch/peer" of every outbound SA created.
+    /// Every outbound SA created: "epoch/peer" (lane 0) or
+    /// "epoch/peer/lane" for an epoch whose keys bind the sender only, and
+    /// "epoch/peer/lane/receiver-incarnation" for one whose keys bind both
+    /// ends (sealed as version 3).
     pub sent: BTreeSet<String>,
+    /// Every inbound SA created under keys that bind this incarnation
+    /// (epochs sealed as version 3): "epoch/peer/lane/sender-incarnation".
+    /// One that is missing later cannot be made again under the same key
+    /// (its replay window would start empty), so it takes a new incarnation.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub received: BTreeSet<String>,
     /// Epochs whose entries were dropped when they left the kernel: one
     /// that comes back (set active again, or restored from a backup) would
     /// get its old keys back, so any outbound SA of it needs a new
@@ -106,6 +115,7 @@ impl Ledger {
             boot_id: boot_id.to_string(),
             incarnation,
             sent: BTreeSet::new(),
+            received: BTreeSet::new(),
             forgotten: BTreeSet::new(),
         }
     }
@@ -116,21 +126,52 @@ impl Ledger {
         self.forgotten.contains(&epoch) || self.sent.contains(&Self::entry(epoch, peer, lane))
     }
 
+    /// The entry of an SA whose key binds both ends: (epoch, peer, lane)
+    /// and the other end's incarnation (the receiver's for an outbound SA,
+    /// the sender's for an inbound one).
+    pub fn bound_entry(epoch: u32, peer: &str, lane: u8, other: u32) -> String {
+        format!("{epoch}/{peer}/{lane}/{other}")
+    }
+
+    /// Whether an outbound SA would reuse a key of this incarnation; the
+    /// receiver's incarnation is given for a key that binds it.
+    pub fn sent_before(&self, epoch: u32, peer: &str, lane: u8, receiver: Option<u32>) -> bool {
+        match receiver {
+            None => self.used_before(epoch, peer, lane),
+            Some(r) => {
+                self.forgotten.contains(&epoch)
+                    || self.sent.contains(&Self::bound_entry(epoch, peer, lane, r))
+            }
+        }
+    }
+
+    /// Whether an inbound SA (of a key that binds this incarnation) was
+    /// created before in this incarnation: making it again would reset its
+    /// replay window under the same key.
+    pub fn received_before(&self, epoch: u32, peer: &str, lane: u8, sender: u32) -> bool {
+        self.forgotten.contains(&epoch)
+            || self
+                .received
+                .contains(&Self::bound_entry(epoch, peer, lane, sender))
+    }
+
     /// Drops the entries of epochs no longer installed, remembering their
     /// numbers; returns whether anything changed.
     pub fn prune(&mut self, installed: &[u32]) -> bool {
-        let before = (self.sent.len(), self.forgotten.len());
+        let before = (self.sent.len(), self.received.len(), self.forgotten.len());
         let mut gone = BTreeSet::new();
-        self.sent.retain(|e| match Self::epoch_of(e) {
+        let mut keep = |e: &String| match Self::epoch_of(e) {
             Some(n) if installed.contains(&n) => true,
             Some(n) => {
                 gone.insert(n);
                 false
             }
             None => false,
-        });
+        };
+        self.sent.retain(&mut keep);
+        self.received.retain(&mut keep);
         self.forgotten.extend(gone);
-        before != (self.sent.len(), self.forgotten.len())
+        before != (self.sent.len(), self.received.len(), self.forgotten.len())
     }
 
     /// "epoch/peer" for lane 0 (IPv4 transport), "epoch/peer/lane" for the others.

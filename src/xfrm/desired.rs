@@ -185,8 +185,9 @@ impl Pair {
 struct Build<'a> {
     i: &'a Inputs<'a>,
     d: Desired,
-    /// Installed epochs: number, AES key bits, ICV bits.
-    installed: Vec<(u32, u32, u32)>,
+    /// Installed epochs: number, AES key bits, ICV bits, and whether its
+    /// keys bind the receiver's incarnation (sealed as version 3).
+    installed: Vec<(u32, u32, u32, bool)>,
     active: Option<u32>,
 }
 
@@ -227,7 +228,7 @@ impl Build<'_> {
     ) {
         let Some(theirs) = theirs else { return };
         let tunnel = lane.mode() == Mode::Tunnel;
-        for (epoch, key_bits, icv_bits) in self.installed.clone() {
+        for (epoch, key_bits, icv_bits, binds) in self.installed.clone() {
             if let Some(ready) = self.i.agreement.get(&epoch) {
                 let missing = [self.i.me, peer.name.as_str()]
                     .into_iter()
@@ -240,7 +241,7 @@ impl Build<'_> {
                     continue;
                 }
             }
-            let base = |dir, src, dst, spi, sender: &str, inc, receiver: &str| SaSpec {
+            let base = |dir, (src, dst), spi, (sender, inc): (&str, u32), (receiver, rinc): (&str, u32)| SaSpec {
                 dir,
                 src,
                 dst,
@@ -250,6 +251,7 @@ impl Build<'_> {
                 sender: sender.to_string(),
                 incarnation: inc,
                 receiver: receiver.to_string(),
+                receiver_incarnation: binds.then_some(rinc),
                 icv_bits,
                 key_bits,
                 lane,
@@ -258,25 +260,25 @@ impl Build<'_> {
                 let spi = keys::spi(epoch, m.incarnation, m.id, tunnel);
                 let out = base(
                     Dir::Out,
-                    me_ip,
-                    peer_ip,
+                    (me_ip, peer_ip),
                     spi,
-                    self.i.me,
-                    m.incarnation,
-                    &peer.name,
+                    (self.i.me, m.incarnation),
+                    (&peer.name, theirs.incarnation),
                 );
                 view.states.push((Dir::Out, out.key()));
                 self.d.states.insert(out.key(), out);
             }
+            // Keys that bind the receiver's incarnation need this node's.
+            let Some(my_inc) = mine.map(|m| m.incarnation).or((!binds).then_some(0)) else {
+                continue;
+            };
             let spi = keys::spi(epoch, theirs.incarnation, theirs.id, tunnel);
             let inb = base(
                 Dir::In,
-                peer_ip,
-                me_ip,
+                (peer_ip, me_ip),
                 spi,
-                &peer.name,
-                theirs.incarnation,
-                self.i.me,
+                (&peer.name, theirs.incarnation),
+                (self.i.me, my_inc),
             );
             view.states.push((Dir::In, inb.key()));
             self.d.states.insert(inb.key(), inb);
@@ -554,7 +556,7 @@ impl Desired {
                     })
             })
         };
-        let installed: Vec<(u32, u32, u32)> = i
+        let installed: Vec<(u32, u32, u32, bool)> = i
             .epochs
             .iter()
             .filter(|e| match e.state {
@@ -562,7 +564,10 @@ impl Desired {
                 EpochState::Pending => all_keys(e.epoch),
                 _ => false,
             })
-            .map(|e| (e.epoch, e.key_bits, e.icv_bits.unwrap_or(i.icv_bits)))
+            .map(|e| {
+                let icv = e.icv_bits.unwrap_or(i.icv_bits);
+                (e.epoch, e.key_bits, icv, e.binds_receiver())
+            })
             .collect();
         let active = i
             .epochs
@@ -636,7 +641,7 @@ impl Desired {
                 b.d.policies.insert(p.key(), p);
             }
         }
-        b.d.installed_epochs = b.installed.iter().map(|(e, _, _)| *e).collect();
+        b.d.installed_epochs = b.installed.iter().map(|(e, _, _, _)| *e).collect();
         b.d.active_epoch = b.active;
         Ok(b.d)
     }

@@ -57,6 +57,9 @@ pub struct Handover {
     pub waiting_for: BTreeSet<String>,
     /// Inbound SAs of peers' older incarnations kept for now.
     pub kept_inbound: usize,
+    /// Every state kept as it is (an older twin, either way), by kernel key:
+    /// each keeps the key it was made with.
+    pub kept: BTreeSet<(std::net::IpAddr, u32)>,
 }
 
 impl Handover {
@@ -164,6 +167,7 @@ pub fn hand_over(
         want.states.remove(&spec.key());
         h.waiting_for.insert(spec.receiver.clone());
         for s in kept {
+            h.kept.insert(s.key());
             want.states.insert(s.key(), s);
         }
     }
@@ -176,6 +180,7 @@ pub fn hand_over(
         .collect();
     for spec in inbound {
         for s in twins(&spec, held) {
+            h.kept.insert(s.key());
             if want.states.insert(s.key(), s).is_none() {
                 h.kept_inbound += 1;
             }

@@ -161,6 +161,10 @@ pub struct SaSpec {
     pub incarnation: u32,
     /// Receiving node's name.
     pub receiver: String,
+    /// The receiver's incarnation, which the key binds in an epoch sealed
+    /// as version 3 (`None` for earlier epochs). Not visible in the kernel:
+    /// the ledger says which one a held state was made for.
+    pub receiver_incarnation: Option<u32>,
     /// ICV length in bits.
     pub icv_bits: u32,
     /// AES key size in bits (the epoch's: 128 or 256).
@@ -452,6 +456,14 @@ impl Plan {
             + self.add_policies.len()
             + self.update_policies.len()
             + self.del_policies.len()
+    }
+
+    /// Inbound states the plan creates (new or replaced).
+    pub fn created_inbound(&self) -> impl Iterator<Item = &SaSpec> {
+        self.add_states
+            .iter()
+            .chain(&self.replace_states)
+            .filter(|s| s.dir == Dir::In)
     }
 
     /// Outbound states the plan creates (new or replaced).
