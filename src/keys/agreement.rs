@@ -333,6 +333,87 @@ mod tests {
         );
     }
 
+    /// Epochs sealed as version 3 (the v2 derivation): values printed by
+    /// `tests/vectors/agreement.py --v2` (Python's `cryptography` and
+    /// hmac/hashlib), from docs/spec.md alone.
+    #[test]
+    fn v2_vectors_from_an_independent_implementation() {
+        let plain = EpochSecret::from_bytes((0u8..32).collect());
+        let g = "5b0e2f9c8d4a4e61b7a39c2d1e0f4a66";
+        for (bits, lane, rinc, want) in [
+            (128, 0, 1, "2e5f1b152713071bb642c4888cd362b89ad07764"),
+            (128, 1, 1, "923e66838761a5cac67125e2a821ba5edcff1e87"),
+            (128, 0, 2, "cffc92e262c88b33de1c1d349edd85ef6d36087d"),
+            (
+                256,
+                0,
+                1,
+                "7a1e59b157e80a7570807c240c477fedf9d1c26eebf2ab95c0ee85ac491646538d4253a4",
+            ),
+            (
+                256,
+                3,
+                7,
+                "b1b63f9db4f30abd4cfa85dab42e19c423c8fa682c948b25d44980419ee8cc6d373ec72b",
+            ),
+        ] {
+            let id = SaId {
+                epoch: 1,
+                sender: "node-1",
+                incarnation: 1,
+                receiver: "node-2",
+                lane,
+                key_bits: bits,
+                receiver_incarnation: Some(rinc),
+            };
+            let k = plain.derive(g, &id).expect("key");
+            assert_eq!(hex(k.0.expose()), want, "AES-{bits} lane {lane} rinc {rinc}");
+        }
+        let secret = EpochSecret::from_bytes(vec![0x11; 32]);
+        let guid = "5e6d2c1a-0b7f-4c3e-9a21-7f3b2d9c8e01";
+        let (a, b) = (pair(1), pair(2));
+        let z = a.shared(b.public()).expect("ecdh");
+        for (bits, want) in [
+            (128, "72b328d9316eb2dc2284d5e8c92ea383c4a1f048"),
+            (
+                256,
+                "c8c1112a567f24da9c1581d943740e53a546a0bfc63f4ac38686eedf35a55282334305d4",
+            ),
+        ] {
+            let id = SaId {
+                receiver_incarnation: Some(5),
+                key_bits: bits,
+                ..id("node-1", "node-2")
+            };
+            let k = secret
+                .derive_agreed(guid, &id, &z, a.public(), b.public())
+                .expect("key");
+            assert_eq!(hex(k.0.expose()), want, "agreed AES-{bits}");
+        }
+        let owner = KeyOwner {
+            node: "node-1",
+            incarnation: Some(2),
+        };
+        let mac = pubkey_mac(&secret, guid, 7, owner, a.public()).expect("mac");
+        assert_eq!(
+            hex(&mac),
+            "a8ffdf7bd0b06f6f8019c6a08c5eda429cb0dafc5cb628f6652d1eacdcf94f9d"
+        );
+        assert!(verify_pubkey(&secret, guid, 7, owner, a.public(), &mac));
+        let next = KeyOwner {
+            incarnation: Some(3),
+            ..owner
+        };
+        assert!(
+            !verify_pubkey(&secret, guid, 7, next, a.public(), &mac),
+            "moved to another incarnation"
+        );
+        assert!(
+            !verify_pubkey(&secret, guid, 7, v1("node-1"), a.public(), &mac),
+            "read as a key for the whole epoch"
+        );
+    }
+
     #[test]
     fn a_public_key_that_is_not_a_point_is_refused() {
         let a = pair(1);

@@ -342,6 +342,12 @@ mod tests {
         ] {
             assert!(open(&altered).is_err(), "{what}");
         }
+        // A version 3 sealing (keys that bind both ends) opens only as
+        // version 3: neither version can pass for the other.
+        let v3 = s.seal_bound_v3(&kek(1), &b).expect("seal v3");
+        assert!(EpochSecret::unseal_with(&kek(1), Aad::BoundBothEnds(&b), &v3).is_ok());
+        assert!(EpochSecret::unseal_with(&kek(1), Aad::Bound(&b), &v3).is_err());
+        assert!(EpochSecret::unseal_with(&kek(1), Aad::BoundBothEnds(&b), &sealed).is_err());
         // Read as a legacy record (the version field stripped), it does not
         // open either: the AAD differs.
         assert!(EpochSecret::unseal(&kek(1), 7, &sealed).is_err());

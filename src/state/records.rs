@@ -297,3 +297,30 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_bind_both_ends_are_told_apart_by_the_other_ends_incarnation() {
+        let mut l = Ledger::fresh("b", 3);
+        l.sent.insert(Ledger::bound_entry(5, "node-2", 0, 7));
+        l.received.insert(Ledger::bound_entry(5, "node-2", 1, 9));
+        assert!(l.sent_before(5, "node-2", 0, Some(7)));
+        assert!(
+            !l.sent_before(5, "node-2", 0, Some(8)),
+            "the receiver's new incarnation gives a new key"
+        );
+        assert!(!l.sent_before(5, "node-2", 0, None), "another derivation");
+        assert!(l.received_before(5, "node-2", 1, 9));
+        assert!(!l.received_before(5, "node-2", 1, 10));
+        assert!(!l.received_before(5, "node-3", 1, 9));
+        // Pruning drops both kinds and remembers the epoch: its keys are
+        // never made again in this incarnation.
+        assert!(l.prune(&[6]));
+        assert!(l.sent.is_empty() && l.received.is_empty());
+        assert!(l.sent_before(5, "node-2", 0, Some(8)));
+        assert!(l.received_before(5, "node-4", 0, 1));
+    }
+}

@@ -14,6 +14,11 @@ derives each SA's key exactly as the README documents:
                              || u16 len || receiver || suffix,
                       L = 20 (AES-128) or 36 (AES-256))
 
+An epoch sealed as version 3 ("seal": 3) uses the v2 derivation: the
+label is "calico-ipsec/v2/sa" and u32 receiver incarnation follows the
+receiver's name (before the suffix); with key agreement, each node's public
+key belongs to one incarnation (pubkeys/<epoch>/<node>/<incarnation>).
+
 The lane is 0 for IPv4 transport (IPIP, VXLAN), 1 for IPv4 tunnel mode, 2
 for IPv6 transport (VXLAN over IPv6), 3 for IPv6 tunnel mode. For AES-128
 the suffix is u8 lane, only when the lane is not 0; for AES-256 (the
@@ -57,9 +62,12 @@ def name_field(name):
     return struct.pack(">H", len(b)) + b
 
 
-def sa_info(epoch, sender, incarnation, receiver, lane=0, key_bits=128):
-    info = (b"calico-ipsec/v1/sa" + struct.pack(">I", epoch) + name_field(sender)
+def sa_info(epoch, sender, incarnation, receiver, lane=0, key_bits=128, rinc=None):
+    label = b"calico-ipsec/v1/sa" if rinc is None else b"calico-ipsec/v2/sa"
+    info = (label + struct.pack(">I", epoch) + name_field(sender)
             + struct.pack(">I", incarnation) + name_field(receiver))
+    if rinc is not None:
+        info += struct.pack(">I", rinc)
     if key_bits == 256:
         return info + bytes([lane, 0x20])
     return info + (bytes([lane]) if lane else b"")
@@ -69,15 +77,19 @@ def okm_len(key_bits):
     return 36 if key_bits == 256 else 20
 
 
-def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0, key_bits=128):
-    info = sa_info(epoch, sender, incarnation, receiver, lane, key_bits)
+def sa_key(secret, guid, epoch, sender, incarnation, receiver, lane=0, key_bits=128, rinc=None):
+    info = sa_info(epoch, sender, incarnation, receiver, lane, key_bits, rinc)
     return hkdf_sha256(secret, guid.encode(), info, okm_len(key_bits))
 
 
-def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bits, pubs, privs):
-    """The key of an epoch with key agreement (README, "Per-node key
-    agreement"); None when neither end's private key is at hand."""
-    ps, pr = pubs.get((epoch, sender)), pubs.get((epoch, receiver))
+def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bits, pubs, privs, rinc=None):
+    """The key of an epoch with key agreement (docs/spec.md, "Per-node key
+    agreement"); None when neither end's private key is at hand. For keys
+    per incarnation (rinc given), pubs is keyed by (epoch, node, incarnation)."""
+    if rinc is None:
+        ps, pr = pubs.get((epoch, sender)), pubs.get((epoch, receiver))
+    else:
+        ps, pr = pubs.get((epoch, sender, incarnation)), pubs.get((epoch, receiver, rinc))
     if ps is None or pr is None:
         return None
     from cryptography.hazmat.primitives import serialization
@@ -96,15 +108,20 @@ def agreed_key(secret, guid, epoch, sender, incarnation, receiver, lane, key_bit
         return None
     peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), theirs)
     z = mine.exchange(ec.ECDH(), peer)
-    info = sa_info(epoch, sender, incarnation, receiver, lane, key_bits) + ps + pr
+    info = sa_info(epoch, sender, incarnation, receiver, lane, key_bits, rinc) + ps + pr
     return hkdf_sha256(secret + z, guid.encode(), info, okm_len(key_bits))
 
 
-def load_privs(spec):
+def load_privs(spec, kek_file):
     """ESP_AGREEMENT_DIRS="node-1=/dir,node-2=/dir": the nodes' epoch
     private keys (<dir>/<epoch>-<tag>.key, 64 hex characters of the
-    big-endian scalar), by (epoch, node)."""
+    big-endian scalar), by (epoch, node). Unset: every agreement-<node>
+    directory beside the KEK file (the VM suites' layout)."""
     import os
+    if spec is None:
+        base = os.path.dirname(os.path.abspath(kek_file))
+        spec = ",".join(f"{d[len('agreement-'):]}={os.path.join(base, d)}"
+                        for d in sorted(os.listdir(base)) if d.startswith("agreement-"))
     privs = {}
     for item in filter(None, spec.split(",")):
         node, d = item.split("=", 1)
@@ -157,13 +174,14 @@ def seal_aad(rec, guid):
     epoch number; version 2 ("seal": 2) length-prefixes the epoch, algorithm,
     key bits, ICV bits, agreement and clusterGUID (docs/spec.md)."""
     n = rec["epoch"]
+    label = b"calico-ipsec/v3/epoch-seal" if rec.get("seal", 1) == 3 else b"calico-ipsec/v2/epoch-seal"
     if rec.get("seal", 1) == 1:
         return f"calico-ipsec/v1/epoch/{n}".encode()
     icv = rec.get("icv_bits")
     fields = [struct.pack(">I", n), rec["algorithm"].encode(), struct.pack(">I", rec.get("key_bits", 128)),
               struct.pack(">I", icv) if icv is not None else b"", (rec.get("agreement") or "").encode(),
               guid.encode()]
-    return b"calico-ipsec/v2/epoch-seal" + b"".join(struct.pack(">I", len(f)) + f for f in fields)
+    return label + b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
 
 def main():
@@ -174,7 +192,7 @@ def main():
     kek = bytes.fromhex(open(kek_file).read().strip())
     kvs = load_etcd(dump)
     guid = kvs["/calico/resources/v3/projectcalico.org/clusterinformations/default"]["spec"]["clusterGUID"]
-    secrets, key_bits = {}, {}
+    secrets, key_bits, per_inc = {}, {}, {}
     for k, v in kvs.items():
         if k.startswith("/calico/ipsec/v1/epochs/"):
             try:
@@ -182,6 +200,7 @@ def main():
                 raw = base64.b64decode(v["sealedSecret"] if "sealedSecret" in v else v["sealed_secret"])
                 secrets[n] = AESGCM(kek).decrypt(raw[:12], raw[12:], seal_aad(v, guid))
                 key_bits[n] = v.get("key_bits", 128)
+                per_inc[n] = v.get("seal", 1) >= 3
             except Exception:  # noqa: BLE001 - a planted record without a secret
                 pass
     agreement = {k2: v.get("agreement") for k2, v in
@@ -190,14 +209,16 @@ def main():
     pubs = {}
     for k, v in kvs.items():
         if k.startswith("/calico/ipsec/v1/pubkeys/"):
-            e, node = k.split("/")[-2:]
-            pubs[(int(e), node)] = base64.b64decode(v["public"])
+            parts = k[len("/calico/ipsec/v1/pubkeys/"):].split("/")
+            key = (int(parts[0]), parts[1]) + ((int(parts[2]),) if len(parts) == 3 else ())
+            pubs[key] = base64.b64decode(v["public"])
     import os
-    privs = load_privs(os.environ.get("ESP_AGREEMENT_DIRS", ""))
-    ids, ips = {}, {}
+    privs = load_privs(os.environ.get("ESP_AGREEMENT_DIRS"), kek_file)
+    ids, ips, incs = {}, {}, {}
     for k, v in kvs.items():
         if k.startswith("/calico/ipsec/v1/nodeids/"):
             ids[v["id"]] = (k.rsplit("/", 1)[1], v.get("incarnation", 0))
+            incs[k.rsplit("/", 1)[1]] = v.get("incarnation", 0)
         if k.startswith("/calico/resources/v3/projectcalico.org/nodes/"):
             for fam in ("ipv4Address", "ipv6Address"):
                 a = v["spec"].get("bgp", {}).get(fam)
@@ -239,20 +260,40 @@ def main():
         try:
             sender, incarnation = ids[sender_id]
             epoch = next(e for e in secrets if e % 255 + 1 == slot)
-            assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
             assert ips[src] == sender, f"SPI names {sender} but the packet is from {ips[src]}"
             bits = key_bits[epoch]
-            if agreement.get(epoch):
-                key = agreed_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane,
-                                 bits, pubs, privs)
-                if key is None:
-                    counts["nokey"] += 1  # neither end's private key: cannot be opened
-                    continue
+            receiver = ips[dst]
+            if per_inc.get(epoch):
+                # The sender's incarnation is the newest one with this SPI
+                # byte; the receiver's may be any it has had (a capture can
+                # span its reboot): GCM's tag tells which.
+                incarnation -= (incarnation - inc8) % 256
+                rincs = list(range(incs.get(receiver, 0), 0, -1))
             else:
-                key = sa_key(secrets[epoch], guid, epoch, sender, incarnation, ips[dst], lane, bits)
+                assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
+                rincs = [None]
+            keys = []
+            for rinc in rincs:
+                if agreement.get(epoch):
+                    k = agreed_key(secrets[epoch], guid, epoch, sender, incarnation, receiver, lane,
+                                   bits, pubs, privs, rinc)
+                else:
+                    k = sa_key(secrets[epoch], guid, epoch, sender, incarnation, receiver, lane, bits, rinc)
+                if k is not None:
+                    keys.append(k)
+            if not keys:
+                counts["nokey"] += 1  # neither end's private key: cannot be opened
+                continue
             iv, body = esp[8:16], esp[16:]
             aad = struct.pack(">III", spi, 0, seq)  # ESN: SPI, seq_hi, seq_lo
-            plain = AESGCM(key[:-4]).decrypt(key[-4:] + iv, body, aad)
+            plain = None
+            for key in keys:
+                try:
+                    plain = AESGCM(key[:-4]).decrypt(key[-4:] + iv, body, aad)
+                    break
+                except Exception:  # noqa: BLE001 - the next candidate
+                    if key is keys[-1]:
+                        raise
             counts[f"aes{bits}"] = counts.get(f"aes{bits}", 0) + 1
             pad_len, next_header = plain[-2], plain[-1]
             assert next_header in (4, 17, 41), f"next header {next_header}, want 4, 17 or 41"
