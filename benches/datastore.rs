@@ -49,6 +49,7 @@ fn child(endpoint: &str, kek_hex_file: &str) {
                             receiver,
                             lane: 0,
                             key_bits: 128,
+                            receiver_incarnation: rec.binds_receiver().then_some(1),
                         },
                     )
                     .expect("derives");

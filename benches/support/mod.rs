@@ -13,7 +13,7 @@ use calico_ipsec::datastore::ipsec::{Cipher, ClusterConfig, Identity, IpsecStore
 use calico_ipsec::datastore::pubkeys::pubkey_key;
 use calico_ipsec::datastore::records::PubkeyRecord;
 use calico_ipsec::datastore::snapshot;
-use calico_ipsec::keys::agreement::{pubkey_mac, EpochKeyPair};
+use calico_ipsec::keys::agreement::{pubkey_mac, EpochKeyPair, KeyOwner};
 use calico_ipsec::keys::Kek;
 
 /// etcd settings for one endpoint with a generous timeout.
@@ -130,13 +130,20 @@ pub fn setup_agreement(endpoint: &str, peers: usize, kek: &Kek, ipip: &str) {
             .map(|i| {
                 let node = format!("node-{i}");
                 let pair = EpochKeyPair::generate().expect("key pair");
-                let mac = pubkey_mac(&secret, &guid, rec.epoch, &node, pair.public()).expect("mac");
+                // Keys per incarnation (an epoch sealed as 3): the peers'
+                // incarnation 1, as `setup_cipher` publishes it.
+                let inc = rec.binds_receiver().then_some(1);
+                let owner = KeyOwner {
+                    node: &node,
+                    incarnation: inc,
+                };
+                let mac = pubkey_mac(&secret, &guid, rec.epoch, owner, pair.public()).expect("mac");
                 let r = PubkeyRecord {
                     public: B64.encode(pair.public()),
                     mac: B64.encode(mac),
                 };
                 (
-                    pubkey_key(rec.epoch, &node),
+                    pubkey_key(rec.epoch, &node, inc),
                     serde_json::to_vec(&r).expect("json"),
                 )
             })

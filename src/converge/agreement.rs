@@ -20,6 +20,10 @@ use crate::keys::agreement::{
 use crate::keys::EpochSecret;
 use crate::state::{NodeState, StateError};
 
+/// A peer's verified public key, and the incarnation it belongs to (keys
+/// per incarnation) or `None` (a key for the whole epoch).
+pub type Verified = (Option<u32>, [u8; PUBLIC_LEN]);
+
 /// What a convergence knows of key agreement.
 #[derive(Debug, Default)]
 pub struct Agreed {
@@ -28,7 +32,7 @@ pub struct Agreed {
     /// The public keys that verified, per epoch and node (this node's
     /// too), with the incarnation each belongs to (epochs sealed as version
     /// 3: the node's current one; earlier epochs: `None`).
-    pub verified: BTreeMap<u32, BTreeMap<String, (Option<u32>, [u8; PUBLIC_LEN])>>,
+    pub verified: BTreeMap<u32, BTreeMap<String, Verified>>,
     /// Agreement epochs sealed before version 3 that this node cannot use:
     /// its record is in etcd but its private key is gone (a reboot emptied
     /// tmpfs), or the record is not its own key. Its paths wait for a new
@@ -254,7 +258,8 @@ pub(super) async fn prepare(
         own_pair(state, store, node, &ctx, &mut verified, &mut out).await?;
         out.verified.insert(e, verified);
     }
-    verified_cache().retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
+    verified_cache()
+        .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
     Ok(out)
 }
 
@@ -282,7 +287,7 @@ async fn own_pair(
     store: &IpsecStore<'_>,
     node: &str,
     ep: &Epoch<'_>,
-    verified: &mut BTreeMap<String, (Option<u32>, [u8; PUBLIC_LEN])>,
+    verified: &mut BTreeMap<String, Verified>,
     out: &mut Agreed,
 ) -> Result<(), ConvergeError> {
     let (e, tag) = (ep.epoch, ep.tag);
@@ -327,7 +332,10 @@ async fn own_pair(
                 incarnation = ?ep.incarnation,
                 "the public key in etcd under this node's name is not this node's key (it does not verify)"
             );
-            lose(out, "the public key in etcd under this node's name is not its own");
+            lose(
+                out,
+                "the public key in etcd under this node's name is not its own",
+            );
         }
         (false, _) => {
             // A pair stored but not yet published (a crash, or a
@@ -411,7 +419,12 @@ pub fn published(snap: &Snapshot) -> BTreeMap<u32, BTreeSet<String>> {
             let nodes = snap
                 .pubkeys
                 .get(&e.epoch)
-                .map(|m| m.keys().filter(|o| current(o)).map(|o| o.0.clone()).collect())
+                .map(|m| {
+                    m.keys()
+                        .filter(|o| current(o))
+                        .map(|o| o.0.clone())
+                        .collect()
+                })
                 .unwrap_or_default();
             (e.epoch, nodes)
         })
@@ -485,11 +498,17 @@ mod tests {
         );
         // Moved to another incarnation, or read as a key for the whole
         // epoch: it does not verify.
-        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(Some(4)), &r), None);
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, &at(Some(4)), &r),
+            None
+        );
         assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(None), &r), None);
         // And a key for the whole epoch does not verify as one incarnation's.
         let whole = record(&secret, e, "node-2", &pair);
-        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(Some(3)), &whole), None);
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, &at(Some(3)), &whole),
+            None
+        );
     }
 
     #[test]
@@ -526,7 +545,10 @@ mod tests {
             mac: B64.encode([0u8; 16]),
             ..good.clone()
         };
-        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &cut), None);
+        assert_eq!(
+            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &cut),
+            None
+        );
         // The same record under another node's name does not verify.
         assert_eq!(
             check_pubkey(&secret, "guid", e, &tag, &o("node-3"), &good),

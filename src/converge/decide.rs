@@ -89,14 +89,20 @@ pub(super) async fn decide(
         .values()
         .filter(|s| s.receiver_incarnation.is_some() && !handover.kept.contains(&s.key()))
         .filter(|s| !vouched(&mine.ledger, s))
-        .filter(|s| facts.held.states.get(&s.key()).is_some_and(|k| k.matches(s)))
+        .filter(|s| {
+            facts
+                .held
+                .states
+                .get(&s.key())
+                .is_some_and(|k| k.matches(s))
+        })
         .cloned()
         .collect();
     plan.replace_states.extend(stale);
     let l = &mine.ledger;
-    let lost_out = plan.created_outbound().any(|s| {
-        l.sent_before(s.epoch, &s.receiver, s.lane.index(), s.receiver_incarnation)
-    });
+    let lost_out = plan
+        .created_outbound()
+        .any(|s| l.sent_before(s.epoch, &s.receiver, s.lane.index(), s.receiver_incarnation));
     let lost_in = plan
         .created_inbound()
         .filter(|s| s.receiver_incarnation.is_some())
@@ -122,9 +128,12 @@ fn vouched(ledger: &crate::state::Ledger, s: &SaSpec) -> bool {
     let lane = s.lane.index();
     match (s.dir, s.receiver_incarnation) {
         (_, None) => true,
-        (Dir::Out, Some(r)) => ledger
-            .sent
-            .contains(&crate::state::Ledger::bound_entry(s.epoch, &s.receiver, lane, r)),
+        (Dir::Out, Some(r)) => ledger.sent.contains(&crate::state::Ledger::bound_entry(
+            s.epoch,
+            &s.receiver,
+            lane,
+            r,
+        )),
         (_, Some(_)) => ledger.received.contains(&crate::state::Ledger::bound_entry(
             s.epoch,
             &s.sender,

@@ -189,9 +189,8 @@ pub fn verify_pubkey(
     mac: &[u8],
 ) -> bool {
     crypto::p256_public_valid(public)
-        && mac_input(secret, cluster_guid, epoch, owner).is_some_and(|(key, head)| {
-            crypto::hmac_sha256_verify(&key[..], &[&head, public], mac)
-        })
+        && mac_input(secret, cluster_guid, epoch, owner)
+            .is_some_and(|(key, head)| crypto::hmac_sha256_verify(&key[..], &[&head, public], mac))
 }
 
 impl EpochSecret {
@@ -367,7 +366,11 @@ mod tests {
                 receiver_incarnation: Some(rinc),
             };
             let k = plain.derive(g, &id).expect("key");
-            assert_eq!(hex(k.0.expose()), want, "AES-{bits} lane {lane} rinc {rinc}");
+            assert_eq!(
+                hex(k.0.expose()),
+                want,
+                "AES-{bits} lane {lane} rinc {rinc}"
+            );
         }
         let secret = EpochSecret::from_bytes(vec![0x11; 32]);
         let guid = "5e6d2c1a-0b7f-4c3e-9a21-7f3b2d9c8e01";
@@ -434,7 +437,14 @@ mod tests {
         let secret = EpochSecret::from_bytes(vec![0x11; 32]);
         let a = pair(1);
         let mac = pubkey_mac(&secret, "g", 7, v1("node-a"), a.public()).expect("mac");
-        assert!(verify_pubkey(&secret, "g", 7, v1("node-a"), a.public(), &mac));
+        assert!(verify_pubkey(
+            &secret,
+            "g",
+            7,
+            v1("node-a"),
+            a.public(),
+            &mac
+        ));
         assert!(
             !verify_pubkey(&secret, "g", 7, v1("node-b"), a.public(), &mac),
             "moved to another node"

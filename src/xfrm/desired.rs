@@ -31,8 +31,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::Serialize;
 
+pub use super::view::{PathView, PeerView, Unprotected};
 use super::{Action, Dir, Lane, Mode, PolicySpec, SaSpec, Selector, Template};
 use super::{PROTO_IPIP, PROTO_UDP};
 use crate::datastore::calico::{Node, Topology};
@@ -82,51 +82,6 @@ pub struct Inputs<'a> {
     /// node can use (this node only when it holds its private key): a pair
     /// gets that epoch's SAs only when both ends are in it.
     pub agreement: &'a BTreeMap<u32, BTreeSet<String>>,
-}
-
-/// One peer's traffic in one address family (for `status` and metrics).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PathView {
-    /// "ipv4" or "ipv6".
-    pub family: &'static str,
-    /// Every path in use, either way (several when pools differ).
-    pub paths: BTreeSet<PathKind>,
-    /// Why a path is blocked, when one is.
-    pub blocked: Vec<String>,
-    /// The states desired for this peer and family.
-    #[serde(skip)]
-    pub states: Vec<(Dir, (IpAddr, u32))>,
-    /// The policies desired for this peer and family.
-    #[serde(skip)]
-    pub policies: Vec<(Dir, Selector)>,
-}
-
-/// One peer as this node sees it (for `status` and logs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PeerView {
-    /// Node name.
-    pub name: String,
-    /// Underlay addresses (IPv4 first).
-    pub addresses: Vec<IpAddr>,
-    /// The peer's id, once it has published one.
-    pub id: Option<u16>,
-    /// The peer's incarnation (0 before it published one).
-    pub incarnation: u32,
-    /// Why the peer is refused (its pods are blocked), if it is.
-    pub refused: Option<String>,
-    /// Per family.
-    pub families: Vec<PathView>,
-}
-
-/// A path no SA protects, and why (counted by `calico_ipsec_unprotected_paths`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Unprotected {
-    /// The peer (or the owner of the blocks).
-    pub peer: String,
-    /// The destination blocks concerned.
-    pub blocks: Vec<IpNet>,
-    /// Why.
-    pub reason: String,
 }
 
 /// The states and policies this node should hold.
@@ -241,7 +196,11 @@ impl Build<'_> {
                     continue;
                 }
             }
-            let base = |dir, (src, dst), spi, (sender, inc): (&str, u32), (receiver, rinc): (&str, u32)| SaSpec {
+            let base = |dir,
+                        (src, dst),
+                        spi,
+                        (sender, inc): (&str, u32),
+                        (receiver, rinc): (&str, u32)| SaSpec {
                 dir,
                 src,
                 dst,

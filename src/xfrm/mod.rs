@@ -18,6 +18,7 @@ mod encode;
 pub mod guard;
 pub mod handover;
 pub mod kernel;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -12,13 +12,21 @@
 # 3. Forward secrecy: a capture under that epoch; a rotation deletes it and
 #    every node removes its private key; then every node's files and etcd's
 #    history open nothing of the capture (before, the same script opened it).
-# 4. A forged public key: written to etcd for node-2 by someone without the
-#    KEK while node-2's agent is stopped; no node uses it, node-2 reports
-#    the epoch lost, the manager retires it, the next rotation works, and
-#    no echo is lost.
-# 5. node-1 reboots (its private keys and SAs gone): it reports the epoch
-#    lost, the manager rotates at once, node-1's pair flows again under the
-#    new epoch, nothing crosses in clear, and node-2↔node-3 loses nothing.
+# Key agreement is the default (keys init makes epoch 1 with it), and every
+# epoch here is sealed as version 3: each node's public key belongs to one
+# incarnation (pubkeys/<epoch>/<node>/<incarnation>), and SA keys bind the
+# receiver's incarnation too.
+#
+# 4. A forged public key: written to etcd for node-2's incarnation by
+#    someone without the KEK while node-2's agent is stopped; no node uses
+#    it, node-2 moves to a new incarnation with a new key, the pending
+#    epoch activates with no further rotation, and no echo is lost.
+# 5. node-1 reboots (its private keys and SAs gone): it takes a new
+#    incarnation and publishes new keys; no epoch changes (no rotation),
+#    node-1's pair flows again within 2 s of its agent's restart,
+#    node-2↔node-3 loses nothing, and nothing crosses in clear. A node-2→
+#    node-1 ESP packet captured before the reboot, replayed onto node-1's
+#    port after it, does not verify (XfrmInStateProtoError rises).
 # 6. A downgrade attempt: a pending AES-256 epoch with key agreement is
 #    rewritten in etcd without agreement and with AES-128. Every node
 #    refuses it (the parameters are bound into the seal), the manager
@@ -75,6 +83,7 @@ decrypt() {
 field() { grep -o "$1=[0-9]*" <<<"$2" | cut -d= -f2; }
 
 # ------------------------------------------------------------ 1. rotation
+ectl get --print-value-only /calico/ipsec/v1/epochs/1 >"$tmp/epoch1.json"
 t0=$(now)
 check "keys rotate --agreement p256" rotate --agreement p256
 wait_until 120 "epoch 2 (key agreement) active, epoch 1 deleted" only_epoch 2 || true
@@ -83,9 +92,12 @@ info "rotation to key agreement took $(echo "$(now) - $t0" | bc)s (overlap 2 s i
 for n in "${NODES[@]}"; do
     check_eq "$n keeps its epoch-2 private key 0600 under its agreement_dir" \
         "$(stat -c %a "$tmp/agreement-$n"/2-*.key 2>&1)" 600
-    check_match "$n's public key for epoch 2 is in etcd with its MAC" \
-        "$(ectl get --print-value-only "/calico/ipsec/v1/pubkeys/2/$n")" '"mac":"[A-Za-z0-9+/=]{44}"'
+    inc=$(ectl get --print-value-only "/calico/ipsec/v1/nodeids/$n" | jq -r .incarnation)
+    check_match "$n's public key for epoch 2, incarnation $inc, is in etcd with its MAC" \
+        "$(ectl get --print-value-only "/calico/ipsec/v1/pubkeys/2/$n/$inc")" '"mac":"[A-Za-z0-9+/=]{44}"'
 done
+check_eq "epoch 1 (keys init's) already had key agreement, sealed as version 3" \
+    "$(jq -r '.agreement + "/" + (.seal | tostring)' "$tmp/epoch1.json")" p256/3
 
 # --------------------------------------------------------- 2. containment
 cap_start wire w-node-2 "$tmp/contain.pcap"
@@ -124,6 +136,7 @@ check_eq "forward secrecy: the epoch-2 capture opens for no packet" "$(field dec
 # ------------------------------------------------------- 4. a forged key
 kill -TERM "${AGENT_PID[node-2]}"
 wait "${AGENT_PID[node-2]}" 2>/dev/null || true
+inc2=$(ectl get --print-value-only /calico/ipsec/v1/nodeids/node-2 | jq -r .incarnation)
 check "keys rotate (epoch 4, pending)" rotate
 forged=$(python3 -c '
 import base64, os
@@ -132,14 +145,14 @@ from cryptography.hazmat.primitives import serialization
 k = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
     serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 print("{\"public\":\"%s\",\"mac\":\"%s\"}" % (base64.b64encode(k).decode(), base64.b64encode(os.urandom(32)).decode()))')
-ectl put /calico/ipsec/v1/pubkeys/4/node-2 "$forged" >/dev/null
+ectl put "/calico/ipsec/v1/pubkeys/4/node-2/$inc2" "$forged" >/dev/null
 agent_start node-2
 wait_until 60 "node-1 refuses node-2's forged key" grep -q 'does not verify' "$tmp/agent-node-1.log" || true
-wait_until 60 "node-2 finds the record under its name is not its key, and reports epoch 4 lost" \
+wait_until 60 "node-2 finds the record under its name is not its key" \
     grep -q 'is not this node.s key' "$tmp/agent-node-2.log" || true
-wait_until 120 "the manager retired the forged epoch: epoch 3 alone again" only_epoch 3 || true
-# The next epoch takes number 5: numbers are never reused (the epoch
-# counter), and the forged record went with the retired epoch 4.
+new2() { [ "$(ectl get --print-value-only /calico/ipsec/v1/nodeids/node-2 | jq -r .incarnation)" -gt "$inc2" ]; }
+wait_until 60 "node-2 moves past the forged incarnation ($inc2) to a new one" new2 || true
+wait_until 120 "the pending epoch activates with node-2's new key: epoch 4 alone" only_epoch 4 || true
 check "keys rotate after the forgery" rotate
 wait_until 120 "the new epoch 5 active: the cluster moves on" only_epoch 5 || true
 
@@ -159,51 +172,94 @@ done
 # A reboot empties tmpfs (node-1's private keys) and the kernel (its SAs).
 # One network namespace cannot reboot, so: node-1's agent stopped, its
 # agreement directory emptied, its XFRM states flushed, its agent started
-# again (the boot id stays; the flushed SAs move node-1 to a new
+# again (the boot id stays; the lost key and SAs move node-1 to a new
 # incarnation all the same).
+inc1=$(ectl get --print-value-only /calico/ipsec/v1/nodeids/node-1 | jq -r .incarnation)
 ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/reboot-12.json" 100 2>"$tmp/reboot-12.err" &
 ping12=$!
 ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/reboot-23.json" 100 2>"$tmp/reboot-23.err" &
 ping23=$!
-cap_start wire w-node-1 "$tmp/reboot.pcap"
+cap_start wire w-node-1 "$tmp/reboot.pcap" 0
 sleep 2
 kill -TERM "${AGENT_PID[node-1]}"
 wait "${AGENT_PID[node-1]}" 2>/dev/null || true
 rm -f "$tmp"/agreement-node-1/*.key
 ipn node-1 xfrm state flush
+sleep 1
+t_start=$(date +%s.%N)
 agent_start node-1
-wait_until 60 "reboot: node-1 finds its epoch-5 private key gone and reports the epoch lost" \
-    grep -q 'its private key is not here' "$tmp/agent-node-1.log" || true
-wait_until 180 "reboot: the manager rotates at once: epoch 6 active, epoch 5 deleted" only_epoch 6 || true
-check_eq "reboot: node-1 holds a new 0600 private key for epoch 6" \
-    "$(stat -c %a "$tmp"/agreement-node-1/6-*.key 2>&1)" 600
-sleep 3
+new1() { [ "$(ectl get --print-value-only /calico/ipsec/v1/nodeids/node-1 | jq -r .incarnation)" -gt "$inc1" ]; }
+wait_until 60 "reboot: node-1 takes a new incarnation (was $inc1)" new1 || true
+sleep 4
 kill -TERM "$ping12" "$ping23" 2>/dev/null || true
 wait "$ping12" "$ping23" 2>/dev/null || true
 cap_stop
+check_eq "reboot: no rotation: epoch 5 alone, and the counter still at 5" \
+    "$(ectl get --print-value-only /calico/ipsec/v1/epochs/5 | jq -r .state)/$(ectl get --print-value-only /calico/ipsec/v1/epoch-counter | jq -r .last)" active/5
+check_eq "reboot: node-1 holds one new 0600 private key for epoch 5" \
+    "$(stat -c %a "$tmp"/agreement-node-1/5-*.key 2>&1)" 600
 clear=$(cap_ipv4 "$tmp/reboot.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)
 check_eq "reboot: packets with a pod address in clear on node-1's port" "$clear" 0
 lost23=$(jq '.lost | length' "$tmp/reboot-23.json")
 info "reboot: echo 2→3 (pair without node-1): $(jq '.sent | length' "$tmp/reboot-23.json") sent, $lost23 lost"
 check_eq "reboot: the pair without node-1 lost nothing" "$lost23" 0
-# node-1's own pair is dark from the flush until epoch 6 (fail closed), then
-# flows again: the last 2 s of echoes all came back.
-read -r sent12 lost12 tail12 < <(python3 - "$tmp/reboot-12.json" <<'PY'
+# node-1's own pair is dark from the flush until its new keys are in on
+# both ends (fail closed), then flows again: from the first echo sent after
+# the agent started that came back, every later one came back too.
+read -r sent12 lost12 back12 tail12 < <(python3 - "$tmp/reboot-12.json" "$t_start" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-end = d["sent"][-1][1]
-late = {c for c, t in d["sent"] if t > end - 2}
-print(len(d["sent"]), len(d["lost"]), len(late & set(d["lost"])))
+start = float(sys.argv[2])
+lost = set(d["lost"])
+after = [(c, t) for c, t in d["sent"] if t >= start]
+back = next((t for c, t in after if c not in lost and all(c2 not in lost for c2, t2 in after if t2 >= t)), None)
+late = [c for c, t in after if back is not None and t >= back and c in lost]
+print(len(d["sent"]), len(lost), "none" if back is None else "%.2f" % (back - start), len(late))
 PY
 )
-info "reboot: echo 1→2: $sent12 sent, $lost12 lost while node-1 had no key"
-check_eq "reboot: echo 1→2 flows again under epoch 6 (lost in its last 2 s)" "$tail12" 0
+info "reboot: echo 1→2: $sent12 sent, $lost12 lost; flowing again ${back12} s after node-1's agent started"
+check_eq "reboot: echo 1→2 flows again and stays up" "$tail12/$([ "$back12" != none ] && echo up)" 0/up
+check "reboot: node-1's pair back within 2 s of its agent's start (${back12} s)" \
+    python3 -c "import sys; sys.exit(0 if '$back12' != 'none' and float('$back12') <= 2.0 else 1)"
+# A replay: an ESP packet node-2 sent node-1 before the reboot, put back on
+# node-1's port. node-2's SPI is the same (its incarnation did not change),
+# but node-1's new incarnation is in the key: the packet does not verify.
+python3 - "$tmp/reboot.pcap" "${NODE_IP[node-2]}" "${NODE_IP[node-1]}" "$t_start" "$tmp/replay.bin" <<'PY'
+import socket, struct, sys
+data = open(sys.argv[1], "rb").read()
+src, dst, start = socket.inet_aton(sys.argv[2]), socket.inet_aton(sys.argv[3]), float(sys.argv[4])
+endian = "<" if struct.unpack("<I", data[:4])[0] in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+off, pick = 24, None
+while off + 16 <= len(data):
+    sec, usec, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
+    frame = data[off + 16:off + 16 + incl]
+    off += 16 + incl
+    ip = frame[14:]
+    if incl == orig and sec + usec / 1e6 < start - 1 and frame[12:14] == b"\x08\x00" and ip[9] == 50 and ip[12:16] == src and ip[16:20] == dst:
+        pick = frame
+open(sys.argv[5], "wb").write(pick or b"")
+PY
+check "replay: an ESP packet node-2→node-1 from before the reboot was captured" test -s "$tmp/replay.bin"
+proto_err() { ipn node-1 cat /proc/net/xfrm_stat 2>/dev/null | awk '$1 == "XfrmInStateProtoError" {print $2}'; }
+before=$(proto_err)
+nsx wire python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+frame = open(sys.argv[2], "rb").read()
+for _ in range(3):
+    s.send(frame)' w-node-1 "$tmp/replay.bin"
+sleep 1
+after=$(proto_err)
+info "replay: node-1's XfrmInStateProtoError $before -> $after"
+check "replay: the replayed packet does not verify on node-1 (XfrmInStateProtoError rose)" \
+    test "${after:-0}" -gt "${before:-0}"
 
 # ------------------------------------------------- 6. a downgrade attempt
 # Someone who can write etcd but has no KEK takes a pending AES-256 epoch
 # with key agreement and strips the agreement and lowers the key to
 # AES-128. The parameters are bound into the seal: every node refuses the
-# record, the manager retires it, and traffic stays on epoch 6.
+# record, the manager retires it, and traffic stays on epoch 5.
 for m in mgr-a mgr-b; do kill -TERM "${MANAGER_PID[$m]}" 2>/dev/null || true; done
 for m in mgr-a mgr-b; do wait "${MANAGER_PID[$m]}" 2>/dev/null || true; done
 ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/down-12.json" 100 2>/dev/null &
@@ -211,21 +267,21 @@ ping12=$!
 ip netns exec "${E2E_NS_PREFIX}p2" python3 "$here/traffic.py" ping "$ip3" "$tmp/down-23.json" 100 2>/dev/null &
 ping23=$!
 sleep 1
-check "keys rotate --key-bits 256 (epoch 7, pending, with key agreement)" rotate --key-bits 256
-ectl get --print-value-only /calico/ipsec/v1/epochs/7 | jq -c 'del(.agreement) | .key_bits = 128' |
-    ectl put /calico/ipsec/v1/epochs/7 >/dev/null
-info "epoch 7 as altered: $(ectl get --print-value-only /calico/ipsec/v1/epochs/7 | jq -c '{epoch, key_bits, agreement, seal}')"
+check "keys rotate --key-bits 256 (epoch 6, pending, with key agreement)" rotate --key-bits 256
+ectl get --print-value-only /calico/ipsec/v1/epochs/6 | jq -c 'del(.agreement) | .key_bits = 128' |
+    ectl put /calico/ipsec/v1/epochs/6 >/dev/null
+info "epoch 6 as altered: $(ectl get --print-value-only /calico/ipsec/v1/epochs/6 | jq -c '{epoch, key_bits, agreement, seal}')"
 for n in "${NODES[@]}"; do
-    wait_until 60 "downgrade: $n refuses the altered epoch 7" \
+    wait_until 60 "downgrade: $n refuses the altered epoch 6" \
         grep -q 'does not open with its own parameters' "$tmp/agent-$n.log" || true
 done
 manager_start mgr-a
 manager_start mgr-b
-wait_until 120 "downgrade: the manager retires the altered epoch: epoch 6 alone again" only_epoch 6 || true
+wait_until 120 "downgrade: the manager retires the altered epoch: epoch 5 alone again" only_epoch 5 || true
 grep -h 'altered after sealing' "$tmp"/manager-mgr-*.log | tail -1 | indent
 for n in "${NODES[@]}"; do
-    # Epoch 7's SPIs carry 7 % 255 + 1 = 0x08 in their top byte.
-    check_eq "downgrade: $n holds no SA of epoch 7" "$(ipn "$n" xfrm state | grep -c 'spi 0x08' || true)" 0
+    # Epoch 6's SPIs carry 6 % 255 + 1 = 0x07 in their top byte.
+    check_eq "downgrade: $n holds no SA of epoch 6" "$(ipn "$n" xfrm state | grep -c 'spi 0x07' || true)" 0
 done
 sleep 1
 kill -TERM "$ping12" "$ping23" 2>/dev/null || true
@@ -233,7 +289,7 @@ wait "$ping12" "$ping23" 2>/dev/null || true
 for pair in 12 23; do
     lost=$(jq '.lost | length' "$tmp/down-$pair.json")
     info "downgrade: echo ${pair:0:1}→${pair:1:1}: $(jq '.sent | length' "$tmp/down-$pair.json") sent, $lost lost"
-    check_eq "downgrade: echoes lost p${pair:0:1}→p${pair:1:1} (traffic stays on epoch 6)" "$lost" 0
+    check_eq "downgrade: echoes lost p${pair:0:1}→p${pair:1:1} (traffic stays on epoch 5)" "$lost" 0
 done
 daemons_stop
 e2e_finish
