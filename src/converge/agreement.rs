@@ -45,6 +45,8 @@ pub struct Agreed {
     pub renew: Option<&'static str>,
     /// Whether this convergence wrote a public key to etcd.
     pub wrote: bool,
+    /// The agreement epochs whose keys are per incarnation (sealed as 3).
+    pub per_incarnation: BTreeSet<u32>,
     /// The key files of the epochs in etcd (epoch, file tag).
     pub files: BTreeSet<(u32, String)>,
     /// The secrets of every epoch, opened once (`converge::epochs`) and used
@@ -66,6 +68,32 @@ impl Agreed {
                 }
                 (*e, ready)
             })
+            .collect()
+    }
+
+    /// The peers among `listed` (Calico's nodes) whose key of their
+    /// current incarnation this node lacks for an installed epoch whose
+    /// keys are per incarnation: it has not converged with their new
+    /// incarnation yet, whatever their identity records say, so its
+    /// acknowledgement must not count for them (their inbound SAs here, and
+    /// this node's outbound ones to them, are not in).
+    pub fn keyless(
+        &self,
+        me: &str,
+        installed: &[u32],
+        listed: impl Fn(&str) -> bool,
+        ids: &BTreeMap<String, crate::datastore::ipsec::Identity>,
+    ) -> BTreeSet<String> {
+        let ready = self.readiness(me);
+        ids.keys()
+            .filter(|n| n.as_str() != me && listed(n))
+            .filter(|n| {
+                installed
+                    .iter()
+                    .filter(|e| self.per_incarnation.contains(e))
+                    .any(|e| ready.get(e).is_some_and(|r| !r.contains(*n)))
+            })
+            .cloned()
             .collect()
     }
 
@@ -211,6 +239,9 @@ pub(super) async fn prepare(
             ConvergeError::Agreement(format!("epoch {e} was not opened with the KEK"))
         })?;
         let per_inc = rec.binds_receiver();
+        if per_inc {
+            out.per_incarnation.insert(e);
+        }
         // Whose key counts: each node's current incarnation's, or the one
         // key of the epoch.
         let wanted = |n: &str| -> Option<Option<u32>> {

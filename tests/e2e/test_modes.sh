@@ -114,7 +114,7 @@ conflist() {
            ipam: {type: "host-local", ranges: [[{subnet: $r}]], routes: [{dst: "0.0.0.0/0"}],
                   dataDir: "\($tmp)/ipam-\($n)"}},
           {type: "calico-ipsec", etcd_endpoints: $ep, nodename: $n,
-           kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)",
+           kek_file: "\($tmp)/kek", state_dir: "\($tmp)/state-\($n)", agreement_dir: "\($tmp)/agreement-\($n)",
            log_file_path: "\($tmp)/\($n).log", log_level: "debug", etcd_timeout_ms: 10000}
         ]}' >"$CNI_CONFLIST_DIR/$2.conflist"
 }
