@@ -142,3 +142,48 @@ fn vouched(ledger: &crate::state::Ledger, s: &SaSpec) -> bool {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Ledger;
+    use crate::xfrm::Lane;
+
+    fn spec(dir: Dir, rinc: Option<u32>) -> SaSpec {
+        let ip = |n| std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, n));
+        SaSpec {
+            dir,
+            src: ip(1),
+            dst: ip(2),
+            spi: 0x0201_0001,
+            reqid: crate::keys::reqid(1),
+            epoch: 1,
+            sender: if dir == Dir::Out { "me" } else { "peer" }.into(),
+            incarnation: 4,
+            receiver: if dir == Dir::Out { "peer" } else { "me" }.into(),
+            receiver_incarnation: rinc,
+            icv_bits: 128,
+            key_bits: 128,
+            lane: Lane::V4Transport,
+        }
+    }
+
+    #[test]
+    fn a_held_state_is_vouched_for_only_under_the_incarnations_it_was_made_for() {
+        let mut l = Ledger::fresh("b", 9);
+        // Keys that bind the sender only: the kernel's view is enough.
+        assert!(vouched(&l, &spec(Dir::Out, None)));
+        assert!(vouched(&l, &spec(Dir::In, None)));
+        // Made for the peer's incarnation 2: vouched for 2, not for 3 (the
+        // peer rebooted: the same SPI now needs another key).
+        l.sent.insert(Ledger::bound_entry(1, "peer", 0, 2));
+        assert!(vouched(&l, &spec(Dir::Out, Some(2))));
+        assert!(!vouched(&l, &spec(Dir::Out, Some(3))));
+        // Inbound: made from the sender's incarnation 4 in this ledger's
+        // incarnation; a fresh ledger (this node's new incarnation) vouches
+        // for none.
+        l.received.insert(Ledger::bound_entry(1, "peer", 0, 4));
+        assert!(vouched(&l, &spec(Dir::In, Some(9))));
+        assert!(!vouched(&Ledger::fresh("b", 10), &spec(Dir::In, Some(10))));
+    }
+}
