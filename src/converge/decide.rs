@@ -19,8 +19,10 @@ pub(super) struct Decided {
     pub plan: Plan,
     /// How far the hand-over to a new incarnation got.
     pub handover: Handover,
-    /// The identities as the peers will see them, ours included.
-    pub ids_now: BTreeMap<String, Identity>,
+    /// The identities as the peers will see them (ours included) that this
+    /// node acknowledges (its status's digest, and what it expects its
+    /// peers to acknowledge): [`acknowledged`].
+    pub ids_acked: BTreeMap<String, Identity>,
 }
 
 /// What the decide step concluded.
@@ -79,8 +81,9 @@ pub(super) async fn decide(
         }
         None => None,
     };
+    let ids_acked = acknowledged(node, &ids_now, agreed, &desired, &facts.snap);
     if let Some(a) = acks.as_mut() {
-        a.current = identities_digest(&ids_now);
+        a.current = identities_digest(&ids_acked);
     }
     let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
     let mut plan = Plan::diff(&desired, &facts.held);
@@ -118,8 +121,27 @@ pub(super) async fn decide(
         desired,
         plan,
         handover,
-        ids_now,
+        ids_acked,
     })))
+}
+
+/// The identities this node acknowledges: those it converged with, less the
+/// listed peers whose current key it lacks in an epoch whose keys are per
+/// incarnation (so the manager's phase steps and activations, and a peer's
+/// hand-over, wait until it holds their SAs).
+fn acknowledged(
+    me: &str,
+    ids: &BTreeMap<String, Identity>,
+    agreed: &Agreed,
+    desired: &Desired,
+    snap: &crate::datastore::snapshot::Snapshot,
+) -> BTreeMap<String, Identity> {
+    let listed = |n: &str| snap.topology.nodes.contains_key(n);
+    let keyless = agreed.keyless(me, &desired.installed_epochs, listed, ids);
+    ids.iter()
+        .filter(|(n, _)| !keyless.contains(*n))
+        .map(|(n, i)| (n.clone(), i.clone()))
+        .collect()
 }
 
 /// Whether the ledger says a state of a key that binds both ends was made

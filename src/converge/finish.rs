@@ -127,10 +127,10 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         desired,
         plan,
         handover,
-        ids_now,
+        ids_acked,
+        ..
     } = decided;
     let snap = &facts.snap;
-    let node_name = node.clone();
     let (id, incarnation) = mine
         .ident
         .as_ref()
@@ -167,9 +167,7 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         states_by_dir: (states_in, states_out),
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         changes: plan.describe(8),
-        identities_digest: identities_digest(&acknowledged(
-            &node_name, &ids_now, agreed, &desired, snap,
-        )),
+        identities_digest: identities_digest(&ids_acked),
         lost_epochs: agreed.lost.iter().copied().collect(),
         unchanged: false,
         coalesced: false,
@@ -212,23 +210,4 @@ fn by_dir(dirs: impl Iterator<Item = Dir>) -> (usize, usize, usize) {
         Dir::Out => (i, o + 1, f),
         Dir::Fwd => (i, o, f + 1),
     })
-}
-
-/// The identities this node acknowledges: those it converged with, less the
-/// listed peers whose current key it lacks in an epoch whose keys are per
-/// incarnation (so the manager's phase steps and activations, and a peer's
-/// hand-over, wait until it holds their SAs).
-fn acknowledged(
-    me: &str,
-    ids: &std::collections::BTreeMap<String, crate::datastore::ipsec::Identity>,
-    agreed: &Agreed,
-    desired: &crate::xfrm::Desired,
-    snap: &crate::datastore::snapshot::Snapshot,
-) -> std::collections::BTreeMap<String, crate::datastore::ipsec::Identity> {
-    let listed = |n: &str| snap.topology.nodes.contains_key(n);
-    let keyless = agreed.keyless(me, &desired.installed_epochs, listed, ids);
-    ids.iter()
-        .filter(|(n, _)| !keyless.contains(*n))
-        .map(|(n, i)| (n.clone(), i.clone()))
-        .collect()
 }

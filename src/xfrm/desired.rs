@@ -216,7 +216,10 @@ impl Build<'_> {
                 lane,
             };
             if let Some(m) = mine {
-                let spi = keys::spi(epoch, m.incarnation, m.id, tunnel);
+                let spi = match binds {
+                    true => keys::spi_bound(epoch, m.incarnation, theirs.incarnation, m.id, tunnel),
+                    false => keys::spi(epoch, m.incarnation, m.id, tunnel),
+                };
                 let out = base(
                     Dir::Out,
                     (me_ip, peer_ip),
@@ -231,7 +234,10 @@ impl Build<'_> {
             let Some(my_inc) = mine.map(|m| m.incarnation).or((!binds).then_some(0)) else {
                 continue;
             };
-            let spi = keys::spi(epoch, theirs.incarnation, theirs.id, tunnel);
+            let spi = match binds {
+                true => keys::spi_bound(epoch, theirs.incarnation, my_inc, theirs.id, tunnel),
+                false => keys::spi(epoch, theirs.incarnation, theirs.id, tunnel),
+            };
             let inb = base(
                 Dir::In,
                 (peer_ip, me_ip),

@@ -17,7 +17,11 @@
 //!   its inbound twin (one etcd round trip and one convergence).
 //! - **Receiver.** An inbound SA of a peer's older incarnation is kept while
 //!   the peer may still send on it: while its status says it is handing over,
-//!   or predates its new identity.
+//!   predates its new identity, or has not acknowledged the current
+//!   identities. In an epoch whose keys bind both ends, the SPI also
+//!   carries the receiver's incarnation, so a node's own new incarnation
+//!   hands over the same way: its peers keep sending on the inbound SA made
+//!   for its older one until they have its new SA.
 //!
 //! A kept SA is one the kernel holds exactly as specified: it is never added
 //! or replaced, so no key of an older incarnation is ever installed again.
@@ -143,10 +147,14 @@ pub fn hand_over(
     };
     // A peer with no status takes no part in hand-overs (no agent, or
     // dead): it switched at once, as its ADDs do without statuses.
+    // A peer that has not acknowledged the current identities may still
+    // send on a twin made for this node's older incarnation (keys that
+    // bind both ends: this node's new incarnation is a new SPI too).
     let may_send_old = |peer: &str| match acks {
         None => true,
         Some(a) => a.peers.get(peer).is_some_and(|p| {
             p.handover
+                || p.identities != a.current
                 || ids
                     .get(peer)
                     .is_some_and(|i| i.incarnation != p.incarnation)

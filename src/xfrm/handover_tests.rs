@@ -33,6 +33,11 @@ fn ids(incarnations: [u32; 3]) -> BTreeMap<String, Identity> {
 
 /// node-1's desired state in enforce with epoch 1 active.
 fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
+    desired_sealed(me, ids, crate::datastore::records::SEAL_BOUND)
+}
+
+/// The same with epoch 1 sealed as `seal`.
+fn desired_sealed(me: &str, ids: &BTreeMap<String, Identity>, seal: u32) -> Desired {
     let epochs = [EpochRecord {
         epoch: 1,
         state: EpochState::Active,
@@ -42,7 +47,7 @@ fn desired_of(me: &str, ids: &BTreeMap<String, Identity>) -> Desired {
         icv_bits: None,
         kek_fingerprint: String::new(),
         sealed_secret: String::new(),
-        seal: crate::datastore::records::SEAL_BOUND,
+        seal,
         also_sealed: Default::default(),
         agreement: None,
         activated: None,
@@ -197,13 +202,23 @@ fn a_receiver_keeps_the_senders_old_inbound_sa_while_it_may_be_used() {
     let mut want = desired_of("node-2", &after);
     hand_over(&mut want, &held, &after, Some(&stale));
     assert_eq!(inbound(&want), 2);
-    // node-1 has switched: only the new one.
+    // node-1 has not acknowledged the current identities: it may still
+    // send on the older one, so both stay.
+    let mut want = desired_of("node-2", &after);
+    hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&acks(&after, &["node-2"], &[])),
+    );
+    assert_eq!(inbound(&want), 2);
+    // node-1 has switched and acknowledged: only the new one.
     let mut want = desired_of("node-2", &after);
     let h = hand_over(
         &mut want,
         &held,
         &after,
-        Some(&acks(&after, &["node-2"], &[])),
+        Some(&acks(&after, &["node-1", "node-2"], &[])),
     );
     assert_eq!(inbound(&want), 1);
     assert!(h.is_done());
@@ -241,4 +256,58 @@ fn peers_without_a_status_take_no_part() {
     // Nothing to hand over: no status read needed.
     let same = desired_of("node-1", &before);
     assert!(!possible(&same, &Held::exactly(&same)));
+}
+
+#[test]
+fn with_keys_that_bind_both_ends_a_receivers_new_incarnation_hands_over_too() {
+    use crate::datastore::records::SEAL_BOTH_ENDS;
+    // node-1 moves from incarnation 10 to 11 (it lost an outbound SA, say):
+    // its inbound SAs get new SPIs and keys; node-2 still sends on the
+    // one made for incarnation 10 until it has read node-1's new one.
+    let before = ids([10, 20, 30]);
+    let after = ids([11, 20, 30]);
+    let was = desired_sealed("node-1", &before, SEAL_BOTH_ENDS);
+    let held = Held::exactly(&was);
+    let from_2 = |d: &Desired| {
+        let mut spis: Vec<u32> = d
+            .states
+            .values()
+            .filter(|s| s.dir == Dir::In && s.sender == "node-2")
+            .map(|s| s.spi)
+            .collect();
+        spis.sort_unstable();
+        spis
+    };
+    let old = from_2(&was);
+    let mut want = desired_sealed("node-1", &after, SEAL_BOTH_ENDS);
+    let new = from_2(&want);
+    assert_ne!(old, new, "node-1's new incarnation is a new inbound SPI");
+    assert_eq!(
+        (old[0] >> 16) & 0xf,
+        10,
+        "the receiver's incarnation in bits 16-19"
+    );
+    // node-2 has not acknowledged node-1's new identity: both stay.
+    let h = hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&acks(&after, &["node-1", "node-3"], &[])),
+    );
+    assert_eq!(from_2(&want).len(), 2);
+    assert!(h.kept_inbound >= 1 && !h.is_done());
+    let deleted = Plan::diff(&want, &held).del_states;
+    assert!(
+        deleted.iter().all(|(_, spi)| !old.contains(spi)),
+        "node-2's old inbound SA is not deleted"
+    );
+    // Once it has: only the new one.
+    let mut want = desired_sealed("node-1", &after, SEAL_BOTH_ENDS);
+    hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&acks(&after, &["node-1", "node-2", "node-3"], &[])),
+    );
+    assert_eq!(from_2(&want), new);
 }

@@ -17,7 +17,8 @@ derives each SA's key exactly as the README documents:
 An epoch sealed as version 3 ("seal": 3) uses the v2 derivation: the
 label is "calico-ipsec/v2/sa" and u32 receiver incarnation follows the
 receiver's name (before the suffix); with key agreement, each node's public
-key belongs to one incarnation (pubkeys/<epoch>/<node>/<incarnation>).
+key belongs to one incarnation (pubkeys/<epoch>/<node>/<incarnation>), and the SPI's incarnation byte
+holds the low 4 bits of the sender's incarnation, then of the receiver's.
 
 The lane is 0 for IPv4 transport (IPIP, VXLAN), 1 for IPv4 tunnel mode, 2
 for IPv6 transport (VXLAN over IPv6), 3 for IPv6 tunnel mode. For AES-128
@@ -264,11 +265,13 @@ def main():
             bits = key_bits[epoch]
             receiver = ips[dst]
             if per_inc.get(epoch):
-                # The sender's incarnation is the newest one with this SPI
-                # byte; the receiver's may be any it has had (a capture can
-                # span its reboot): GCM's tag tells which.
-                incarnation -= (incarnation - inc8) % 256
-                rincs = list(range(incs.get(receiver, 0), 0, -1))
+                # The SPI's incarnation byte holds the low 4 bits of each
+                # end's incarnation: the sender's is the newest with its
+                # bits; the receiver's any it has had with its bits (a
+                # capture can span a reboot): GCM's tag tells which.
+                sbits, rbits = inc8 >> 4, inc8 & 0x0F
+                incarnation -= (incarnation - sbits) % 16
+                rincs = [r for r in range(incs.get(receiver, 0), 0, -1) if r % 16 == rbits]
             else:
                 assert incarnation % 256 == inc8, "incarnation byte differs from etcd"
                 rincs = [None]
