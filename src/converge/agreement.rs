@@ -47,6 +47,9 @@ pub struct Agreed {
     pub wrote: bool,
     /// The agreement epochs whose keys are per incarnation (sealed as 3).
     pub per_incarnation: BTreeSet<u32>,
+    /// Peers taken at an earlier incarnation than their identity record's,
+    /// because the key of the current one is not readable yet ([`lagging`]).
+    pub effective: BTreeMap<String, u32>,
     /// The key files of the epochs in etcd (epoch, file tag).
     pub files: BTreeSet<(u32, String)>,
     /// The secrets of every epoch, opened once (`converge::epochs`) and used
@@ -88,10 +91,11 @@ impl Agreed {
         ids.keys()
             .filter(|n| n.as_str() != me && listed(n))
             .filter(|n| {
-                installed
-                    .iter()
-                    .filter(|e| self.per_incarnation.contains(e))
-                    .any(|e| ready.get(e).is_some_and(|r| !r.contains(*n)))
+                self.effective.contains_key(*n)
+                    || installed
+                        .iter()
+                        .filter(|e| self.per_incarnation.contains(e))
+                        .any(|e| ready.get(e).is_some_and(|r| !r.contains(*n)))
             })
             .cloned()
             .collect()
@@ -233,6 +237,14 @@ pub(super) async fn prepare(
     }
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
     let none = BTreeMap::new();
+    let mut bases = BTreeSet::new();
+    for rec in &epochs {
+        let secret = out.secrets.get(&rec.epoch).ok_or_else(|| {
+            ConvergeError::Agreement(format!("epoch {} was not opened with the KEK", rec.epoch))
+        })?;
+        bases.insert((rec.epoch, file_tag(secret, rec.epoch)));
+    }
+    out.effective = lagging(snap, node, &epochs, &out.secrets, &bases, &guid);
     for rec in epochs {
         let e = rec.epoch;
         let secret = out.secrets.get(&e).cloned().ok_or_else(|| {
@@ -242,8 +254,9 @@ pub(super) async fn prepare(
         if per_inc {
             out.per_incarnation.insert(e);
         }
-        // Whose key counts: each node's current incarnation's, or the one
-        // key of the epoch.
+        // Whose key counts: each node's incarnation (its current one, or
+        // for a peer whose new key is not readable yet, the one it had),
+        // or the one key of the epoch.
         let wanted = |n: &str| -> Option<Option<u32>> {
             if !per_inc {
                 return Some(None);
@@ -251,7 +264,8 @@ pub(super) async fn prepare(
             let inc = if n == node {
                 my_inc
             } else {
-                snap.identities.get(n).map(|i| i.incarnation)
+                (out.effective.get(n).copied())
+                    .or_else(|| snap.identities.get(n).map(|i| i.incarnation))
             };
             inc.filter(|i| *i > 0).map(Some)
         };
@@ -263,7 +277,7 @@ pub(super) async fn prepare(
                 out.files.insert((e, base_tag));
                 continue;
             }
-            (false, _) => base_tag,
+            (false, _) => base_tag.clone(),
         };
         out.files.insert((e, tag.clone()));
         let published = snap.pubkeys.get(&e).unwrap_or(&none);
@@ -272,7 +286,7 @@ pub(super) async fn prepare(
             if wanted(&owner.0) != Some(owner.1) {
                 continue;
             }
-            if let Some(p) = check_pubkey(&secret, &guid, e, &tag, owner, r) {
+            if let Some(p) = check_pubkey(&secret, &guid, e, &base_tag, owner, r) {
                 verified.insert(owner.0.clone(), (owner.1, p));
             }
         }
@@ -282,16 +296,73 @@ pub(super) async fn prepare(
             tag: &tag,
             secret: &secret,
             guid: &guid,
-            retired: !per_inc && rec.state == crate::datastore::records::EpochState::Retired,
+            retired: rec.state == crate::datastore::records::EpochState::Retired,
             incarnation: me.1,
             mine_published: published.contains_key(&me),
         };
         own_pair(state, store, node, &ctx, &mut verified, &mut out).await?;
         out.verified.insert(e, verified);
     }
-    verified_cache()
-        .retain(|(e, tag, g, _), _| *g == guid && out.files.contains(&(*e, tag.clone())));
+    verified_cache().retain(|(e, tag, g, _), _| *g == guid && bases.contains(&(*e, tag.clone())));
     Ok(out)
+}
+
+/// The peers whose key of their current incarnation is not readable yet
+/// (it is published just after the incarnation) in an active epoch whose
+/// keys are per incarnation, with the newest earlier incarnation whose keys
+/// are: until the new key is read, this node keeps the pair on the SAs of
+/// that one (the peer keeps them too, until this node acknowledges its new
+/// identity), instead of dropping the pair for a moment.
+fn lagging(
+    snap: &Snapshot,
+    me: &str,
+    epochs: &[&crate::datastore::records::EpochRecord],
+    secrets: &BTreeMap<u32, EpochSecret>,
+    bases: &BTreeSet<(u32, String)>,
+    guid: &str,
+) -> BTreeMap<String, u32> {
+    let active: Vec<(u32, &EpochSecret, &str)> = epochs
+        .iter()
+        .filter(|r| r.binds_receiver() && r.state == crate::datastore::records::EpochState::Active)
+        .filter_map(|r| {
+            let tag = bases.iter().find(|(e, _)| *e == r.epoch)?.1.as_str();
+            Some((r.epoch, secrets.get(&r.epoch)?, tag))
+        })
+        .collect();
+    if active.is_empty() {
+        return BTreeMap::new();
+    }
+    let none = BTreeMap::new();
+    let has_keys = |peer: &str, inc: u32| {
+        let owner = (peer.to_string(), Some(inc));
+        active.iter().all(|(e, secret, tag)| {
+            snap.pubkeys
+                .get(e)
+                .unwrap_or(&none)
+                .get(&owner)
+                .is_some_and(|r| check_pubkey(secret, guid, *e, tag, &owner, r).is_some())
+        })
+    };
+    let mut out = BTreeMap::new();
+    for (peer, ident) in snap.identities.iter().filter(|(n, _)| n.as_str() != me) {
+        if ident.incarnation == 0 || has_keys(peer, ident.incarnation) {
+            continue;
+        }
+        // Records of earlier incarnations, newest first.
+        let mut earlier: Vec<u32> = active
+            .iter()
+            .filter_map(|(e, _, _)| snap.pubkeys.get(e))
+            .flat_map(|m| m.keys())
+            .filter(|(n, i)| n == peer && i.is_some_and(|i| i < ident.incarnation))
+            .filter_map(|(_, i)| *i)
+            .collect();
+        earlier.sort_unstable_by(|a, b| b.cmp(a));
+        earlier.dedup();
+        if let Some(i) = earlier.into_iter().find(|i| has_keys(peer, *i)) {
+            out.insert(peer.clone(), i);
+        }
+    }
+    out
 }
 
 /// One agreement epoch as `prepare` sees it.
@@ -312,7 +383,7 @@ struct Epoch<'a> {
 /// verifies, a new one published when none is, or the epoch lost (the
 /// private key gone, or the record under our name not ours): for keys per
 /// incarnation, a new incarnation is asked for instead. A retired epoch
-/// sealed before version 3 only drains: nothing is made or reported for it.
+/// (never installed again) only drains: nothing is made or reported for it.
 async fn own_pair(
     state: &mut NodeState,
     store: &IpsecStore<'_>,
@@ -386,7 +457,7 @@ async fn own_pair(
             };
             if !store.create_pubkey(e, node, ep.incarnation, &r).await? {
                 return Err(ConvergeError::Agreement(format!(
-                    "another writer created this node's public key for epoch {e} first; converging again"
+                    "another writer created this node's public key for epoch {e} first, or the epoch was deleted meanwhile; converging again"
                 )));
             }
             out.wrote = true;
@@ -488,124 +559,5 @@ pub(super) fn forget_deleted(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(secret: &EpochSecret, epoch: u32, node: &str, pair: &EpochKeyPair) -> PubkeyRecord {
-        let owner = KeyOwner {
-            node,
-            incarnation: None,
-        };
-        let mac = pubkey_mac(secret, "guid", epoch, owner, pair.public()).expect("mac");
-        PubkeyRecord {
-            public: B64.encode(pair.public()),
-            mac: B64.encode(mac),
-        }
-    }
-
-    fn o(node: &str) -> PubkeyOwner {
-        (node.to_string(), None)
-    }
-
-    #[test]
-    fn a_key_per_incarnation_verifies_only_for_that_incarnation() {
-        let e = 0xffe0;
-        let secret = EpochSecret::generate().expect("secret");
-        let pair = EpochKeyPair::generate().expect("pair");
-        let owner = KeyOwner {
-            node: "node-2",
-            incarnation: Some(3),
-        };
-        let mac = pubkey_mac(&secret, "guid", e, owner, pair.public()).expect("mac");
-        let r = PubkeyRecord {
-            public: B64.encode(pair.public()),
-            mac: B64.encode(mac),
-        };
-        let tag = file_tag(&secret, e);
-        let at = |inc: Option<u32>| ("node-2".to_string(), inc);
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &at(Some(3)), &r),
-            Some(*pair.public())
-        );
-        // Moved to another incarnation, or read as a key for the whole
-        // epoch: it does not verify.
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &at(Some(4)), &r),
-            None
-        );
-        assert_eq!(check_pubkey(&secret, "guid", e, &tag, &at(None), &r), None);
-        // And a key for the whole epoch does not verify as one incarnation's.
-        let whole = record(&secret, e, "node-2", &pair);
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &at(Some(3)), &whole),
-            None
-        );
-    }
-
-    #[test]
-    fn a_verified_key_is_remembered_only_for_its_exact_record() {
-        // Epoch numbers no other test uses: the cache is process-wide.
-        let e = 0xfff0;
-        let secret = EpochSecret::generate().expect("secret");
-        let pair = EpochKeyPair::generate().expect("pair");
-        let good = record(&secret, e, "node-2", &pair);
-        let tag = file_tag(&secret, e);
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &good),
-            Some(*pair.public())
-        );
-        // Served again from the cache.
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &good),
-            Some(*pair.public())
-        );
-        // A record replaced by someone without the KEK: another key with a
-        // MAC under another secret, and the same key with a MAC cut short.
-        let other = EpochSecret::generate().expect("secret");
-        let forged = record(
-            &other,
-            e,
-            "node-2",
-            &EpochKeyPair::generate().expect("pair"),
-        );
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &forged),
-            None
-        );
-        let cut = PubkeyRecord {
-            mac: B64.encode([0u8; 16]),
-            ..good.clone()
-        };
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &o("node-2"), &cut),
-            None
-        );
-        // The same record under another node's name does not verify.
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &o("node-3"), &good),
-            None
-        );
-        // A later epoch of the same number (another secret, so another
-        // tag) verifies afresh: the old record does not open under it.
-        let tag2 = file_tag(&other, e);
-        assert_ne!(tag, tag2);
-        assert_eq!(
-            check_pubkey(&other, "guid", e, &tag2, &o("node-2"), &good),
-            None
-        );
-        // The same record under another clusterGUID (another MAC key).
-        assert_eq!(
-            check_pubkey(&secret, "guid-2", e, &tag, &o("node-2"), &good),
-            None
-        );
-        // Not base64: refused, never a panic.
-        let junk = PubkeyRecord {
-            public: "%%%".into(),
-            mac: "%%%".into(),
-        };
-        assert_eq!(
-            check_pubkey(&secret, "guid", e, &tag, &o("node-4"), &junk),
-            None
-        );
-    }
-}
+#[path = "agreement_tests.rs"]
+mod tests;

@@ -51,11 +51,19 @@ pub(super) async fn decide(
     node: &str,
 ) -> Result<Decision, ConvergeError> {
     let ready = agreed.readiness(node);
+    // A peer whose new key is not readable yet stays at the incarnation
+    // it had (`agreement::lagging`).
+    let mut peers = facts.snap.identities.clone();
+    for (n, inc) in &agreed.effective {
+        if let Some(i) = peers.get_mut(n) {
+            i.incarnation = *inc;
+        }
+    }
     let computed = Desired::compute(&Inputs {
         topology: &facts.snap.topology,
         me: node,
         my_identity: mine.ident.as_ref().map(|(i, _)| i),
-        identities: &facts.snap.identities,
+        identities: &peers,
         phase: facts.phase,
         epochs: &facts.snap.epochs,
         icv_bits: facts.icv_bits,
@@ -66,7 +74,7 @@ pub(super) async fn decide(
         Err(e) => return Ok(Decision::Refused(e)),
     };
     // The snapshot may predate our own publication.
-    let mut ids_now = facts.snap.identities.clone();
+    let mut ids_now = peers;
     if let Some((m, _)) = &mine.ident {
         ids_now.insert(node.to_string(), m.clone());
     }

@@ -24,7 +24,8 @@ pub fn pubkeys_prefix(epoch: u32) -> String {
 
 impl IpsecStore<'_> {
     /// Writes `node`'s public key for `epoch` (of `incarnation`, when
-    /// given) unless a record is there; true when this call wrote it.
+    /// given) unless a record is there or the epoch is gone; true when this
+    /// call wrote it.
     pub async fn create_pubkey(
         &self,
         epoch: u32,
@@ -33,9 +34,20 @@ impl IpsecStore<'_> {
         rec: &PubkeyRecord,
     ) -> Result<bool, IpsecStoreError> {
         let key = pubkey_key(epoch, node, incarnation);
-        Ok(self
-            .etcd()
-            .create_all(&[(key.as_str(), encode(rec))])
-            .await?)
+        // Only while the epoch exists: a key published after the manager
+        // deleted the epoch (with its keys, in one transaction) would
+        // outlive it, and keep every node's private key of that number.
+        let epoch_rec = super::ipsec::epoch_key(epoch);
+        let txn = etcd_client::Txn::new()
+            .when([
+                etcd_client::Compare::version(key.as_str(), etcd_client::CompareOp::Equal, 0),
+                etcd_client::Compare::version(
+                    epoch_rec.as_str(),
+                    etcd_client::CompareOp::Greater,
+                    0,
+                ),
+            ])
+            .and_then([etcd_client::TxnOp::put(key.as_str(), encode(rec), None)]);
+        Ok(self.etcd().txn(&format!("create {key}"), txn).await?)
     }
 }
