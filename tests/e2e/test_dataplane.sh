@@ -67,7 +67,14 @@ ipn node-1 xfrm state delete src 10.0.0.12 dst 10.0.0.11 proto esp spi "$spi_in"
 add node-1 f2-node-1 "ADD on node-1 after its inbound SA from node-2 was deleted"
 check_eq "the ADD saw the drift and restored the SA (nothing pending, 4 states, 5 policies with the catch-all)" \
     "$(status node-1 | jq -r '"\(.pending_changes) \(.kernel_states) \(.kernel_policies)"')" "0 4 5"
-check_eq "an inbound SA lost: same incarnation (its key is node-2's)" "$(status node-1 | jq .incarnation)" "$inc"
+# The inbound key binds node-1's incarnation (epochs sealed as 3): made
+# again under the same key, the SA's replay window would start empty, so
+# node-1 takes a new incarnation instead. Its peers learn it on their next
+# convergence (here, with no agent, their next ADD).
+check_eq "an inbound SA lost: a new incarnation (no replay window starts over under the same key)" \
+    "$(status node-1 | jq .incarnation)" "$((inc + 1))"
+add node-2 f2-node-2 "ADD on node-2 learns node-1's new incarnation"
+add node-3 f2-node-3 "ADD on node-3 learns node-1's new incarnation"
 ipn node-1 xfrm policy delete src 0.0.0.0/0 dst 10.0.0.12/32 proto 4 dir out
 add node-1 f3-node-1 "ADD on node-1 after its outbound policy to node-2 was deleted"
 check_eq "the ADD saw the drift and restored the policy (nothing pending, 4 states, 5 policies)" \
@@ -144,8 +151,10 @@ add node-1 c-node-1 "ADD on node-1 after its SAs were flushed"
 inc1=$(status node-1 | jq .incarnation)
 check_eq "lost SAs: node-1 published a new incarnation" "$inc1" $((inc0 + 1))
 spis=$(ipn node-1 xfrm state list | awk '/^src 10.0.0.11 /{getline; print $4}' | sort -u)
-check_match "node-1's new outbound SPIs carry incarnation $inc1" "$spis" \
-    "^0x02$(printf '%02x' "$inc1")0001$"
+# Keys that bind both ends: the SPI's incarnation byte holds the low 4
+# bits of the sender's incarnation, then the receiver's.
+check_match "node-1's new outbound SPIs carry incarnation $inc1 (bits 20-23)" "$spis" \
+    "^0x02$(printf '%x' $((inc1 % 16)))[0-9a-f]0001$"
 check_eq "ledger is 0600" "$(stat -c %a "$tmp/state-node-1/node/ledger")" 600
 add node-2 c-node-2 "ADD on node-2 learns node-1's incarnation"
 add node-3 c-node-3 "ADD on node-3 learns node-1's incarnation"

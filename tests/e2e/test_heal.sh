@@ -23,8 +23,10 @@
 #    the place of one of ours on node-3: reported by the agent, never
 #    deleted; its traffic is dropped, not sent in clear; once the operator
 #    removes it, ours is back within a second.
-# 4. A foreign state put by hand under the SPI of one of ours on node-1:
-#    reported and refused, never deleted.
+# 4. A foreign state put by hand under the SPI of one of ours on node-1
+#    (the one its next incarnation takes, once one of its inbound SAs is
+#    deleted): reported and refused, never deleted; once the operator
+#    removes it, ours is back.
 # 5. The agent of node-1 killed with SIGKILL repeatedly (E2E_HEAL_KILLS,
 #    20 by default) at random points of its start and its convergence
 #    while four rotations go on, and its ledger removed at three of the
@@ -186,17 +188,22 @@ read -r sent lost span < <(window "$tmp/foreign-policy-23.json")
 info "foreign policy, echo 2→3: $sent sent, $lost lost (dropped while the foreign policy stood)"
 
 # -------------------------------------------------------- 4. foreign state
+# node-1's inbound SA from node-2 binds node-1's incarnation (key and SPI
+# bits 16-19): lost, it is never made again under the same key (its replay
+# window would start over); node-1 takes its next incarnation, whose SPI is
+# the same but for those 4 bits. A foreign state put there first is what
+# node-1 then meets.
 n1=${NODE_IP[node-1]}
-spi=$(ipn node-1 xfrm state list src "$n2" dst "$n1" | awk '/proto esp spi/ {print $4; exit}')
-info "a foreign state in place of node-1's inbound SA $n2 -> $n1 spi $spi"
-# The agent puts a deleted state back within milliseconds: hold it still
-# while the foreign state takes the place.
-kill -STOP "${AGENT_PID[node-1]}"
-ipn node-1 xfrm state delete src "$n2" dst "$n1" proto esp spi "$spi"
+old=$(ipn node-1 xfrm state list src "$n2" dst "$n1" | awk '/proto esp spi/ {print $4; exit}')
+inc=$(ectl get --print-value-only /calico/ipsec/v1/nodeids/node-1 | jq .incarnation)
+spi=$(printf '0x%08x' $(((old & ~0xF0000) | (((inc + 1) % 16) << 16))))
+info "a foreign state at $n2 -> $n1 spi $spi, where node-1's next incarnation puts its inbound SA (now $old)"
 ipn node-1 xfrm state add src "$n2" dst "$n1" proto esp spi "$spi" reqid 7 mode transport \
     aead 'rfc4106(gcm(aes))' 0x0000000000000000000000000000000000000000 128
-kill -CONT "${AGENT_PID[node-1]}"
+ipn node-1 xfrm state delete src "$n2" dst "$n1" proto esp spi "$old"
 sleep 3
+check_eq "foreign state: node-1 lost an inbound SA and took its next incarnation" \
+    "$(ectl get --print-value-only /calico/ipsec/v1/nodeids/node-1 | jq .incarnation)" "$((inc + 1))"
 check_match "foreign state: node-1's agent reports it" \
     "$(grep -c 'refused to add' "$tmp/agent-node-1.log" || true)" '^[1-9]'
 check_match "foreign state: still there (never deleted)" \
