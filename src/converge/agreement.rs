@@ -237,19 +237,22 @@ pub(super) async fn prepare(
     }
     let guid = snap.topology.cluster_guid.clone().unwrap_or_default();
     let none = BTreeMap::new();
-    let mut bases = BTreeSet::new();
+    // Each epoch's file tag, from its secret: the instance its key files
+    // and verified keys belong to.
+    let mut bases = BTreeMap::new();
     for rec in &epochs {
         let secret = out.secrets.get(&rec.epoch).ok_or_else(|| {
             ConvergeError::Agreement(format!("epoch {} was not opened with the KEK", rec.epoch))
         })?;
-        bases.insert((rec.epoch, file_tag(secret, rec.epoch)));
+        bases.insert(rec.epoch, file_tag(secret, rec.epoch));
     }
     out.effective = lagging(snap, node, &epochs, &out.secrets, &bases, &guid);
     for rec in epochs {
         let e = rec.epoch;
-        let secret = out.secrets.get(&e).cloned().ok_or_else(|| {
-            ConvergeError::Agreement(format!("epoch {e} was not opened with the KEK"))
-        })?;
+        // Both were found above.
+        let (Some(secret), Some(base_tag)) = (out.secrets.get(&e).cloned(), bases.get(&e)) else {
+            continue;
+        };
         let per_inc = rec.binds_receiver();
         if per_inc {
             out.per_incarnation.insert(e);
@@ -269,12 +272,11 @@ pub(super) async fn prepare(
             };
             inc.filter(|i| *i > 0).map(Some)
         };
-        let base_tag = file_tag(&secret, e);
         let tag = match (per_inc, my_inc) {
             (true, Some(i)) => format!("{base_tag}.i{i}"),
             (true, None) => {
                 // No incarnation yet (phase off): nothing to make or use.
-                out.files.insert((e, base_tag));
+                out.files.insert((e, base_tag.clone()));
                 continue;
             }
             (false, _) => base_tag.clone(),
@@ -286,7 +288,7 @@ pub(super) async fn prepare(
             if wanted(&owner.0) != Some(owner.1) {
                 continue;
             }
-            if let Some(p) = check_pubkey(&secret, &guid, e, &base_tag, owner, r) {
+            if let Some(p) = check_pubkey(&secret, &guid, e, base_tag, owner, r) {
                 verified.insert(owner.0.clone(), (owner.1, p));
             }
         }
@@ -303,7 +305,7 @@ pub(super) async fn prepare(
         own_pair(state, store, node, &ctx, &mut verified, &mut out).await?;
         out.verified.insert(e, verified);
     }
-    verified_cache().retain(|(e, tag, g, _), _| *g == guid && bases.contains(&(*e, tag.clone())));
+    verified_cache().retain(|(e, tag, g, _), _| *g == guid && bases.get(e) == Some(tag));
     Ok(out)
 }
 
@@ -318,15 +320,18 @@ fn lagging(
     me: &str,
     epochs: &[&crate::datastore::records::EpochRecord],
     secrets: &BTreeMap<u32, EpochSecret>,
-    bases: &BTreeSet<(u32, String)>,
+    bases: &BTreeMap<u32, String>,
     guid: &str,
 ) -> BTreeMap<String, u32> {
     let active: Vec<(u32, &EpochSecret, &str)> = epochs
         .iter()
         .filter(|r| r.binds_receiver() && r.state == crate::datastore::records::EpochState::Active)
         .filter_map(|r| {
-            let tag = bases.iter().find(|(e, _)| *e == r.epoch)?.1.as_str();
-            Some((r.epoch, secrets.get(&r.epoch)?, tag))
+            Some((
+                r.epoch,
+                secrets.get(&r.epoch)?,
+                bases.get(&r.epoch)?.as_str(),
+            ))
         })
         .collect();
     if active.is_empty() {

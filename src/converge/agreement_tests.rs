@@ -166,7 +166,7 @@ fn a_peer_whose_new_key_is_not_readable_yet_stays_at_its_last_incarnation() {
     snap.pubkeys
         .insert(e, [keyed("node-2", 2), keyed("node-3", 5)].into());
     let secrets: BTreeMap<u32, EpochSecret> = [(e, secret.clone())].into();
-    let bases: BTreeSet<(u32, String)> = [(e, file_tag(&secret, e))].into();
+    let bases: BTreeMap<u32, String> = [(e, file_tag(&secret, e))].into();
     let got = lagging(&snap, "node-1", &[&rec], &secrets, &bases, "guid");
     assert_eq!(got, [("node-2".to_string(), 2)].into());
     // Once incarnation 3's key is there, nobody lags.

@@ -10,7 +10,7 @@ use super::guard;
 use super::identity::Mine;
 use crate::datastore::snapshot::Snapshot;
 use crate::keys::SaId;
-use crate::state::{Ledger, NodeState};
+use crate::state::NodeState;
 use crate::xfrm::kernel::{Applied, Xfrm};
 use crate::xfrm::{Dir, Held, Plan};
 
@@ -32,19 +32,9 @@ pub(super) fn apply(
         let ledger = &mut mine.ledger;
         let pruned = ledger.prune(&decided.desired.installed_epochs);
         let mut changed = mine.ledger_changed || pruned;
-        for s in plan.created_outbound() {
-            let lane = s.lane.index();
-            changed |= ledger.sent.insert(match s.receiver_incarnation {
-                None => Ledger::entry(s.epoch, &s.receiver, lane),
-                Some(r) => Ledger::bound_entry(s.epoch, &s.receiver, lane, r),
-            });
-        }
-        for s in plan
-            .created_inbound()
-            .filter(|s| s.receiver_incarnation.is_some())
-        {
-            let entry = Ledger::bound_entry(s.epoch, &s.sender, s.lane.index(), s.incarnation);
-            changed |= ledger.received.insert(entry);
+        let made = plan.created_outbound().chain(plan.created_inbound());
+        for (inbound, entry) in made.filter_map(super::identity::ledger_entry) {
+            changed |= ledger.record(inbound, entry);
         }
         if changed {
             state.write_ledger(ledger.clone())?;

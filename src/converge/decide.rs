@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::agreement::Agreed;
 use super::error::ConvergeError;
 use super::facts::Facts;
-use super::identity::Mine;
+use super::identity::{listed, made_before, Mine};
 use crate::datastore::ipsec::{identities_digest, Identity, IpsecStore};
 use crate::xfrm::handover::{hand_over, possible, Handover, PeerAcks};
 use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan, SaSpec};
@@ -99,7 +99,7 @@ pub(super) async fn decide(
         .states
         .values()
         .filter(|s| s.receiver_incarnation.is_some() && !handover.kept.contains(&s.key()))
-        .filter(|s| !vouched(&mine.ledger, s))
+        .filter(|s| !listed(&mine.ledger, s))
         .filter(|s| {
             facts
                 .held
@@ -110,19 +110,14 @@ pub(super) async fn decide(
         .cloned()
         .collect();
     plan.replace_states.extend(stale);
-    let l = &mine.ledger;
-    let lost_out = plan
+    let again = plan
         .created_outbound()
-        .any(|s| l.sent_before(s.epoch, &s.receiver, s.lane.index(), s.receiver_incarnation));
-    let lost_in = plan
-        .created_inbound()
-        .filter(|s| s.receiver_incarnation.is_some())
-        .any(|s| l.received_before(s.epoch, &s.sender, s.lane.index(), s.incarnation));
-    if (lost_out || lost_in) && !mine.new_incarnation && mine.ident.is_some() {
-        return Ok(Decision::Renew(if lost_out {
-            "an outbound SA created earlier is missing or altered"
-        } else {
-            "an inbound SA created earlier is missing or altered (its replay window would start over)"
+        .chain(plan.created_inbound())
+        .find(|s| made_before(&mine.ledger, s));
+    if let Some(s) = again.filter(|_| !mine.new_incarnation && mine.ident.is_some()) {
+        return Ok(Decision::Renew(match s.dir {
+            Dir::Out => "an outbound SA created earlier is missing or altered",
+            _ => "an inbound SA created earlier is missing or altered (its replay window would start over)",
         }));
     }
     Ok(Decision::Decided(Box::new(Decided {
@@ -150,70 +145,4 @@ fn acknowledged(
         .filter(|(n, _)| !keyless.contains(*n))
         .map(|(n, i)| (n.clone(), i.clone()))
         .collect()
-}
-
-/// Whether the ledger says a state of a key that binds both ends was made
-/// for the incarnations `s` names (this node's is the ledger's own).
-fn vouched(ledger: &crate::state::Ledger, s: &SaSpec) -> bool {
-    let lane = s.lane.index();
-    match (s.dir, s.receiver_incarnation) {
-        (_, None) => true,
-        (Dir::Out, Some(r)) => ledger.sent.contains(&crate::state::Ledger::bound_entry(
-            s.epoch,
-            &s.receiver,
-            lane,
-            r,
-        )),
-        (_, Some(_)) => ledger.received.contains(&crate::state::Ledger::bound_entry(
-            s.epoch,
-            &s.sender,
-            lane,
-            s.incarnation,
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::Ledger;
-    use crate::xfrm::Lane;
-
-    fn spec(dir: Dir, rinc: Option<u32>) -> SaSpec {
-        let ip = |n| std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, n));
-        SaSpec {
-            dir,
-            src: ip(1),
-            dst: ip(2),
-            spi: 0x0201_0001,
-            reqid: crate::keys::reqid(1),
-            epoch: 1,
-            sender: if dir == Dir::Out { "me" } else { "peer" }.into(),
-            incarnation: 4,
-            receiver: if dir == Dir::Out { "peer" } else { "me" }.into(),
-            receiver_incarnation: rinc,
-            icv_bits: 128,
-            key_bits: 128,
-            lane: Lane::V4Transport,
-        }
-    }
-
-    #[test]
-    fn a_held_state_is_vouched_for_only_under_the_incarnations_it_was_made_for() {
-        let mut l = Ledger::fresh("b", 9);
-        // Keys that bind the sender only: the kernel's view is enough.
-        assert!(vouched(&l, &spec(Dir::Out, None)));
-        assert!(vouched(&l, &spec(Dir::In, None)));
-        // Made for the peer's incarnation 2: vouched for 2, not for 3 (the
-        // peer rebooted: the same SPI now needs another key).
-        l.sent.insert(Ledger::bound_entry(1, "peer", 0, 2));
-        assert!(vouched(&l, &spec(Dir::Out, Some(2))));
-        assert!(!vouched(&l, &spec(Dir::Out, Some(3))));
-        // Inbound: made from the sender's incarnation 4 in this ledger's
-        // incarnation; a fresh ledger (this node's new incarnation) vouches
-        // for none.
-        l.received.insert(Ledger::bound_entry(1, "peer", 0, 4));
-        assert!(vouched(&l, &spec(Dir::In, Some(9))));
-        assert!(!vouched(&Ledger::fresh("b", 10), &spec(Dir::In, Some(10))));
-    }
 }

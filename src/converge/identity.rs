@@ -21,6 +21,7 @@ use super::error::ConvergeError;
 use super::facts::Facts;
 use crate::datastore::ipsec::{Identity, IpsecStore, IpsecStoreError, Phase};
 use crate::state::{Ledger, NodeState};
+use crate::xfrm::{Dir, SaSpec};
 
 /// This node's identity in one convergence.
 #[derive(Debug, Default)]
@@ -167,6 +168,36 @@ async fn bump(
     Err(IpsecStoreError::Contended(format!("publishing a new incarnation of {node}")).into())
 }
 
+/// The entry an SA of this node has in the ledger, and whether it is an
+/// inbound one: "epoch/peer[/lane]" for an outbound SA whose key binds the
+/// sender only ([`Ledger::entry`]); "epoch/peer/lane/incarnation" of the
+/// other end for an SA whose key binds both ([`Ledger::bound_entry`]); none
+/// for an inbound SA whose key binds the sender only (its key is the
+/// peer's to keep fresh).
+pub(super) fn ledger_entry(s: &SaSpec) -> Option<(bool, String)> {
+    let lane = s.lane.index();
+    match (s.dir, s.receiver_incarnation) {
+        (Dir::Out, None) => Some((false, Ledger::entry(s.epoch, &s.receiver, lane))),
+        (Dir::Out, Some(r)) => Some((false, Ledger::bound_entry(s.epoch, &s.receiver, lane, r))),
+        (Dir::In, Some(_)) => Some((
+            true,
+            Ledger::bound_entry(s.epoch, &s.sender, lane, s.incarnation),
+        )),
+        _ => None,
+    }
+}
+
+/// Whether the ledger lists `s`: made in this incarnation, for the
+/// incarnations it names.
+pub(super) fn listed(ledger: &Ledger, s: &SaSpec) -> bool {
+    ledger_entry(s).is_some_and(|(inbound, e)| ledger.lists(inbound, &e))
+}
+
+/// Whether making `s` would use a key of this incarnation again.
+pub(super) fn made_before(ledger: &Ledger, s: &SaSpec) -> bool {
+    ledger_entry(s).is_some_and(|(inbound, e)| ledger.made_before(s.epoch, inbound, &e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +229,62 @@ mod tests {
         assert!(
             needs_new_incarnation(&ident(5, "b1"), Some(&l), "b1"),
             "ledger of another incarnation"
+        );
+    }
+
+    /// An SA of epoch 5 with `peer` on lane 0; `other` is the other end's
+    /// incarnation its key binds.
+    fn sa(dir: Dir, peer: &str, other: Option<u32>) -> SaSpec {
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let (sender, receiver) = match dir {
+            Dir::Out => ("me".to_string(), peer.to_string()),
+            _ => (peer.to_string(), "me".to_string()),
+        };
+        let (incarnation, receiver_incarnation) = match dir {
+            Dir::Out => (9, other),
+            _ => (other.unwrap_or(1), other.map(|_| 9)),
+        };
+        SaSpec {
+            dir,
+            src: ip,
+            dst: ip,
+            spi: 0x0600_0001,
+            reqid: crate::keys::reqid(5),
+            epoch: 5,
+            sender,
+            incarnation,
+            receiver,
+            receiver_incarnation,
+            icv_bits: 128,
+            key_bits: 128,
+            lane: crate::xfrm::Lane::V4Transport,
+        }
+    }
+
+    #[test]
+    fn a_held_state_is_listed_only_under_the_incarnations_it_was_made_for() {
+        let mut l = Ledger::fresh("b", 9);
+        // Made for the peer's incarnation 2: listed for 2, not for 3 (the
+        // peer rebooted: the same slot now needs another key).
+        l.sent.insert(Ledger::bound_entry(5, "peer", 0, 2));
+        assert!(listed(&l, &sa(Dir::Out, "peer", Some(2))));
+        assert!(!listed(&l, &sa(Dir::Out, "peer", Some(3))));
+        // Inbound: made from the sender's incarnation 4 in this ledger's
+        // incarnation; a fresh ledger (this node's new incarnation) lists
+        // none.
+        l.received.insert(Ledger::bound_entry(5, "peer", 0, 4));
+        let inb = sa(Dir::In, "peer", Some(4));
+        assert!(listed(&l, &inb));
+        assert!(!listed(&Ledger::fresh("b", 10), &inb));
+        // An inbound SA whose key binds the sender only is never listed,
+        // so never made "again".
+        let plain_in = sa(Dir::In, "peer", None);
+        assert_eq!(ledger_entry(&plain_in), None);
+        l.forgotten.insert(5);
+        assert!(!made_before(&l, &plain_in));
+        assert!(
+            made_before(&l, &sa(Dir::Out, "peer", None)),
+            "forgotten epoch"
         );
     }
 }

@@ -120,10 +120,34 @@ impl Ledger {
         }
     }
 
-    /// Whether an outbound SA (epoch, peer, lane) would reuse a key of this
-    /// incarnation: it was created before, or its epoch was forgotten.
-    pub fn used_before(&self, epoch: u32, peer: &str, lane: u8) -> bool {
-        self.forgotten.contains(&epoch) || self.sent.contains(&Self::entry(epoch, peer, lane))
+    /// Whether `entry` is listed, among the inbound SAs or the outbound ones.
+    pub fn lists(&self, inbound: bool, entry: &str) -> bool {
+        self.list(inbound).contains(entry)
+    }
+
+    /// Whether making the SA of `entry` (of `epoch`) would use a key of
+    /// this incarnation again (an outbound SA's nonces, or an inbound SA's
+    /// replay window, would start over): it is listed, or its epoch was
+    /// forgotten.
+    pub fn made_before(&self, epoch: u32, inbound: bool, entry: &str) -> bool {
+        self.forgotten.contains(&epoch) || self.lists(inbound, entry)
+    }
+
+    /// Lists an SA as made (before it is); true when it was not listed yet.
+    pub fn record(&mut self, inbound: bool, entry: String) -> bool {
+        if inbound {
+            self.received.insert(entry)
+        } else {
+            self.sent.insert(entry)
+        }
+    }
+
+    fn list(&self, inbound: bool) -> &BTreeSet<String> {
+        if inbound {
+            &self.received
+        } else {
+            &self.sent
+        }
     }
 
     /// The entry of an SA whose key binds both ends: (epoch, peer, lane)
@@ -131,28 +155,6 @@ impl Ledger {
     /// the sender's for an inbound one).
     pub fn bound_entry(epoch: u32, peer: &str, lane: u8, other: u32) -> String {
         format!("{epoch}/{peer}/{lane}/{other}")
-    }
-
-    /// Whether an outbound SA would reuse a key of this incarnation; the
-    /// receiver's incarnation is given for a key that binds it.
-    pub fn sent_before(&self, epoch: u32, peer: &str, lane: u8, receiver: Option<u32>) -> bool {
-        match receiver {
-            None => self.used_before(epoch, peer, lane),
-            Some(r) => {
-                self.forgotten.contains(&epoch)
-                    || self.sent.contains(&Self::bound_entry(epoch, peer, lane, r))
-            }
-        }
-    }
-
-    /// Whether an inbound SA (of a key that binds this incarnation) was
-    /// created before in this incarnation: making it again would reset its
-    /// replay window under the same key.
-    pub fn received_before(&self, epoch: u32, peer: &str, lane: u8, sender: u32) -> bool {
-        self.forgotten.contains(&epoch)
-            || self
-                .received
-                .contains(&Self::bound_entry(epoch, peer, lane, sender))
     }
 
     /// Drops the entries of epochs no longer installed, remembering their
@@ -305,22 +307,28 @@ mod tests {
     #[test]
     fn keys_that_bind_both_ends_are_told_apart_by_the_other_ends_incarnation() {
         let mut l = Ledger::fresh("b", 3);
-        l.sent.insert(Ledger::bound_entry(5, "node-2", 0, 7));
-        l.received.insert(Ledger::bound_entry(5, "node-2", 1, 9));
-        assert!(l.sent_before(5, "node-2", 0, Some(7)));
+        let out = |r| Ledger::bound_entry(5, "node-2", 0, r);
+        let inb = |peer, s| Ledger::bound_entry(5, peer, 1, s);
+        assert!(l.record(false, out(7)));
+        assert!(l.record(true, inb("node-2", 9)));
+        assert!(l.made_before(5, false, &out(7)));
         assert!(
-            !l.sent_before(5, "node-2", 0, Some(8)),
+            !l.made_before(5, false, &out(8)),
             "the receiver's new incarnation gives a new key"
         );
-        assert!(!l.sent_before(5, "node-2", 0, None), "another derivation");
-        assert!(l.received_before(5, "node-2", 1, 9));
-        assert!(!l.received_before(5, "node-2", 1, 10));
-        assert!(!l.received_before(5, "node-3", 1, 9));
+        assert!(
+            !l.made_before(5, false, &Ledger::entry(5, "node-2", 0)),
+            "another derivation"
+        );
+        assert!(l.made_before(5, true, &inb("node-2", 9)));
+        assert!(!l.made_before(5, true, &inb("node-2", 10)));
+        assert!(!l.made_before(5, true, &inb("node-3", 9)));
+        assert!(!l.made_before(5, false, &inb("node-2", 9)), "kept apart");
         // Pruning drops both kinds and remembers the epoch: its keys are
         // never made again in this incarnation.
         assert!(l.prune(&[6]));
         assert!(l.sent.is_empty() && l.received.is_empty());
-        assert!(l.sent_before(5, "node-2", 0, Some(8)));
-        assert!(l.received_before(5, "node-4", 0, 1));
+        assert!(l.made_before(5, false, &out(8)));
+        assert!(l.made_before(5, true, &Ledger::bound_entry(5, "node-4", 0, 1)));
     }
 }

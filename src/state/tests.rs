@@ -179,11 +179,12 @@ fn the_node_lock_waits_a_bounded_time_and_refuses_a_link() {
 
 #[test]
 fn an_epoch_that_left_the_kernel_and_comes_back_counts_as_used() {
+    let used = |l: &Ledger, e, peer, lane| l.made_before(e, false, &Ledger::entry(e, peer, lane));
     let mut l = Ledger::fresh("b", 1);
     l.sent.insert(Ledger::entry(1, "node-2", 0));
     l.sent.insert(Ledger::entry(2, "node-2", 0));
-    assert!(l.used_before(1, "node-2", 0));
-    assert!(!l.used_before(1, "node-3", 0), "another peer: a new key");
+    assert!(used(&l, 1, "node-2", 0));
+    assert!(!used(&l, 1, "node-3", 0), "another peer: a new key");
     assert!(!l.prune(&[1, 2]), "nothing left the kernel");
     // Epoch 1 retired and deleted: its entries go, its number stays.
     assert!(l.prune(&[2]));
@@ -191,9 +192,9 @@ fn an_epoch_that_left_the_kernel_and_comes_back_counts_as_used() {
     // Set active again (or restored from a backup): its keys would be the
     // old ones, for every peer and lane, so any outbound SA needs a new
     // incarnation.
-    assert!(l.used_before(1, "node-2", 0));
-    assert!(l.used_before(1, "node-9", 3));
-    assert!(!l.used_before(3, "node-2", 0), "a new epoch is fresh");
+    assert!(used(&l, 1, "node-2", 0));
+    assert!(used(&l, 1, "node-9", 3));
+    assert!(!used(&l, 3, "node-2", 0), "a new epoch is fresh");
     // The watermark survives a write and a read.
     let dir = tempfile::tempdir().expect("tempdir");
     let mut st = open(dir.path());

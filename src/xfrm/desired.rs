@@ -196,15 +196,20 @@ impl Build<'_> {
                     continue;
                 }
             }
+            // The SPI names the sender (its id and incarnation) and, for
+            // keys that bind both ends, the receiver's incarnation too.
             let base = |dir,
                         (src, dst),
-                        spi,
+                        sender_id,
                         (sender, inc): (&str, u32),
                         (receiver, rinc): (&str, u32)| SaSpec {
                 dir,
                 src,
                 dst,
-                spi,
+                spi: match binds {
+                    true => keys::spi_bound(epoch, inc, rinc, sender_id, tunnel),
+                    false => keys::spi(epoch, inc, sender_id, tunnel),
+                },
                 reqid: keys::reqid(epoch),
                 epoch,
                 sender: sender.to_string(),
@@ -216,14 +221,10 @@ impl Build<'_> {
                 lane,
             };
             if let Some(m) = mine {
-                let spi = match binds {
-                    true => keys::spi_bound(epoch, m.incarnation, theirs.incarnation, m.id, tunnel),
-                    false => keys::spi(epoch, m.incarnation, m.id, tunnel),
-                };
                 let out = base(
                     Dir::Out,
                     (me_ip, peer_ip),
-                    spi,
+                    m.id,
                     (self.i.me, m.incarnation),
                     (&peer.name, theirs.incarnation),
                 );
@@ -234,14 +235,10 @@ impl Build<'_> {
             let Some(my_inc) = mine.map(|m| m.incarnation).or((!binds).then_some(0)) else {
                 continue;
             };
-            let spi = match binds {
-                true => keys::spi_bound(epoch, theirs.incarnation, my_inc, theirs.id, tunnel),
-                false => keys::spi(epoch, theirs.incarnation, theirs.id, tunnel),
-            };
             let inb = base(
                 Dir::In,
                 (peer_ip, me_ip),
-                spi,
+                theirs.id,
                 (&peer.name, theirs.incarnation),
                 (self.i.me, my_inc),
             );
