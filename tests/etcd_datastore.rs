@@ -263,9 +263,12 @@ fn wrong_kek_is_a_clear_error() {
 fn concurrent_id_allocation_is_unique() {
     let server = EtcdServer::start();
     let s = settings(&server);
+    // 500 nodes at once (a rack powering up): every one gets an id, none
+    // runs out of tries (each starts at its own slot, not the lowest free).
+    const N: usize = 500;
     let ids = rt().block_on(async {
         let etcd = Etcd::connect(&s).await.expect("connect");
-        let tasks: Vec<_> = (0..20)
+        let tasks: Vec<_> = (0..N)
             .map(|i| {
                 let etcd = etcd.clone();
                 tokio::spawn(
@@ -282,13 +285,30 @@ fn concurrent_id_allocation_is_unique() {
             IpsecStore::new(&etcd).node_id("node-3").await.expect("id"),
             ids[3]
         );
+        // A crowded stretch: the 40 ids from a node's home slot are taken,
+        // so it probes past them and then reads which are free.
+        let home = calico_ipsec::datastore::ipsec::home_slot("crowded");
+        let max = calico_ipsec::keys::MAX_NODE_ID;
+        let mut held = Vec::new();
+        for d in 0..40u16 {
+            let id = (home - 1 + d) % max + 1;
+            let key = format!("/calico/ipsec/v1/ids/{id}");
+            etcd.put(&key, br#"{"node":"someone"}"#.to_vec(), None)
+                .await
+                .expect("put");
+            held.push(id);
+        }
+        let got = IpsecStore::new(&etcd).node_id("crowded").await.expect("id");
+        assert!(!held.contains(&got) && !ids.contains(&got), "{got}");
         ids
     });
     let mut sorted = ids.clone();
     sorted.sort();
     sorted.dedup();
-    assert_eq!(sorted.len(), 20, "ids repeat: {ids:?}");
-    assert!(sorted.iter().all(|i| *i >= 1));
+    assert_eq!(sorted.len(), N, "ids repeat");
+    assert!(sorted
+        .iter()
+        .all(|i| (1..=calico_ipsec::keys::MAX_NODE_ID).contains(i)));
 }
 
 #[test]

@@ -27,7 +27,6 @@ mod health;
 pub mod kernel_watch;
 mod publish;
 mod reconcile;
-pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,11 +39,11 @@ use crate::config::PluginConfig;
 use crate::converge::{self, Report};
 use crate::datastore::etcd::Etcd;
 use crate::datastore::snapshot;
+use crate::datastore::watch::{self, WatchMsg};
 use crate::metrics::Histogram;
 use exposition::render;
 use kernel_watch::KernelEvent;
 use reconcile::{Ctx, Reconciler};
-use watch::WatchMsg;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -252,9 +251,10 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
     let etcd = connect(&opts, &state).await;
     publish::adopt_lease(&etcd, &state, &node, opts.lease_ttl).await;
     let mut prefixes: Vec<String> = snapshot::watched().into_iter().map(|(k, _)| k).collect();
-    // The peers' statuses, last: they are not part of the snapshot, and
-    // matter only while a hand-over between incarnations is pending.
-    prefixes.push(format!("{}nodes/", crate::datastore::ipsec::PREFIX));
+    // The leader's aggregate of the peers' statuses, last: it is not part
+    // of the snapshot, and matters only while a hand-over between
+    // incarnations is pending. No node watches another's status record.
+    prefixes.push(crate::datastore::aggregate::aggregate_key());
     let (tx, mut rx) = mpsc::channel::<WatchMsg>(256);
     for (idx, p) in prefixes.iter().enumerate() {
         tokio::spawn(watch::watch_prefix(
@@ -313,6 +313,7 @@ async fn main_loop(opts: AgentOptions, node: String, state: Arc<Mutex<State>>) {
             }
             _ = resync.tick() => r.wake(),
             () = r.backoff().elapsed() => r.on_retry(),
+            () = r.polled() => r.on_poll(),
         }
         let next = r.reconcile(&ctx).await;
         tracing::trace!(?next, "reconciled");

@@ -11,20 +11,22 @@ use tokio::sync::mpsc;
 
 use super::kernel_watch::KernelEvent;
 use super::publish::{kek_fingerprint, publish, status_of, without_heartbeat};
-use super::watch::{Change, WatchMsg};
 use super::{lock, mark_stale, AgentOptions, State};
 use crate::converge::{self, ConvergeError, Report};
+use crate::datastore::aggregate::{aggregate_key, Aggregate};
 use crate::datastore::etcd::{Etcd, Kv};
-use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus, PREFIX};
+use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus};
 use crate::datastore::snapshot::Snapshot;
+use crate::datastore::watch::{Change, WatchMsg};
 use crate::xfrm::handover::PeerAcks;
 
 /// The first retry after a failed convergence.
 pub(super) const RETRY_MIN: Duration = Duration::from_millis(500);
 /// The longest wait between retries while nothing changes.
 pub(super) const RETRY_MAX: Duration = Duration::from_secs(30);
-/// The status record is written again at least this often (its heartbeat).
-const REPUBLISH: Duration = Duration::from_secs(60);
+/// How often a node re-reads its peers' statuses while a hand-over waits
+/// and no leader writes the aggregate.
+pub(super) const POLL: Duration = Duration::from_secs(1);
 
 /// What one prefix's watch has delivered: its revision and keys.
 type Range = Option<(i64, BTreeMap<String, Kv>)>;
@@ -34,13 +36,13 @@ type Range = Option<(i64, BTreeMap<String, Kv>)>;
 pub(super) struct WatchCache {
     ranges: Vec<Range>,
     down: Vec<bool>,
-    /// The index of the peers' status prefix (last; not part of a snapshot).
+    /// The index of the leader's aggregate (last; not part of a snapshot).
     statuses: usize,
 }
 
 impl WatchCache {
-    /// An empty cache of `prefixes` prefixes, the last of them the peers'
-    /// statuses.
+    /// An empty cache of `prefixes` prefixes, the last of them the leader's
+    /// aggregate of the peers' statuses.
     pub(super) fn new(prefixes: usize) -> Self {
         Self {
             ranges: vec![None; prefixes],
@@ -135,25 +137,16 @@ impl WatchCache {
         Snapshot::from_ranges(&read, revision)
     }
 
-    /// The peers' status records as the hand-over reads them (a record that
-    /// does not parse counts as absent).
-    fn acks(&self) -> PeerAcks {
-        let prefix = format!("{PREFIX}nodes/");
-        let parsed: Vec<(String, NodeStatus)> = self
-            .ranges
-            .get(self.statuses)
-            .and_then(Option::as_ref)
-            .map(|(_, m)| {
-                m.values()
-                    .filter_map(|kv| {
-                        let name = kv.key.strip_prefix(&prefix)?;
-                        let st: NodeStatus = serde_json::from_slice(&kv.value).ok()?;
-                        Some((name.to_string(), st))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        PeerAcks::from_statuses(parsed.iter().map(|(n, s)| (n.as_str(), s)))
+    /// The peers' acknowledgements from the leader's aggregate; `None`
+    /// when there is none (no manager, or one from before it) or it does
+    /// not parse: the convergence then reads the statuses itself, once,
+    /// when a hand-over may apply.
+    fn acks(&self, snap: &Snapshot) -> Option<PeerAcks> {
+        let key = aggregate_key();
+        let (_, m) = self.ranges.get(self.statuses)?.as_ref()?;
+        let kv = m.get(&key)?;
+        let agg: Aggregate = serde_json::from_slice(&kv.value).ok()?;
+        Some(PeerAcks::from_aggregate(&agg, &snap.identities))
     }
 }
 
@@ -237,7 +230,8 @@ pub(super) struct Reconciler {
     pending: Option<Instant>,
     backoff: Backoff,
     last_published: Option<NodeStatus>,
-    published_at: Instant,
+    /// When to re-read the peers' statuses (a hand-over without aggregate).
+    poll: Option<tokio::time::Instant>,
     /// The last failure to follow the mounted KEK, logged once.
     kek_said: Option<String>,
 }
@@ -252,7 +246,7 @@ impl Reconciler {
             pending: None,
             backoff: Backoff::new(),
             last_published: None,
-            published_at: Instant::now(),
+            poll: None,
             kek_said: None,
         }
     }
@@ -273,7 +267,7 @@ impl Reconciler {
         rx: &mut mpsc::Receiver<WatchMsg>,
         state: &Mutex<State>,
     ) {
-        // A peer's status matters only while a hand-over is pending.
+        // The peers' acknowledgements matter only while a hand-over is pending.
         let handing_over = lock(state)
             .report
             .as_ref()
@@ -314,6 +308,20 @@ impl Reconciler {
         self.mark();
     }
 
+    /// Resolves when the peers' statuses are due to be read again.
+    pub(super) async fn polled(&self) {
+        match self.poll {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The statuses are due: converge again.
+    pub(super) fn on_poll(&mut self) {
+        self.poll = None;
+        self.mark();
+    }
+
     /// The end of a retry wait.
     pub(super) fn on_retry(&mut self) {
         self.backoff.skip();
@@ -338,8 +346,9 @@ impl Reconciler {
                 s.stale_since = None;
             }
         }
-        // Publish again after a lost lease, and refresh the heartbeat.
-        if alive == Some(false) || self.published_at.elapsed() >= REPUBLISH {
+        // Publish again after a lost lease. Otherwise the record is written
+        // only when what it says changes: the lease is the liveness signal.
+        if alive == Some(false) {
             self.last_published = None;
         }
         // A new KEK (the Secret changed): the plugin's copy follows it, and
@@ -382,11 +391,15 @@ impl Reconciler {
             }
         };
         let noticed = std::mem::take(&mut self.drift);
-        let acks = self.cache.acks();
-        match converge_once(&ctx.opts.cfg, ctx.etcd, snap, &acks, ctx.node).await {
+        let acks = self.cache.acks(&snap);
+        match converge_once(&ctx.opts.cfg, ctx.etcd, snap, acks.as_ref(), ctx.node).await {
             Ok(report) => {
                 self.pending = None;
                 self.backoff.succeeded();
+                // Without an aggregate nothing announces a peer's
+                // acknowledgement: look again while a hand-over waits.
+                let waits = !report.waiting_for.is_empty() || report.kept_inbound > 0;
+                self.poll = (acks.is_none() && waits).then(|| tokio::time::Instant::now() + POLL);
                 record_success(ctx.state, &report, &noticed, since.elapsed());
                 self.publish(ctx, &report).await;
                 Next::Converged
@@ -422,7 +435,6 @@ impl Reconciler {
             self.last_published.as_ref().map(without_heartbeat) != Some(without_heartbeat(&status));
         if changed && publish(ctx.etcd, ctx.state, ctx.node, &status, ctx.opts.lease_ttl).await {
             self.last_published = Some(status);
-            self.published_at = Instant::now();
         }
     }
 }
@@ -480,7 +492,7 @@ async fn converge_once(
     cfg: &crate::config::PluginConfig,
     etcd: &Etcd,
     snap: Snapshot,
-    acks: &PeerAcks,
+    acks: Option<&PeerAcks>,
     node: &str,
 ) -> Result<Report, ConvergeError> {
     let started = Instant::now();
@@ -493,7 +505,7 @@ async fn converge_once(
             &mut state,
             etcd,
             snap,
-            Some(acks),
+            acks,
             node.to_string(),
             started,
         ))
@@ -509,6 +521,7 @@ mod tests {
             key: key.into(),
             value: value.as_bytes().to_vec(),
             mod_revision: 1,
+            lease: 0,
         }
     }
 

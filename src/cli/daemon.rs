@@ -72,8 +72,10 @@ pub struct ManagerArgs {
     /// TTL of the leadership lease, in seconds: how long a dead leader blocks.
     #[arg(long, default_value_t = 15)]
     pub lease_ttl_seconds: i64,
-    /// Time between steps, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    /// How often the leader checks for steps that fall due with time (an
+    /// overlap over, a rotation due), in milliseconds; changes in etcd are
+    /// acted on as they arrive.
+    #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
 }
 

@@ -39,6 +39,22 @@ pub(super) enum Decision {
     Renew(&'static str),
 }
 
+/// The peers' acknowledgements, read once: the leader's aggregate (one
+/// key), or every status where no leader writes one (none running, or one
+/// from before the aggregate).
+pub(super) async fn read_acks(
+    store: &IpsecStore<'_>,
+    snap: &crate::datastore::snapshot::Snapshot,
+) -> Result<PeerAcks, ConvergeError> {
+    if let Some(agg) = store.aggregate().await? {
+        return Ok(PeerAcks::from_aggregate(&agg, &snap.identities));
+    }
+    let live = store.statuses().await?;
+    Ok(PeerAcks::from_statuses(
+        live.iter().map(|(n, s)| (n.as_str(), s)),
+    ))
+}
+
 /// Computes the desired state and the plan. A state whose key binds both
 /// ends and that the ledger does not vouch for (it was made for another
 /// incarnation of either end) is replaced: the kernel never shows a key.
@@ -81,12 +97,7 @@ pub(super) async fn decide(
     // An ADD reads the peers' statuses only when a hand-over may apply.
     let mut acks = match acks {
         Some(a) => Some(a.clone()),
-        None if possible(&desired, &facts.held) => {
-            let live = store.statuses().await?;
-            Some(PeerAcks::from_statuses(
-                live.iter().map(|(n, s)| (n.as_str(), s)),
-            ))
-        }
+        None if possible(&desired, &facts.held) => Some(read_acks(store, &facts.snap).await?),
         None => None,
     };
     let ids_acked = acknowledged(node, &ids_now, agreed, &desired, &facts.snap);

@@ -19,6 +19,33 @@ pub const PREFIX: &str = "/calico/ipsec/v1/";
 /// The algorithm every SA uses (owned by `keys`).
 pub use crate::keys::ALGORITHM;
 
+/// How many ids a node probes from its home slot before it reads which are
+/// taken.
+const PROBES: usize = 32;
+
+/// Where a node's search for a free id starts: a hash of its name, so that
+/// nodes starting together spread over the id space.
+pub fn home_slot(node: &str) -> u16 {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(node.as_bytes());
+    let max = u32::from(crate::keys::MAX_NODE_ID);
+    let n = u32::from(u16::from_be_bytes([h[0], h[1]])) % max;
+    u16::try_from(n + 1).unwrap_or(1)
+}
+
+/// The id an existing `nodeids/<node>` record holds.
+fn existing_id(kv: &super::etcd::Kv) -> Result<u16, IpsecStoreError> {
+    let v: serde_json::Value = decode(&kv.key, &kv.value)?;
+    v["id"]
+        .as_u64()
+        .and_then(|i| u16::try_from(i).ok())
+        .filter(|i| *i > 0 && *i <= crate::keys::MAX_NODE_ID)
+        .ok_or_else(|| IpsecStoreError::Malformed {
+            key: kv.key.clone(),
+            reason: format!("no id between 1 and {}", crate::keys::MAX_NODE_ID),
+        })
+}
+
 /// A failure reading or writing our records.
 #[derive(Debug, thiserror::Error)]
 pub enum IpsecStoreError {
@@ -231,42 +258,54 @@ impl<'a> IpsecStore<'a> {
         Err(IpsecStoreError::Contended(config_key()))
     }
 
-    /// This node's id: the existing one, or the lowest free id, claimed in
-    /// one transaction so that concurrent nodes never share an id.
+    /// This node's id: the existing one, or a free one claimed in one
+    /// transaction (so concurrent nodes never share an id).
+    ///
+    /// The search starts at a slot derived from the node's name and probes
+    /// upward, so nodes that start together try different ids instead of
+    /// all racing for the lowest free one. Only when a run of probes finds
+    /// every slot taken does it read which ids are taken (keys only).
     pub async fn node_id(&self, node: &str) -> Result<u16, IpsecStoreError> {
-        for _ in 0..64 {
+        let max = crate::keys::MAX_NODE_ID;
+        let mut slot = home_slot(node);
+        let mut taken: Option<std::collections::HashSet<u16>> = None;
+        for attempt in 0..(PROBES * 2) {
             if let Some(kv) = self.etcd.get(&nodeid_key(node)).await? {
-                let v: serde_json::Value = decode(&kv.key, &kv.value)?;
-                return v["id"]
-                    .as_u64()
-                    .and_then(|i| u16::try_from(i).ok())
-                    .filter(|i| *i > 0)
-                    .ok_or_else(|| IpsecStoreError::Malformed {
-                        key: kv.key.clone(),
-                        reason: "no id between 1 and 65535".into(),
-                    });
+                return existing_id(&kv);
             }
-            let (_, taken) = self
-                .etcd
-                .get_prefix(&format!("{PREFIX}ids/"), false)
-                .await?;
-            let used: std::collections::HashSet<u16> = taken
-                .iter()
-                .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
-                .collect();
-            let id = (1..=crate::keys::MAX_NODE_ID)
-                .find(|i| !used.contains(i))
-                .ok_or(IpsecStoreError::IdsExhausted)?;
+            if attempt == PROBES {
+                // A crowded stretch: look up the free ids once.
+                let prefix = format!("{PREFIX}ids/");
+                let keys = self.etcd.get_prefix_keys(&prefix).await?;
+                taken = Some(
+                    keys.iter()
+                        .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+                        .collect(),
+                );
+            }
+            if let Some(t) = &taken {
+                slot = (0..max)
+                    .map(|d| (slot - 1 + d) % max + 1)
+                    .find(|i| !t.contains(i))
+                    .ok_or(IpsecStoreError::IdsExhausted)?;
+            }
             let claimed = self
                 .etcd
                 .create_all(&[
-                    (&id_key(id), encode(&serde_json::json!({ "node": node }))),
-                    (&nodeid_key(node), encode(&serde_json::json!({ "id": id }))),
+                    (&id_key(slot), encode(&serde_json::json!({ "node": node }))),
+                    (
+                        &nodeid_key(node),
+                        encode(&serde_json::json!({ "id": slot })),
+                    ),
                 ])
                 .await?;
             if claimed {
-                return Ok(id);
+                return Ok(slot);
             }
+            if let Some(t) = taken.as_mut() {
+                t.insert(slot);
+            }
+            slot = slot % max + 1;
         }
         Err(IpsecStoreError::Contended(format!(
             "allocating an id for {node}"

@@ -1,6 +1,7 @@
 //! The etcd datastore: Calico's topology (read-only) and our keys under
 //! `/calico/ipsec/v1/`.
 
+pub mod aggregate;
 pub mod calico;
 pub mod epochs;
 pub mod etcd;
@@ -11,3 +12,4 @@ pub mod paths;
 pub mod pubkeys;
 pub mod records;
 pub mod snapshot;
+pub mod watch;

@@ -1,42 +1,33 @@
-//! One step of the leader: read the view, decide (the pure [`super::decide`]),
-//! and carry the decision out with the fenced writes of
-//! [`crate::datastore::leader`].
+//! One step of the leader: the view from the watch cache, the decision (the
+//! pure [`super::decide`]), and the fenced writes of
+//! [`crate::datastore::leader`] that carry it out.
 
 use std::sync::Mutex;
 
+use super::cache::Cache;
 use super::{decide, lock, Action, ManagerOptions, Stats, View};
-use crate::datastore::calico::RESOURCES;
 use crate::datastore::etcd::Etcd;
 use crate::datastore::ipsec::{
-    identities_digest, now_rfc3339, now_unix, CipherChange, EpochRecord, EpochState, IpsecStore,
-    IpsecStoreError,
+    now_rfc3339, now_unix, CipherChange, EpochRecord, EpochState, IpsecStore, IpsecStoreError,
 };
 use crate::datastore::leader::Fence;
 use crate::datastore::records::{SEAL_BOUND, SEAL_LEGACY};
 use crate::keys::Kek;
 
-async fn read_view(etcd: &Etcd, stats: &Mutex<Stats>) -> Result<Option<View>, IpsecStoreError> {
-    let store = IpsecStore::new(etcd);
-    let Some(config) = store.config_rev().await? else {
+/// The view of one step, from the watch cache (nothing read from etcd);
+/// `Err` when the config record does not parse.
+pub(super) fn read_view(cache: &mut Cache, stats: &Mutex<Stats>) -> Result<Option<View>, String> {
+    let Some(config) = cache.config().transpose()? else {
         return Ok(None);
     };
-    let (epochs, malformed) = store.epochs_lenient().await?;
-    let nodes = store.node_statuses().await?;
-    let identities = identities_digest(&store.identities().await?);
-    // Calico's node list matters only to a phase step: read it (keys only)
-    // while one is pending, not on every tick of a steady cluster.
-    let prefix = format!("{RESOURCES}nodes/");
-    let calico_nodes: Vec<String> = if config.0.phase == config.0.target_phase {
+    let (epochs, malformed) = cache.epochs();
+    let nodes = cache.statuses();
+    let identities = cache.identities_digest();
+    // Calico's node list matters only to a phase step.
+    let calico_nodes = if config.0.phase == config.0.target_phase {
         Vec::new()
     } else {
-        etcd.get_prefix_keys(&prefix)
-            .await
-            .map_err(IpsecStoreError::from)?
-            .iter()
-            .filter_map(|k| k.strip_prefix(&prefix))
-            .filter(|n| crate::datastore::calico::valid_node_name(n))
-            .map(str::to_string)
-            .collect()
+        cache.calico_nodes()
     };
     let ignored: Vec<String> = nodes
         .unreadable
@@ -88,13 +79,13 @@ async fn check_seals(
     opts: &ManagerOptions,
     fence: &Fence,
     view: &mut View,
+    guid: &str,
     stats: &Mutex<Stats>,
 ) -> Result<Option<Action>, IpsecStoreError> {
     let Ok(kek) = Kek::load(&opts.kek_file) else {
         return Ok(None);
     };
     let store = IpsecStore::new(etcd);
-    let guid = store.cluster_guid().await?;
     let kek_changing = view.epochs.iter().any(|(e, _)| !e.also_sealed.is_empty());
     // Every live agent opens bound records (a rolling upgrade is over).
     let all_bound = view.live.iter().all(|(_, s)| s.seal >= SEAL_BOUND);
@@ -104,10 +95,10 @@ async fn check_seals(
         if !rec.sealed_under(&kek) {
             continue;
         }
-        match rec.open(&kek, &guid) {
+        match rec.open(&kek, guid) {
             Ok(secret) if rec.seal == SEAL_LEGACY && !kek_changing && all_bound => {
                 let mut bound = rec.clone();
-                if bound.seal_under(&secret, &kek, &guid, SEAL_BOUND).is_ok() {
+                if bound.seal_under(&secret, &kek, guid, SEAL_BOUND).is_ok() {
                     legacy.push((bound, *rev));
                 }
             }
@@ -139,19 +130,22 @@ async fn check_seals(
     Ok(None)
 }
 
-/// One step of the leader: read, decide, write under the fence ([`Fence`]).
+/// One step of the leader: decide on the view, write under the fence
+/// ([`Fence`]). `view` is `None` when there is no config.
 pub(super) async fn tick(
     etcd: &Etcd,
     opts: &ManagerOptions,
     fence: &Fence,
+    view: Option<View>,
+    guid: &str,
     stats: &Mutex<Stats>,
 ) -> Result<Action, IpsecStoreError> {
-    let Some(mut view) = read_view(etcd, stats).await? else {
+    let Some(mut view) = view else {
         return Ok(Action::Wait(
             "no /calico/ipsec/v1/config: run `calico-ipsec keys init`".into(),
         ));
     };
-    if let Some(wait) = check_seals(etcd, opts, fence, &mut view, stats).await? {
+    if let Some(wait) = check_seals(etcd, opts, fence, &mut view, guid, stats).await? {
         return Ok(wait);
     }
     {

@@ -24,16 +24,22 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
+use crate::datastore::aggregate::{aggregate_key, Aggregate};
 use crate::datastore::etcd::{Etcd, EtcdSettings};
 use crate::datastore::ipsec::{
-    config_key, leader_key, ClusterConfig, EpochState, IpsecStore, IpsecStoreError, Phase,
+    config_key, encode, ClusterConfig, EpochState, IpsecStore, IpsecStoreError, Phase,
 };
 use crate::datastore::leader::Fence;
+use crate::datastore::watch::{watch_prefix, WatchMsg};
 
 mod act;
+mod cache;
 mod decide;
 mod health;
 use act::tick;
+use cache::Cache;
 pub use decide::{decide, step, Action, View};
 pub use health::{explain, ManagerStatus};
 
@@ -86,6 +92,8 @@ struct Stats {
     unleased: usize,
     ignored: Vec<String>,
     not_following: Vec<String>,
+    /// Writes of the aggregate of the statuses.
+    aggregate_writes: u64,
 }
 
 /// Runs the manager until SIGTERM or SIGINT.
@@ -119,13 +127,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Campaigns, and while leader, ticks.
+/// After a step's write, the longest the leader waits for the watch to
+/// deliver it before deciding again (it normally arrives in milliseconds).
+const ECHO_WAIT: Duration = Duration::from_secs(5);
+/// How long a burst of changes may take before the leader decides on it.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Connects and takes a lease, then follows etcd until the lease is lost;
+/// and again.
 async fn lead(
     opts: &ManagerOptions,
     stats: &Mutex<Stats>,
     lease_slot: &Mutex<Option<(Etcd, i64)>>,
 ) {
-    let mut last_wait = String::new();
     let mut kek = health::KekCheck::default();
     loop {
         lock(stats).last_loop = Some(Instant::now());
@@ -148,113 +162,230 @@ async fn lead(
             }
         };
         *lock(lease_slot) = Some((etcd.clone(), lease));
-        let fence = Fence::new(&opts.id);
-        let mut last_keepalive = std::time::Instant::now();
-        let keepalive_every =
-            Duration::from_secs(u64::try_from(opts.lease_ttl / 3).unwrap_or(1).max(1));
-        // What the leader last published, and when.
-        let mut published: Option<(String, Instant)> = None;
-        loop {
-            tokio::time::sleep(opts.interval).await;
-            lock(stats).last_loop = Some(Instant::now());
-            kek.run(&opts.kek_file, keepalive_every, stats).await;
-            if last_keepalive.elapsed() >= keepalive_every {
-                match etcd.keep_alive_once(lease).await {
-                    Ok(ttl) if ttl > 0 => last_keepalive = std::time::Instant::now(),
-                    Ok(_) => {
-                        tracing::warn!("the manager's lease expired; campaigning again");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "lease keep-alive failed");
-                        lock(stats).etcd_reachable = false;
-                        continue;
-                    }
+        let (tx, mut rx) = mpsc::channel::<WatchMsg>(256);
+        let watches: Vec<_> = cache::watched()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| tokio::spawn(watch_prefix(etcd.clone(), i, p, tx.clone())))
+            .collect();
+        drop(tx);
+        follow(&etcd, lease, opts, stats, &mut rx, &mut kek).await;
+        for w in watches {
+            w.abort();
+        }
+    }
+}
+
+/// While `lease` lives: keeps it alive, campaigns when nobody leads, and
+/// while leading decides on every change the watches deliver (and every
+/// `interval`, for steps that are due by time), writes the aggregate of
+/// the statuses when it changes, and says what it waits for.
+async fn follow(
+    etcd: &Etcd,
+    lease: i64,
+    opts: &ManagerOptions,
+    stats: &Mutex<Stats>,
+    rx: &mut mpsc::Receiver<WatchMsg>,
+    kek: &mut health::KekCheck,
+) {
+    let fence = Fence::new(&opts.id);
+    let keepalive_every =
+        Duration::from_secs(u64::try_from(opts.lease_ttl / 3).unwrap_or(1).max(1));
+    let mut keepalive = tokio::time::interval(keepalive_every);
+    keepalive.tick().await;
+    let mut idle = tokio::time::interval(opts.interval);
+    let mut cache = Cache::default();
+    let mut last_wait = String::new();
+    let mut lead = Leading::default();
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return };
+                // A step makes many nodes write at once: take them together.
+                tokio::time::sleep(SETTLE).await;
+                let mut steps = cache.absorb_step(msg);
+                while let Ok(more) = rx.try_recv() {
+                    steps |= cache.absorb_step(more);
+                }
+                if steps {
+                    lead.echo = None;
                 }
             }
-            // Campaign: become leader if nobody is.
-            let won = IpsecStore::new(&etcd).campaign(&fence, lease).await;
-            let leader = match won {
-                Ok(true) => {
-                    tracing::info!(id = %opts.id, "became the leader");
-                    true
+            _ = idle.tick() => {}
+            _ = keepalive.tick() => match etcd.keep_alive_once(lease).await {
+                Ok(ttl) if ttl > 0 => {}
+                Ok(_) => {
+                    tracing::warn!("the manager's lease expired; campaigning again");
+                    lock(stats).leader = false;
+                    return;
                 }
-                Ok(false) => match etcd.get(&leader_key()).await {
-                    Ok(Some(kv)) => kv.value == opts.id.as_bytes(),
-                    Ok(None) => false,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the leader record failed");
-                        lock(stats).etcd_reachable = false;
-                        continue;
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease keep-alive failed");
+                    lock(stats).etcd_reachable = false;
+                    continue;
+                }
+            },
+        }
+        lock(stats).last_loop = Some(Instant::now());
+        kek.run(&opts.kek_file, keepalive_every, stats).await;
+        if let Some(why) = cache.not_ready() {
+            tracing::debug!(why, "not deciding yet");
+            continue;
+        }
+        let leader = match cache.leader() {
+            Some(id) => id == opts.id.as_bytes(),
+            // Nobody leads: campaign (only then, so that a standby costs
+            // etcd nothing while a leader lives).
+            None => match IpsecStore::new(etcd).campaign(&fence, lease).await {
+                Ok(won) => {
+                    if won {
+                        tracing::info!(id = %opts.id, "became the leader");
                     }
-                },
+                    won
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "campaign failed");
                     lock(stats).etcd_reachable = false;
                     continue;
                 }
-            };
-            {
-                let mut s = lock(stats);
-                s.etcd_reachable = true;
-                if s.leader && !leader {
-                    tracing::warn!(id = %opts.id, "no longer the leader");
-                }
-                s.leader = leader;
+            },
+        };
+        {
+            let mut s = lock(stats);
+            s.etcd_reachable = true;
+            if s.leader && !leader {
+                tracing::warn!(id = %opts.id, "no longer the leader");
             }
-            if !leader {
-                published = None;
+            s.leader = leader;
+        }
+        if !leader {
+            lead = Leading::default();
+            continue;
+        }
+        if lead.echo.is_some_and(|t| t.elapsed() < ECHO_WAIT) {
+            continue;
+        }
+        lead.echo = None;
+        let view = match act::read_view(&mut cache, stats) {
+            Ok(v) => v,
+            Err(why) => {
+                let said = format!("{} is malformed: {why}", config_key());
+                if said != last_wait {
+                    tracing::error!(%said, "no step can be decided");
+                    last_wait = said.clone();
+                }
+                {
+                    let mut s = lock(stats);
+                    s.waiting = said.clone();
+                    s.step_error = Some(said);
+                }
+                lead.say(etcd, lease, &fence, stats).await;
                 continue;
             }
-            match tick(&etcd, opts, &fence, stats).await {
-                Ok(Action::Wait(why)) => {
-                    if why != last_wait {
-                        tracing::info!(%why, "waiting");
-                        last_wait = why.clone();
-                    }
-                    let mut s = lock(stats);
-                    s.waiting = why;
-                    s.step_error = None;
+        };
+        lead.aggregate(etcd, lease, &fence, &cache, view.as_ref(), stats)
+            .await;
+        match tick(etcd, opts, &fence, view, cache.guid(), stats).await {
+            Ok(Action::Wait(why)) => {
+                if why != last_wait {
+                    tracing::info!(%why, "waiting");
+                    last_wait = why.clone();
                 }
-                Ok(_) => {
-                    last_wait.clear();
-                    lock(stats).step_error = None;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "manager step failed; retrying");
-                    let mut s = lock(stats);
-                    s.failures += 1;
-                    s.step_error = Some(e.to_string());
-                    if matches!(&e, IpsecStoreError::Etcd(err) if err.is_unavailable()) {
-                        s.etcd_reachable = false;
-                    }
+                let mut s = lock(stats);
+                s.waiting = why;
+                s.step_error = None;
+            }
+            Ok(_) => {
+                last_wait.clear();
+                lock(stats).step_error = None;
+                lead.echo = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "manager step failed; retrying");
+                let mut s = lock(stats);
+                s.failures += 1;
+                s.step_error = Some(e.to_string());
+                if matches!(&e, IpsecStoreError::Etcd(err) if err.is_unavailable()) {
+                    s.etcd_reachable = false;
                 }
             }
-            // Say what the leader waits for (for `enable --wait`); writing it
-            // is also the proof that the leader can write.
-            let why = lock(stats).waiting.clone();
-            let due = published
-                .as_ref()
-                .is_none_or(|(w, at)| *w != why || at.elapsed() >= keepalive_every);
-            if due {
-                match health::publish(&etcd, lease, &fence, &why).await {
-                    Ok(wrote) => {
-                        let was = lock(stats).write_error.take();
-                        if was.is_some() {
-                            tracing::info!("the leader can write to etcd again");
-                        }
-                        if wrote {
-                            published = Some((why, Instant::now()));
-                        }
-                    }
-                    Err(e) => {
-                        let mut s = lock(stats);
-                        if s.write_error.is_none() {
-                            tracing::error!(error = %e, "the leader cannot write to etcd: not ready");
-                        }
-                        s.write_error = Some(e.to_string());
-                    }
+        }
+        lead.say(etcd, lease, &fence, stats).await;
+    }
+}
+
+/// What a leader has written, so that it writes again only on change.
+#[derive(Debug, Default)]
+struct Leading {
+    /// When a step's write went out whose echo has not arrived yet.
+    echo: Option<Instant>,
+    /// The aggregate last written.
+    aggregate: Option<Vec<u8>>,
+    /// The cache generation the aggregate was last built from.
+    built: Option<u64>,
+    /// What the leader last said it waits for.
+    said: Option<String>,
+}
+
+impl Leading {
+    /// Writes the aggregate of the statuses when it changed (fenced, under
+    /// the leader's lease).
+    async fn aggregate(
+        &mut self,
+        etcd: &Etcd,
+        lease: i64,
+        fence: &Fence,
+        cache: &Cache,
+        view: Option<&View>,
+        stats: &Mutex<Stats>,
+    ) {
+        let Some(view) = view else { return };
+        if self.built == Some(cache.generation()) {
+            return;
+        }
+        let agg = Aggregate::build(cache.identities(), &view.live);
+        let bytes = encode(&agg);
+        if self.aggregate.as_ref() == Some(&bytes) {
+            self.built = Some(cache.generation());
+            return;
+        }
+        match IpsecStore::new(etcd)
+            .put_leased_fenced(fence, &aggregate_key(), bytes.clone(), lease)
+            .await
+        {
+            Ok(true) => {
+                lock(stats).aggregate_writes += 1;
+                self.aggregate = Some(bytes);
+                self.built = Some(cache.generation());
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot write the aggregate of the statuses"),
+        }
+    }
+
+    /// Says what the leader waits for (for `enable --wait`), when it
+    /// changed; writing it is also the proof that the leader can write.
+    async fn say(&mut self, etcd: &Etcd, lease: i64, fence: &Fence, stats: &Mutex<Stats>) {
+        let why = lock(stats).waiting.clone();
+        if self.said.as_ref() == Some(&why) {
+            return;
+        }
+        match health::publish(etcd, lease, fence, &why).await {
+            Ok(wrote) => {
+                let was = lock(stats).write_error.take();
+                if was.is_some() {
+                    tracing::info!("the leader can write to etcd again");
                 }
+                if wrote {
+                    self.said = Some(why);
+                }
+            }
+            Err(e) => {
+                let mut s = lock(stats);
+                if s.write_error.is_none() {
+                    tracing::error!(error = %e, "the leader cannot write to etcd: not ready");
+                }
+                s.write_error = Some(e.to_string());
             }
         }
     }

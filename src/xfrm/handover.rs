@@ -32,6 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Desired, Dir, Held, KernelSa, SaSpec};
+use crate::datastore::aggregate::{Aggregate, PeerState};
 use crate::datastore::ipsec::Identity;
 
 /// What one peer's status record says.
@@ -127,6 +128,40 @@ impl PeerAcks {
                     (name.to_string(), ack)
                 })
                 .collect(),
+        }
+    }
+}
+
+impl PeerAcks {
+    /// From the leader's aggregate, for a node whose identity records are
+    /// `ids`. A peer the aggregate cannot speak for (it was computed from
+    /// other identities) counts as not acknowledging and still handing
+    /// over: the conservative answer both ways, until the aggregate
+    /// catches up.
+    pub fn from_aggregate(agg: &Aggregate, ids: &BTreeMap<String, Identity>) -> Self {
+        let digest = crate::datastore::ipsec::identities_digest(ids);
+        let peers = ids
+            .iter()
+            .filter_map(|(name, i)| {
+                let ack = match agg.peer(name, ids, &digest) {
+                    PeerState::Absent => return None,
+                    PeerState::Says(a) => PeerAck {
+                        incarnation: a.incarnation,
+                        identities: a.identities,
+                        handover: a.handover,
+                    },
+                    PeerState::Unknown => PeerAck {
+                        incarnation: i.incarnation,
+                        identities: String::new(),
+                        handover: true,
+                    },
+                };
+                Some((name.clone(), ack))
+            })
+            .collect();
+        PeerAcks {
+            current: String::new(),
+            peers,
         }
     }
 }

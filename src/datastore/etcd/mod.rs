@@ -130,6 +130,8 @@ pub struct Kv {
     pub value: Vec<u8>,
     /// The revision that last modified it.
     pub mod_revision: i64,
+    /// The lease it is bound to (0: none).
+    pub lease: i64,
 }
 
 /// One range of a read-only transaction: a key, or every key under a prefix.
@@ -191,8 +193,10 @@ fn describe_ranges(ranges: &[Range<'_>]) -> String {
 
 fn to_kv(kv: etcd_client::KeyValue) -> Kv {
     let mod_revision = kv.mod_revision();
+    let lease = kv.lease();
     let (key, value) = kv.into_key_value();
     Kv {
+        lease,
         key: String::from_utf8(key)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         value,
@@ -339,6 +343,7 @@ impl Etcd {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
             })
             .collect();
         Ok((rev, kvs))
@@ -382,6 +387,7 @@ impl Etcd {
                     key: String::from_utf8_lossy(kv.key()).into_owned(),
                     value: kv.value().to_vec(),
                     mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
                 };
                 (item, kv.lease())
             })
@@ -399,6 +405,7 @@ impl Etcd {
             key: key.to_string(),
             value: kv.value().to_vec(),
             mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
         }))
     }
 

@@ -184,6 +184,7 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
                                 key,
                                 value: kv.value().to_vec(),
                                 mod_revision: kv.mod_revision(),
+                                lease: kv.lease(),
                             }),
                             EventType::Delete => Change::Delete(key),
                         });
