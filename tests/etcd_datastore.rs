@@ -333,6 +333,7 @@ fn node_status_vanishes_with_its_lease() {
             kek: String::new(),
             lost_epochs: vec![],
             seal: 2,
+            ..Default::default()
         };
         store
             .put_status("node-1", &status, lease)
@@ -482,6 +483,7 @@ fn kek_rotation_keeps_every_epoch_open_then_drops_the_old_kek() {
         kek: old_k.fingerprint(),
         lost_epochs: vec![],
         seal: 2,
+        ..Default::default()
     };
     rt.block_on(store.put_status("node-1", &status, lease))
         .expect("status");

@@ -134,6 +134,7 @@ fn stand_in_agent(server: &EtcdServer) {
             kek: String::new(),
             lost_epochs: vec![],
             seal: 2,
+            ..Default::default()
         };
         let lease = etcd.grant_lease(120).await.expect("lease");
         IpsecStore::new(&etcd)

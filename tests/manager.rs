@@ -156,6 +156,7 @@ impl Nodes {
                 kek: String::new(),
                 lost_epochs: vec![],
                 seal: 2,
+                ..Default::default()
             };
             IpsecStore::new(etcd)
                 .put_status(name, &status, *lease)

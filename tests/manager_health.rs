@@ -53,6 +53,7 @@ fn status(phase: Phase, gen: u64) -> NodeStatus {
         kek: String::new(),
         lost_epochs: vec![],
         seal: 2,
+        ..Default::default()
     }
 }
 

@@ -22,6 +22,9 @@ pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
         stale,
         identities: r.identities_digest.clone(),
         handover: !r.waiting_for.is_empty(),
+        lanes: r.lanes.clone(),
+        unprotected: r.unprotected.len(),
+        seq_bits: 64 - r.out_packets.leading_zeros(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The command-line interface (when `CNI_COMMAND` is not set).
 
+pub mod cluster_status;
 pub mod converge;
 pub mod daemon;
 pub mod install;

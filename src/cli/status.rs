@@ -29,6 +29,10 @@ pub struct StatusArgs {
     /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The whole cluster from etcd (phases, epochs, nodes behind and why)
+    /// instead of this node's kernel state.
+    #[arg(long)]
+    pub cluster: bool,
     /// The node's state directory (the conflist's `state_dir`): whether
     /// this node has seen the cluster initialised is kept there.
     #[arg(long, default_value = crate::config::DEFAULT_STATE_DIR)]
@@ -336,6 +340,9 @@ pub fn render(s: &Status, out: &mut dyn Write) -> std::io::Result<()> {
 
 /// Runs `calico-ipsec status`.
 pub fn exec(args: &StatusArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if args.cluster {
+        return super::cluster_status::exec(&args.etcd, args.json, out);
+    }
     let seen = match &args.config {
         Some(path) => {
             let cfg = super::converge::load_entry(path)?;

@@ -142,7 +142,26 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         blocks: vec![*dst],
         reason: format!("{why}: blocked by the catch-all"),
     });
+    let mut lanes: std::collections::BTreeMap<String, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for s in desired.states.values().filter(|s| s.dir == Dir::Out) {
+        let lane = serde_json::to_value(s.lane)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        lanes.entry(lane).or_default().insert(s.receiver.as_str());
+    }
+    let out_packets = facts
+        .held
+        .states
+        .values()
+        .filter(|k| desired.states.get(&(k.dst, k.spi)).is_some_and(|s| s.dir == Dir::Out))
+        .map(|k| k.packets)
+        .max()
+        .unwrap_or(0);
     let report = Report {
+        lanes: lanes.into_iter().map(|(l, p)| (l, p.len())).collect(),
+        out_packets,
         node,
         refused_epochs: Vec::new(),
         phase: facts.phase,

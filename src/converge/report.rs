@@ -89,6 +89,12 @@ pub struct Report {
     pub kept_inbound: usize,
     /// Key-agreement epochs this node cannot use (its private key is gone).
     pub lost_epochs: Vec<u32>,
+    /// Peers this node sends to, per SA lane (`v4-transport`, ...).
+    pub lanes: std::collections::BTreeMap<String, usize>,
+    /// The most packets one of this node's outbound SAs has sent: its
+    /// highest outbound sequence number, as the kernel counts at this
+    /// convergence.
+    pub out_packets: u64,
 }
 
 /// The report of a convergence that left the kernel as it was, and why.

@@ -344,7 +344,7 @@ impl EpochRecord {
 }
 
 /// `/calico/ipsec/v1/nodes/<node>`: a node's live status, under its lease.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// The node's id.
     pub id: u16,
@@ -389,6 +389,24 @@ pub struct NodeStatus {
     /// Records are sealed as version 2 only once every live node opens it.
     #[serde(default)]
     pub seal: u32,
+    /// Peers it sends to, per SA lane (`v4-transport`, `v4-tunnel`, ...).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub lanes: std::collections::BTreeMap<String, usize>,
+    /// Paths toward pod blocks it cannot protect (blocked from encrypt on).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unprotected: usize,
+    /// Bits of its highest outbound sequence number (0: none sent): the
+    /// record changes only when it doubles, not with every packet.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub seq_bits: u32,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The status records under `nodes/`, sorted by what they can tell.

@@ -38,6 +38,9 @@ fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeS
         kek: String::new(),
         lost_epochs: vec![],
         seal: 2,
+        lanes: Default::default(),
+        unprotected: 0,
+        seq_bits: 0,
     }
 }
 

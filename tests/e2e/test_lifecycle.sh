@@ -156,6 +156,18 @@ check_eq "node-2 holds only epoch 4" "$(jq -c '.installed_epochs' <<<"$out")" "[
 check_eq "epoch 4 kept the newest epoch's key size" \
     "$(nsx wire "$bin" keys show --etcd-endpoints "$ETCD_ENDPOINTS" --json | jq -r '.[] | select(.epoch == 4) | .key_bits')" 256
 
+# The cluster as an operator sees it, from etcd alone (no kernel, no key).
+cl=$(nsx wire "$bin" status --cluster --etcd-endpoints "$ETCD_ENDPOINTS" --json)
+check_eq "status --cluster: 3 live nodes, every one in enforce" "$(jq -c '[.live_nodes, .phases]' <<<"$cl")" '[3,{"enforce":3}]'
+check_eq "status --cluster: epoch 4 active, installed and sent with on every node" \
+    "$(jq -c '[.epochs[] | select(.epoch == 4) | .state, .installed, .sending]' <<<"$cl")" '["active",3,3]'
+check_eq "status --cluster: no node behind, none without an agent, no path blocked" \
+    "$(jq -c '[.behind, .not_following, .unprotected]' <<<"$cl")" '[[],[],{}]'
+check_eq "status --cluster: the leader's aggregate has every node in step" "$(jq -c '.aggregate' <<<"$cl")" '{"common":3,"others":0,"current":true}'
+check_ge "status --cluster: every node sends on a lane" "$(jq '[.lanes[]] | add' <<<"$cl")" 3
+info "status --cluster:"
+nsx wire "$bin" status --cluster --etcd-endpoints "$ETCD_ENDPOINTS" | indent
+
 # A new KEK without an outage: every epoch sealed under both, the Secret
 # changes (here the one KEK file every node and manager reads is replaced
 # atomically, as kubelet swaps a Secret's files), --finish once every node
