@@ -28,7 +28,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build dist deps lint unit podman e2e test test-long fips fips-e2e demo demo-run bench fuzz clean validate-manifests image
+.PHONY: all build dist deps lint unit podman e2e test test-long fips fips-e2e demo demo-run bench bench-scale fuzz clean validate-manifests image
 
 all: build
 
@@ -155,6 +155,14 @@ bench: deps build
 	CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=$${E2E_TIMEOUT:-2400} tests/e2e/vm.sh "$$exe"
 	cp target/e2e/last/bench-scrape.txt target/bench/scrape.txt
 	@echo "tables written to target/bench/xfrm.txt and target/bench/scrape.txt"
+
+## bench-scale: one etcd (loopback), the real manager and simulated nodes
+## at 100, 1,000 and 5,000 nodes (BENCH_SCALE_NODES): etcd events and bytes
+## per node per second idle and during a step, the manager's CPU and RSS,
+## and the time for ids, `enable --wait` and one rotation (benches/scale.rs).
+bench-scale: deps
+	mkdir -p target/bench
+	$(CARGO) bench --locked --bench scale | tee target/bench/scale.txt
 
 ## fuzz: fuzz the config/prevResult parsers for FUZZ_SECONDS.
 fuzz:

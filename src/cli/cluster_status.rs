@@ -299,7 +299,10 @@ pub fn render(c: &ClusterStatus, out: &mut dyn Write) -> std::io::Result<()> {
     }
     for n in &c.not_following {
         problems += 1;
-        writeln!(out, "NO AGENT    {n}: Calico lists it, no live agent, not excluded")?;
+        writeln!(
+            out,
+            "NO AGENT    {n}: Calico lists it, no live agent, not excluded"
+        )?;
     }
     for n in &c.unreadable {
         problems += 1;

@@ -155,7 +155,12 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         .held
         .states
         .values()
-        .filter(|k| desired.states.get(&(k.dst, k.spi)).is_some_and(|s| s.dir == Dir::Out))
+        .filter(|k| {
+            desired
+                .states
+                .get(&(k.dst, k.spi))
+                .is_some_and(|s| s.dir == Dir::Out)
+        })
         .map(|k| k.packets)
         .max()
         .unwrap_or(0);

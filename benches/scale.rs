@@ -1,0 +1,442 @@
+//! `make bench-scale`: what calico-ipsec costs one etcd at 100, 1,000 and
+//! 5,000 nodes.
+//!
+//! Real parts: Debian's etcd on loopback, and the real manager (this build's
+//! binary, its own process, so that its CPU and RSS are its own). The
+//! nodes are simulated, in this process: each opens the watches the agent
+//! opens on what changes during a step (the config, the epochs, the node
+//! identities and the leader's aggregate; Calico's resources, which do not
+//! change here, are not watched), allocates its id, publishes its
+//! incarnation and its status under its lease with the crate's own
+//! records and calls (`IpsecStore::node_id`, `identity`,
+//! `publish_identity`, `put_status`), and acknowledges every step at once,
+//! writing its status only when what it says changes. No SA is made: that
+//! is the kernel's part, measured elsewhere.
+//!
+//! Per size, in one run: the time for all nodes to get their ids, etcd's
+//! own counters (watch events sent, bytes sent to clients) per second idle
+//! and during a step, the manager's CPU per wall second and RSS, and the
+//! time for `enable --wait` and for one rotation with a 0 s overlap (from
+//! `keys rotate` to the old epoch's deletion).
+//!
+//! Sizes: `BENCH_SCALE_NODES` (default "100 1000 5000").
+
+#[path = "../tests/common/etcd.rs"]
+mod etcd_server;
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use calico_ipsec::datastore::aggregate::aggregate_key;
+use calico_ipsec::datastore::etcd::Etcd;
+use calico_ipsec::datastore::ipsec::{
+    config_key, identities_digest, ClusterConfig, EpochRecord, EpochState, Identity, IpsecStore,
+    NodeStatus, Phase, PREFIX,
+};
+use calico_ipsec::datastore::records::SEAL_NEWEST;
+use calico_ipsec::keys::Kek;
+use etcd_client::{EventType, WatchOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_calico-ipsec");
+const LEASE_TTL: i64 = 30;
+/// Simulated nodes per etcd connection.
+const PER_CONNECTION: usize = 100;
+
+/// The node identities, kept by one watch of the simulator: every node's
+/// digest of them is the same, so it is computed once per change (the
+/// simulator's shortcut; each node still opens its own watch on them).
+#[derive(Default)]
+struct Shared {
+    ids: Mutex<(BTreeMap<String, Identity>, String)>,
+}
+
+impl Shared {
+    fn digest(&self) -> String {
+        self.ids.lock().map(|g| g.1.clone()).unwrap_or_default()
+    }
+}
+
+/// What a node's watches told it.
+#[derive(Default, Clone)]
+struct Seen {
+    config: Option<ClusterConfig>,
+    epochs: BTreeMap<u32, EpochRecord>,
+}
+
+/// The status a node with `seen` publishes (the agent's rules, without SAs).
+fn status_of(seen: &Seen, id: u16, incarnation: u32, digest: &str) -> NodeStatus {
+    let Some(cfg) = &seen.config else {
+        return NodeStatus::default();
+    };
+    let on = cfg.phase != Phase::Off;
+    let installed: Vec<u32> = seen
+        .epochs
+        .values()
+        .filter(|e| on && e.state != EpochState::Retired)
+        .map(|e| e.epoch)
+        .collect();
+    let active = seen
+        .epochs
+        .values()
+        .filter(|e| on && e.state == EpochState::Active)
+        .map(|e| e.epoch)
+        .max();
+    NodeStatus {
+        id,
+        incarnation: if on { incarnation } else { 0 },
+        installed_epochs: installed,
+        acked_phase: cfg.phase,
+        acked_generation: cfg.phase_generation,
+        active_epoch: active,
+        identities: if on {
+            digest.to_string()
+        } else {
+            String::new()
+        },
+        seal: SEAL_NEWEST,
+        ..NodeStatus::default()
+    }
+}
+
+/// One simulated node, for ever.
+async fn node(etcd: Etcd, name: String, shared: Arc<Shared>, ready: Arc<()>) {
+    let store = IpsecStore::new(&etcd);
+    let id = loop {
+        match store.node_id(&name).await {
+            Ok(id) => break id,
+            Err(e) => {
+                eprintln!("{name}: id: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    drop(ready);
+    let lease = loop {
+        match etcd.grant_lease(LEASE_TTL).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    for prefix in [
+        config_key(),
+        format!("{PREFIX}epochs/"),
+        format!("{PREFIX}nodeids/"),
+        aggregate_key(),
+    ] {
+        let (etcd, tx, seen) = (etcd.clone(), tx.clone(), Arc::clone(&seen));
+        tokio::spawn(async move {
+            let (rev, kvs) = etcd.get_prefix(&prefix, false).await.expect("read");
+            for kv in kvs {
+                absorb(&seen, &kv.key, Some(&kv.value));
+            }
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1);
+            let mut w = etcd.watch(&prefix, opts).await.expect("watch");
+            let _ = tx.try_send(());
+            while let Ok(Some(resp)) = w.stream.message().await {
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                        absorb(&seen, &key, value);
+                    }
+                }
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    let mut last: Option<NodeStatus> = None;
+    let mut incarnation = 0u32;
+    while rx.recv().await.is_some() {
+        while rx.try_recv().is_ok() {}
+        let now = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let on = now.config.as_ref().is_some_and(|c| c.phase != Phase::Off);
+        if on && incarnation == 0 {
+            // The first convergence out of off publishes an incarnation.
+            if let Ok((mut ident, rev)) = store.identity(&name).await {
+                ident.incarnation += 1;
+                ident.boot_id = "simulated".into();
+                if let Ok(Some(_)) = store.publish_identity(&name, &ident, rev).await {
+                    incarnation = ident.incarnation;
+                }
+            }
+        }
+        let st = status_of(&now, id, incarnation, &shared.digest());
+        if last.as_ref() != Some(&st) && store.put_status(&name, &st, lease).await.is_ok() {
+            last = Some(st);
+        }
+    }
+}
+
+fn absorb(seen: &Mutex<Seen>, key: &str, value: Option<&[u8]>) {
+    let Ok(mut s) = seen.lock() else { return };
+    if key == config_key() {
+        s.config = value.and_then(|v| serde_json::from_slice(v).ok());
+    } else if let Some(n) = key.strip_prefix(&format!("{PREFIX}epochs/")) {
+        let Ok(n) = n.parse::<u32>() else { return };
+        match value.and_then(|v| serde_json::from_slice::<EpochRecord>(v).ok()) {
+            Some(e) => s.epochs.insert(n, e),
+            None => s.epochs.remove(&n),
+        };
+    }
+}
+
+/// Keeps [`Shared`] from one watch of `nodeids/`.
+async fn follow_ids(etcd: Etcd, shared: Arc<Shared>) {
+    let prefix = format!("{PREFIX}nodeids/");
+    let (rev, kvs) = etcd.get_prefix(&prefix, false).await.expect("read");
+    let set = |key: &str, v: Option<&[u8]>| {
+        let Some(name) = key.strip_prefix(&prefix) else {
+            return;
+        };
+        let Ok(mut g) = shared.ids.lock() else { return };
+        match v.and_then(|v| serde_json::from_slice::<Identity>(v).ok()) {
+            Some(i) => g.0.insert(name.to_string(), i),
+            None => g.0.remove(name),
+        };
+        g.1 = identities_digest(&g.0);
+    };
+    for kv in kvs {
+        set(&kv.key, Some(&kv.value));
+    }
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(rev + 1);
+    let mut w = etcd.watch(&prefix, opts).await.expect("watch");
+    while let Ok(Some(resp)) = w.stream.message().await {
+        for ev in resp.events() {
+            if let Some(kv) = ev.kv() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                set(
+                    &key,
+                    (ev.event_type() == EventType::Put).then(|| kv.value()),
+                );
+            }
+        }
+    }
+}
+
+/// etcd's counters: watch events sent, bytes sent to clients.
+fn counters(endpoint: &str) -> (f64, f64) {
+    let addr = endpoint.trim_start_matches("http://");
+    let mut body = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+    }
+    let sum = |name: &str| {
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (
+        sum("etcd_debugging_mvcc_events_total"),
+        sum("etcd_network_client_grpc_sent_bytes_total"),
+    )
+}
+
+/// A process's CPU seconds (user + system) and RSS in MiB.
+fn cpu_rss(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
+    (cpu, rss)
+}
+
+/// etcd's counters and the manager's CPU over `window`.
+struct Window {
+    events: f64,
+    bytes: f64,
+    cpu: f64,
+    secs: f64,
+}
+
+fn measure<T>(endpoint: &str, pid: u32, f: impl FnOnce() -> T) -> (T, Window) {
+    let (e0, b0) = counters(endpoint);
+    let (c0, _) = cpu_rss(pid);
+    let t = Instant::now();
+    let out = f();
+    let secs = t.elapsed().as_secs_f64();
+    let (e1, b1) = counters(endpoint);
+    let (c1, _) = cpu_rss(pid);
+    let w = Window {
+        events: e1 - e0,
+        bytes: b1 - b0,
+        cpu: c1 - c0,
+        secs,
+    };
+    (out, w)
+}
+
+fn cli(endpoint: &str, args: &[&str]) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--etcd-endpoints", endpoint])
+        .output()
+        .expect("run calico-ipsec");
+    assert!(
+        out.status.success(),
+        "calico-ipsec {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn epochs(rt: &tokio::runtime::Runtime, etcd: &Etcd) -> Vec<(u32, EpochState)> {
+    rt.block_on(IpsecStore::new(etcd).epochs_lenient())
+        .map(|(e, _)| e.iter().map(|(r, _)| (r.epoch, r.state)).collect())
+        .unwrap_or_default()
+}
+
+fn row(n: usize) -> String {
+    let server = etcd_server::EtcdServer::start();
+    let endpoint = server.endpoint.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kek_path = dir.path().join("kek");
+    let kek = Kek::generate().expect("kek");
+    kek.write_new(&kek_path).expect("kek file");
+    let config = ClusterConfig {
+        overlap_seconds: 0,
+        rotation_interval_seconds: 0,
+        ..ClusterConfig::default()
+    };
+    support::load(&endpoint, &kek, n, &config);
+    let mut manager: Child = Command::new(BIN)
+        .args(["manager", "--etcd-endpoints", &endpoint, "--kek-file"])
+        .arg(&kek_path)
+        .args([
+            "--id",
+            "m1",
+            "--listen",
+            "none",
+            "--lease-ttl-seconds",
+            "15",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("manager");
+    let pid = manager.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let shared = Arc::new(Shared::default());
+    let ready = Arc::new(());
+    let started = Instant::now();
+    let clients: Vec<Etcd> = (0..n.div_ceil(PER_CONNECTION))
+        .map(|_| {
+            rt.block_on(Etcd::connect(&support::settings(&endpoint)))
+                .expect("connect")
+        })
+        .collect();
+    rt.spawn(follow_ids(clients[0].clone(), Arc::clone(&shared)));
+    for i in 0..n {
+        let etcd = clients[i / PER_CONNECTION].clone();
+        rt.spawn(node(
+            etcd,
+            format!("node-{}", i + 1),
+            Arc::clone(&shared),
+            Arc::clone(&ready),
+        ));
+    }
+    while Arc::strong_count(&ready) > 1 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ids_secs = started.elapsed().as_secs_f64();
+    let etcd = clients[0].clone();
+    let live = || {
+        rt.block_on(IpsecStore::new(&etcd).statuses())
+            .map(|s| s.len())
+            .unwrap_or(0)
+    };
+    while live() < n {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, idle_off) = measure(&endpoint, pid, || {
+        std::thread::sleep(Duration::from_secs(10))
+    });
+    let (_, enable) = measure(&endpoint, pid, || {
+        cli(&endpoint, &["enable", "--wait", "--timeout-seconds", "600"])
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, idle) = measure(&endpoint, pid, || {
+        std::thread::sleep(Duration::from_secs(10))
+    });
+    let (_, rss) = cpu_rss(pid);
+    let kek_arg = kek_path.to_string_lossy().into_owned();
+    let (_, rotation) = measure(&endpoint, pid, || {
+        cli(&endpoint, &["keys", "rotate", "--kek-file", &kek_arg]);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while Instant::now() < deadline {
+            let e = epochs(&rt, &etcd);
+            if e.len() == 1 && e[0] == (2, EpochState::Active) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let _ = manager.kill();
+    let _ = manager.wait();
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let per_node = |w: &Window, x: f64| x / w.secs / n as f64;
+    format!(
+        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % |",
+        per_node(&idle_off, idle_off.events),
+        per_node(&idle_off, idle_off.bytes),
+        per_node(&idle, idle.events),
+        per_node(&idle, idle.bytes),
+        idle.cpu / idle.secs * 100.0,
+        enable.secs,
+        enable.events,
+        enable.bytes / 1e6,
+        rotation.secs,
+        rotation.events,
+        rotation.bytes / 1e6,
+        rotation.cpu / rotation.secs * 100.0,
+    )
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("BENCH_SCALE_NODES")
+        .unwrap_or_else(|_| "100 1000 5000".into())
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    println!("| nodes | ids for all | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        println!("{}", row(n));
+    }
+}
