@@ -87,7 +87,7 @@ fn status_of(seen: &Seen, id: u16, incarnation: u32, digest: &str) -> NodeStatus
         .max();
     NodeStatus {
         id,
-        incarnation: if on { incarnation } else { 0 },
+        incarnation,
         installed_epochs: installed,
         acked_phase: cfg.phase,
         acked_generation: cfg.phase_generation,
@@ -114,6 +114,18 @@ async fn node(etcd: Etcd, name: String, shared: Arc<Shared>, ready: Arc<()>) {
             }
         }
     };
+    // The agent publishes its incarnation at its first convergence, in
+    // phase off too.
+    let mut incarnation = 0u32;
+    while incarnation == 0 {
+        if let Ok((mut ident, rev)) = store.identity(&name).await {
+            ident.incarnation += 1;
+            ident.boot_id = "simulated".into();
+            if let Ok(Some(_)) = store.publish_identity(&name, &ident, rev).await {
+                incarnation = ident.incarnation;
+            }
+        }
+    }
     drop(ready);
     let lease = loop {
         match etcd.grant_lease(LEASE_TTL).await {
@@ -121,6 +133,16 @@ async fn node(etcd: Etcd, name: String, shared: Arc<Shared>, ready: Arc<()>) {
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
+    // The lease's keep-alive, every TTL/3, as the agent does.
+    {
+        let etcd = etcd.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs((LEASE_TTL / 3) as u64)).await;
+                let _ = etcd.keep_alive_once(lease).await;
+            }
+        });
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let seen = Arc::new(Mutex::new(Seen::default()));
     for prefix in [
@@ -153,21 +175,9 @@ async fn node(etcd: Etcd, name: String, shared: Arc<Shared>, ready: Arc<()>) {
         });
     }
     let mut last: Option<NodeStatus> = None;
-    let mut incarnation = 0u32;
     while rx.recv().await.is_some() {
         while rx.try_recv().is_ok() {}
         let now = seen.lock().map(|s| s.clone()).unwrap_or_default();
-        let on = now.config.as_ref().is_some_and(|c| c.phase != Phase::Off);
-        if on && incarnation == 0 {
-            // The first convergence out of off publishes an incarnation.
-            if let Ok((mut ident, rev)) = store.identity(&name).await {
-                ident.incarnation += 1;
-                ident.boot_id = "simulated".into();
-                if let Ok(Some(_)) = store.publish_identity(&name, &ident, rev).await {
-                    incarnation = ident.incarnation;
-                }
-            }
-        }
         let st = status_of(&now, id, incarnation, &shared.digest());
         if last.as_ref() != Some(&st) && store.put_status(&name, &st, lease).await.is_ok() {
             last = Some(st);
@@ -339,7 +349,10 @@ fn row(n: usize) -> String {
             "15",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match std::env::var_os("BENCH_SCALE_MANAGER_LOG") {
+            Some(p) => std::fs::File::create(p).map_or_else(|_| Stdio::null(), Stdio::from),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("manager");
     let pid = manager.id();
@@ -404,12 +417,24 @@ fn row(n: usize) -> String {
             std::thread::sleep(Duration::from_millis(50));
         }
     });
+    // One node's new incarnation (a reboot): every node converges with the
+    // new identities; the leader's aggregate follows.
+    let (_, reboot) = measure(&endpoint, pid, || {
+        rt.block_on(async {
+            let s = IpsecStore::new(&etcd);
+            if let Ok((mut ident, rev)) = s.identity("node-1").await {
+                ident.incarnation += 1;
+                let _ = s.publish_identity("node-1", &ident, rev).await;
+            }
+        });
+        std::thread::sleep(Duration::from_secs(5));
+    });
     let _ = manager.kill();
     let _ = manager.wait();
     rt.shutdown_timeout(Duration::from_secs(1));
     let per_node = |w: &Window, x: f64| x / w.secs / n as f64;
     format!(
-        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % |",
+        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % | {:.0} ev, {:.1} MB |",
         per_node(&idle_off, idle_off.events),
         per_node(&idle_off, idle_off.bytes),
         per_node(&idle, idle.events),
@@ -422,6 +447,8 @@ fn row(n: usize) -> String {
         rotation.events,
         rotation.bytes / 1e6,
         rotation.cpu / rotation.secs * 100.0,
+        reboot.events,
+        reboot.bytes / 1e6,
     )
 }
 
@@ -434,8 +461,8 @@ fn main() {
         .split_whitespace()
         .filter_map(|s| s.parse().ok())
         .collect();
-    println!("| nodes | ids for all | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| nodes | ids and incarnations, all nodes | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation | one node's new incarnation, 5 s (events, bytes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         println!("{}", row(n));
     }

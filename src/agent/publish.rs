@@ -20,7 +20,14 @@ pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
         active_epoch: r.active_epoch,
         heartbeat: now_rfc3339(),
         stale,
-        identities: r.identities_digest.clone(),
+        // While off no SA depends on the identities, and the manager does
+        // not read the digest: leaving it out keeps the record still while
+        // nodes join (each would otherwise change every node's record).
+        identities: if r.phase == crate::datastore::ipsec::Phase::Off {
+            String::new()
+        } else {
+            r.identities_digest.clone()
+        },
         handover: !r.waiting_for.is_empty(),
         lanes: r.lanes.clone(),
         unprotected: r.unprotected.len(),

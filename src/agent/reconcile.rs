@@ -506,6 +506,7 @@ async fn converge_once(
             etcd,
             snap,
             acks,
+            true,
             node.to_string(),
             started,
         ))

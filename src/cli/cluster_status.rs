@@ -79,8 +79,6 @@ pub struct ClusterStatus {
 /// What the leader's aggregate holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct AggregateRow {
-    /// Nodes acknowledging the common identities.
-    pub common: usize,
     /// Nodes it names as in motion.
     pub others: usize,
     /// True when it was computed from the identities etcd holds now.
@@ -221,7 +219,6 @@ pub async fn read(etcd: &Etcd) -> Result<ClusterStatus, CliError> {
         unprotected,
         highest_sequence: highest,
         aggregate: agg.map(|a| AggregateRow {
-            common: a.common,
             others: a.others.len(),
             current: a.ids_seen == digest,
         }),
@@ -277,8 +274,7 @@ pub fn render(c: &ClusterStatus, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(a) = &c.aggregate {
         writeln!(
             out,
-            "aggregate: {} node(s) in step, {} in motion{}",
-            a.common,
+            "aggregate: {} node(s) in motion{}",
             a.others,
             if a.current {
                 ""

@@ -103,7 +103,7 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
             return Ok(report);
         }
         let snap = snapshot::read(&etcd).await?;
-        converge_with(cfg, &mut state, &etcd, snap, None, node, started).await
+        converge_with(cfg, &mut state, &etcd, snap, None, false, node, started).await
     });
     if result.is_err() {
         if let Err(e) = state.invalidate() {
@@ -116,29 +116,34 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
 /// Converges from a snapshot with a connected client and this node's state
 /// open (so the node lock held).
 ///
-/// `acks` are the peers' status records (the agent watches them; an ADD
-/// reads none): they let a hand-over to a new incarnation complete. The
-/// agent also reasserts the catch-all every 30 s; an ADD writes it only when
-/// it changed or this boot has not written it.
+/// `acks` are the peers' acknowledgements (the agent has them from the
+/// leader's aggregate; without them, the statuses are read when a hand-over
+/// may apply): they let a hand-over to a new incarnation complete.
+/// `by_agent`: the agent reasserts the catch-all every 30 s (an ADD writes
+/// it only when it changed or this boot has not written it), and publishes
+/// this node's incarnation while the phase is still off, so that enabling
+/// the cluster writes no identity (every peer would receive each one).
+#[allow(clippy::too_many_arguments)]
 pub async fn converge_with(
     cfg: &PluginConfig,
     state: &mut NodeState,
     etcd: &Etcd,
     snap: Snapshot,
     acks: Option<&PeerAcks>,
+    by_agent: bool,
     node: String,
     started: Instant,
 ) -> Result<Report, ConvergeError> {
     // Whatever happens next, the last record no longer vouches for the kernel.
     state.invalidate()?;
     let read_millis = error::ms(started);
-    let mut facts = match facts::read(state, snap, acks.is_some(), &node, started)? {
+    let mut facts = match facts::read(state, snap, by_agent, &node, started)? {
         facts::Read::Follow(f) => f,
         facts::Read::Kept(report) => return Ok(*report),
     };
     let t_identity = Instant::now();
     let store = IpsecStore::new(etcd);
-    let mut mine = identity::settle(&store, state, &facts, &node).await?;
+    let mut mine = identity::settle(&store, state, &facts, &node, by_agent).await?;
     // Keys are published in every phase, off included, so that every
     // node's key is in etcd long before enable needs it.
     let opened = epochs::open(cfg, &mut facts)?;
@@ -192,7 +197,7 @@ pub async fn converge_with(
         applied,
         agreed: &agreed,
     };
-    let mut report = finish::finish(state, done, acks.is_some(), node, timings)?;
+    let mut report = finish::finish(state, done, by_agent, node, timings)?;
     report.refused_epochs = refused_epochs;
     Ok(report)
 }

@@ -42,23 +42,23 @@ pub struct Aggregate {
     pub ids_seen: String,
     /// The identities digest most live nodes acknowledge.
     pub identities: String,
-    /// How many live nodes acknowledge exactly `identities`, not handing
-    /// over, with a status of their current incarnation.
-    pub common: usize,
-    /// Every other live node, with what its status says.
+    /// Every live node that does not acknowledge exactly `identities`, not
+    /// handing over, with a status of its current incarnation, with what its
+    /// status says. A node in phase off (no digest, not handing over) holds
+    /// no SA and is not named either. No count is kept: the record changes
+    /// only when a node's acknowledgement does.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub others: BTreeMap<String, AckRecord>,
-    /// Nodes with an identity record and no live status (no agent).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub absent: Vec<String>,
 }
 
 /// What the aggregate says of one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerState {
-    /// It has no live status: it takes no part in hand-overs.
-    Absent,
-    /// Its status says this.
+    /// Its status says this, or it is not named: it acknowledges the common
+    /// identities at its identity's incarnation, not handing over. A node
+    /// with no live status (no agent) is not named either: for a hand-over
+    /// the two are the same (switched to at once, its older inbound SAs not
+    /// kept), so dead nodes never make the record grow.
     Says(AckRecord),
     /// The aggregate was computed from other identities than the reader's:
     /// nothing can be said of a node it does not list.
@@ -69,7 +69,8 @@ impl Aggregate {
     /// Builds the aggregate from the identity records and the live statuses.
     pub fn build(ids: &BTreeMap<String, Identity>, live: &[(String, NodeStatus)]) -> Self {
         let mut counts: HashMap<&str, usize> = HashMap::new();
-        for (_, s) in live.iter().filter(|(_, s)| !s.handover) {
+        let off = |s: &NodeStatus| s.identities.is_empty() && !s.handover;
+        for (_, s) in live.iter().filter(|(_, s)| !s.handover && !off(s)) {
             *counts.entry(s.identities.as_str()).or_default() += 1;
         }
         // The most frequent digest; ties go to the greatest, so every
@@ -84,17 +85,13 @@ impl Aggregate {
             identities,
             ..Aggregate::default()
         };
-        let mut live_names = std::collections::BTreeSet::new();
         for (name, s) in live {
-            live_names.insert(name.as_str());
             let regular = !s.handover
                 && s.identities == agg.identities
                 && ids
                     .get(name)
                     .is_some_and(|i| i.incarnation == s.incarnation);
-            if regular {
-                agg.common += 1;
-            } else {
+            if !regular && !off(s) {
                 agg.others.insert(
                     name.clone(),
                     AckRecord {
@@ -105,11 +102,6 @@ impl Aggregate {
                 );
             }
         }
-        agg.absent = ids
-            .keys()
-            .filter(|n| !live_names.contains(n.as_str()))
-            .cloned()
-            .collect();
         agg
     }
 
@@ -127,9 +119,6 @@ impl Aggregate {
         if self.ids_seen != ids_digest {
             return PeerState::Unknown;
         }
-        if self.absent.iter().any(|n| n == peer) {
-            return PeerState::Absent;
-        }
         match ids.get(peer) {
             Some(i) => PeerState::Says(AckRecord {
                 incarnation: i.incarnation,
@@ -138,11 +127,6 @@ impl Aggregate {
             }),
             None => PeerState::Unknown,
         }
-    }
-
-    /// Live nodes the aggregate counts.
-    pub fn live(&self) -> usize {
-        self.common + self.others.len()
     }
 }
 
@@ -200,9 +184,8 @@ mod tests {
         let (ids, live) = cluster(5000);
         let agg = Aggregate::build(&ids, &live);
         let big = serde_json::to_vec(&agg).expect("json");
-        assert!(big.len() - small.len() <= 2, "only the count grows");
-        assert_eq!(agg.common, 5000);
-        assert!(agg.others.is_empty() && agg.absent.is_empty());
+        assert_eq!(small.len(), big.len(), "the same size");
+        assert!(agg.others.is_empty());
         let d = identities_digest(&ids);
         assert_eq!(
             agg.peer("node-00042", &ids, &d),
@@ -221,18 +204,26 @@ mod tests {
         live[5].1 = status(1, "d2", false); // acknowledged newer identities
         live[6].1 = status(1, "d1", true); // handing over
         live.remove(9); // no agent
+        live[8].1 = status(1, "", false); // still in phase off
         let agg = Aggregate::build(&ids, &live);
         assert_eq!(agg.identities, "d1");
-        assert_eq!(agg.common, 6);
-        assert_eq!(agg.live(), 9);
         assert_eq!(
             agg.others.keys().collect::<Vec<_>>(),
             ["node-00003", "node-00005", "node-00006"]
         );
         assert_eq!(agg.others["node-00003"].incarnation, 1, "the status's");
-        assert_eq!(agg.absent, ["node-00009"]);
         let d = identities_digest(&ids);
-        assert_eq!(agg.peer("node-00009", &ids, &d), PeerState::Absent);
+        let common = PeerState::Says(AckRecord {
+            incarnation: 1,
+            identities: "d1".into(),
+            handover: false,
+        });
+        assert_eq!(
+            agg.peer("node-00009", &ids, &d),
+            common,
+            "no agent: not named"
+        );
+        assert_eq!(agg.peer("node-00008", &ids, &d), common, "off: not named");
         assert!(matches!(agg.peer("node-00006", &ids, &d), PeerState::Says(a) if a.handover));
         // A reader that sees other identities cannot trust the common case,
         // but still reads what the aggregate names.

@@ -131,23 +131,29 @@ async fn check_seals(
 }
 
 /// One step of the leader: decide on the view, write under the fence
-/// ([`Fence`]). `view` is `None` when there is no config.
+/// ([`Fence`]). `view` is `None` when there is no config; `check`: open the
+/// epochs with the KEK again (their records or the KEK may have changed).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn tick(
     etcd: &Etcd,
     opts: &ManagerOptions,
     fence: &Fence,
-    view: Option<View>,
+    view: Option<&mut View>,
+    check: bool,
     guid: &str,
     stats: &Mutex<Stats>,
 ) -> Result<Action, IpsecStoreError> {
-    let Some(mut view) = view else {
+    let Some(view) = view else {
         return Ok(Action::Wait(
             "no /calico/ipsec/v1/config: run `calico-ipsec keys init`".into(),
         ));
     };
-    if let Some(wait) = check_seals(etcd, opts, fence, &mut view, guid, stats).await? {
-        return Ok(wait);
+    if check {
+        if let Some(wait) = check_seals(etcd, opts, fence, view, guid, stats).await? {
+            return Ok(wait);
+        }
     }
+    let view = &*view;
     {
         let mut s = lock(stats);
         s.phase = Some(view.config.0.phase);

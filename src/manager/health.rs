@@ -252,6 +252,11 @@ pub(super) fn render(s: &Stats) -> String {
         s.activations as f64,
     );
     e.counter(
+        "calico_ipsec_manager_aggregate_writes_total",
+        "Writes of the aggregate of the statuses (only when it changed)",
+        s.aggregate_writes as f64,
+    );
+    e.counter(
         "calico_ipsec_manager_failures_total",
         "Steps that failed",
         s.failures as f64,

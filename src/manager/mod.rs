@@ -132,6 +132,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 const ECHO_WAIT: Duration = Duration::from_secs(5);
 /// How long a burst of changes may take before the leader decides on it.
 const SETTLE: Duration = Duration::from_millis(20);
+/// The most nodes in motion an aggregate names and is still written at once.
+/// A larger one (a whole cluster moving to new identities) goes to every
+/// node, so it waits until the statuses have been still for [`STILL`], or
+/// for [`LATEST`] at most: by then most nodes have moved and it is small.
+const SMALL: usize = 16;
+/// See [`SMALL`].
+const STILL: Duration = Duration::from_secs(1);
+/// See [`SMALL`].
+const LATEST: Duration = Duration::from_secs(5);
+/// How often the leader opens the epochs with its KEK again even when no
+/// record changed (the KEK file may have).
+const RECHECK: Duration = Duration::from_secs(30);
 
 /// Connects and takes a lease, then follows etcd until the lease is lost;
 /// and again.
@@ -266,7 +278,19 @@ async fn follow(
             continue;
         }
         lead.echo = None;
-        let view = match act::read_view(&mut cache, stats) {
+        // The view is built again only when the watches delivered a change;
+        // otherwise only the clock moved (steps due by time).
+        let generation = cache.generation();
+        let recheck = lead.checked.is_none_or(|t| t.elapsed() >= RECHECK);
+        let fresh = recheck || lead.viewed.as_ref().is_none_or(|(g, _)| *g != generation);
+        if fresh {
+            lead.viewed = None;
+        }
+        let view = match lead.viewed.take() {
+            Some((_, v)) => Ok(v),
+            None => act::read_view(&mut cache, stats),
+        };
+        let mut view = match view {
             Ok(v) => v,
             Err(why) => {
                 let said = format!("{} is malformed: {why}", config_key());
@@ -283,9 +307,26 @@ async fn follow(
                 continue;
             }
         };
+        if let Some(v) = view.as_mut() {
+            v.now = crate::datastore::ipsec::now_unix();
+        }
         lead.aggregate(etcd, lease, &fence, &cache, view.as_ref(), stats)
             .await;
-        match tick(etcd, opts, &fence, view, cache.guid(), stats).await {
+        if fresh {
+            lead.checked = Some(Instant::now());
+        }
+        let done = tick(
+            etcd,
+            opts,
+            &fence,
+            view.as_mut(),
+            fresh,
+            cache.guid(),
+            stats,
+        )
+        .await;
+        lead.viewed = Some((generation, view));
+        match done {
             Ok(Action::Wait(why)) => {
                 if why != last_wait {
                     tracing::info!(%why, "waiting");
@@ -323,6 +364,14 @@ struct Leading {
     aggregate: Option<Vec<u8>>,
     /// The cache generation the aggregate was last built from.
     built: Option<u64>,
+    /// The view last decided on, and the cache generation it was built from.
+    viewed: Option<(u64, Option<View>)>,
+    /// When the epochs were last opened with the KEK.
+    checked: Option<Instant>,
+    /// Since when the aggregate differs from the one written.
+    differs: Option<Instant>,
+    /// The cache generation last seen, and when it changed.
+    moved: (u64, Option<Instant>),
     /// What the leader last said it waits for.
     said: Option<String>,
 }
@@ -340,13 +389,24 @@ impl Leading {
         stats: &Mutex<Stats>,
     ) {
         let Some(view) = view else { return };
-        if self.built == Some(cache.generation()) {
+        let generation = cache.generation();
+        let now = Instant::now();
+        if self.moved.0 != generation {
+            self.moved = (generation, Some(now));
+        }
+        if self.built == Some(generation) {
             return;
         }
         let agg = Aggregate::build(cache.identities(), &view.live);
         let bytes = encode(&agg);
         if self.aggregate.as_ref() == Some(&bytes) {
-            self.built = Some(cache.generation());
+            self.built = Some(generation);
+            self.differs = None;
+            return;
+        }
+        let since = *self.differs.get_or_insert(now);
+        let still = self.moved.1.is_none_or(|t| now - t >= STILL);
+        if agg.others.len() > SMALL && !still && now - since < LATEST {
             return;
         }
         match IpsecStore::new(etcd)
@@ -354,9 +414,15 @@ impl Leading {
             .await
         {
             Ok(true) => {
+                tracing::info!(
+                    others = agg.others.len(),
+                    bytes = bytes.len(),
+                    "wrote the aggregate of the statuses"
+                );
                 lock(stats).aggregate_writes += 1;
                 self.aggregate = Some(bytes);
-                self.built = Some(cache.generation());
+                self.built = Some(generation);
+                self.differs = None;
             }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "cannot write the aggregate of the statuses"),

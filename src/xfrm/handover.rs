@@ -142,9 +142,8 @@ impl PeerAcks {
         let digest = crate::datastore::ipsec::identities_digest(ids);
         let peers = ids
             .iter()
-            .filter_map(|(name, i)| {
+            .map(|(name, i)| {
                 let ack = match agg.peer(name, ids, &digest) {
-                    PeerState::Absent => return None,
                     PeerState::Says(a) => PeerAck {
                         incarnation: a.incarnation,
                         identities: a.identities,
@@ -156,7 +155,7 @@ impl PeerAcks {
                         handover: true,
                     },
                 };
-                Some((name.clone(), ack))
+                (name.clone(), ack)
             })
             .collect();
         PeerAcks {

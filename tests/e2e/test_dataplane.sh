@@ -153,8 +153,10 @@ check_eq "lost SAs: node-1 published a new incarnation" "$inc1" $((inc0 + 1))
 spis=$(ipn node-1 xfrm state list | awk '/^src 10.0.0.11 /{getline; print $4}' | sort -u)
 # Keys that bind both ends: the SPI's incarnation byte holds the low 4
 # bits of the sender's incarnation, then the receiver's.
-check_match "node-1's new outbound SPIs carry incarnation $inc1 (bits 20-23)" "$spis" \
-    "^0x02$(printf '%x' $((inc1 % 16)))[0-9a-f]0001$"
+# The low 16 bits are node-1's id (a slot derived from its name).
+id1=$(status node-1 | jq .id)
+check_match "node-1's new outbound SPIs carry incarnation $inc1 (bits 20-23) and its id $id1" "$spis" \
+    "^0x02$(printf '%x' $((inc1 % 16)))[0-9a-f]$(printf '%04x' "$id1")$"
 check_eq "ledger is 0600" "$(stat -c %a "$tmp/state-node-1/node/ledger")" 600
 add node-2 c-node-2 "ADD on node-2 learns node-1's incarnation"
 add node-3 c-node-3 "ADD on node-3 learns node-1's incarnation"
