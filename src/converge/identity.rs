@@ -67,7 +67,7 @@ pub(super) async fn settle(
         from_snapshot: true,
         ..Mine::default()
     };
-    if facts.phase == Phase::Off && !(eager && !facts.boot.is_empty()) {
+    if facts.phase == Phase::Off && (!eager || facts.boot.is_empty()) {
         return Ok(mine);
     }
     let boot = &facts.boot;

@@ -159,7 +159,7 @@ pub(super) async fn tick(
         s.phase = Some(view.config.0.phase);
         s.target = Some(view.config.0.target_phase);
         s.live = view.live.len();
-        let absent = super::decide::not_following(&view);
+        let absent = super::decide::not_following(view);
         if absent != s.not_following && !absent.is_empty() {
             tracing::warn!(nodes = ?absent, "nodes Calico lists have no live agent: no phase step is taken past them (exclude one by name in excluded_nodes)");
         }
@@ -170,7 +170,7 @@ pub(super) async fn tick(
             .map(|(e, _)| (e.epoch, e.state))
             .collect();
     }
-    let action = decide(&view);
+    let action = decide(view);
     let store = IpsecStore::new(etcd);
     let ok = match &action {
         Action::Wait(_) => return Ok(action),
