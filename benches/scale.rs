@@ -153,14 +153,29 @@ async fn node(etcd: Etcd, name: String, shared: Arc<Shared>, ready: Arc<()>) {
     ] {
         let (etcd, tx, seen) = (etcd.clone(), tx.clone(), Arc::clone(&seen));
         tokio::spawn(async move {
-            let (rev, kvs) = etcd.get_prefix(&prefix, false).await.expect("read");
-            for kv in kvs {
+            // The identities are followed once for all (`Shared`): this
+            // node's watch only receives them, from now on; the other
+            // prefixes are read first, as the agent reads them.
+            let ids = prefix.ends_with("nodeids/");
+            let read = if ids { &aggregate_key() } else { &prefix };
+            let (rev, kvs) = loop {
+                match etcd.get_prefix(read, false).await {
+                    Ok(r) => break r,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            };
+            for kv in kvs.iter().filter(|_| !ids) {
                 absorb(&seen, &kv.key, Some(&kv.value));
             }
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(rev + 1);
-            let mut w = etcd.watch(&prefix, opts).await.expect("watch");
+            let mut w = loop {
+                match etcd.watch(&prefix, opts.clone()).await {
+                    Ok(w) => break w,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            };
             let _ = tx.try_send(());
             while let Ok(Some(resp)) = w.stream.message().await {
                 for ev in resp.events() {

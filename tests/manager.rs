@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use calico_ipsec::config::EtcdConfig;
+use calico_ipsec::datastore::aggregate::Aggregate;
 use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
 use calico_ipsec::datastore::ipsec::{
     encode, identities_digest, nodeid_key, now_rfc3339, ClusterConfig, EpochState, Identity,
@@ -372,6 +373,124 @@ fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_exclu
             .expect("config");
         eventually(10, "the phase steps to accept once node-3 is excluded", || async {
             config(&etcd).await.phase == Phase::Accept
+        })
+        .await;
+    });
+}
+
+/// The leader's aggregate of the statuses, read from etcd, against the one
+/// computed from the records etcd holds now.
+async fn aggregate_is_exact(etcd: &Etcd) -> bool {
+    let store = IpsecStore::new(etcd);
+    let (Ok(Some(written)), Ok(ids), Ok(live)) = (
+        store.aggregate().await,
+        store.identities().await,
+        store.statuses().await,
+    ) else {
+        return false;
+    };
+    written == Aggregate::build(&ids, &live)
+}
+
+#[test]
+fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() {
+    common::require_root();
+    let server = EtcdServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kek = dir.path().join("kek");
+    cli(
+        &server,
+        &["keys", "init", "--kek-file", kek.to_str().expect("utf8")],
+    );
+    let settings = EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: vec![server.endpoint.clone()],
+            ..EtcdConfig::default()
+        },
+        Duration::from_secs(2),
+    );
+    let mut managers = vec![
+        manager(&server, &kek, "m1", &dir.path().join("m1.log")),
+        manager(&server, &kek, "m2", &dir.path().join("m2.log")),
+    ];
+    rt().block_on(async {
+        let etcd = Etcd::connect(&settings).await.expect("connect");
+        let nodes = Nodes::start(&etcd, &["node-1", "node-2", "node-3"]).await;
+        nodes.ack(&etcd, Phase::Accept, 0, &[1], 1).await;
+        eventually(10, "an aggregate equal to the statuses", || {
+            aggregate_is_exact(&etcd)
+        })
+        .await;
+        let store = IpsecStore::new(&etcd);
+        let steady = store.aggregate().await.expect("read").expect("written");
+        assert!(steady.others.is_empty(), "a steady cluster names no node");
+
+        // node-2 hands over: named, with what its status says.
+        let lease2 = nodes.leases["node-2"];
+        let mut st = store
+            .statuses()
+            .await
+            .expect("statuses")
+            .into_iter()
+            .find(|(n, _)| n == "node-2")
+            .expect("node-2")
+            .1;
+        st.handover = true;
+        store.put_status("node-2", &st, lease2).await.expect("put");
+        eventually(10, "node-2 named as handing over", || async {
+            aggregate_is_exact(&etcd).await
+                && store
+                    .aggregate()
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|a| a.others.get("node-2").is_some_and(|r| r.handover))
+        })
+        .await;
+
+        // The leader dies; node-3 acknowledges other identities meanwhile.
+        let leader = etcd
+            .get("/calico/ipsec/v1/manager/leader")
+            .await
+            .expect("leader")
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .expect("a leader");
+        managers.retain(|m| m.id != leader);
+        let mut st3 = st.clone();
+        st3.handover = false;
+        st3.identities = "0000".into();
+        st3.id = 3;
+        store
+            .put_status("node-3", &st3, nodes.leases["node-3"])
+            .await
+            .expect("put");
+        eventually(15, "the new leader's aggregate names node-3", || async {
+            aggregate_is_exact(&etcd).await
+                && store
+                    .aggregate()
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|a| a.others.contains_key("node-3"))
+        })
+        .await;
+        let now_leader = etcd
+            .get("/calico/ipsec/v1/manager/leader")
+            .await
+            .expect("leader")
+            .map(|kv| kv.value);
+        assert_eq!(now_leader, Some(managers[0].id.as_bytes().to_vec()));
+
+        // node-2's agent dies (its lease goes): it is no longer named.
+        etcd.revoke_lease(lease2).await.expect("revoke");
+        eventually(10, "node-2 no longer named", || async {
+            aggregate_is_exact(&etcd).await
+                && store
+                    .aggregate()
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|a| !a.others.contains_key("node-2"))
         })
         .await;
     });
