@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::datastore::aggregate::{aggregate_key, Aggregate};
-use crate::datastore::etcd::{Etcd, EtcdSettings};
+use crate::datastore::etcd::{Etcd, EtcdError, EtcdSettings};
 use crate::datastore::ipsec::{
     config_key, encode, ClusterConfig, EpochState, IpsecStore, IpsecStoreError, Phase,
 };
@@ -231,6 +231,11 @@ async fn follow(
                     lock(stats).leader = false;
                     return;
                 }
+                Err(EtcdError::LeaseNotFound { .. }) => {
+                    tracing::warn!("the manager's lease expired; campaigning again under a new one");
+                    lock(stats).leader = false;
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "lease keep-alive failed");
                     lock(stats).etcd_reachable = false;
@@ -254,6 +259,12 @@ async fn follow(
                         tracing::info!(id = %opts.id, "became the leader");
                     }
                     won
+                }
+                Err(IpsecStoreError::Etcd(EtcdError::LeaseNotFound { .. })) => {
+                    tracing::warn!(
+                        "the manager's lease expired; campaigning again under a new one"
+                    );
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "campaign failed");
