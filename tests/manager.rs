@@ -58,6 +58,25 @@ fn manager(server: &EtcdServer, kek: &std::path::Path, id: &str, log: &std::path
     }
 }
 
+/// Settings for the test's etcd, with a 2 s budget per request.
+fn settings(server: &EtcdServer) -> EtcdSettings {
+    EtcdSettings::from_config(
+        &EtcdConfig {
+            endpoints: vec![server.endpoint.clone()],
+            ..EtcdConfig::default()
+        },
+        Duration::from_secs(2),
+    )
+}
+
+/// Managers m1 and m2, logging into `dir`.
+fn two_managers(server: &EtcdServer, kek: &std::path::Path, dir: &std::path::Path) -> Vec<Manager> {
+    vec![
+        manager(server, kek, "m1", &dir.join("m1.log")),
+        manager(server, kek, "m2", &dir.join("m2.log")),
+    ]
+}
+
 fn cli(server: &EtcdServer, args: &[&str]) {
     let out = Command::new(PLUGIN)
         .args(args)
@@ -186,17 +205,8 @@ fn two_managers_step_only_on_acknowledgement_and_the_survivor_finishes_a_rotatio
             "0",
         ],
     );
-    let settings = EtcdSettings::from_config(
-        &EtcdConfig {
-            endpoints: vec![server.endpoint.clone()],
-            ..EtcdConfig::default()
-        },
-        Duration::from_secs(2),
-    );
-    let mut managers = vec![
-        manager(&server, &kek, "m1", &dir.path().join("m1.log")),
-        manager(&server, &kek, "m2", &dir.path().join("m2.log")),
-    ];
+    let settings = settings(&server);
+    let mut managers = two_managers(&server, &kek, dir.path());
     rt().block_on(async {
         let etcd = Etcd::connect(&settings).await.expect("connect");
         let nodes = Nodes::start(&etcd, &["node-1", "node-2"]).await;
@@ -334,13 +344,7 @@ fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_exclu
     let kek = dir.path().join("kek");
     let kek_s = kek.to_str().expect("utf8");
     cli(&server, &["keys", "init", "--kek-file", kek_s]);
-    let settings = EtcdSettings::from_config(
-        &EtcdConfig {
-            endpoints: vec![server.endpoint.clone()],
-            ..EtcdConfig::default()
-        },
-        Duration::from_secs(2),
-    );
+    let settings = settings(&server);
     let _m = manager(&server, &kek, "m1", &dir.path().join("m1.log"));
     rt().block_on(async {
         let etcd = Etcd::connect(&settings).await.expect("connect");
@@ -402,17 +406,8 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         &server,
         &["keys", "init", "--kek-file", kek.to_str().expect("utf8")],
     );
-    let settings = EtcdSettings::from_config(
-        &EtcdConfig {
-            endpoints: vec![server.endpoint.clone()],
-            ..EtcdConfig::default()
-        },
-        Duration::from_secs(2),
-    );
-    let mut managers = vec![
-        manager(&server, &kek, "m1", &dir.path().join("m1.log")),
-        manager(&server, &kek, "m2", &dir.path().join("m2.log")),
-    ];
+    let settings = settings(&server);
+    let mut managers = two_managers(&server, &kek, dir.path());
     rt().block_on(async {
         let etcd = Etcd::connect(&settings).await.expect("connect");
         let nodes = Nodes::start(&etcd, &["node-1", "node-2", "node-3"]).await;

@@ -17,7 +17,7 @@ use crate::datastore::aggregate::{aggregate_key, Aggregate};
 use crate::datastore::etcd::{Etcd, Kv};
 use crate::datastore::ipsec::{now_unix, IpsecStoreError, NodeStatus};
 use crate::datastore::snapshot::Snapshot;
-use crate::datastore::watch::{Change, WatchMsg};
+use crate::datastore::watch::{mark_down, mark_up, Change, WatchMsg};
 use crate::xfrm::handover::PeerAcks;
 
 /// The first retry after a failed convergence.
@@ -87,19 +87,10 @@ impl WatchCache {
                 }
                 true
             }
-            WatchMsg::Up { idx } => {
-                let was = self.down.get_mut(idx).is_some_and(std::mem::take);
-                if was {
-                    tracing::info!(idx, "etcd watch resumed");
-                }
-                was
-            }
+            WatchMsg::Up { idx } => mark_up(&mut self.down, idx),
             WatchMsg::Down { idx, reason } => {
-                if let Some(d) = self.down.get_mut(idx) {
-                    if !*d {
-                        lock(state).watch_restarts += 1;
-                    }
-                    *d = true;
+                if mark_down(&mut self.down, idx) {
+                    lock(state).watch_restarts += 1;
                 }
                 mark_stale(state, &reason);
                 false

@@ -73,6 +73,22 @@ impl WatchMsg {
     }
 }
 
+/// Marks watch `idx` of `down` up again: true when it had been down (then
+/// logged), so that whoever keeps the cache looks at the prefix again.
+pub fn mark_up(down: &mut [bool], idx: usize) -> bool {
+    let was = down.get_mut(idx).is_some_and(std::mem::take);
+    if was {
+        tracing::info!(idx, "etcd watch resumed");
+    }
+    was
+}
+
+/// Marks watch `idx` of `down` down: true when it was up until now.
+pub fn mark_down(down: &mut [bool], idx: usize) -> bool {
+    down.get_mut(idx)
+        .is_some_and(|d| !std::mem::replace(d, true))
+}
+
 /// Watches `prefix` for ever, sending what it sees to `tx`; ends when `tx`
 /// is closed.
 pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Sender<WatchMsg>) {

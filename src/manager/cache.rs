@@ -12,7 +12,7 @@ use crate::datastore::ipsec::{
     config_key, identities_digest, leader_key, ClusterConfig, EpochRecord, Identity, NodeStatus,
     NodeStatuses, PREFIX,
 };
-use crate::datastore::watch::{Change, WatchMsg};
+use crate::datastore::watch::{mark_down, mark_up, Change, WatchMsg};
 
 /// The watched keys and prefixes, in [`Cache`] index order.
 pub(super) fn watched() -> Vec<String> {
@@ -105,19 +105,10 @@ impl Cache {
                 }
                 true
             }
-            WatchMsg::Up { idx } => {
-                let was = self.down.get_mut(idx).is_some_and(std::mem::take);
-                if was {
-                    tracing::info!(idx, "etcd watch resumed");
-                }
-                was
-            }
+            WatchMsg::Up { idx } => mark_up(&mut self.down, idx),
             WatchMsg::Down { idx, reason } => {
-                if let Some(d) = self.down.get_mut(idx) {
-                    if !*d {
-                        tracing::warn!(idx, %reason, "etcd watch down; retrying");
-                    }
-                    *d = true;
+                if mark_down(&mut self.down, idx) {
+                    tracing::warn!(idx, %reason, "etcd watch down; retrying");
                 }
                 false
             }
