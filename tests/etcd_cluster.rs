@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use calico_ipsec::config::EtcdConfig;
 use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
 use calico_ipsec::datastore::ipsec::{
-    encode, identities_digest, nodeid_key, EpochState, Identity, IpsecStore,
+    config_key, encode, nodeid_key, EpochState, Identity, IpsecStore,
 };
 use common::cluster::EtcdCluster;
 use common::*;
@@ -108,8 +108,9 @@ impl Adder {
     }
 }
 
-/// Writes a new node identity and waits until node-1's agent has published
-/// a status built from every identity: it follows etcd. Returns how long.
+/// Writes a new node identity and a new phase generation (the phase stays
+/// off), and waits until node-1's agent has published a status that
+/// acknowledges that generation: it follows etcd. Returns how long.
 async fn agent_follows(etcd: &Etcd, k: u16, agent_log: &Path) -> Duration {
     let start = Instant::now();
     let ident = Identity {
@@ -121,12 +122,19 @@ async fn agent_follows(etcd: &Etcd, k: u16, agent_log: &Path) -> Duration {
         .await
         .expect("write a probe identity");
     let store = IpsecStore::new(etcd);
-    let want = identities_digest(&store.identities().await.expect("identities"));
+    // While off a status names no identities digest; the generation it
+    // acknowledges is what shows it read the config again.
+    let mut cfg = store.config().await.expect("config").expect("initialised");
+    cfg.phase_generation += 1;
+    let want = cfg.phase_generation;
+    etcd.put(&config_key(), encode(&cfg), None)
+        .await
+        .expect("write the config");
     while start.elapsed() < CURRENT_WITHIN {
         if let Ok(all) = store.statuses().await {
             if all
                 .iter()
-                .any(|(n, s)| n == "node-1" && s.identities == want && !s.stale)
+                .any(|(n, s)| n == "node-1" && s.acked_generation == want && !s.stale)
             {
                 return start.elapsed();
             }
