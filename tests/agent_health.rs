@@ -263,3 +263,75 @@ fn an_agent_that_never_converged_is_alive_but_not_ready() {
     let (_, metrics) = probe::get(a.port, "/metrics").expect("metrics");
     probe::promtool_check(&metrics);
 }
+
+/// The status keys under `nodes/`, read with etcdctl.
+fn status_keys(endpoint: &str) -> String {
+    let out = Command::new("etcdctl")
+        .args(["--endpoints", endpoint, "get", "--prefix", "--keys-only"])
+        .arg("/calico/ipsec/v1/nodes/")
+        .env("ETCDCTL_API", "3")
+        .output()
+        .expect("etcdctl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+#[test]
+fn a_status_lost_with_its_lease_is_published_again() {
+    common::require_root();
+    let server = EtcdServer::start();
+    server.load_fixture(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/calico/etcd-3-nodes.json"
+    )));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = dir.path();
+    let kek = tmp.join("kek");
+    let out = run(&[
+        "keys",
+        "init",
+        "--kek-file",
+        kek.to_str().expect("utf8"),
+        "--etcd-endpoints",
+        &server.endpoint,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let conf_dir = tmp.join("net.d");
+    std::fs::create_dir_all(&conf_dir).expect("mkdir");
+    std::fs::write(
+        conf_dir.join("10-calico.conflist"),
+        installed_text(tmp, &server.endpoint),
+    )
+    .expect("write conflist");
+    let log = tmp.join("agent.log");
+    let a = agent(&conf_dir, &log);
+    let wait = |want: bool, secs: u64, what: &str| {
+        let t = Instant::now();
+        while status_keys(&server.endpoint).is_empty() == want {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(t.elapsed() < Duration::from_secs(secs), "{what}:\n{tail}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait(true, 30, "the agent publishes a status");
+    // Stopped past its 3 s lease (as a starved or paused node): the record
+    // goes with the lease. Once it runs again, the agent must see that and
+    // publish anew: the record is written only on change, so nothing else
+    // would bring it back.
+    let pid = a.child.id();
+    signal(pid, "-STOP");
+    wait(false, 20, "the status goes with its lease");
+    signal(pid, "-CONT");
+    wait(
+        true,
+        10,
+        "the status is published again once the agent runs",
+    );
+}

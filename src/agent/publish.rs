@@ -85,7 +85,10 @@ pub(super) async fn keep_alive(etcd: &Etcd, state: &Mutex<State>) -> Option<bool
     let lease = lock(state).lease?;
     match etcd.keep_alive_once(lease).await {
         Ok(ttl) if ttl > 0 => Some(true),
-        Ok(_) => {
+        // Expired: etcd answers with a TTL of 0 or "lease not found". The
+        // record went with it, and nothing else would write it again (it is
+        // written only on change): publish it anew under a new lease.
+        Ok(_) | Err(EtcdError::LeaseNotFound { .. }) => {
             tracing::warn!("the status lease expired; publishing the status again under a new one");
             lock(state).lease = None;
             Some(false)

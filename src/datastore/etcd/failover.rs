@@ -97,8 +97,11 @@ enum Failure {
 fn classify(e: etcd_client::Error) -> Failure {
     let unavailable = match &e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        // A lease keep-alive or watch stream that broke.
-        etcd_client::Error::LeaseKeepAliveError(_) | etcd_client::Error::WatchError(_) => true,
+        // A lease keep-alive or watch stream that broke; not etcd's answer
+        // that the lease is gone (the client turns a TTL of 0 into
+        // "lease not found"): that is an answer, see [`lease_not_found`].
+        etcd_client::Error::LeaseKeepAliveError(_) => !lease_not_found(&e),
+        etcd_client::Error::WatchError(_) => true,
         // Codes named by text: tonic is not a direct dependency. A status
         // with a source was made on this side from a transport failure (a
         // connection the member broke: "Unknown", "transport error"); one
@@ -126,6 +129,8 @@ fn lease_not_found(e: &etcd_client::Error) -> bool {
             format!("{:?}", status.code()) == "NotFound"
                 && status.message().contains("lease not found")
         }
+        // A keep-alive answered with a TTL of 0: the lease expired.
+        etcd_client::Error::LeaseKeepAliveError(msg) => msg == "lease not found",
         _ => false,
     }
 }
