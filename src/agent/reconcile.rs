@@ -109,6 +109,16 @@ impl WatchCache {
         }
     }
 
+    /// Whether prefix `idx` has been delivered once already.
+    fn delivered(&self, idx: usize) -> bool {
+        self.ranges.get(idx).is_some_and(Option::is_some)
+    }
+
+    /// Whether the watch of prefix `idx` is down.
+    fn is_down(&self, idx: usize) -> bool {
+        self.down.get(idx).copied().unwrap_or(false)
+    }
+
     /// Whether every watch is up.
     fn all_up(&self) -> bool {
         !self.down.iter().any(|d| *d)
@@ -264,13 +274,27 @@ impl Reconciler {
             .as_ref()
             .is_some_and(|r| !r.waiting_for.is_empty() || r.kept_inbound > 0);
         let statuses = self.cache.statuses;
+        // A prefix read again (etcd compacted past the watch, or was
+        // restored) or a watch back after an outage: etcd may hold another
+        // status record than the one this agent wrote last. The record is
+        // written only on change, so write it again once.
+        let mut outage = false;
         let mut take = |m: WatchMsg| {
             let status = m.idx() == statuses;
+            outage |= match &m {
+                WatchMsg::Reset { idx, .. } => self.cache.delivered(*idx),
+                WatchMsg::Up { idx } => self.cache.is_down(*idx),
+                _ => false,
+            };
             self.cache.absorb(m, state) && (!status || handing_over)
         };
         let mut changed = take(first);
         while let Ok(more) = rx.try_recv() {
             changed |= take(more);
+        }
+        if outage {
+            self.last_published = None;
+            changed = true;
         }
         if changed {
             self.mark();
