@@ -120,9 +120,7 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
 /// leader's aggregate; without them, the statuses are read when a hand-over
 /// may apply): they let a hand-over to a new incarnation complete.
 /// `by_agent`: the agent reasserts the catch-all every 30 s (an ADD writes
-/// it only when it changed or this boot has not written it), and publishes
-/// this node's incarnation while the phase is still off, so that enabling
-/// the cluster writes no identity (every peer would receive each one).
+/// it only when it changed or this boot has not written it).
 #[allow(clippy::too_many_arguments)]
 pub async fn converge_with(
     cfg: &PluginConfig,
@@ -143,7 +141,7 @@ pub async fn converge_with(
     };
     let t_identity = Instant::now();
     let store = IpsecStore::new(etcd);
-    let mut mine = identity::settle(&store, state, &facts, &node, by_agent).await?;
+    let mut mine = identity::settle(&store, state, &facts, &node).await?;
     // Keys are published in every phase, off included, so that every
     // node's key is in etcd long before enable needs it.
     let opened = epochs::open(cfg, &mut facts)?;
