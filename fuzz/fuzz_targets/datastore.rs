@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
             key,
             value,
             mod_revision: n as i64 + 1,
+            lease: 0,
         });
     }
     let Ok(snap) = Snapshot::from_ranges(&read, 1) else {
