@@ -102,16 +102,15 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-#[test]
-fn the_agent_puts_its_entry_back_after_every_rewrite_and_its_probes_tell_the_truth() {
-    common::require_root();
-    let mut server = EtcdServer::start();
+/// A real etcd holding the 3-node Calico fixture and initialised keys (the
+/// KEK in `tmp/kek`), and `tmp/net.d` with Calico's conflist holding our
+/// entry. Returns the server and the conflist's path.
+fn initialised(tmp: &Path) -> (EtcdServer, PathBuf) {
+    let server = EtcdServer::start();
     server.load_fixture(Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/calico/etcd-3-nodes.json"
     )));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tmp = dir.path();
     let kek = tmp.join("kek");
     let out = run(&[
         "keys",
@@ -125,8 +124,18 @@ fn the_agent_puts_its_entry_back_after_every_rewrite_and_its_probes_tell_the_tru
     let conf_dir = tmp.join("net.d");
     std::fs::create_dir_all(&conf_dir).expect("mkdir");
     let path = conf_dir.join("10-calico.conflist");
-    let installed = installed_text(tmp, &server.endpoint);
-    std::fs::write(&path, &installed).expect("write conflist");
+    std::fs::write(&path, installed_text(tmp, &server.endpoint)).expect("write conflist");
+    (server, path)
+}
+
+#[test]
+fn the_agent_puts_its_entry_back_after_every_rewrite_and_its_probes_tell_the_truth() {
+    common::require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = dir.path();
+    let (mut server, path) = initialised(tmp);
+    let conf_dir = tmp.join("net.d");
+    let installed = std::fs::read_to_string(&path).expect("read conflist");
     let wanted = our_entry(&installed).expect("our entry");
     let calico = calico_text(&server.endpoint);
 
@@ -286,30 +295,10 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn a_status_lost_with_its_lease_is_published_again() {
     common::require_root();
-    let server = EtcdServer::start();
-    server.load_fixture(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/calico/etcd-3-nodes.json"
-    )));
     let dir = tempfile::tempdir().expect("tempdir");
     let tmp = dir.path();
-    let kek = tmp.join("kek");
-    let out = run(&[
-        "keys",
-        "init",
-        "--kek-file",
-        kek.to_str().expect("utf8"),
-        "--etcd-endpoints",
-        &server.endpoint,
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let conf_dir = tmp.join("net.d");
-    std::fs::create_dir_all(&conf_dir).expect("mkdir");
-    std::fs::write(
-        conf_dir.join("10-calico.conflist"),
-        installed_text(tmp, &server.endpoint),
-    )
-    .expect("write conflist");
+    let (server, path) = initialised(tmp);
+    let conf_dir = path.parent().expect("net.d").to_path_buf();
     let log = tmp.join("agent.log");
     let a = agent(&conf_dir, &log);
     let wait = |want: bool, secs: u64, what: &str| {
