@@ -121,6 +121,56 @@ fn reads_calico_topology_over_tls() {
 }
 
 #[test]
+fn keys_init_refuses_a_datastore_without_calicos_cluster_guid() {
+    // An etcd Calico has not initialised (or one wiped and not yet seen by
+    // calico-node): every seal binds the clusterGUID, and nodes refuse an
+    // epoch without one, so `keys init` must not write one.
+    let server = EtcdServer::start_bare();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kek_path = tmp.path().join("kek");
+    let out = cli(
+        &server,
+        &[
+            "keys",
+            "init",
+            "--kek-file",
+            kek_path.to_str().expect("utf8"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "init without a clusterGUID succeeded"
+    );
+    assert!(
+        err.contains("clusterinformations/default") && err.contains("clusterGUID"),
+        "{err}"
+    );
+    let left = server.etcdctl(&["get", "--prefix", "--keys-only", "/calico/ipsec/"]);
+    assert_eq!(
+        String::from_utf8_lossy(&left.stdout).trim(),
+        "",
+        "nothing written"
+    );
+    // Once Calico has written it, the same command works.
+    server.put_cluster_information();
+    let out = cli(
+        &server,
+        &[
+            "keys",
+            "init",
+            "--kek-file",
+            kek_path.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn keys_init_rotate_show_and_no_secret_in_etcd() {
     let server = EtcdServer::start();
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -115,6 +115,9 @@ fn why_behind(
     if s.stale {
         why.push("cannot follow etcd (stale)".into());
     }
+    if !s.held.is_empty() {
+        why.push(format!("holds a stronger phase: {}", s.held));
+    }
     if !s.lost_epochs.is_empty() {
         why.push(format!("lost its keys of epochs {:?}", s.lost_epochs));
     }

@@ -114,6 +114,8 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
                     .into(),
                 );
             }
+            // Refused before the KEK file is written: nothing is left behind.
+            store.sealing_guid().await?;
             let kek = Kek::generate()?;
             kek.write_new(&args.kek_file)?;
             let config = ClusterConfig {
@@ -127,7 +129,17 @@ pub async fn exec(args: &KeysArgs, out: &mut dyn Write) -> Result<(), CliError> 
                 agreement: *agreement,
                 ..Cipher::default()
             };
-            let rec = store.init(&kek, &config, cipher).await?;
+            let rec = match store.init(&kek, &config, cipher).await {
+                Ok(rec) => rec,
+                Err(e) => {
+                    // No epoch is sealed under the KEK just written: remove
+                    // it, so that a retry does not find it in the way.
+                    if let Err(rm) = std::fs::remove_file(&args.kek_file) {
+                        tracing::warn!(path = %args.kek_file.display(), error = %rm, "cannot remove the unused KEK file");
+                    }
+                    return Err(e.into());
+                }
+            };
             writeln!(
                 out,
                 "wrote KEK {} (fingerprint {}); created epoch {} ({:?})",

@@ -175,6 +175,7 @@ pub fn build(o: &Observed, xfrm_stat: BTreeMap<String, u64>) -> Status {
     let me = o.snapshot.identities.get(&o.node);
     let mut problems = o.snapshot.problems.clone();
     problems.extend(o.snapshot.config_problem.clone());
+    problems.extend(o.holding.as_ref().map(|why| format!("phase held: {why}")));
     problems.extend(
         o.snapshot
             .topology

@@ -10,6 +10,7 @@
 
 use super::error::ConvergeError;
 use crate::datastore::calico::Topology;
+use crate::datastore::ipsec::Phase;
 use crate::datastore::ipsec::{config_key, IpsecStoreError};
 use crate::datastore::snapshot::Snapshot;
 use crate::link::RouteSocket;
@@ -36,6 +37,42 @@ pub fn config_gone(snap: &Snapshot, seen: Option<&Seen>, holds_state: bool) -> O
     holds_state.then(|| {
         "the record is missing while this node holds IPsec state (was it deleted? `calico-ipsec disable` turns encryption off)".into()
     })
+}
+
+/// The phase this node keeps when the config record asks for less than it
+/// converged on before, from a record that does not follow the one it saw:
+/// another clusterGUID, or an older phase generation (etcd wiped and
+/// re-initialised, or restored from an older backup). Such a record did not
+/// come from `calico-ipsec disable`, whose steps each raise the generation,
+/// so the node holds its phase, with the reason, until the cluster's phase
+/// comes back up to it (`calico-ipsec enable`); it then follows the new
+/// record from there. `None`: follow the record.
+pub fn held_phase(snap: &Snapshot, seen: Option<&Seen>) -> Option<(Phase, String)> {
+    let (config, seen) = (snap.config.as_ref()?, seen?);
+    let guid = snap.topology.cluster_guid.as_deref().unwrap_or_default();
+    let follows = guid == seen.cluster_guid && config.phase_generation >= seen.phase_generation;
+    if follows || config.phase >= seen.phase {
+        return None;
+    }
+    let what = if guid == seen.cluster_guid {
+        format!(
+            "an older phase generation ({} < {})",
+            config.phase_generation, seen.phase_generation
+        )
+    } else {
+        format!(
+            "another clusterGUID ({} after {})",
+            guid.escape_debug(),
+            seen.cluster_guid.escape_debug()
+        )
+    };
+    Some((
+        seen.phase,
+        format!(
+            "the config record asks for phase {:?} with {what}: etcd was re-initialised or restored, not disabled; this node keeps phase {:?} until the cluster's phase reaches it again (`calico-ipsec enable`), and follows the record from there",
+            config.phase, seen.phase
+        ),
+    ))
 }
 
 /// The refusal for a config record that cannot be followed.
@@ -88,6 +125,7 @@ mod tests {
         let seen = Seen {
             cluster_guid: "guid-1".into(),
             phase_generation: 3,
+            phase: Phase::Enforce,
         };
         let why = config_gone(&snap, Some(&seen), false).expect("refused");
         let e = config_refused(why).to_string();
@@ -96,5 +134,55 @@ mod tests {
             "{e}"
         );
         assert!(config_gone(&snap, None, true).is_some(), "state held");
+    }
+
+    fn snap(guid: &str, phase: Phase, generation: u64) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.topology.cluster_guid = Some(guid.into());
+        snap.config = Some(crate::datastore::ipsec::ClusterConfig {
+            phase,
+            phase_generation: generation,
+            ..Default::default()
+        });
+        snap
+    }
+
+    #[test]
+    fn a_record_that_does_not_follow_the_one_seen_never_lowers_the_phase() {
+        let seen = Seen {
+            cluster_guid: "guid-1".into(),
+            phase_generation: 7,
+            phase: Phase::Enforce,
+        };
+        // `disable`'s steps raise the generation: followed down to off.
+        for (phase, generation) in [(Phase::Encrypt, 8), (Phase::Accept, 9), (Phase::Off, 10)] {
+            assert_eq!(
+                held_phase(&snap("guid-1", phase, generation), Some(&seen)),
+                None
+            );
+        }
+        // Re-initialised (another clusterGUID) or restored (an older
+        // generation): held at enforce, whatever it asks below that.
+        for s in [
+            snap("guid-2", Phase::Off, 0),
+            snap("guid-1", Phase::Encrypt, 6),
+        ] {
+            let (phase, why) = held_phase(&s, Some(&seen)).expect("held");
+            assert_eq!(phase, Phase::Enforce);
+            assert!(why.contains("re-initialised or restored"), "{why}");
+        }
+        let (_, why) = held_phase(&snap("guid-2", Phase::Accept, 2), Some(&seen)).expect("held");
+        assert!(why.contains("guid-2") && why.contains("guid-1"), "{why}");
+        // Once the new record asks for as much, it is followed.
+        assert_eq!(
+            held_phase(&snap("guid-2", Phase::Enforce, 3), Some(&seen)),
+            None
+        );
+        assert_eq!(
+            held_phase(&snap("guid-1", Phase::Enforce, 2), Some(&seen)),
+            None
+        );
+        // A node that never saw the cluster follows any record.
+        assert_eq!(held_phase(&snap("guid-2", Phase::Off, 0), None), None);
     }
 }

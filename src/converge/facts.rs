@@ -20,8 +20,14 @@ use crate::xfrm::Held;
 pub(super) struct Facts {
     /// The snapshot, with this node's VXLAN device ports added.
     pub snap: Snapshot,
-    /// The phase it asks for.
+    /// The phase applied: the one the config record asks for, or the
+    /// stronger one this node holds (`holding` says why).
     pub phase: Phase,
+    /// The phase the config record asks for.
+    pub asked: Phase,
+    /// Why this node holds a stronger phase than the record asks for: the
+    /// record does not follow the one it converged on before.
+    pub holding: Option<String>,
     /// The ICV length it asks for.
     pub icv_bits: u32,
     /// The netlink socket.
@@ -76,7 +82,13 @@ pub(super) fn read(
         ))));
     }
     cluster::with_device_ports(&mut snap.topology, node, cluster::device_vxlan_ports());
-    let (phase, icv_bits) = phase_of(&snap);
+    let (asked, icv_bits) = phase_of(&snap);
+    let holding = cluster::held_phase(&snap, state.seen());
+    if let Some((held_at, why)) = &holding {
+        tracing::warn!(held = ?held_at, asked = ?asked, reason = %why, "keeping a stronger phase than the config record asks for");
+    }
+    let phase = holding.as_ref().map_or(asked, |(p, _)| *p);
+    let holding = holding.map(|(_, why)| why);
     let guard = Guard::of(phase, &snap.topology);
     let boot = if phase == Phase::Off {
         crate::clock::read_boot_id().unwrap_or_default()
@@ -86,6 +98,8 @@ pub(super) fn read(
     Ok(Read::Follow(Box::new(Facts {
         snap,
         phase,
+        asked,
+        holding,
         icv_bits,
         xfrm,
         held,

@@ -60,11 +60,17 @@ pub(super) fn finish(
     // From `encrypt` on, the catch-all comes after the policies that carve
     // the protected paths out of it.
     guard::sync(state, facts, reassert)?;
-    let generation = facts.snap.config.as_ref().map_or(0, |c| c.phase_generation);
-    state.note_seen((facts.phase != Phase::Off).then(|| Seen {
-        cluster_guid: facts.snap.topology.cluster_guid.clone().unwrap_or_default(),
-        phase_generation: generation.max(state.seen().map_or(0, |s| s.phase_generation)),
-    }))?;
+    // A node holding a stronger phase than the record asks for keeps what
+    // it saw; otherwise the record it followed is the one to follow from
+    // (a record of a new lineage, once it asks for as much, replaces it).
+    if facts.holding.is_none() {
+        let generation = facts.snap.config.as_ref().map_or(0, |c| c.phase_generation);
+        state.note_seen((facts.phase != Phase::Off).then(|| Seen {
+            cluster_guid: facts.snap.topology.cluster_guid.clone().unwrap_or_default(),
+            phase_generation: generation,
+            phase: facts.phase,
+        }))?;
+    }
     let (id, incarnation) = mine
         .ident
         .as_ref()
@@ -170,6 +176,8 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         node,
         refused_epochs: Vec::new(),
         phase: facts.phase,
+        acked_phase: facts.asked,
+        held: facts.holding.clone(),
         id,
         incarnation,
         new_incarnation: mine.new_incarnation,

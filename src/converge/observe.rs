@@ -20,8 +20,10 @@ pub struct Observed {
     pub snapshot: Snapshot,
     /// This node.
     pub node: String,
-    /// The phase.
+    /// The phase applied (the record's, or the stronger one held).
     pub phase: Phase,
+    /// Why the node holds a stronger phase than the config record asks for.
+    pub holding: Option<String>,
     /// The desired state.
     pub desired: Desired,
     /// What the kernel holds that is ours.
@@ -54,20 +56,20 @@ pub fn observe_snapshot(
     state_dir: &Path,
 ) -> Result<Observed, ConvergeError> {
     let held = Xfrm::open()?.held()?;
-    if let Some(why) = super::cluster::config_gone(
-        &snapshot,
-        NodeState::peek_seen(state_dir).as_ref(),
-        !held.is_empty(),
-    ) {
+    let seen = NodeState::peek_seen(state_dir);
+    if let Some(why) = super::cluster::config_gone(&snapshot, seen.as_ref(), !held.is_empty()) {
         return Err(super::cluster::config_refused(why));
     }
+    let holding = super::cluster::held_phase(&snapshot, seen.as_ref());
     let mut snapshot = snapshot;
     super::cluster::with_device_ports(
         &mut snapshot.topology,
         &node,
         super::cluster::device_vxlan_ports(),
     );
-    let (phase, icv_bits) = phase_of(&snapshot);
+    let (asked, icv_bits) = phase_of(&snapshot);
+    let phase = holding.as_ref().map_or(asked, |(p, _)| *p);
+    let holding = holding.map(|(_, why)| why);
     let ready = super::agreement::published(&snapshot);
     let desired = Desired::compute(&Inputs {
         topology: &snapshot.topology,
@@ -88,6 +90,7 @@ pub fn observe_snapshot(
         snapshot,
         node,
         phase,
+        holding,
         desired,
         held,
         plan,

@@ -174,6 +174,7 @@ fn unchanged_report(last: Converged, revision: i64, started: Instant) -> Report 
     let report = Report {
         node: last.node,
         phase: last.phase,
+        acked_phase: last.phase,
         id: last.id,
         incarnation: last.incarnation,
         states: last.states,

@@ -21,6 +21,12 @@ pub struct Report {
     pub refused_epochs: Vec<(u32, String)>,
     /// The phase applied.
     pub phase: Phase,
+    /// The config record's phase this convergence satisfies: `phase`, or
+    /// the weaker one the record asks for while this node holds more.
+    pub acked_phase: Phase,
+    /// Why this node holds a stronger phase than the config record asks
+    /// for (a record that does not follow the one it converged on).
+    pub held: Option<String>,
     /// This node's id, once it has one.
     pub id: Option<u16>,
     /// This node's incarnation (0 while the phase is off).
@@ -121,6 +127,7 @@ pub(super) fn kept(
     Report {
         node,
         phase,
+        acked_phase: phase,
         id: me.map(|i| i.id),
         incarnation: me.map_or(0, |i| i.incarnation),
         states: held.states.len(),

@@ -51,8 +51,8 @@ impl IpsecStore<'_> {
         config: &ClusterConfig,
         cipher: Cipher,
     ) -> Result<EpochRecord, IpsecStoreError> {
+        let guid = self.sealing_guid().await?;
         let secret = EpochSecret::generate()?;
-        let guid = self.cluster_guid().await?;
         let version = self.seal_version().await?;
         let rec = new_epoch(1, EpochState::Active, cipher, &secret, kek, &guid, version)?;
         let created = self
@@ -99,7 +99,7 @@ impl IpsecStore<'_> {
         let Some(config) = self.config().await? else {
             return Err(IpsecStoreError::NotInitialised(config_key()));
         };
-        let guid = self.cluster_guid().await?;
+        let guid = self.sealing_guid().await?;
         let version = self.seal_version().await?;
         for _ in 0..16 {
             let epochs = self.epochs().await?;
@@ -210,6 +210,19 @@ impl IpsecStore<'_> {
             .min()
             .unwrap_or(SEAL_NEWEST);
         Ok(opened_by_all.clamp(SEAL_LEGACY, SEAL_NEWEST))
+    }
+
+    /// Calico's clusterGUID, for sealing a new epoch: refused when Calico
+    /// has written none (nodes would refuse every epoch sealed without it).
+    pub async fn sealing_guid(&self) -> Result<String, IpsecStoreError> {
+        let guid = self.cluster_guid().await?;
+        if guid.is_empty() {
+            return Err(IpsecStoreError::NoClusterGuid(format!(
+                "{}clusterinformations/default",
+                super::calico::RESOURCES
+            )));
+        }
+        Ok(guid)
     }
 
     /// Calico's clusterGUID (ClusterInformation `default`), which sealing

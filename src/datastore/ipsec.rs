@@ -69,6 +69,9 @@ pub enum IpsecStoreError {
     /// A record that must exist does not.
     #[error("{0} does not exist: run `calico-ipsec keys init` first")]
     NotInitialised(String),
+    /// Calico's clusterGUID, which every epoch's seal binds, is missing.
+    #[error("{0} has no spec.clusterGUID: every epoch's seal binds it and nodes refuse epochs without one; start calico-node (or Typha) once so that Calico writes its ClusterInformation, then retry")]
+    NoClusterGuid(String),
     /// Every node id is taken.
     #[error("no free node id: all 32767 are allocated")]
     IdsExhausted,

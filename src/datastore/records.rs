@@ -395,6 +395,11 @@ pub struct NodeStatus {
     /// Paths toward pod blocks it cannot protect (blocked from encrypt on).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unprotected: usize,
+    /// Why it holds a stronger phase than the config record asks for (a
+    /// record of a re-initialised or restored etcd): `acked_phase` is then
+    /// the record's, which the node's state more than satisfies.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub held: String,
     /// Bits of its highest outbound sequence number (0: none sent): the
     /// record changes only when it doubles, not with every packet.
     #[serde(default, skip_serializing_if = "is_zero_u32")]

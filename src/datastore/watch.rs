@@ -1,6 +1,8 @@
 //! One etcd watch per key prefix, each resuming after a reconnect from the
 //! last revision it delivered, and re-reading its prefix only when etcd has
-//! compacted that revision away.
+//! compacted that revision away, or when etcd's revision is found below it
+//! (a datastore wiped and re-initialised, or restored from a snapshot: a
+//! watch from a revision etcd has not reached yet would wait in silence).
 //!
 //! A watch lives on one member. When that member dies, hangs (another
 //! request of this process timed out on it, or HTTP/2 keep-alive found it)
@@ -16,6 +18,17 @@ use crate::datastore::etcd::{Etcd, Kv};
 
 /// How often a watch checks whether its member has been found dead or hung.
 const MEMBER_CHECK: Duration = Duration::from_millis(500);
+
+/// etcd's revision, when a watch's creation reply shows it below `delivered`:
+/// the store went back in time, and everything read from it must be read
+/// again.
+fn went_back(resp: &etcd_client::WatchResponse, delivered: i64) -> Option<i64> {
+    if !resp.created() {
+        return None;
+    }
+    let now = resp.header()?.revision();
+    (now < delivered).then_some(now)
+}
 
 /// One change inside a prefix, in the order etcd applied it.
 #[derive(Debug, Clone)]
@@ -167,6 +180,16 @@ pub async fn watch_prefix(etcd: Etcd, idx: usize, prefix: String, tx: mpsc::Send
             };
             match next {
                 Ok(Some(resp)) => {
+                    if let Some(now) = went_back(&resp, rev) {
+                        tracing::warn!(
+                            prefix = %prefix,
+                            delivered = rev,
+                            etcd_revision = now,
+                            "etcd's revision is below the one this watch delivered (the datastore was re-initialised or restored from a snapshot); re-reading the prefix"
+                        );
+                        revision = None;
+                        break;
+                    }
                     if !announced {
                         announced = true;
                         backoff = Duration::from_millis(100);

@@ -35,12 +35,8 @@ fn node(phase: Phase, gen: u64, installed: &[u32], active: Option<u32>) -> NodeS
         stale: false,
         identities: "d".into(),
         handover: false,
-        kek: String::new(),
-        lost_epochs: vec![],
         seal: 2,
-        lanes: Default::default(),
-        unprotected: 0,
-        seq_bits: 0,
+        ..NodeStatus::default()
     }
 }
 

@@ -217,8 +217,17 @@ pub(super) fn read_ledger(path: &Path) -> (Option<Ledger>, String) {
 pub struct Seen {
     /// Calico's clusterGUID at the time.
     pub cluster_guid: String,
-    /// The highest phase generation converged on.
+    /// The phase generation converged on last.
     pub phase_generation: u64,
+    /// The phase converged on last (a record written before this field
+    /// existed counts as `enforce`: the strongest is the safe side).
+    #[serde(default = "strongest")]
+    pub phase: Phase,
+}
+
+/// The phase a [`Seen`] record without one stands for.
+fn strongest() -> Phase {
+    Phase::Enforce
 }
 
 impl Seen {
@@ -237,6 +246,7 @@ impl Seen {
                 .unwrap_or(Seen {
                     cluster_guid: "(unreadable record)".into(),
                     phase_generation: 0,
+                    phase: strongest(),
                 }),
         )
     }

@@ -89,6 +89,7 @@ fn the_cluster_is_remembered_until_it_is_turned_off() {
     let seen = Seen {
         cluster_guid: "guid-1".into(),
         phase_generation: 3,
+        phase: Phase::Encrypt,
     };
     st.note_seen(Some(seen.clone())).expect("note");
     assert_eq!(NodeState::peek_seen(dir.path()), Some(seen.clone()));
@@ -98,6 +99,14 @@ fn the_cluster_is_remembered_until_it_is_turned_off() {
     // An unreadable record counts as seen: refusing is the safe side.
     fs::write(dir.path().join("node/cluster"), b"{").expect("write");
     assert!(NodeState::peek_seen(dir.path()).is_some());
+    // A record of an older release names no phase: the strongest stands.
+    fs::write(
+        dir.path().join("node/cluster"),
+        br#"{"cluster_guid":"guid-1","phase_generation":3}"#,
+    )
+    .expect("write");
+    let old = NodeState::peek_seen(dir.path()).expect("seen");
+    assert_eq!((old.phase, old.phase_generation), (Phase::Enforce, 3));
 }
 
 #[test]

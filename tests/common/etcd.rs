@@ -131,15 +131,38 @@ pub fn make_certs(dir: &Path) -> (TlsFiles, PathBuf, PathBuf) {
     )
 }
 
+/// Where Calico keeps its ClusterInformation in etcd.
+pub const CLUSTER_INFORMATION: &str =
+    "/calico/resources/v3/projectcalico.org/clusterinformations/default";
+
 impl EtcdServer {
-    /// Starts a plain-HTTP etcd.
+    /// Starts a plain-HTTP etcd, holding Calico's ClusterInformation (as
+    /// calico-node leaves it: `keys init` needs its clusterGUID).
     pub fn start() -> Self {
+        let s = Self::launch(false);
+        s.put_cluster_information();
+        s
+    }
+
+    /// Starts a plain-HTTP etcd that holds nothing at all.
+    pub fn start_bare() -> Self {
         Self::launch(false)
     }
 
-    /// Starts an etcd that requires TLS client certificates.
+    /// Starts an etcd that requires TLS client certificates, holding
+    /// Calico's ClusterInformation.
     pub fn start_tls() -> Self {
-        Self::launch(true)
+        let s = Self::launch(true);
+        s.put_cluster_information();
+        s
+    }
+
+    /// Writes Calico's ClusterInformation `default` with a clusterGUID.
+    pub fn put_cluster_information(&self) {
+        self.put(
+            CLUSTER_INFORMATION,
+            r#"{"kind":"ClusterInformation","apiVersion":"projectcalico.org/v3","metadata":{"name":"default"},"spec":{"clusterGUID":"3f0e6b1c2d4a4e8f9a1b2c3d4e5f6a7b","datastoreReady":true}}"#,
+        );
     }
 
     fn launch(tls: bool) -> Self {
