@@ -7,6 +7,8 @@ use calico_ipsec::cni::{self, code, CniError, Outcome};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before any connection: every TLS session takes this build's provider.
+    calico_ipsec::keys::crypto::install_tls_provider();
     if std::env::var_os("CNI_COMMAND").is_some() {
         return run_plugin();
     }

@@ -108,6 +108,11 @@ fn reads_calico_topology() {
 
 #[test]
 fn reads_calico_topology_over_tls() {
+    // As `main` does: every TLS session takes this build's provider (the
+    // FIPS build's is AWS-LC's module: `make fips` runs this test with it).
+    calico_ipsec::keys::crypto::install_tls_provider();
+    let provider = rustls::crypto::CryptoProvider::get_default().expect("installed");
+    assert_eq!(provider.fips(), calico_ipsec::keys::crypto::FIPS_BUILD);
     let server = EtcdServer::start_tls();
     check_topology(&server);
     // Without the client certificate the server refuses us.

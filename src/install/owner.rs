@@ -207,8 +207,7 @@ impl KubeApi {
                 .add(cert)
                 .map_err(|e| format!("the service account CA: {e}"))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Ok(rustls::ClientConfig::builder_with_provider(provider)
+        Ok(rustls::ClientConfig::builder_with_provider(crate::keys::crypto::tls_provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)

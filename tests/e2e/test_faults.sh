@@ -20,6 +20,13 @@
 #      older backup): node-1 and node-2 take new incarnations, so none of
 #      the keys they held for it before comes back; the manager retires it;
 #      no echo is lost and nothing crosses in clear.
+#   6. etcd is wiped and re-initialised (Calico's records loaded again with
+#      a new clusterGUID, `keys init` with a new KEK, `enable`): while the
+#      config record is gone, ADDs fail and the kernel is left as it is;
+#      once it is back at phase off, the nodes hold enforce (a record that
+#      does not follow the one they saw never lowers the phase) and move to
+#      the new epoch; `enable` takes the cluster back to enforce. No key of
+#      before comes back, nothing crosses in clear, and pings flow again.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -223,10 +230,76 @@ check_eq "echoes lost while a deleted epoch came back" "$lost" 0
 check_eq "restored epoch: packets with a pod address in clear on node-1's port" \
     "$(cap_ipv4 "$tmp/restore.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)" 0
 
+# ------------------------------------------------ 6. etcd wiped and re-initialised
+# What an operator does after losing etcd without a backup: Calico's records
+# come back (calico-node writes them again, with a new clusterGUID), then
+# `keys init` (a new KEK, delivered to the nodes) and `enable`.
+calico_dump() { # Calico's records (not ours) as the fixture's {key: value}
+    ectl get --prefix /calico/ -w json | jq '[.kvs[]? | {key: (.key | @base64d), value: .value}
+        | select(.key | test("^/calico/(resources|ipam)/")) | .value |= (@base64d | fromjson)] | from_entries'
+}
+all_keys() { # the AEAD keys of every state on node-1, node-2 and node-4
+    for n in node-1 node-2 node-4; do ipn "$n" xfrm state | awk '/aead/ {print $3}'; done | sort -u
+}
+calico_dump | jq '(.[] | select(.kind? == "ClusterInformation") | .spec.clusterGUID) = "e2e-wiped-and-reinitialised"' >"$tmp/calico.json"
+check_ge "Calico's records saved for the re-initialisation" "$(jq length "$tmp/calico.json")" 10
+keys_before=$(all_keys)
+states_before=$(ipn node-1 xfrm state | grep -c '^src' || true)
+ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-6.json" 100 2>/dev/null &
+ping_pid=$!
+cap_start wire w-node-1 "$tmp/wipe.pcap"
+sleep 1
+etcd_stop
+rm -rf "$ETCD_DIR/data"
+etcd_start
+etcd_load_fixture "$tmp/calico.json"
+# The agents resume their watches from revisions the new etcd has not
+# reached: they must notice and read everything again.
+gone() { nsx node-1 curl -s http://127.0.0.1:9094/healthz | grep -q 'stale'; }
+wait_until 30 "node-1's agent sees the config record gone" gone || true
+sleep 2
+if out=$(cni_add node-1 pw 2>&1); then ok=1; else ok=0; fi
+ip netns del "${E2E_NS_PREFIX}pw" 2>/dev/null || true
+check_eq "an ADD while the config record is gone fails" "$ok" 0
+check_match "the ADD says why: the node has seen the cluster initialised" "$out" 'seen the cluster initialised'
+check_eq "node-1's states untouched while the config record is gone" \
+    "$(ipn node-1 xfrm state | grep -c '^src' || true)" "$states_before"
+mv "$tmp/kek" "$tmp/kek.before-wipe"
+check "keys init on the wiped etcd" nsx wire "$bin" keys init --kek-file "$tmp/kek"
+ipsec_cfg | jq -c '.overlap_seconds = 2 | .rotation_interval_seconds = 0' | ectl put /calico/ipsec/v1/config >/dev/null
+held() { [[ -n $(ectl get --print-value-only "/calico/ipsec/v1/nodes/$1" | jq -r '.held // empty') ]]; }
+for n in node-1 node-2 node-4; do
+    wait_until 60 "$n holds enforce although the new config says off" held "$n" || true
+done
+check_match "status --cluster names the held nodes" \
+    "$(nsx wire "$bin" status --cluster --etcd-endpoints "$ETCD_ENDPOINTS" || true)" 'holds a stronger phase'
+check_match "phase off in the new record: node-1's catch-all still drops clear pod packets" \
+    "$(nsx node-1 nft list table inet calico_ipsec 2>&1 || true)" 'daddr @pools4 rt ipsec missing'
+check "calico-ipsec enable --wait on the re-initialised cluster" \
+    nsx wire "$bin" enable --etcd-endpoints "$ETCD_ENDPOINTS" --wait --timeout-seconds 180
+not_held() { ! held "$1"; }
+wait_until 30 "node-1 follows the new record again" not_held node-1 || true
+check_eq "re-initialised: phase" "$(ipsec_cfg | jq -r .phase)" enforce
+sleep 2
+cap_stop
+kill -TERM "$ping_pid"; wait "$ping_pid" || true
+read -r sent lost <<<"$(ping_report 6)"
+info "while etcd was wiped and re-initialised: $sent echoes sent, $lost lost"
+check_ge "echoes answered across the wipe" "$((sent - lost))" 1
+keys_after=$(all_keys)
+check_ge "re-initialised: SA keys in the kernel" "$(grep -c . <<<"$keys_after")" 4
+check_eq "re-initialised: keys of before that came back" \
+    "$(comm -12 <(echo "$keys_before") <(echo "$keys_after") | grep -c . || true)" 0
+check_eq "wiped etcd: packets with a pod address in clear on node-1's port" \
+    "$(cap_ipv4 "$tmp/wipe.pcap" | awk '$3 ~ /^10\.244\./ || $4 ~ /^10\.244\./' | grep -c . || true)" 0
+check_match "re-initialised: p1 → p2 answers" \
+    "$(ip netns exec "${E2E_NS_PREFIX}p1" ping -c 20 -i 0.1 -W 1 "$ip2" 2>&1 || true)" ' 0% packet loss'
+check "re-initialised: a pod starts on node-1" cni_add node-1 p6
+
 for n in node-1 node-2 node-4; do
     if grep -q ' ERROR ' "$tmp/agent-$n.log"; then
         info "agent $n logged errors:"
-        grep ' ERROR ' "$tmp/agent-$n.log" | sort | uniq -c | head -5 | indent
+        { grep ' ERROR ' "$tmp/agent-$n.log" | cut -c29-300 | sort | uniq -c | sort -rn | head -5 | indent; } || true
     fi
 done
 daemons_stop

@@ -12,6 +12,14 @@ use super::{NONCE_LEN, P256_PUBLIC_LEN};
 /// The provider's name.
 pub const NAME: &str = "AWS-LC FIPS 140-3 module (aws-lc-fips-sys, through aws-lc-rs)";
 
+/// The TLS provider's name.
+pub const TLS_NAME: &str = "rustls with AWS-LC's FIPS module";
+
+/// rustls's FIPS provider: AWS-LC's module, FIPS-approved suites only.
+pub fn tls_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::default_fips_provider()
+}
+
 /// The module's power-on self tests passed and it runs in FIPS mode.
 pub fn self_test() -> Result<(), String> {
     aws_lc_rs::try_fips_mode()

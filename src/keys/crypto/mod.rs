@@ -4,10 +4,14 @@
 //!
 //! What goes through here: the random source, AES-256-GCM (sealing epoch
 //! secrets), HKDF-SHA256 (every key derivation), HMAC-SHA256 (public-key
-//! MACs), SHA-256 (KEK fingerprints) and P-256 ECDH (key agreement). The
+//! MACs), SHA-256 (KEK fingerprints), P-256 ECDH (key agreement), and the
+//! TLS of every etcd and Kubernetes API connection (rustls, with ring in
+//! the standard build and AWS-LC's FIPS module in the FIPS build). The
 //! digests that only name or compare our own records and files (the
 //! convergence record, attachment file names, the guard's mark) protect no
 //! secret and use `sha2` in both builds.
+
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
@@ -40,6 +44,31 @@ pub const KERNEL_FIPS: &str = "/proc/sys/crypto/fips_enabled";
 /// The variable that lets the FIPS build run on a kernel not in FIPS mode.
 pub const ALLOW_NON_FIPS_KERNEL: &str = "CALICO_IPSEC_ALLOW_NON_FIPS_KERNEL";
 
+/// The TLS provider of every etcd and Kubernetes API connection: ring in
+/// the standard build, AWS-LC's FIPS module in the FIPS build.
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(provider::tls_provider())
+}
+
+/// Makes [`tls_provider`] the process's default, which tonic's etcd
+/// channels take; run first in `main`. A second call changes nothing.
+pub fn install_tls_provider() {
+    // Err: one is installed already (this one: only `main` installs).
+    let _ = rustls::crypto::CryptoProvider::install_default(provider::tls_provider());
+}
+
+/// Whether the process's TLS provider is this build's: in the FIPS build,
+/// a connection must never fall back to a non-validated one.
+fn tls_ready() -> Result<(), String> {
+    let Some(p) = rustls::crypto::CryptoProvider::get_default() else {
+        return Err("no TLS provider is installed (calico-ipsec's main installs it first)".into());
+    };
+    if FIPS_BUILD && !p.fips() {
+        return Err("the TLS provider installed is not AWS-LC's FIPS module".into());
+    }
+    Ok(())
+}
+
 /// Whether the kernel runs in FIPS mode (`fips=1` on its command line).
 pub fn kernel_fips() -> bool {
     std::fs::read_to_string(KERNEL_FIPS).is_ok_and(|s| s.trim() == "1")
@@ -49,15 +78,17 @@ pub fn kernel_fips() -> bool {
 /// kernel's mode.
 pub fn describe() -> String {
     format!(
-        "{} build, {}; kernel FIPS mode {}",
+        "{} build, {}; TLS {}; kernel FIPS mode {}",
         if FIPS_BUILD { "FIPS" } else { "standard" },
         PROVIDER,
+        provider::TLS_NAME,
         if kernel_fips() { "on" } else { "off" }
     )
 }
 
 /// Whether this process may handle keys: always in the standard build; in
-/// the FIPS build only once the module passed its power-on self tests, and
+/// the FIPS build only once the module passed its power-on self tests, its
+/// TLS provider is installed as the process default, and
 /// on a kernel in FIPS mode (the ESP data path is the kernel's) unless
 /// `allow_non_fips_kernel` (or [`ALLOW_NON_FIPS_KERNEL`]=1) says otherwise.
 pub fn ready(allow_non_fips_kernel: bool) -> Result<(), String> {
@@ -65,6 +96,7 @@ pub fn ready(allow_non_fips_kernel: bool) -> Result<(), String> {
         return Ok(());
     }
     provider::self_test()?;
+    tls_ready()?;
     let allowed =
         allow_non_fips_kernel || std::env::var(ALLOW_NON_FIPS_KERNEL).is_ok_and(|v| v == "1");
     if !kernel_fips() && !allowed {

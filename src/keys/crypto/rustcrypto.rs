@@ -14,6 +14,14 @@ use super::{NONCE_LEN, P256_PUBLIC_LEN};
 /// The provider's name.
 pub const NAME: &str = "RustCrypto (aes-gcm, hkdf, hmac, sha2, p256; getrandom)";
 
+/// The TLS provider's name.
+pub const TLS_NAME: &str = "rustls with ring";
+
+/// rustls's ring provider.
+pub fn tls_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
 /// Nothing to test before use (the FIPS provider's module tests itself).
 #[allow(dead_code)]
 pub fn self_test() -> Result<(), String> {

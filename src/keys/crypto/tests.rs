@@ -96,3 +96,16 @@ fn p256_keys_agree_and_refuse_what_is_not_a_key() {
     assert!(a.agree(&off).is_none());
     assert!(!p256_public_valid(&a.public()[..33]), "compressed length");
 }
+
+#[test]
+fn tls_takes_this_builds_provider() {
+    // The FIPS build's TLS is AWS-LC's module, with FIPS-approved suites
+    // only; the standard build's is ring.
+    let p = tls_provider();
+    assert_eq!(p.fips(), FIPS_BUILD, "{}", describe());
+    assert!(!p.cipher_suites.is_empty());
+    install_tls_provider();
+    install_tls_provider();
+    assert_eq!(tls_ready(), Ok(()));
+    assert!(describe().contains("TLS rustls with"), "{}", describe());
+}
