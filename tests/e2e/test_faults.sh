@@ -257,6 +257,8 @@ etcd_load_fixture "$tmp/calico.json"
 # reached: they must notice and read everything again.
 gone() { nsx node-1 curl -s http://127.0.0.1:9094/healthz | grep -q 'stale'; }
 wait_until 30 "node-1's agent sees the config record gone" gone || true
+check_ge "node-1's agent noticed etcd's revision go back and read its prefixes again" \
+    "$(grep -c 'below the one this watch delivered' "$tmp/agent-node-1.log" || true)" 1
 sleep 2
 if out=$(cni_add node-1 pw 2>&1); then ok=1; else ok=0; fi
 ip netns del "${E2E_NS_PREFIX}pw" 2>/dev/null || true
