@@ -48,8 +48,17 @@ for n in "${NODES[@]}"; do
         "$(jq -r '[.peers[] | .sa_out, .sa_in, .policy_out, .policy_in] | unique | join(",")' <<<"$s")" ok
     check "$n: CHECK passes for b-$n (no drift)" cni_check "$n" "b-$n"
 done
-check_match "status table names the peers" "$(nsx node-1 "$bin" status --nodename node-1)" \
+table=$(nsx node-1 "$bin" status --nodename node-1)
+check_match "status table names the peers" "$table" \
     'node-2 +v4 +10\.0\.0\.12 +ipip .* ok +ok +ok +ok'
+# The FIPS round (`make fips-e2e`: the FIPS binary, a kernel booted with
+# fips=1) must say so, TLS included; the standard round says standard.
+if [[ $(cat /proc/sys/crypto/fips_enabled 2>/dev/null) == 1 ]]; then
+    check_match "status: the FIPS build, TLS through AWS-LC's FIPS module, kernel FIPS mode on" "$table" \
+        '^crypto: +FIPS build, AWS-LC FIPS 140-3 module.*; TLS rustls with AWS-LC.s FIPS module; kernel FIPS mode on'
+else
+    check_match "status: the standard build, TLS through ring" "$table" '^crypto: +standard build, .*; TLS rustls with ring;'
+fi
 
 # ------------------------------------------------------------ fast path
 # A no-op ADD checks etcd's fingerprint and the kernel against the record of
