@@ -242,7 +242,10 @@ all_keys() { # the AEAD keys of every state on node-1, node-2 and node-4
     for n in node-1 node-2 node-4; do ipn "$n" xfrm state | awk '/aead/ {print $3}'; done | sort -u
 }
 calico_dump | jq '(.[] | select(.kind? == "ClusterInformation") | .spec.clusterGUID) = "e2e-wiped-and-reinitialised"' >"$tmp/calico.json"
-check_ge "Calico's records saved for the re-initialisation" "$(jq length "$tmp/calico.json")" 10
+check_eq "Calico's records saved, with a new clusterGUID" \
+    "$(jq -r '[.[] | select(.kind? == "ClusterInformation") | .spec.clusterGUID] | join(",")' "$tmp/calico.json")" \
+    e2e-wiped-and-reinitialised
+check_ge "Calico's Node resources saved" "$(jq '[.[] | select(.kind? == "Node")] | length' "$tmp/calico.json")" 3
 keys_before=$(all_keys)
 states_before=$(ipn node-1 xfrm state | grep -c '^src' || true)
 ip netns exec "${E2E_NS_PREFIX}p1" python3 "$here/traffic.py" ping "$ip2" "$tmp/ping-6.json" 100 2>/dev/null &
