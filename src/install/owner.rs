@@ -207,11 +207,13 @@ impl KubeApi {
                 .add(cert)
                 .map_err(|e| format!("the service account CA: {e}"))?;
         }
-        Ok(rustls::ClientConfig::builder_with_provider(crate::keys::crypto::tls_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth())
+        Ok(
+            rustls::ClientConfig::builder_with_provider(crate::keys::crypto::tls_provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
     }
 }
 
