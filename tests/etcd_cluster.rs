@@ -256,6 +256,14 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
         })
         .collect();
     rt.block_on(agent_follows(&etcd, 0, &agent_log));
+    // The agent holds an incarnation while off (so enable writes none).
+    let incarnation = || {
+        rt.block_on(IpsecStore::new(&etcd).identity("node-1"))
+            .map(|(i, _)| i.incarnation)
+            .expect("node-1's identity")
+    };
+    let first = incarnation();
+    assert!(first > 0, "the agent published no incarnation while off");
 
     // ADDs all along, one every 250 ms.
     let mut conf = conflist["plugins"][1].clone();
@@ -411,6 +419,14 @@ fn every_member_killed_hung_and_cut_off_in_turn_under_load() {
         pct(1.0) <= ADD_LIMIT,
         "the slowest ADD took {:?} (limit {ADD_LIMIT:?})",
         pct(1.0)
+    );
+    // Nothing made it take another: no ADD removed the agent's key files
+    // (an ADD while off holds no incarnation, and must leave them).
+    assert_eq!(
+        incarnation(),
+        first,
+        "node-1 took new incarnations during the faults:\n{}",
+        tail(&agent_log)
     );
     // Leadership was kept or handed over once, never fought over, and a
     // step failed only while no member could answer (an election longer

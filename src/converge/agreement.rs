@@ -52,6 +52,10 @@ pub struct Agreed {
     pub effective: BTreeMap<String, u32>,
     /// The key files of the epochs in etcd (epoch, file tag).
     pub files: BTreeSet<(u32, String)>,
+    /// Epochs whose every key file is kept: their keys are per incarnation
+    /// and this convergence holds none (an ADD while the phase is off), so
+    /// it cannot tell the agent's current file from an older one.
+    pub files_unknown: BTreeSet<u32>,
     /// The secrets of every epoch, opened once (`converge::epochs`) and used
     /// by the apply (zeroized on drop).
     pub secrets: BTreeMap<u32, EpochSecret>,
@@ -275,8 +279,11 @@ pub(super) async fn prepare(
         let tag = match (per_inc, my_inc) {
             (true, Some(i)) => format!("{base_tag}.i{i}"),
             (true, None) => {
-                // No incarnation yet (phase off): nothing to make or use.
+                // No incarnation here (an ADD while off): nothing to make
+                // or use, and the agent's files, made for its incarnation,
+                // are not this convergence's to remove.
                 out.files.insert((e, base_tag.clone()));
+                out.files_unknown.insert(e);
                 continue;
             }
             (false, _) => base_tag.clone(),
@@ -555,6 +562,7 @@ pub(super) fn forget_deleted(
         .copied()
         .chain(snap.epochs.iter().map(|e| e.epoch))
         .filter(|e| !opened.contains(e))
+        .chain(agreed.files_unknown.iter().copied())
         .collect();
     let removed = state.retain_private_keys(&agreed.files, &keep_any)?;
     if !removed.is_empty() {

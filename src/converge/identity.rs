@@ -51,17 +51,23 @@ pub fn needs_new_incarnation(ident: &Identity, ledger: Option<&Ledger>, boot: &s
 /// This node's identity: the snapshot's, or etcd's when the snapshot has
 /// none (or lags our own last publication), and a new incarnation when the
 /// published one cannot be trusted.
+///
+/// While the phase is off an ADD holds no identity; the agent (`eager`)
+/// settles one all the same, once its boot id can be read, so that the
+/// step out of off writes none: each identity written is delivered to
+/// every node.
 pub(super) async fn settle(
     store: &IpsecStore<'_>,
     state: &NodeState,
     facts: &Facts,
     node: &str,
+    eager: bool,
 ) -> Result<Mine, ConvergeError> {
     let mut mine = Mine {
         from_snapshot: true,
         ..Mine::default()
     };
-    if facts.phase == Phase::Off {
+    if facts.phase == Phase::Off && (!eager || facts.boot.is_empty()) {
         return Ok(mine);
     }
     let boot = &facts.boot;

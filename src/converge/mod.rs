@@ -68,6 +68,10 @@ pub fn settings(cfg: &PluginConfig) -> EtcdSettings {
         .with_hint_file(cfg.state_dir.join("node").join("etcd-member"))
 }
 
+/// A wait for the node lock this long is logged (the agent or another ADD
+/// held it for a whole convergence).
+const LOCK_WAIT_NOTED_MS: u64 = 100;
+
 /// Opens this node's state (taking the node lock) for one convergence.
 pub fn open_state(cfg: &PluginConfig) -> Result<NodeState, ConvergeError> {
     Ok(NodeState::open(
@@ -88,6 +92,13 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
     let asked = Stamp::now();
     let node = cfg.node_name()?;
     let mut state = open_state(cfg)?;
+    let waited = error::ms(started);
+    if waited >= LOCK_WAIT_NOTED_MS {
+        tracing::info!(
+            waited_ms = waited,
+            "waited for the node lock (another ADD or the agent held it)"
+        );
+    }
     // After a reboot, the catch-all is back before etcd is asked.
     guard::restore(&mut state, false);
     // ADDs that queued on the lock are answered by the read of whichever
@@ -141,7 +152,7 @@ pub async fn converge_with(
     };
     let t_identity = Instant::now();
     let store = IpsecStore::new(etcd);
-    let mut mine = identity::settle(&store, state, &facts, &node).await?;
+    let mut mine = identity::settle(&store, state, &facts, &node, by_agent).await?;
     // Keys are published in every phase, off included, so that every
     // node's key is in etcd long before enable needs it.
     let opened = epochs::open(cfg, &mut facts)?;
