@@ -133,15 +133,11 @@ fn keys_init_refuses_a_datastore_without_calicos_cluster_guid() {
     let server = EtcdServer::start_bare();
     let tmp = tempfile::tempdir().expect("tempdir");
     let kek_path = tmp.path().join("kek");
-    let out = cli(
-        &server,
-        &[
-            "keys",
-            "init",
-            "--kek-file",
-            kek_path.to_str().expect("utf8"),
-        ],
-    );
+    let init = || {
+        let kek = kek_path.to_str().expect("utf8");
+        cli(&server, &["keys", "init", "--kek-file", kek])
+    };
+    let out = init();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -159,15 +155,7 @@ fn keys_init_refuses_a_datastore_without_calicos_cluster_guid() {
     );
     // Once Calico has written it, the same command works.
     server.put_cluster_information();
-    let out = cli(
-        &server,
-        &[
-            "keys",
-            "init",
-            "--kek-file",
-            kek_path.to_str().expect("utf8"),
-        ],
-    );
+    let out = init();
     assert!(
         out.status.success(),
         "{}",

@@ -49,6 +49,12 @@ settled() {
 ping_report() { # NAME: "sent lost" of a finished traffic.py ping
     jq -r '"\(.sent | length) \(.lost | length)"' "$tmp/ping-$1.json"
 }
+# traffic_stop NAME: stops the capture and the ping of case NAME; sets sent and lost.
+traffic_stop() {
+    cap_stop
+    kill -TERM "$ping_pid"; wait "$ping_pid" || true
+    read -r sent lost <<<"$(ping_report "$1")"
+}
 
 for n in "${NODES[@]}"; do agent_start "$n"; done
 manager_start mgr-a
@@ -222,9 +228,7 @@ manager_start mgr-a
 manager_start mgr-b
 wait_until 90 "the manager retires the restored epoch: epoch $target alone again" only_epoch "$target" || true
 sleep 1
-cap_stop
-kill -TERM "$ping_pid"; wait "$ping_pid" || true
-read -r sent lost <<<"$(ping_report 5)"
+traffic_stop 5
 info "while epoch $old came back and went: $sent echoes sent, $lost lost"
 check_eq "echoes lost while a deleted epoch came back" "$lost" 0
 check_eq "restored epoch: packets with a pod address in clear on node-1's port" \
@@ -286,9 +290,7 @@ not_held() { ! held "$1"; }
 wait_until 30 "node-1 follows the new record again" not_held node-1 || true
 check_eq "re-initialised: phase" "$(ipsec_cfg | jq -r .phase)" enforce
 sleep 2
-cap_stop
-kill -TERM "$ping_pid"; wait "$ping_pid" || true
-read -r sent lost <<<"$(ping_report 6)"
+traffic_stop 6
 info "while etcd was wiped and re-initialised: $sent echoes sent, $lost lost"
 check_ge "echoes answered across the wipe" "$((sent - lost))" 1
 keys_after=$(all_keys)
