@@ -75,6 +75,15 @@ pub fn held_phase(snap: &Snapshot, seen: Option<&Seen>) -> Option<(Phase, String
     ))
 }
 
+/// The phase a convergence applies: the config record's, or the stronger
+/// one [`held_phase`] keeps, with why it is kept.
+pub fn applied_phase(snap: &Snapshot, seen: Option<&Seen>) -> (Phase, Option<String>) {
+    match held_phase(snap, seen) {
+        Some((held, why)) => (held, Some(why)),
+        None => (super::error::phase_of(snap).0, None),
+    }
+}
+
 /// The refusal for a config record that cannot be followed.
 pub fn config_refused(reason: String) -> ConvergeError {
     ConvergeError::Store(IpsecStoreError::Malformed {

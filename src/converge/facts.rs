@@ -83,12 +83,10 @@ pub(super) fn read(
     }
     cluster::with_device_ports(&mut snap.topology, node, cluster::device_vxlan_ports());
     let (asked, icv_bits) = phase_of(&snap);
-    let holding = cluster::held_phase(&snap, state.seen());
-    if let Some((held_at, why)) = &holding {
-        tracing::warn!(held = ?held_at, asked = ?asked, reason = %why, "keeping a stronger phase than the config record asks for");
+    let (phase, holding) = cluster::applied_phase(&snap, state.seen());
+    if let Some(why) = &holding {
+        tracing::warn!(held = ?phase, asked = ?asked, reason = %why, "keeping a stronger phase than the config record asks for");
     }
-    let phase = holding.as_ref().map_or(asked, |(p, _)| *p);
-    let holding = holding.map(|(_, why)| why);
     let guard = Guard::of(phase, &snap.topology);
     let boot = if phase == Phase::Off {
         crate::clock::read_boot_id().unwrap_or_default()

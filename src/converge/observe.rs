@@ -60,16 +60,14 @@ pub fn observe_snapshot(
     if let Some(why) = super::cluster::config_gone(&snapshot, seen.as_ref(), !held.is_empty()) {
         return Err(super::cluster::config_refused(why));
     }
-    let holding = super::cluster::held_phase(&snapshot, seen.as_ref());
+    let (phase, holding) = super::cluster::applied_phase(&snapshot, seen.as_ref());
     let mut snapshot = snapshot;
     super::cluster::with_device_ports(
         &mut snapshot.topology,
         &node,
         super::cluster::device_vxlan_ports(),
     );
-    let (asked, icv_bits) = phase_of(&snapshot);
-    let phase = holding.as_ref().map_or(asked, |(p, _)| *p);
-    let holding = holding.map(|(_, why)| why);
+    let (_, icv_bits) = phase_of(&snapshot);
     let ready = super::agreement::published(&snapshot);
     let desired = Desired::compute(&Inputs {
         topology: &snapshot.topology,
