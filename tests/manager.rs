@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use calico_ipsec::config::EtcdConfig;
-use calico_ipsec::datastore::aggregate::Aggregate;
+use calico_ipsec::datastore::aggregate::{Aggregate, Revs};
 use calico_ipsec::datastore::etcd::{Etcd, EtcdSettings};
 use calico_ipsec::datastore::ipsec::{
     encode, identities_digest, nodeid_key, now_rfc3339, ClusterConfig, EpochState, Identity,
@@ -173,6 +173,8 @@ impl Nodes {
                 stale: false,
                 identities: self.digest.clone(),
                 handover: false,
+                acked_rev: Some(IDS_AT),
+                settled_rev: Some(IDS_AT),
                 kek: String::new(),
                 lost_epochs: vec![],
                 seal: 2,
@@ -382,18 +384,18 @@ fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_exclu
     });
 }
 
+/// The identity revision the simulated nodes acknowledge.
+const IDS_AT: i64 = 40;
+
 /// The leader's aggregate of the statuses, read from etcd, against the one
-/// computed from the records etcd holds now.
+/// computed from the records etcd holds now (none while a status of an
+/// older release is live).
 async fn aggregate_is_exact(etcd: &Etcd) -> bool {
     let store = IpsecStore::new(etcd);
-    let (Ok(Some(written)), Ok(ids), Ok(live)) = (
-        store.aggregate().await,
-        store.identities().await,
-        store.statuses().await,
-    ) else {
+    let (Ok(written), Ok(live)) = (store.aggregate().await, store.statuses().await) else {
         return false;
     };
-    written == Aggregate::build(&ids, &live)
+    written == Aggregate::build(&live)
 }
 
 #[test]
@@ -418,7 +420,14 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         .await;
         let store = IpsecStore::new(&etcd);
         let steady = store.aggregate().await.expect("read").expect("written");
-        assert!(steady.others.is_empty(), "a steady cluster names no node");
+        assert!(steady.nodes.is_empty(), "a steady cluster names no node");
+        assert_eq!(
+            steady.common,
+            Revs {
+                acked: IDS_AT,
+                settled: IDS_AT
+            }
+        );
 
         // node-2 hands over: named, with what its status says.
         let lease2 = nodes.leases["node-2"];
@@ -431,15 +440,15 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
             .expect("node-2")
             .1;
         st.handover = true;
+        st.settled_rev = Some(IDS_AT - 1);
         store.put_status("node-2", &st, lease2).await.expect("put");
         eventually(10, "node-2 named as handing over", || async {
             aggregate_is_exact(&etcd).await
-                && store
-                    .aggregate()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|a| a.others.get("node-2").is_some_and(|r| r.handover))
+                && store.aggregate().await.ok().flatten().is_some_and(|a| {
+                    a.nodes
+                        .get("node-2")
+                        .is_some_and(|r| r.settled == IDS_AT - 1)
+                })
         })
         .await;
 
@@ -454,20 +463,27 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         let mut st3 = st.clone();
         st3.handover = false;
         st3.identities = "0000".into();
+        st3.acked_rev = Some(IDS_AT + 5);
+        st3.settled_rev = Some(IDS_AT + 5);
         st3.id = 3;
         store
             .put_status("node-3", &st3, nodes.leases["node-3"])
             .await
             .expect("put");
-        eventually(15, "the new leader's aggregate names node-3", || async {
-            aggregate_is_exact(&etcd).await
-                && store
-                    .aggregate()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|a| a.others.contains_key("node-3"))
-        })
+        eventually(
+            15,
+            "the new leader's aggregate says node-3's revisions",
+            || async {
+                aggregate_is_exact(&etcd).await
+                    && store.aggregate().await.ok().flatten().is_some_and(|a| {
+                        a.peer("node-3")
+                            == Revs {
+                                acked: IDS_AT + 5,
+                                settled: IDS_AT + 5,
+                            }
+                    })
+            },
+        )
         .await;
         let now_leader = etcd
             .get("/calico/ipsec/v1/manager/leader")
@@ -485,8 +501,44 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
                     .await
                     .ok()
                     .flatten()
-                    .is_some_and(|a| !a.others.contains_key("node-2"))
+                    .is_some_and(|a| !a.nodes.contains_key("node-2"))
         })
+        .await;
+
+        // node-1 rolls back to a release without revisions: no aggregate
+        // while it runs, so every node reads the statuses; and back.
+        let mut old = st3.clone();
+        old.acked_rev = None;
+        old.settled_rev = None;
+        old.id = 1;
+        store
+            .put_status("node-1", &old, nodes.leases["node-1"])
+            .await
+            .expect("put");
+        eventually(
+            10,
+            "no aggregate while node-1 says no revisions",
+            || async {
+                matches!(store.aggregate().await, Ok(None)) && aggregate_is_exact(&etcd).await
+            },
+        )
+        .await;
+        old.acked_rev = Some(IDS_AT + 5);
+        old.settled_rev = Some(IDS_AT + 5);
+        store
+            .put_status("node-1", &old, nodes.leases["node-1"])
+            .await
+            .expect("put");
+        eventually(
+            10,
+            "an aggregate again, node-1 and node-3 in step",
+            || async {
+                aggregate_is_exact(&etcd).await
+                    && store.aggregate().await.ok().flatten().is_some_and(|a| {
+                        a.exact && a.nodes.is_empty() && a.common.acked == IDS_AT + 5
+                    })
+            },
+        )
         .await;
     });
 }

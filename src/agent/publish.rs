@@ -30,6 +30,17 @@ pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
             r.identities_digest.clone()
         },
         handover: !r.waiting_for.is_empty(),
+        // Off: no SA, nothing to acknowledge (as the digest).
+        acked_rev: Some(if r.phase == crate::datastore::ipsec::Phase::Off {
+            0
+        } else {
+            r.acked_rev
+        }),
+        settled_rev: Some(if r.phase == crate::datastore::ipsec::Phase::Off {
+            0
+        } else {
+            r.settled_rev
+        }),
         lanes: r.lanes.clone(),
         unprotected: r.unprotected.len(),
         seq_bits: 64 - r.out_packets.leading_zeros(),

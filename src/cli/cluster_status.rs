@@ -79,9 +79,12 @@ pub struct ClusterStatus {
 /// What the leader's aggregate holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct AggregateRow {
-    /// Nodes it names as in motion.
-    pub others: usize,
-    /// True when it was computed from the identities etcd holds now.
+    /// Nodes it names as differing from the common revisions.
+    pub named: usize,
+    /// False while so many nodes move that it states floors only.
+    pub exact: bool,
+    /// True when the nodes it does not name acknowledge every identity
+    /// record etcd holds now.
     pub current: bool,
 }
 
@@ -135,7 +138,7 @@ pub async fn read(etcd: &Etcd) -> Result<ClusterStatus, CliError> {
     })?;
     let (epochs, _) = store.epochs_lenient().await?;
     let statuses = store.node_statuses().await?;
-    let ids = store.identities().await?;
+    let (ids, newest_identity) = store.identities_rev().await?;
     let digest = identities_digest(&ids);
     let agg = store.aggregate().await?;
     let prefix = format!("{RESOURCES}nodes/");
@@ -222,8 +225,9 @@ pub async fn read(etcd: &Etcd) -> Result<ClusterStatus, CliError> {
         unprotected,
         highest_sequence: highest,
         aggregate: agg.map(|a| AggregateRow {
-            others: a.others.len(),
-            current: a.ids_seen == digest,
+            named: a.nodes.len(),
+            exact: a.exact,
+            current: a.common.acked >= newest_identity,
         }),
     })
 }
@@ -277,8 +281,12 @@ pub fn render(c: &ClusterStatus, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(a) = &c.aggregate {
         writeln!(
             out,
-            "aggregate: {} node(s) in motion{}",
-            a.others,
+            "aggregate: {}{}",
+            if a.exact {
+                format!("{} node(s) in motion", a.named)
+            } else {
+                "many nodes in motion (floors only)".into()
+            },
             if a.current {
                 ""
             } else {

@@ -7,6 +7,7 @@ use super::agreement::Agreed;
 use super::error::ConvergeError;
 use super::facts::Facts;
 use super::identity::{listed, made_before, Mine};
+use crate::datastore::aggregate::Revs;
 use crate::datastore::ipsec::{identities_digest, Identity, IpsecStore};
 use crate::xfrm::handover::{hand_over, possible, Handover, PeerAcks};
 use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan, SaSpec};
@@ -23,6 +24,9 @@ pub(super) struct Decided {
     /// node acknowledges (its status's digest, and what it expects its
     /// peers to acknowledge): [`acknowledged`].
     pub ids_acked: BTreeMap<String, Identity>,
+    /// The identity revisions this node acknowledges and has settled
+    /// (its status's `acked_rev` and `settled_rev`): [`revisions`].
+    pub revs: Revs,
 }
 
 /// What the decide step concluded.
@@ -101,10 +105,17 @@ pub(super) async fn decide(
         None => None,
     };
     let ids_acked = acknowledged(node, &ids_now, agreed, &desired, &facts.snap);
+    let mut revisions = facts.snap.identity_revisions.clone();
+    if let Some((_, rev)) = &mine.ident {
+        revisions.insert(node.to_string(), *rev);
+    }
     if let Some(a) = acks.as_mut() {
         a.current = identities_digest(&ids_acked);
+        a.revisions = revisions.clone();
+        a.me = node.to_string();
     }
     let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
+    let revs = self::revisions(node, &revisions, &ids_acked, &facts.snap, &handover);
     let mut plan = Plan::diff(&desired, &facts.held);
     let stale: Vec<SaSpec> = desired
         .states
@@ -136,7 +147,42 @@ pub(super) async fn decide(
         plan,
         handover,
         ids_acked,
+        revs,
     })))
+}
+
+/// The identity revisions this node's status states. `acked_rev`: the
+/// newest identity record of the snapshot, or less, just below the oldest
+/// one this node does not hold at the incarnation it read (a peer whose
+/// key it lacks, or one it keeps at an older incarnation); every record up
+/// to it is converged. `settled_rev`: no more than that, and below every
+/// pair this node still waits on (the newer identity of it and the peer).
+fn revisions(
+    me: &str,
+    revisions: &BTreeMap<String, i64>,
+    ids_acked: &BTreeMap<String, Identity>,
+    snap: &crate::datastore::snapshot::Snapshot,
+    handover: &Handover,
+) -> Revs {
+    let rev = |n: &str| revisions.get(n).copied().unwrap_or(0);
+    let newest = snap.identity_revisions.values().copied().max().unwrap_or(0);
+    let acked = snap
+        .identities
+        .iter()
+        .filter(|(n, _)| n.as_str() != me)
+        .filter(|(n, i)| {
+            ids_acked
+                .get(*n)
+                .is_none_or(|a| a.incarnation != i.incarnation)
+        })
+        .map(|(n, _)| rev(n) - 1)
+        .fold(newest, i64::min);
+    let settled = handover
+        .waiting_for
+        .iter()
+        .map(|peer| rev(me).max(rev(peer)) - 1)
+        .fold(acked, i64::min);
+    Revs { acked, settled }
 }
 
 /// The identities this node acknowledges: those it converged with, less the

@@ -134,6 +134,7 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         plan,
         handover,
         ids_acked,
+        revs,
         ..
     } = decided;
     let snap = &facts.snap;
@@ -200,6 +201,8 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         changes: plan.describe(8),
         identities_digest: identities_digest(&ids_acked),
+        acked_rev: revs.acked,
+        settled_rev: revs.settled,
         lost_epochs: agreed.lost.iter().copied().collect(),
         unchanged: false,
         coalesced: false,

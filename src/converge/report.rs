@@ -64,6 +64,10 @@ pub struct Report {
     pub changes: Vec<String>,
     /// The digest of the node identities converged with.
     pub identities_digest: String,
+    /// Every identity record up to this etcd revision is converged.
+    pub acked_rev: i64,
+    /// No older incarnation is sent on toward an identity up to this revision.
+    pub settled_rev: i64,
     /// True when the last convergence was found to still hold (etcd's
     /// fingerprint and the kernel unchanged), so nothing else was read.
     pub unchanged: bool,

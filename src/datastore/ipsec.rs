@@ -373,17 +373,26 @@ impl<'a> IpsecStore<'a> {
     pub async fn identities(
         &self,
     ) -> Result<std::collections::BTreeMap<String, Identity>, IpsecStoreError> {
+        Ok(self.identities_rev().await?.0)
+    }
+
+    /// [`IpsecStore::identities`], and the newest `mod_revision` among them.
+    pub async fn identities_rev(
+        &self,
+    ) -> Result<(std::collections::BTreeMap<String, Identity>, i64), IpsecStoreError> {
         let prefix = format!("{PREFIX}nodeids/");
         let (_, kvs) = self.etcd.get_prefix(&prefix, false).await?;
-        Ok(kvs
+        let mut newest = 0;
+        let ids = kvs
             .iter()
             .filter_map(|kv| {
                 let name = kv.key.strip_prefix(&prefix)?.to_string();
-                serde_json::from_slice::<Identity>(&kv.value)
-                    .ok()
-                    .map(|i| (name, i))
+                let i = serde_json::from_slice::<Identity>(&kv.value).ok()?;
+                newest = newest.max(kv.mod_revision);
+                Some((name, i))
             })
-            .collect())
+            .collect();
+        Ok((ids, newest))
     }
 
     /// Every live node's status: well-formed records under a lease.

@@ -121,6 +121,15 @@ impl IpsecStore<'_> {
         Ok(self.etcd().txn("delete epoch", txn).await?)
     }
 
+    /// Deletes `key` while the fence holds (true when it held).
+    pub async fn delete_fenced(&self, fence: &Fence, key: &str) -> Result<bool, IpsecStoreError> {
+        let del = TxnOp::delete(key, None);
+        Ok(self
+            .etcd()
+            .txn(&format!("delete {key}"), fence.txn([], vec![del]))
+            .await?)
+    }
+
     /// Writes `value` at `key` under `lease`, fenced (the leader's status).
     pub async fn put_leased_fenced(
         &self,

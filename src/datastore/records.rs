@@ -375,6 +375,17 @@ pub struct NodeStatus {
     /// them until it is false).
     #[serde(default)]
     pub handover: bool,
+    /// It converged with every identity record up to this etcd revision
+    /// (`None`: a release from before it; 0 in phase off): a peer's
+    /// hand-over toward it waits for this to reach the newer of the two
+    /// nodes' identity revisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_rev: Option<i64>,
+    /// It sends on no older incarnation toward any identity up to this
+    /// revision (at most `acked_rev`): peers keep accepting an older
+    /// incarnation's SAs from it until this reaches their pair's revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_rev: Option<i64>,
     /// The fingerprint of the KEK file the node reads ("" when it cannot
     /// read one): `keys rotate-kek --finish` waits for every node to hold
     /// the new KEK.

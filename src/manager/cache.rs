@@ -38,7 +38,7 @@ const GUID: usize = 6;
 /// One status record, as parsed when it arrived.
 #[derive(Debug, Clone)]
 enum Status {
-    Live(NodeStatus),
+    Live(Box<NodeStatus>),
     Unreadable(String),
     Unleased,
 }
@@ -165,7 +165,7 @@ impl Cache {
                     Status::Unleased
                 } else {
                     match serde_json::from_slice::<NodeStatus>(&kv.value) {
-                        Ok(s) => Status::Live(s),
+                        Ok(s) => Status::Live(Box::new(s)),
                         Err(e) => Status::Unreadable(e.to_string()),
                     }
                 };
@@ -257,7 +257,7 @@ impl Cache {
         let mut out = NodeStatuses::default();
         for (name, st) in &self.statuses {
             match st {
-                Status::Live(s) => out.live.push((name.clone(), s.clone())),
+                Status::Live(s) => out.live.push((name.clone(), (**s).clone())),
                 Status::Unreadable(why) => out.unreadable.push((name.clone(), why.clone())),
                 Status::Unleased => out.unleased.push(name.clone()),
             }
@@ -266,6 +266,7 @@ impl Cache {
     }
 
     /// The identity records.
+    #[cfg(test)]
     pub(super) fn identities(&self) -> &BTreeMap<String, Identity> {
         &self.ids
     }

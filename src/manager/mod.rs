@@ -408,7 +408,12 @@ impl Leading {
         if self.built == Some(generation) {
             return;
         }
-        let agg = Aggregate::build(cache.identities(), &view.live);
+        let Some(agg) = Aggregate::build(&view.live) else {
+            // A live status of a release without revisions (a rolling
+            // upgrade): no aggregate, so every node reads the statuses.
+            self.withdraw(etcd, fence, generation).await;
+            return;
+        };
         let bytes = encode(&agg);
         if self.aggregate.as_ref() == Some(&bytes) {
             self.built = Some(generation);
@@ -417,7 +422,7 @@ impl Leading {
         }
         let since = *self.differs.get_or_insert(now);
         let still = self.moved.1.is_none_or(|t| now - t >= STILL);
-        if agg.others.len() > SMALL && !still && now - since < LATEST {
+        if (!agg.exact || agg.nodes.len() > SMALL) && !still && now - since < LATEST {
             return;
         }
         match IpsecStore::new(etcd)
@@ -426,7 +431,8 @@ impl Leading {
         {
             Ok(true) => {
                 tracing::info!(
-                    others = agg.others.len(),
+                    named = agg.nodes.len(),
+                    exact = agg.exact,
                     bytes = bytes.len(),
                     "wrote the aggregate of the statuses"
                 );
@@ -437,6 +443,28 @@ impl Leading {
             }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "cannot write the aggregate of the statuses"),
+        }
+    }
+
+    /// Deletes the aggregate (once per leadership, while none may be
+    /// written).
+    async fn withdraw(&mut self, etcd: &Etcd, fence: &Fence, generation: u64) {
+        if self.aggregate.as_ref().is_some_and(Vec::is_empty) {
+            self.built = Some(generation);
+            return;
+        }
+        match IpsecStore::new(etcd)
+            .delete_fenced(fence, &aggregate_key())
+            .await
+        {
+            Ok(true) => {
+                tracing::info!("no aggregate of the statuses while a node of an older release runs: nodes read the statuses");
+                self.aggregate = Some(Vec::new());
+                self.built = Some(generation);
+                self.differs = None;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot delete the aggregate of the statuses"),
         }
     }
 

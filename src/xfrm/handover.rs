@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Desired, Dir, Held, KernelSa, SaSpec};
-use crate::datastore::aggregate::{Aggregate, PeerState};
+use crate::datastore::aggregate::{Aggregate, Revs};
 use crate::datastore::ipsec::Identity;
 
 /// What one peer's status record says.
@@ -44,6 +44,9 @@ pub struct PeerAck {
     pub identities: String,
     /// True while the peer still sends on an older incarnation somewhere.
     pub handover: bool,
+    /// Its acknowledged and settled identity revisions, where its release
+    /// says them (then they decide, not the digest).
+    pub revs: Option<Revs>,
 }
 
 /// The peers' status records, for the hand-over.
@@ -53,6 +56,53 @@ pub struct PeerAcks {
     pub current: String,
     /// Live status records, by node name.
     pub peers: BTreeMap<String, PeerAck>,
+    /// The revision of each peer's identity record as this node read it,
+    /// and this node's own under its name: `i64::MAX` where the snapshot
+    /// predates the identity this convergence uses (filled in by it).
+    pub revisions: BTreeMap<String, i64>,
+    /// This node's name.
+    pub me: String,
+}
+
+impl PeerAcks {
+    /// The identity revision a peer's status must reach for the pair
+    /// (this node, `peer`): the newer of the two identities. `None` when
+    /// one of them is newer than this node's snapshot.
+    pub fn need(&self, peer: &str) -> Option<i64> {
+        let mine = self.revisions.get(&self.me).copied().unwrap_or(0);
+        let theirs = self.revisions.get(peer).copied()?;
+        Some(mine.max(theirs)).filter(|r| *r < i64::MAX)
+    }
+
+    /// True when `peer` holds the SAs of this node's and its own current
+    /// identities (or has no status: no agent takes part).
+    fn acked(&self, peer: &str) -> bool {
+        let Some(p) = self.peers.get(peer) else {
+            return true;
+        };
+        match p.revs {
+            Some(r) => self.need(peer).is_some_and(|n| r.acked >= n),
+            None => p.identities == self.current,
+        }
+    }
+
+    /// True when `peer` may still send toward this node on an older
+    /// incarnation's SA.
+    fn may_send_old(&self, peer: &str, ids: &BTreeMap<String, Identity>) -> bool {
+        let Some(p) = self.peers.get(peer) else {
+            return false;
+        };
+        match p.revs {
+            Some(r) => self.need(peer).is_none_or(|n| r.settled < n),
+            None => {
+                p.handover
+                    || p.identities != self.current
+                    || ids
+                        .get(peer)
+                        .is_some_and(|i| i.incarnation != p.incarnation)
+            }
+        }
+    }
 }
 
 /// What the hand-over kept.
@@ -110,13 +160,12 @@ pub fn possible(want: &Desired, held: &Held) -> bool {
 }
 
 impl PeerAcks {
-    /// From the live status records, by node name (`current` is filled in
-    /// by the convergence).
+    /// From the live status records, by node name (`current`, `revisions`
+    /// and `me` are filled in by the convergence).
     pub fn from_statuses<'a>(
         statuses: impl IntoIterator<Item = (&'a str, &'a crate::datastore::ipsec::NodeStatus)>,
     ) -> Self {
         PeerAcks {
-            current: String::new(),
             peers: statuses
                 .into_iter()
                 .map(|(name, st)| {
@@ -124,43 +173,33 @@ impl PeerAcks {
                         incarnation: st.incarnation,
                         identities: st.identities.clone(),
                         handover: st.handover,
+                        revs: Revs::of(st),
                     };
                     (name.to_string(), ack)
                 })
                 .collect(),
+            ..PeerAcks::default()
         }
     }
-}
 
-impl PeerAcks {
     /// From the leader's aggregate, for a node whose identity records are
-    /// `ids`. A peer the aggregate cannot speak for (it was computed from
-    /// other identities) counts as not acknowledging and still handing
-    /// over: the conservative answer both ways, until the aggregate
-    /// catches up.
+    /// `ids`: each peer says its own revisions or the common ones.
     pub fn from_aggregate(agg: &Aggregate, ids: &BTreeMap<String, Identity>) -> Self {
-        let digest = crate::datastore::ipsec::identities_digest(ids);
         let peers = ids
             .iter()
             .map(|(name, i)| {
-                let ack = match agg.peer(name, ids, &digest) {
-                    PeerState::Says(a) => PeerAck {
-                        incarnation: a.incarnation,
-                        identities: a.identities,
-                        handover: a.handover,
-                    },
-                    PeerState::Unknown => PeerAck {
-                        incarnation: i.incarnation,
-                        identities: String::new(),
-                        handover: true,
-                    },
+                let ack = PeerAck {
+                    incarnation: i.incarnation,
+                    identities: String::new(),
+                    handover: false,
+                    revs: Some(agg.peer(name)),
                 };
                 (name.clone(), ack)
             })
             .collect();
         PeerAcks {
-            current: String::new(),
             peers,
+            ..PeerAcks::default()
         }
     }
 }
@@ -176,24 +215,13 @@ pub fn hand_over(
     acks: Option<&PeerAcks>,
 ) -> Handover {
     let mut h = Handover::default();
-    let acked = |peer: &str| {
-        acks.is_some_and(|a| a.peers.get(peer).is_none_or(|p| p.identities == a.current))
-    };
     // A peer with no status takes no part in hand-overs (no agent, or
     // dead): it switched at once, as its ADDs do without statuses.
+    let acked = |peer: &str| acks.is_some_and(|a| a.acked(peer));
     // A peer that has not acknowledged the current identities may still
     // send on a twin made for this node's older incarnation (keys that
     // bind both ends: this node's new incarnation is a new SPI too).
-    let may_send_old = |peer: &str| match acks {
-        None => true,
-        Some(a) => a.peers.get(peer).is_some_and(|p| {
-            p.handover
-                || p.identities != a.current
-                || ids
-                    .get(peer)
-                    .is_some_and(|i| i.incarnation != p.incarnation)
-        }),
-    };
+    let may_send_old = |peer: &str| acks.is_none_or(|a| a.may_send_old(peer, ids));
     let waiting: Vec<SaSpec> = want
         .states
         .values()

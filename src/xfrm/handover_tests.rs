@@ -78,6 +78,7 @@ fn acks(current: &BTreeMap<String, Identity>, acked: &[&str], handover: &[&str])
                     "older".into()
                 },
                 handover: handover.contains(&n.as_str()),
+                revs: None,
             };
             (n, ack)
         })
@@ -85,7 +86,33 @@ fn acks(current: &BTreeMap<String, Identity>, acked: &[&str], handover: &[&str])
     PeerAcks {
         current: digest,
         peers,
+        ..PeerAcks::default()
     }
+}
+
+/// Acknowledgements by revision, as `me` sees them: node-N's identity
+/// record at `ids_at[N-1]`, and each peer's (acked, settled) as the
+/// aggregate states it.
+fn rev_acks(me: &str, ids_at: [i64; 3], says: [(i64, i64); 3]) -> PeerAcks {
+    let mut agg = Aggregate {
+        exact: true,
+        ..Aggregate::default()
+    };
+    for (n, (acked, settled)) in says.iter().enumerate() {
+        agg.nodes.insert(
+            format!("node-{}", n + 1),
+            Revs {
+                acked: *acked,
+                settled: *settled,
+            },
+        );
+    }
+    let mut a = PeerAcks::from_aggregate(&agg, &ids([11, 20, 30]));
+    a.me = me.to_string();
+    a.revisions = (0..3)
+        .map(|n| (format!("node-{}", n + 1), ids_at[n]))
+        .collect();
+    a
 }
 
 fn out_spis(d: &Desired) -> BTreeMap<String, u32> {
@@ -232,7 +259,7 @@ fn peers_without_a_status_take_no_part() {
     let after = ids([11, 20, 30]);
     let none = PeerAcks {
         current: crate::datastore::ipsec::identities_digest(&after),
-        peers: BTreeMap::new(),
+        ..PeerAcks::default()
     };
     let held = Held::exactly(&desired_of("node-1", &before));
     let mut want = desired_of("node-1", &after);
@@ -310,4 +337,101 @@ fn with_keys_that_bind_both_ends_a_receivers_new_incarnation_hands_over_too() {
         Some(&acks(&after, &["node-1", "node-2", "node-3"], &[])),
     );
     assert_eq!(from_2(&want), new);
+}
+
+#[test]
+fn by_revision_a_new_incarnation_waits_for_each_peer_to_reach_it() {
+    // node-1 rebooted: its identity record is now at revision 50; node-2's
+    // is at 20 and node-3's at 30.
+    let before = ids([10, 20, 30]);
+    let after = ids([11, 20, 30]);
+    let at = [50, 20, 30];
+    let held = Held::exactly(&desired_of("node-1", &before));
+    let old = out_spis(&desired_of("node-1", &before));
+    let new = out_spis(&desired_of("node-1", &after));
+
+    // node-2 converged up to 50, node-3 only up to 49: node-2's new SA goes
+    // in, node-3 keeps the old one.
+    let mut want = desired_of("node-1", &after);
+    let acks = rev_acks("node-1", at, [(50, 49), (50, 50), (49, 49)]);
+    let h = hand_over(&mut want, &held, &after, Some(&acks));
+    assert_eq!(h.waiting_for, BTreeSet::from(["node-3".to_string()]));
+    let spis = out_spis(&want);
+    assert_eq!(spis["node-2"], new["node-2"]);
+    assert_eq!(spis["node-3"], old["node-3"]);
+
+    // Floors only (a whole cluster in motion): at least 50 for everyone.
+    let floors = Aggregate {
+        common: Revs {
+            acked: 50,
+            settled: 49,
+        },
+        ..Aggregate::default()
+    };
+    let mut a = PeerAcks::from_aggregate(&floors, &after);
+    a.me = "node-1".into();
+    a.revisions = (0..3).map(|n| (format!("node-{}", n + 1), at[n])).collect();
+    let mut want = desired_of("node-1", &after);
+    assert!(hand_over(&mut want, &held, &after, Some(&a))
+        .waiting_for
+        .is_empty());
+    assert_eq!(out_spis(&want), new);
+
+    // This node's own record is newer than its snapshot: nobody can have
+    // acknowledged it yet.
+    let mut unknown = rev_acks("node-1", at, [(50, 50), (99, 99), (99, 99)]);
+    unknown.revisions.insert("node-1".into(), i64::MAX);
+    let mut want = desired_of("node-1", &after);
+    let h = hand_over(&mut want, &held, &after, Some(&unknown));
+    assert_eq!(h.waiting_for.len(), 2);
+    assert_eq!(out_spis(&want), old);
+}
+
+#[test]
+fn by_revision_a_peer_keeps_the_older_inbound_sa_until_the_sender_settles() {
+    let before = ids([10, 20, 30]);
+    let after = ids([11, 20, 30]);
+    let at = [50, 20, 30];
+    let held = Held::exactly(&desired_of("node-2", &before));
+    let inbound = |w: &Desired| {
+        w.states
+            .values()
+            .filter(|s| s.dir == Dir::In && s.sender == "node-1")
+            .count()
+    };
+    // node-1 still waits on a pair at revision 50 (settled 49): it may
+    // still send on its older SA toward node-2, so both stay.
+    let mut want = desired_of("node-2", &after);
+    let h = hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&rev_acks("node-2", at, [(50, 49), (50, 50), (50, 50)])),
+    );
+    assert_eq!(inbound(&want), 2);
+    assert_eq!(h.kept_inbound, 1);
+    // node-1 waits only on node-3, whose record is newer (60): the pair
+    // (node-1, node-2) is settled, so only the new SA stays.
+    let mut want = desired_of("node-2", &after);
+    let h = hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&rev_acks(
+            "node-2",
+            [50, 20, 60],
+            [(60, 59), (60, 60), (60, 60)],
+        )),
+    );
+    assert_eq!(inbound(&want), 1);
+    assert!(h.is_done());
+    // node-1 has settled everything up to 50.
+    let mut want = desired_of("node-2", &after);
+    hand_over(
+        &mut want,
+        &held,
+        &after,
+        Some(&rev_acks("node-2", at, [(50, 50), (50, 50), (50, 50)])),
+    );
+    assert_eq!(inbound(&want), 1);
 }

@@ -163,7 +163,7 @@ check_eq "status --cluster: epoch 4 active, installed and sent with on every nod
     "$(jq -c '[.epochs[] | select(.epoch == 4) | .state, .installed, .sending]' <<<"$cl")" '["active",3,3]'
 check_eq "status --cluster: no node behind, none without an agent, no path blocked" \
     "$(jq -c '[.behind, .not_following, .unprotected]' <<<"$cl")" '[[],[],{}]'
-check_eq "status --cluster: the leader's aggregate has every node in step" "$(jq -c '.aggregate' <<<"$cl")" '{"others":0,"current":true}'
+check_eq "status --cluster: the leader's aggregate has every node in step" "$(jq -c '.aggregate' <<<"$cl")" '{"named":0,"exact":true,"current":true}'
 check_ge "status --cluster: every node sends on a lane" "$(jq '[.lanes[]] | add' <<<"$cl")" 3
 info "status --cluster:"
 nsx wire "$bin" status --cluster --etcd-endpoints "$ETCD_ENDPOINTS" | indent
