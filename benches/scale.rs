@@ -515,6 +515,27 @@ fn row(n: usize) -> String {
         std::thread::sleep(Duration::from_secs(10))
     });
     let (_, rss) = cpu_rss(pid);
+    // The floor for one round of N status writes: every simulated node's
+    // connection writes a status-sized value for each of its nodes at
+    // once, as a step's acknowledgements do, with no manager involved.
+    let floor = {
+        let value = serde_json::to_vec(&NodeStatus::default()).unwrap_or_default();
+        let t = Instant::now();
+        rt.block_on(async {
+            let mut tasks = Vec::with_capacity(n);
+            for i in 0..n {
+                let (etcd, value) = (clients[i / PER_CONNECTION].clone(), value.clone());
+                tasks.push(tokio::spawn(async move {
+                    let key = format!("/bench/floor/node-{i}");
+                    let _ = etcd.put(&key, value.clone(), None).await;
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+        t.elapsed().as_secs_f64()
+    };
     let kek_arg = kek_path.to_string_lossy().into_owned();
     let (_, rotation) = measure(&endpoint, pid, || {
         cli(&endpoint, &["keys", "rotate", "--kek-file", &kek_arg]);
@@ -558,7 +579,7 @@ fn row(n: usize) -> String {
     rt.shutdown_timeout(Duration::from_secs(1));
     let per_node = |w: &Window, x: f64| x / w.secs / n as f64;
     format!(
-        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % | {:.1} s ({:.0} ev, {:.1} MB) |",
+        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % | {floor:.2} s | {:.1} | {:.1} s ({:.0} ev, {:.1} MB) |",
         per_node(&idle_off, idle_off.events),
         per_node(&idle_off, idle_off.bytes),
         per_node(&idle, idle.events),
@@ -571,6 +592,7 @@ fn row(n: usize) -> String {
         rotation.events,
         rotation.bytes / 1e6,
         rotation.cpu / rotation.secs * 100.0,
+        rotation.secs / floor,
         reboot.secs,
         reboot.events,
         reboot.bytes / 1e6,
@@ -586,8 +608,8 @@ fn main() {
         .split_whitespace()
         .filter_map(|s| s.parse().ok())
         .collect();
-    println!("| nodes | ids and incarnations, all nodes | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation | one node's new incarnation, until every node settled (events, bytes) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| nodes | ids and incarnations, all nodes | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation | N status puts at once (floor) | rotation / floor | one node's new incarnation, until every node settled (events, bytes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         println!("{}", row(n));
     }

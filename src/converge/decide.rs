@@ -115,7 +115,7 @@ pub(super) async fn decide(
         a.me = node.to_string();
     }
     let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
-    let revs = self::revisions(node, &revisions, &ids_acked, &facts.snap, &handover);
+    let revs = self::revisions(node, &revisions, &ids_now, &facts.snap, &handover);
     let mut plan = Plan::diff(&desired, &facts.held);
     let stale: Vec<SaSpec> = desired
         .states
@@ -153,14 +153,18 @@ pub(super) async fn decide(
 
 /// The identity revisions this node's status states. `acked_rev`: the
 /// newest identity record of the snapshot, or less, just below the oldest
-/// one this node does not hold at the incarnation it read (a peer whose
-/// key it lacks, or one it keeps at an older incarnation); every record up
-/// to it is converged. `settled_rev`: no more than that, and below every
-/// pair this node still waits on (the newer identity of it and the peer).
+/// one whose peer this node keeps at an older incarnation (its new key is
+/// not readable yet, `agreement::lagging`); every record up to it is
+/// converged. A peer with no key at all in an epoch (a node that never
+/// published one: dead, or not yet started) does not lower it: it holds
+/// no SA of an older incarnation to hand over from, and a dead node must
+/// not hold every later hand-over back. `settled_rev`: no more than that,
+/// and below every pair this node still waits on (the newer identity of
+/// it and the peer).
 fn revisions(
     me: &str,
     revisions: &BTreeMap<String, i64>,
-    ids_acked: &BTreeMap<String, Identity>,
+    ids_now: &BTreeMap<String, Identity>,
     snap: &crate::datastore::snapshot::Snapshot,
     handover: &Handover,
 ) -> Revs {
@@ -171,9 +175,9 @@ fn revisions(
         .iter()
         .filter(|(n, _)| n.as_str() != me)
         .filter(|(n, i)| {
-            ids_acked
+            ids_now
                 .get(*n)
-                .is_none_or(|a| a.incarnation != i.incarnation)
+                .is_some_and(|a| a.incarnation != i.incarnation)
         })
         .map(|(n, _)| rev(n) - 1)
         .fold(newest, i64::min);
@@ -202,4 +206,87 @@ fn acknowledged(
         .filter(|(n, _)| !keyless.contains(*n))
         .map(|(n, i)| (n.clone(), i.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn ident(inc: u32) -> Identity {
+        Identity {
+            id: 1,
+            incarnation: inc,
+            boot_id: String::new(),
+        }
+    }
+
+    /// node-1 (me) at revision 10, node-2 at 20, node-3 at 30, node-4 at 40.
+    fn snap() -> crate::datastore::snapshot::Snapshot {
+        let mut s = crate::datastore::snapshot::Snapshot::default();
+        for (n, rev) in [(1, 10), (2, 20), (3, 30), (4, 40)] {
+            s.identities.insert(format!("node-{n}"), ident(1));
+            s.identity_revisions.insert(format!("node-{n}"), rev);
+        }
+        s
+    }
+
+    #[test]
+    fn acked_is_the_newest_record_unless_a_peer_is_kept_at_an_older_incarnation() {
+        let s = snap();
+        let revs = s.identity_revisions.clone();
+        let mut now = s.identities.clone();
+        let none = Handover::default();
+        assert_eq!(
+            revisions("node-1", &revs, &now, &s, &none),
+            Revs {
+                acked: 40,
+                settled: 40
+            }
+        );
+        // node-3's new key is not readable yet: kept at incarnation 0.
+        now.insert("node-3".into(), ident(0));
+        assert_eq!(
+            revisions("node-1", &revs, &now, &s, &none),
+            Revs {
+                acked: 29,
+                settled: 29
+            }
+        );
+        // A peer missing from the convergence altogether (it never
+        // published a key: a dead node) does not lower it.
+        let mut now = s.identities.clone();
+        now.remove("node-2");
+        assert_eq!(revisions("node-1", &revs, &now, &s, &none).acked, 40);
+    }
+
+    #[test]
+    fn settled_stays_below_every_pair_still_waited_on() {
+        let s = snap();
+        let mut revs = s.identity_revisions.clone();
+        let now = s.identities.clone();
+        let waiting = |peers: &[&str]| Handover {
+            waiting_for: peers.iter().map(|p| p.to_string()).collect::<BTreeSet<_>>(),
+            ..Handover::default()
+        };
+        // Waiting on node-2 (20) and node-4 (40): below the older pair.
+        assert_eq!(
+            revisions("node-1", &revs, &now, &s, &waiting(&["node-2", "node-4"])),
+            Revs {
+                acked: 40,
+                settled: 19
+            }
+        );
+        // This node's own new incarnation (revision 50, newer than the
+        // snapshot): every pair is at 50, and nothing past the snapshot
+        // is acknowledged.
+        revs.insert("node-1".into(), 50);
+        assert_eq!(
+            revisions("node-1", &revs, &now, &s, &waiting(&["node-2"])),
+            Revs {
+                acked: 40,
+                settled: 40
+            }
+        );
+    }
 }
