@@ -354,6 +354,49 @@ fn concurrent_id_allocation_is_unique() {
         .all(|i| (1..=calico_ipsec::keys::MAX_NODE_ID).contains(i)));
 }
 
+/// What a node just past a new incarnation asks etcd: did another
+/// identity record change between its snapshot's newest and its own?
+#[test]
+fn identities_modified_between_sees_only_writes_strictly_in_between() {
+    let server = EtcdServer::start();
+    let s = settings(&server);
+    rt().block_on(async {
+        let etcd = Etcd::connect(&s).await.expect("connect");
+        let store = IpsecStore::new(&etcd);
+        let ids = "/calico/ipsec/v1/nodeids/";
+        let put = |k: &str| {
+            let etcd = etcd.clone();
+            let key = format!("{ids}{k}");
+            async move {
+                etcd.put(&key, b"{}".to_vec(), None).await.expect("put");
+                etcd.get(&key)
+                    .await
+                    .expect("get")
+                    .expect("there")
+                    .mod_revision
+            }
+        };
+        let a = put("node-a").await;
+        // Another prefix moves etcd's revision, not the identities.
+        etcd.put("/calico/ipsec/v1/other", b"x".to_vec(), None)
+            .await
+            .expect("put");
+        let b = put("node-b").await;
+        assert!(b > a + 1);
+        assert!(!store.identities_modified_between(a, b).await.expect("read"));
+        let c = put("node-c").await;
+        let d = put("node-d").await;
+        assert!(
+            store.identities_modified_between(b, d).await.expect("read"),
+            "node-c in between"
+        );
+        assert!(!store.identities_modified_between(c, d).await.expect("read"));
+        // node-c written again: its record is no longer in between.
+        put("node-c").await;
+        assert!(!store.identities_modified_between(b, d).await.expect("read"));
+    });
+}
+
 #[test]
 fn node_status_vanishes_with_its_lease() {
     let server = EtcdServer::start();

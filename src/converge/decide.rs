@@ -115,7 +115,19 @@ pub(super) async fn decide(
         a.me = node.to_string();
     }
     let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
-    let revs = self::revisions(node, &revisions, &ids_now, &facts.snap, &handover);
+    let mut revs = self::revisions(node, &revisions, &ids_now, &facts.snap, &handover);
+    if let Some(r) = own_record_next(store, mine, &facts.snap).await? {
+        // The snapshot predates only our own new record: it is converged
+        // with every identity up to it (without waiting for the watch to
+        // bring it back, one more convergence before peers may switch).
+        revs = self::revisions(
+            node,
+            &revisions,
+            &ids_now,
+            &with_own(&facts.snap, node, r),
+            &handover,
+        );
+    }
     let mut plan = Plan::diff(&desired, &facts.held);
     let stale: Vec<SaSpec> = desired
         .states
@@ -149,6 +161,40 @@ pub(super) async fn decide(
         ids_acked,
         revs,
     })))
+}
+
+/// The revision of this node's own identity record when it is newer than
+/// every record of the snapshot and no other identity record changed in
+/// between (one linearizable read, only then: just after a new incarnation).
+async fn own_record_next(
+    store: &IpsecStore<'_>,
+    mine: &Mine,
+    snap: &crate::datastore::snapshot::Snapshot,
+) -> Result<Option<i64>, ConvergeError> {
+    let Some((_, rev)) = &mine.ident else {
+        return Ok(None);
+    };
+    let newest = snap.identity_revisions.values().copied().max().unwrap_or(0);
+    if *rev <= newest {
+        return Ok(None);
+    }
+    let moved = store.identities_modified_between(newest, *rev).await?;
+    Ok((!moved).then_some(*rev))
+}
+
+/// `snap` with this node's own identity record at revision `rev`.
+fn with_own(
+    snap: &crate::datastore::snapshot::Snapshot,
+    me: &str,
+    rev: i64,
+) -> crate::datastore::snapshot::Snapshot {
+    let mut s = crate::datastore::snapshot::Snapshot {
+        identities: snap.identities.clone(),
+        identity_revisions: snap.identity_revisions.clone(),
+        ..Default::default()
+    };
+    s.identity_revisions.insert(me.to_string(), rev);
+    s
 }
 
 /// The identity revisions this node's status states. `acked_rev`: the

@@ -369,6 +369,17 @@ impl<'a> IpsecStore<'a> {
             .map_or(0, |(_, lease)| lease))
     }
 
+    /// True when an identity record was written strictly between revisions
+    /// `after` and `before`.
+    pub async fn identities_modified_between(
+        &self,
+        after: i64,
+        before: i64,
+    ) -> Result<bool, IpsecStoreError> {
+        let prefix = format!("{PREFIX}nodeids/");
+        Ok(self.etcd.modified_between(&prefix, after, before).await?)
+    }
+
     /// Every node identity (malformed records left out, as a snapshot does).
     pub async fn identities(
         &self,

@@ -369,6 +369,37 @@ impl Etcd {
             .collect())
     }
 
+    /// True when a key under `prefix` was last modified strictly between
+    /// revisions `after` and `before` (a linearizable read that returns
+    /// only those keys, without values).
+    pub async fn modified_between(
+        &self,
+        prefix: &str,
+        after: i64,
+        before: i64,
+    ) -> Result<bool, EtcdError> {
+        if before - after <= 1 {
+            return Ok(false);
+        }
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_min_mod_revision(after + 1)
+            .with_max_mod_revision(before - 1);
+        let (resp, _) = self
+            .members
+            .call(
+                &format!("get {prefix}* (keys modified in {after}..{before})"),
+                false,
+                |c| {
+                    let opts = opts.clone();
+                    async move { kv(&c).get(prefix, Some(opts)).await }
+                },
+            )
+            .await?;
+        Ok(!resp.kvs().is_empty())
+    }
+
     /// Reads every key under `prefix` with the lease each is bound to (0: none).
     pub async fn get_prefix_leased(&self, prefix: &str) -> Result<Vec<(Kv, i64)>, EtcdError> {
         let opts = GetOptions::new().with_prefix();
