@@ -12,6 +12,12 @@ HOST_BIN     := target/release/calico-ipsec
 # could not build it (it says so loudly).
 VM_BIN        = $$(if [ -x $(BIN) ]; then echo $(CURDIR)/$(BIN); else echo $(CURDIR)/$(HOST_BIN); fi)
 FUZZ_SECONDS ?= 60
+# The release before this one: the rolling-upgrade suite (test_upgrade.sh)
+# starts the cluster on it and rolls it to this tree's build. `prev-build`
+# builds it from git's copy of this commit into $(PREV_BIN).
+PREV_RELEASE := 9dcf2ae
+PREV_SRC     := target/prev-src
+PREV_BIN     := target/prev-bin/calico-ipsec
 
 # Debian packages the build and the tests need (see DESIGN §7); prometheus
 # brings promtool, which checks both /metrics endpoints in `make unit`;
@@ -28,7 +34,7 @@ VALIDATOR_VENV    := target/manifest-venv
 VALIDATOR         := $(VALIDATOR_VENV)/bin/kubernetes-validate
 IMAGE             ?= calico-ipsec:0.1.0
 
-.PHONY: all build dist deps lint unit podman e2e test test-long fips fips-e2e demo demo-run bench bench-scale fuzz clean validate-manifests image
+.PHONY: all build dist prev-build deps lint unit podman e2e test test-long fips fips-e2e demo demo-run bench bench-scale fuzz clean validate-manifests image
 
 all: build
 
@@ -53,11 +59,43 @@ build:
 	$(CARGO) build --release --locked --bin calico-ipsec --example cni_client; }
 
 ## dist: the shipped binary, static (musl, static-pie), as install/Dockerfile builds it.
+DIST_BIN := --bin calico-ipsec
 dist:
 	@rustup target list --installed | grep -qx $(MUSL) || rustup target add $(MUSL)
 	CC_x86_64_unknown_linux_musl=musl-gcc \
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build --release --locked --target $(MUSL) --bin calico-ipsec $(DIST_EXTRA)
+		$(CARGO) build --release --locked --target $(MUSL) $(DIST_BIN) $(DIST_EXTRA)
+
+## prev-build: the previous release's binary ($(PREV_RELEASE), PREV_RELEASE) in
+## $(PREV_BIN), for the upgrade suite: git's copy of that commit in
+## $(PREV_SRC), built as `dist` builds (the host build where that cannot be
+## built, like `build`) in this target directory, so that the dependencies
+## built for this release are reused and only the crate itself compiles.
+## cargo tells two copies of one package apart by name and version, not by
+## directory, and takes a crate for up to date when its files are older
+## than its last build: under one name, this release's build could take the
+## other's crate for its own (and the reverse), another commit extracted
+## with older file times would keep the binary of the one before, and both
+## binaries would land on $(BIN). So the copy's package and binary are
+## renamed after the commit, $(PREV_NAME) (in Cargo.toml and Cargo.lock;
+## the code is untouched): nothing this release builds is read or
+## overwritten, and each PREV_RELEASE builds on its own.
+PREV_NAME   = calico-ipsec-prev-$(shell git rev-parse --short=12 '$(PREV_RELEASE)^{commit}' 2>/dev/null)
+PREV_CARGO  = --manifest-path $(PREV_SRC)/Cargo.toml --target-dir $(CURDIR)/target
+prev-build:
+	@git rev-parse -q --verify '$(PREV_RELEASE)^{commit}' >/dev/null || { \
+	echo "prev-build: commit $(PREV_RELEASE) (PREV_RELEASE, the previous release) is not in this clone's history;" \
+	"a shallow clone? run 'git fetch --unshallow' or clone without --depth" >&2; exit 1; }
+	@rm -rf $(PREV_SRC) $(PREV_BIN) && mkdir -p $(PREV_SRC) $(dir $(PREV_BIN))
+	git archive $(PREV_RELEASE) | tar -x -C $(PREV_SRC)
+	sed -i 's/^name = "calico-ipsec"$$/name = "$(PREV_NAME)"/' $(PREV_SRC)/Cargo.toml $(PREV_SRC)/Cargo.lock
+	@grep -qx 'name = "$(PREV_NAME)"' $(PREV_SRC)/Cargo.lock || { \
+	echo "prev-build: no package calico-ipsec in $(PREV_RELEASE)'s Cargo.lock to rename" >&2; exit 1; }
+	@if $(MAKE) --no-print-directory dist DIST_BIN="--bin $(PREV_NAME)" DIST_EXTRA="$(PREV_CARGO)"; then \
+		cp target/$(MUSL)/release/$(PREV_NAME) $(PREV_BIN); \
+	else echo "WARNING: the previous release's static binary could not be built; building the host one" >&2; \
+		$(CARGO) build --release --locked --bin $(PREV_NAME) $(PREV_CARGO) && cp target/release/$(PREV_NAME) $(PREV_BIN); fi
+	@echo "prev-build: $(PREV_RELEASE) built: $(PREV_BIN)"
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -74,11 +112,12 @@ podman: deps build
 
 ## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
 ## The Rust tier of xfrm/kernel.rs (tests/xfrm_kernel.rs, #[ignore]d on the host) runs first.
-e2e: build
+## The upgrade suite (test_upgrade.sh) also runs the previous release (prev-build).
+e2e: build prev-build
 	exe=$$($(CARGO) test --locked --no-run --test xfrm_kernel --message-format=json 2>/dev/null \
 		| jq -r 'select(.target.name == "xfrm_kernel" and .executable != null) | .executable'); \
 	test -n "$$exe" && CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=600 tests/e2e/vm.sh "$$exe" --ignored
-	CALICO_IPSEC=$(VM_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/vm.sh tests/e2e/run-all.sh
+	CALICO_IPSEC=$(VM_BIN) E2E_PREV_BIN=$(CURDIR)/$(PREV_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/vm.sh tests/e2e/run-all.sh
 
 ## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
 validate-manifests: deps $(VALIDATOR)

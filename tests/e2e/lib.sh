@@ -284,14 +284,15 @@ xfrm_errors() {
 
 # ----------------------------------------------------------------- capture
 
-# cap_start NS IFACE FILE [SNAPLEN]: tcpdump on IFACE in e2e-NS into FILE
-# (pcap; SNAPLEN 256 by default, 0 for whole packets); returns once tcpdump
-# is listening. Sets CAP_PID.
+# cap_start NS IFACE FILE [SNAPLEN] [FILTER]: tcpdump on IFACE in e2e-NS
+# into FILE (pcap; SNAPLEN 256 by default, 0 for whole packets; only the
+# packets the tcpdump expression FILTER matches, when given); returns once
+# tcpdump is listening. Sets CAP_PID.
 cap_start() {
     local ns=$1 ifc=$2 file=$3 snap=${4:-256} i
     # Not through nsx: $! must be tcpdump itself (ip netns exec execs it),
     # not a subshell that would leave tcpdump running when killed.
-    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -B 16384 -s "$snap" -Z root -w "$file" \
+    ip netns exec "$E2E_NS_PREFIX$ns" tcpdump -i "$ifc" -n -U -B 16384 -s "$snap" -Z root -w "$file" ${5:+"$5"} \
         </dev/null >/dev/null 2>"$file.err" &
     CAP_PID=$!
     E2E_CAP_PIDS+=("$CAP_PID")
@@ -316,6 +317,12 @@ cap_stop() {
     done
     kill -KILL "$CAP_PID" 2>/dev/null || true
     wait "$CAP_PID" 2>/dev/null || true
+}
+
+# cap_stats FILE: "CAPTURED DROPPED", the packets the stopped capture into
+# FILE wrote and those the kernel dropped before it could (as tcpdump says).
+cap_stats() {
+    awk '/packets captured/ {c = $1} /dropped by kernel/ {d = $1} END {print c + 0, d + 0}' "$1.err"
 }
 
 # cap_ipv4 FILE: one line per IPv4 packet: "PROTO LENGTH SRC DST" with
