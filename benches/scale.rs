@@ -537,6 +537,13 @@ fn row(n: usize) -> String {
         t.elapsed().as_secs_f64()
     };
     let kek_arg = kek_path.to_string_lossy().into_owned();
+    // Who used the 2 cores during the rotation: the manager (in the
+    // window), etcd and this process (the simulated nodes).
+    let others = || {
+        let etcd_cpu = server.pid().map_or(0.0, |p| cpu_rss(p).0);
+        (etcd_cpu, cpu_rss(std::process::id()).0)
+    };
+    let before = others();
     let (_, rotation) = measure(&endpoint, pid, || {
         cli(&endpoint, &["keys", "rotate", "--kek-file", &kek_arg]);
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -548,6 +555,9 @@ fn row(n: usize) -> String {
             std::thread::sleep(Duration::from_millis(50));
         }
     });
+    let after = others();
+    let etcd_cores = (after.0 - before.0) / rotation.secs;
+    let sim_cores = (after.1 - before.1) / rotation.secs;
     // One node's new incarnation (a reboot): every node converges with the
     // new identities, node-1 and every peer hand over through the leader's
     // aggregate, until every status says the new record is settled.
@@ -579,7 +589,7 @@ fn row(n: usize) -> String {
     rt.shutdown_timeout(Duration::from_secs(1));
     let per_node = |w: &Window, x: f64| x / w.secs / n as f64;
     format!(
-        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % | {floor:.2} s | {:.1} | {:.1} s ({:.0} ev, {:.1} MB) |",
+        "| {n} | {ids_secs:.1} s | {:.2} / {:.0} B | {:.2} / {:.0} B | {:.1} % | {rss:.0} MiB | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} s ({:.0} ev, {:.1} MB) | {:.1} % | {etcd_cores:.2} / {sim_cores:.2} | {floor:.2} s | {:.1} | {:.1} s ({:.0} ev, {:.1} MB) |",
         per_node(&idle_off, idle_off.events),
         per_node(&idle_off, idle_off.bytes),
         per_node(&idle, idle.events),
@@ -608,8 +618,8 @@ fn main() {
         .split_whitespace()
         .filter_map(|s| s.parse().ok())
         .collect();
-    println!("| nodes | ids and incarnations, all nodes | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation | N status puts at once (floor) | rotation / floor | one node's new incarnation, until every node settled (events, bytes) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| nodes | ids and incarnations, all nodes | idle (off): events/node/s / bytes/node/s | idle (enforce): events/node/s / bytes/node/s | manager CPU idle | manager RSS | enable --wait (etcd events, bytes sent) | rotation, overlap 0 (events, bytes) | manager CPU in rotation | etcd / simulator cores in rotation | N status puts at once (floor) | rotation / floor | one node's new incarnation, until every node settled (events, bytes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         println!("{}", row(n));
     }

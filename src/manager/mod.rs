@@ -132,14 +132,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 const ECHO_WAIT: Duration = Duration::from_secs(5);
 /// How long a burst of changes may take before the leader decides on it.
 const SETTLE: Duration = Duration::from_millis(20);
-/// The most nodes in motion an aggregate names and is still written at once.
-/// A larger one (a whole cluster moving to new identities) goes to every
-/// node, so it waits until the statuses have been still for [`STILL`], or
-/// for [`LATEST`] at most: by then most nodes have moved and it is small.
-const SMALL: usize = 16;
-/// See [`SMALL`].
+/// The most bytes one write of the aggregate may send to the nodes (its
+/// size times the live nodes, each of which watches it) and still go out
+/// at once. A record that names many nodes of a large cluster changes with
+/// each of them, so it waits until the statuses have been still for
+/// [`STILL`], or for [`LATEST`] at most. A record of floors names nobody:
+/// it is small, and changes only when the slowest node moves.
+const FANOUT_MAX: usize = 4 << 20;
+/// See [`FANOUT_MAX`].
 const STILL: Duration = Duration::from_secs(1);
-/// See [`SMALL`].
+/// See [`FANOUT_MAX`].
 const LATEST: Duration = Duration::from_secs(5);
 /// How often the leader opens the epochs with its KEK again even when no
 /// record changed (the KEK file may have).
@@ -422,7 +424,8 @@ impl Leading {
         }
         let since = *self.differs.get_or_insert(now);
         let still = self.moved.1.is_none_or(|t| now - t >= STILL);
-        if (!agg.exact || agg.nodes.len() > SMALL) && !still && now - since < LATEST {
+        let fanout = bytes.len().saturating_mul(view.live.len());
+        if fanout > FANOUT_MAX && !still && now - since < LATEST {
             return;
         }
         match IpsecStore::new(etcd)

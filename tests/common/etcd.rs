@@ -30,6 +30,13 @@ pub struct EtcdServer {
     pub tls: Option<TlsFiles>,
 }
 
+impl EtcdServer {
+    /// The etcd process's id (for its CPU in benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
