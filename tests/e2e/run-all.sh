@@ -7,6 +7,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 pattern=${1:-*}
+# The guest's devtmpfs has no /dev/fd, which process substitution needs.
+[[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 
 total_pass=0 total_fail=0 suites=0
 log=$(mktemp)
@@ -24,11 +26,24 @@ for suite in "$here"/test_*.sh; do
     # suite a process group of its own, so leftovers are killed afterwards;
     # output goes through a file so a leaked child cannot block us.
     : >"$log"
+    mapfile -t before < <(find /tmp -mindepth 1 -maxdepth 1 -printf '%f\n')
     timeout -k 5 "${E2E_SUITE_TIMEOUT:-420}" "$suite" </dev/null >"$log" 2>&1 &
     pid=$!
     tail -s 0.2 -n +1 -f --pid="$pid" "$log"
     wait "$pid" || rc=$?
     kill -KILL -- "-$pid" 2>/dev/null || true
+    # In the VM /tmp is a tmpfs in the guest's memory: what a suite left
+    # there (etcd's data, captures, copies of the binary) would fill it for
+    # the suites after it. Each leaves /tmp as it found it.
+    if [[ ${E2E_IN_VM:-} == 1 ]]; then
+        mapfile -t left < <(comm -13 <(printf '%s\n' "${before[@]}" | sort) \
+            <(find /tmp -mindepth 1 -maxdepth 1 -printf '%f\n' | sort) | grep -vxF "$(basename "$log")" || true)
+        if ((${#left[@]} > 0)); then
+            kb=$(cd /tmp && du -sk -- "${left[@]}" 2>/dev/null | awk '{s += $1} END {print s + 0}')
+            (cd /tmp && rm -rf -- "${left[@]}")
+            echo "#      removed what $name left in /tmp: $((kb / 1024)) MiB"
+        fi
+    fi
     tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 || true)
     p=0 f=0
     if [[ -n $tally ]]; then
