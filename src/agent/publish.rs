@@ -8,6 +8,7 @@ use crate::datastore::etcd::{Etcd, EtcdError};
 use crate::datastore::ipsec::{now_rfc3339, IpsecStore, IpsecStoreError, NodeStatus};
 
 pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
+    let off = r.phase == crate::datastore::ipsec::Phase::Off;
     NodeStatus {
         kek,
         lost_epochs: r.lost_epochs.clone(),
@@ -24,23 +25,15 @@ pub(super) fn status_of(r: &Report, stale: bool, kek: String) -> NodeStatus {
         // While off no SA depends on the identities, and the manager does
         // not read the digest: leaving it out keeps the record still while
         // nodes join (each would otherwise change every node's record).
-        identities: if r.phase == crate::datastore::ipsec::Phase::Off {
+        identities: if off {
             String::new()
         } else {
             r.identities_digest.clone()
         },
         handover: !r.waiting_for.is_empty(),
         // Off: no SA, nothing to acknowledge (as the digest).
-        acked_rev: Some(if r.phase == crate::datastore::ipsec::Phase::Off {
-            0
-        } else {
-            r.acked_rev
-        }),
-        settled_rev: Some(if r.phase == crate::datastore::ipsec::Phase::Off {
-            0
-        } else {
-            r.settled_rev
-        }),
+        acked_rev: Some(if off { 0 } else { r.acked_rev }),
+        settled_rev: Some(if off { 0 } else { r.settled_rev }),
         lanes: r.lanes.clone(),
         unprotected: r.unprotected.len(),
         seq_bits: 64 - r.out_packets.leading_zeros(),

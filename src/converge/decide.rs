@@ -115,19 +115,14 @@ pub(super) async fn decide(
         a.me = node.to_string();
     }
     let handover = hand_over(&mut desired, &facts.held, &ids_now, acks.as_ref());
-    let mut revs = self::revisions(node, &revisions, &ids_now, &facts.snap, &handover);
-    if let Some(r) = own_record_next(store, mine, &facts.snap).await? {
+    let mut newest = newest_identity(&facts.snap);
+    if let Some(r) = own_record_next(store, mine, newest).await? {
         // The snapshot predates only our own new record: it is converged
         // with every identity up to it (without waiting for the watch to
         // bring it back, one more convergence before peers may switch).
-        revs = self::revisions(
-            node,
-            &revisions,
-            &ids_now,
-            &with_own(&facts.snap, node, r),
-            &handover,
-        );
+        newest = r;
     }
+    let revs = self::revisions(node, &revisions, &ids_now, &facts.snap, newest, &handover);
     let mut plan = Plan::diff(&desired, &facts.held);
     let stale: Vec<SaSpec> = desired
         .states
@@ -163,18 +158,22 @@ pub(super) async fn decide(
     })))
 }
 
+/// The newest `mod_revision` among the snapshot's identity records.
+fn newest_identity(snap: &crate::datastore::snapshot::Snapshot) -> i64 {
+    snap.identity_revisions.values().copied().max().unwrap_or(0)
+}
+
 /// The revision of this node's own identity record when it is newer than
-/// every record of the snapshot and no other identity record changed in
+/// `newest`, the snapshot's newest, and no other identity record changed in
 /// between (one linearizable read, only then: just after a new incarnation).
 async fn own_record_next(
     store: &IpsecStore<'_>,
     mine: &Mine,
-    snap: &crate::datastore::snapshot::Snapshot,
+    newest: i64,
 ) -> Result<Option<i64>, ConvergeError> {
     let Some((_, rev)) = &mine.ident else {
         return Ok(None);
     };
-    let newest = snap.identity_revisions.values().copied().max().unwrap_or(0);
     if *rev <= newest {
         return Ok(None);
     }
@@ -182,26 +181,12 @@ async fn own_record_next(
     Ok((!moved).then_some(*rev))
 }
 
-/// `snap` with this node's own identity record at revision `rev`.
-fn with_own(
-    snap: &crate::datastore::snapshot::Snapshot,
-    me: &str,
-    rev: i64,
-) -> crate::datastore::snapshot::Snapshot {
-    let mut s = crate::datastore::snapshot::Snapshot {
-        identities: snap.identities.clone(),
-        identity_revisions: snap.identity_revisions.clone(),
-        ..Default::default()
-    };
-    s.identity_revisions.insert(me.to_string(), rev);
-    s
-}
-
 /// The identity revisions this node's status states. `acked_rev`: the
 /// newest identity record of the snapshot, or less, just below the oldest
 /// one whose peer this node keeps at an older incarnation (its new key is
 /// not readable yet, `agreement::lagging`); every record up to it is
-/// converged. A peer with no key at all in an epoch (a node that never
+/// converged (`newest`: the newest record the node has converged with).
+/// A peer with no key at all in an epoch (a node that never
 /// published one: dead, or not yet started) does not lower it: it holds
 /// no SA of an older incarnation to hand over from, and a dead node must
 /// not hold every later hand-over back. `settled_rev`: no more than that,
@@ -212,10 +197,10 @@ fn revisions(
     revisions: &BTreeMap<String, i64>,
     ids_now: &BTreeMap<String, Identity>,
     snap: &crate::datastore::snapshot::Snapshot,
+    newest: i64,
     handover: &Handover,
 ) -> Revs {
     let rev = |n: &str| revisions.get(n).copied().unwrap_or(0);
-    let newest = snap.identity_revisions.values().copied().max().unwrap_or(0);
     let acked = snap
         .identities
         .iter()
@@ -284,7 +269,7 @@ mod tests {
         let mut now = s.identities.clone();
         let none = Handover::default();
         assert_eq!(
-            revisions("node-1", &revs, &now, &s, &none),
+            revisions("node-1", &revs, &now, &s, newest_identity(&s), &none),
             Revs {
                 acked: 40,
                 settled: 40
@@ -293,7 +278,7 @@ mod tests {
         // node-3's new key is not readable yet: kept at incarnation 0.
         now.insert("node-3".into(), ident(0));
         assert_eq!(
-            revisions("node-1", &revs, &now, &s, &none),
+            revisions("node-1", &revs, &now, &s, newest_identity(&s), &none),
             Revs {
                 acked: 29,
                 settled: 29
@@ -303,7 +288,10 @@ mod tests {
         // published a key: a dead node) does not lower it.
         let mut now = s.identities.clone();
         now.remove("node-2");
-        assert_eq!(revisions("node-1", &revs, &now, &s, &none).acked, 40);
+        assert_eq!(
+            revisions("node-1", &revs, &now, &s, newest_identity(&s), &none).acked,
+            40
+        );
     }
 
     #[test]
@@ -317,7 +305,14 @@ mod tests {
         };
         // Waiting on node-2 (20) and node-4 (40): below the older pair.
         assert_eq!(
-            revisions("node-1", &revs, &now, &s, &waiting(&["node-2", "node-4"])),
+            revisions(
+                "node-1",
+                &revs,
+                &now,
+                &s,
+                newest_identity(&s),
+                &waiting(&["node-2", "node-4"])
+            ),
             Revs {
                 acked: 40,
                 settled: 19
@@ -328,10 +323,26 @@ mod tests {
         // is acknowledged.
         revs.insert("node-1".into(), 50);
         assert_eq!(
-            revisions("node-1", &revs, &now, &s, &waiting(&["node-2"])),
+            revisions(
+                "node-1",
+                &revs,
+                &now,
+                &s,
+                newest_identity(&s),
+                &waiting(&["node-2"])
+            ),
             Revs {
                 acked: 40,
                 settled: 40
+            }
+        );
+        // Once etcd says no other record changed up to it, the own record
+        // is the newest converged: the pair with node-2 is still waited on.
+        assert_eq!(
+            revisions("node-1", &revs, &now, &s, 50, &waiting(&["node-2"])),
+            Revs {
+                acked: 50,
+                settled: 49
             }
         );
     }

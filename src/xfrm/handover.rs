@@ -57,8 +57,9 @@ pub struct PeerAcks {
     /// Live status records, by node name.
     pub peers: BTreeMap<String, PeerAck>,
     /// The revision of each peer's identity record as this node read it,
-    /// and this node's own under its name: `i64::MAX` where the snapshot
-    /// predates the identity this convergence uses (filled in by it).
+    /// and this node's own under its name, from its latest publication
+    /// (filled in by the convergence; `i64::MAX`: unknown, so no peer can
+    /// have acknowledged it).
     pub revisions: BTreeMap<String, i64>,
     /// This node's name.
     pub me: String,
