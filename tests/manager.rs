@@ -387,15 +387,20 @@ fn no_phase_step_past_a_node_calico_lists_until_its_agent_is_live_or_it_is_exclu
 /// The identity revision the simulated nodes acknowledge.
 const IDS_AT: i64 = 40;
 
-/// The leader's aggregate of the statuses, read from etcd, against the one
-/// computed from the records etcd holds now (none while a status of an
-/// older release is live).
-async fn aggregate_is_exact(etcd: &Etcd) -> bool {
+/// The leader's aggregate as etcd holds it, when it is exactly the one
+/// computed from the statuses etcd holds now (`Some(None)`: rightly none,
+/// while a status of an older release is live).
+async fn exact_aggregate(etcd: &Etcd) -> Option<Option<Aggregate>> {
     let store = IpsecStore::new(etcd);
     let (Ok(written), Ok(live)) = (store.aggregate().await, store.statuses().await) else {
-        return false;
+        return None;
     };
-    written == Aggregate::build(&live)
+    (written == Aggregate::build(&live)).then_some(written)
+}
+
+/// True when an aggregate is written, is exact, and `f` holds of it.
+async fn exact_aggregate_where(etcd: &Etcd, f: impl Fn(&Aggregate) -> bool) -> bool {
+    exact_aggregate(etcd).await.flatten().is_some_and(|a| f(&a))
 }
 
 #[test]
@@ -414,8 +419,8 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         let etcd = Etcd::connect(&settings).await.expect("connect");
         let nodes = Nodes::start(&etcd, &["node-1", "node-2", "node-3"]).await;
         nodes.ack(&etcd, Phase::Accept, 0, &[1], 1).await;
-        eventually(10, "an aggregate equal to the statuses", || {
-            aggregate_is_exact(&etcd)
+        eventually(10, "an aggregate equal to the statuses", || async {
+            exact_aggregate(&etcd).await.is_some()
         })
         .await;
         let store = IpsecStore::new(&etcd);
@@ -443,12 +448,12 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         st.settled_rev = Some(IDS_AT - 1);
         store.put_status("node-2", &st, lease2).await.expect("put");
         eventually(10, "node-2 named as handing over", || async {
-            aggregate_is_exact(&etcd).await
-                && store.aggregate().await.ok().flatten().is_some_and(|a| {
-                    a.nodes
-                        .get("node-2")
-                        .is_some_and(|r| r.settled == IDS_AT - 1)
-                })
+            exact_aggregate_where(&etcd, |a| {
+                a.nodes
+                    .get("node-2")
+                    .is_some_and(|r| r.settled == IDS_AT - 1)
+            })
+            .await
         })
         .await;
 
@@ -474,14 +479,14 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
             15,
             "the new leader's aggregate says node-3's revisions",
             || async {
-                aggregate_is_exact(&etcd).await
-                    && store.aggregate().await.ok().flatten().is_some_and(|a| {
-                        a.peer("node-3")
-                            == Revs {
-                                acked: IDS_AT + 5,
-                                settled: IDS_AT + 5,
-                            }
-                    })
+                exact_aggregate_where(&etcd, |a| {
+                    a.peer("node-3")
+                        == Revs {
+                            acked: IDS_AT + 5,
+                            settled: IDS_AT + 5,
+                        }
+                })
+                .await
             },
         )
         .await;
@@ -495,13 +500,7 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         // node-2's agent dies (its lease goes): it is no longer named.
         etcd.revoke_lease(lease2).await.expect("revoke");
         eventually(10, "node-2 no longer named", || async {
-            aggregate_is_exact(&etcd).await
-                && store
-                    .aggregate()
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|a| !a.nodes.contains_key("node-2"))
+            exact_aggregate_where(&etcd, |a| !a.nodes.contains_key("node-2")).await
         })
         .await;
 
@@ -518,9 +517,7 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
         eventually(
             10,
             "no aggregate while node-1 says no revisions",
-            || async {
-                matches!(store.aggregate().await, Ok(None)) && aggregate_is_exact(&etcd).await
-            },
+            || async { exact_aggregate(&etcd).await == Some(None) },
         )
         .await;
         old.acked_rev = Some(IDS_AT + 5);
@@ -533,10 +530,10 @@ fn the_aggregate_follows_every_status_across_a_leader_change_and_a_dead_agent() 
             10,
             "an aggregate again, node-1 and node-3 in step",
             || async {
-                aggregate_is_exact(&etcd).await
-                    && store.aggregate().await.ok().flatten().is_some_and(|a| {
-                        a.exact && a.nodes.is_empty() && a.common.acked == IDS_AT + 5
-                    })
+                exact_aggregate_where(&etcd, |a| {
+                    a.exact && a.nodes.is_empty() && a.common.acked == IDS_AT + 5
+                })
+                .await
             },
         )
         .await;

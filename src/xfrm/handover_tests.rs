@@ -115,6 +115,14 @@ fn rev_acks(me: &str, ids_at: [i64; 3], says: [(i64, i64); 3]) -> PeerAcks {
     a
 }
 
+/// node-1's inbound SAs in `d`, as seen by a peer.
+fn inbound(d: &Desired) -> usize {
+    d.states
+        .values()
+        .filter(|s| s.dir == Dir::In && s.sender == "node-1")
+        .count()
+}
+
 fn out_spis(d: &Desired) -> BTreeMap<String, u32> {
     d.states
         .values()
@@ -207,12 +215,6 @@ fn a_receiver_keeps_the_senders_old_inbound_sa_while_it_may_be_used() {
     let before = ids([10, 20, 30]);
     let held = Held::exactly(&desired_of("node-2", &before));
     let after = ids([11, 20, 30]);
-    let inbound = |d: &Desired| {
-        d.states
-            .values()
-            .filter(|s| s.dir == Dir::In && s.sender == "node-1")
-            .count()
-    };
     // node-1 says it is handing over: both inbound SAs.
     let mut want = desired_of("node-2", &after);
     let h = hand_over(
@@ -273,12 +275,7 @@ fn peers_without_a_status_take_no_part() {
     let mut want = desired_of("node-2", &after);
     let h = hand_over(&mut want, &held, &after, Some(&none));
     assert!(h.is_done());
-    let from_1 = want
-        .states
-        .values()
-        .filter(|s| s.dir == Dir::In && s.sender == "node-1")
-        .count();
-    assert_eq!(from_1, 1);
+    assert_eq!(inbound(&want), 1);
 
     // Nothing to hand over: no status read needed.
     let same = desired_of("node-1", &before);
@@ -393,12 +390,6 @@ fn by_revision_a_peer_keeps_the_older_inbound_sa_until_the_sender_settles() {
     let after = ids([11, 20, 30]);
     let at = [50, 20, 30];
     let held = Held::exactly(&desired_of("node-2", &before));
-    let inbound = |w: &Desired| {
-        w.states
-            .values()
-            .filter(|s| s.dir == Dir::In && s.sender == "node-1")
-            .count()
-    };
     // node-1 still waits on a pair at revision 50 (settled 49): it may
     // still send on its older SA toward node-2, so both stay.
     let mut want = desired_of("node-2", &after);
