@@ -20,18 +20,26 @@ pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// Polls `GET path` until it answers `code`, for up to `secs`; the body.
 pub fn wait_for(port: u16, path: &str, code: u16, secs: u64) -> String {
+    wait_for_text(port, path, code, "", secs)
+}
+
+/// Polls `GET path` until it answers `code` with a body that contains
+/// `text`, for up to `secs`; the body. A probe may give one honest reason
+/// before another (a failed convergence before the stale grace ends), so a
+/// test that wants a given reason waits for it.
+pub fn wait_for_text(port: u16, path: &str, code: u16, text: &str, secs: u64) -> String {
     let end = Instant::now() + Duration::from_secs(secs);
     let mut last = None;
     while Instant::now() < end {
         last = get(port, path);
         if let Some((c, body)) = &last {
-            if *c == code {
+            if *c == code && body.contains(text) {
                 return body.clone();
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("{path} did not answer {code} within {secs}s; last answer: {last:?}");
+    panic!("{path} did not answer {code} with {text:?} within {secs}s; last answer: {last:?}");
 }
 
 /// Runs `promtool check metrics` (Debian's `prometheus` package) on `text`
