@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::CliError;
 use crate::datastore::calico::{valid_node_name, RESOURCES};
 use crate::datastore::etcd::Etcd;
-use crate::datastore::ipsec::{identities_digest, EpochState, IpsecStore, NodeStatus, Phase};
+use crate::datastore::ipsec::{acked_identities_digest, EpochState, IpsecStore, NodeStatus, Phase};
 
 /// One epoch, and how many live nodes hold and send with it.
 #[derive(Debug, Clone, Serialize)]
@@ -139,7 +139,7 @@ pub async fn read(etcd: &Etcd) -> Result<ClusterStatus, CliError> {
     let (epochs, _) = store.epochs_lenient().await?;
     let statuses = store.node_statuses().await?;
     let (ids, newest_identity) = store.identities_rev().await?;
-    let digest = identities_digest(&ids);
+    let digest = acked_identities_digest(&ids, &cfg.excluded_nodes);
     let agg = store.aggregate().await?;
     let prefix = format!("{RESOURCES}nodes/");
     let calico: Vec<String> = etcd

@@ -233,8 +233,10 @@ fn acknowledged(
 ) -> BTreeMap<String, Identity> {
     let listed = |n: &str| snap.topology.nodes.contains_key(n);
     let keyless = agreed.keyless(me, &desired.installed_epochs, listed, ids);
+    // No SA is held with an excluded node: the manager leaves it out too
+    // (`acked_identities_digest`).
     ids.iter()
-        .filter(|(n, _)| !keyless.contains(*n))
+        .filter(|(n, _)| !keyless.contains(*n) && !snap.topology.excluded.contains(*n))
         .map(|(n, i)| (n.clone(), i.clone()))
         .collect()
 }
@@ -292,6 +294,22 @@ mod tests {
             revisions("node-1", &revs, &now, &s, newest_identity(&s), &none).acked,
             40
         );
+    }
+
+    #[test]
+    fn an_excluded_node_is_left_out_of_what_a_node_acknowledges_as_the_manager_does() {
+        let mut s = snap();
+        s.topology.excluded.insert("node-3".into());
+        let ids = s.identities.clone();
+        let acked = acknowledged("node-1", &ids, &Agreed::default(), &Desired::default(), &s);
+        let names: Vec<&str> = acked.keys().map(String::as_str).collect();
+        assert_eq!(names, ["node-1", "node-2", "node-4"]);
+        // The digest a status states is the one the manager compares it to.
+        assert_eq!(
+            identities_digest(&acked),
+            crate::datastore::ipsec::acked_identities_digest(&ids, &["node-3".to_string()])
+        );
+        assert_ne!(identities_digest(&acked), identities_digest(&ids));
     }
 
     #[test]

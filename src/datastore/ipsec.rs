@@ -103,7 +103,7 @@ pub enum IpsecStoreError {
 }
 
 pub use super::records::{
-    identities_digest, Cipher, CipherChange, ClusterConfig, EpochRecord, EpochState, Identity,
+    acked_identities_digest, identities_digest, Cipher, CipherChange, ClusterConfig, EpochRecord, EpochState, Identity,
     NodeStatus, NodeStatuses, Phase,
 };
 /// Record times (RFC 3339 UTC, Unix seconds), from [`crate::clock`].

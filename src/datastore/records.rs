@@ -439,6 +439,22 @@ pub struct NodeStatuses {
 /// A short digest of every node's (name, id, incarnation), the same on
 /// every node that has seen the same identity records.
 pub fn identities_digest(ids: &std::collections::BTreeMap<String, Identity>) -> String {
+    digest_of(ids.iter())
+}
+
+/// [`identities_digest`] of every node but those the operator excluded
+/// (`excluded_nodes`): what a node's acknowledgement covers, since no node
+/// holds SAs with an excluded one. The manager and the agents both leave
+/// them out, so an excluded node that never published a key (a dead one)
+/// holds nothing back.
+pub fn acked_identities_digest(
+    ids: &std::collections::BTreeMap<String, Identity>,
+    excluded: &[String],
+) -> String {
+    digest_of(ids.iter().filter(|(n, _)| !excluded.contains(n)))
+}
+
+fn digest_of<'a>(ids: impl Iterator<Item = (&'a String, &'a Identity)>) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for (name, i) in ids {

@@ -22,12 +22,17 @@ pub(super) fn read_view(cache: &mut Cache, stats: &Mutex<Stats>) -> Result<Optio
     };
     let (epochs, malformed) = cache.epochs();
     let nodes = cache.statuses();
-    let identities = cache.identities_digest();
-    // Calico's node list matters only to a phase step.
-    let calico_nodes = if config.0.phase == config.0.target_phase {
-        Vec::new()
-    } else {
+    let identities = cache.identities_digest(&config.0.excluded_nodes);
+    // Calico's node list matters to a phase step. While an epoch is
+    // pending, the listed nodes that ever held an incarnation name what may
+    // hold it back (peers without one need no key).
+    let pending = epochs.iter().any(|(e, _)| e.state == EpochState::Pending);
+    let calico_nodes = if config.0.phase != config.0.target_phase {
         cache.calico_nodes()
+    } else if pending {
+        cache.calico_nodes_with_incarnation()
+    } else {
+        Vec::new()
     };
     let ignored: Vec<String> = nodes
         .unreadable
@@ -161,7 +166,7 @@ pub(super) async fn tick(
         s.live = view.live.len();
         let absent = super::decide::not_following(view);
         if absent != s.not_following && !absent.is_empty() {
-            tracing::warn!(nodes = ?absent, "nodes Calico lists have no live agent: no phase step is taken past them (exclude one by name in excluded_nodes)");
+            tracing::warn!(nodes = ?absent, "nodes Calico lists have no live agent: no phase step is taken past them, and a pending epoch waits for their keys (exclude one by name in excluded_nodes)");
         }
         s.not_following = absent;
         s.epochs = view

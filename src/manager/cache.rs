@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::datastore::calico::{valid_node_name, RESOURCES};
 use crate::datastore::etcd::Kv;
 use crate::datastore::ipsec::{
-    config_key, identities_digest, leader_key, ClusterConfig, EpochRecord, Identity, NodeStatus,
+    acked_identities_digest, config_key, leader_key, ClusterConfig, EpochRecord, Identity, NodeStatus,
     NodeStatuses, PREFIX,
 };
 use crate::datastore::watch::{mark_down, mark_up, Change, WatchMsg};
@@ -52,7 +52,8 @@ pub(super) struct Cache {
     epochs: BTreeMap<String, Result<(EpochRecord, i64), String>>,
     statuses: BTreeMap<String, Status>,
     ids: BTreeMap<String, Identity>,
-    ids_digest: Option<String>,
+    /// The digest of the identities, and the excluded nodes it leaves out.
+    ids_digest: Option<(Vec<String>, String)>,
     leader: Option<Vec<u8>>,
     calico_nodes: BTreeSet<String>,
     guid: String,
@@ -271,11 +272,17 @@ impl Cache {
         &self.ids
     }
 
-    /// [`identities_digest`] of the identity records, computed once per change.
-    pub(super) fn identities_digest(&mut self) -> String {
-        self.ids_digest
-            .get_or_insert_with(|| identities_digest(&self.ids))
-            .clone()
+    /// [`acked_identities_digest`] of the identity records (the operator's
+    /// excluded nodes left out), computed once per change.
+    pub(super) fn identities_digest(&mut self, excluded: &[String]) -> String {
+        match &self.ids_digest {
+            Some((ex, d)) if ex.as_slice() == excluded => d.clone(),
+            _ => {
+                let d = acked_identities_digest(&self.ids, excluded);
+                self.ids_digest = Some((excluded.to_vec(), d.clone()));
+                d
+            }
+        }
     }
 
     /// Who the leader record names, if anyone.
@@ -286,6 +293,16 @@ impl Cache {
     /// The nodes Calico lists.
     pub(super) fn calico_nodes(&self) -> Vec<String> {
         self.calico_nodes.iter().cloned().collect()
+    }
+
+    /// The nodes Calico lists whose identity record names an incarnation:
+    /// each one's key is needed before a pending epoch is installed.
+    pub(super) fn calico_nodes_with_incarnation(&self) -> Vec<String> {
+        self.calico_nodes
+            .iter()
+            .filter(|n| self.ids.get(*n).is_some_and(|i| i.incarnation > 0))
+            .cloned()
+            .collect()
     }
 
     /// The cluster's GUID ("" when Calico has none).
@@ -362,7 +379,7 @@ mod tests {
             IDS,
             vec![kv(&format!("{ids}a"), r#"{"id":1,"incarnation":1}"#, 0)],
         ));
-        let first = c.identities_digest();
+        let first = c.identities_digest(&[]);
         c.absorb(WatchMsg::Changes {
             idx: IDS,
             changes: vec![Change::Put(kv(
@@ -372,7 +389,17 @@ mod tests {
             ))],
             revision: 8,
         });
-        assert_ne!(c.identities_digest(), first);
-        assert_eq!(c.identities_digest(), identities_digest(c.identities()));
+        assert_ne!(c.identities_digest(&[]), first);
+        assert_eq!(
+            c.identities_digest(&[]),
+            crate::datastore::ipsec::identities_digest(c.identities())
+        );
+        // An excluded node is left out, and the digest follows the list.
+        let without = c.identities_digest(&["a".to_string()]);
+        assert_eq!(
+            without,
+            crate::datastore::ipsec::identities_digest(&BTreeMap::new())
+        );
+        assert_ne!(c.identities_digest(&[]), without);
     }
 }

@@ -17,9 +17,10 @@ pub struct View {
     /// Nodes whose leased status record cannot be read: they may hold SAs,
     /// so no step that needs every node's acknowledgement is taken.
     pub unreadable: Vec<String>,
-    /// Every node Calico lists (its Node resources), read while a phase step
-    /// is pending: the step waits for each one that is neither live nor
-    /// excluded by the operator.
+    /// The nodes Calico lists (its Node resources): all of them while a
+    /// phase step is pending (the step waits for each one that is neither
+    /// live nor excluded by the operator); while an epoch is pending, those
+    /// that ever held an incarnation (to name what holds it back).
     pub calico_nodes: Vec<String>,
     /// [`crate::datastore::ipsec::identities_digest`] of the identity records now.
     pub identities: String,
@@ -186,8 +187,20 @@ pub fn decide(v: &View) -> Action {
         if !acks || missing.is_empty() {
             return Action::Activate(p);
         }
+        // A listed node without a live agent publishes no key for it, and
+        // a node installs an epoch only once every peer has: name it.
+        let absent = not_following(v);
+        let held_by = if absent.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} node(s) that Calico lists have no live agent to publish a key for it (exclude them by name in excluded_nodes): {}",
+                absent.len(),
+                absent.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            )
+        };
         return Action::Wait(format!(
-            "epoch {p} pending: not yet installed on {} node(s): {}",
+            "epoch {p} pending: not yet installed on {} node(s): {}{held_by}",
             missing.len(),
             names(&missing)
         ));

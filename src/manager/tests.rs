@@ -102,6 +102,37 @@ fn no_phase_step_past_a_node_calico_lists_without_a_live_agent() {
 }
 
 #[test]
+fn a_pending_epoch_held_back_names_the_listed_node_without_a_live_agent() {
+    let e = vec![
+        epoch(1, EpochState::Active, Some(1000)),
+        epoch(2, EpochState::Pending, None),
+    ];
+    // node-3 is dead: no key of epoch 2, so no peer installs it.
+    let live = vec![
+        node(Phase::Enforce, 1, &[1], Some(1)),
+        node(Phase::Enforce, 1, &[1], Some(1)),
+    ];
+    let mut v = view(Phase::Enforce, Phase::Enforce, 1, e, live);
+    v.calico_nodes = vec!["node-1".into(), "node-2".into(), "node-3".into()];
+    match decide(&v) {
+        Action::Wait(w) => {
+            assert!(w.contains("not yet installed on 2 node(s)"), "{w}");
+            assert!(w.contains("no live agent") && w.contains("node-3"), "{w}");
+            assert!(w.contains("excluded_nodes"), "{w}");
+        }
+        a => panic!("{a:?}"),
+    }
+    // Excluded, it is not named; once the live nodes install it, it is
+    // activated.
+    v.config.0.excluded_nodes = vec!["node-3".into()];
+    assert!(matches!(decide(&v), Action::Wait(ref w) if !w.contains("node-3")));
+    for (_, s) in &mut v.live {
+        s.installed_epochs = vec![1, 2];
+    }
+    assert_eq!(decide(&v), Action::Activate(2));
+}
+
+#[test]
 fn phases_step_one_at_a_time_in_both_directions() {
     use Phase::*;
     assert_eq!(step(Off, Enforce), Accept);
