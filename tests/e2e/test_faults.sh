@@ -14,7 +14,9 @@
 #   4. node-4 joins and node-3 leaves while node-1 and node-2 exchange
 #      traffic: no echo between them is lost; node-4 gets SAs with node-1
 #      and node-2 and its pod reaches node-1's over ESP; node-3's agent,
-#      stopped with SIGTERM, leaves its states in place; node-3's SAs go
+#      stopped with SIGTERM, leaves its states in place; while Calico
+#      still lists node-3, a rotation waits for its key (the leader names
+#      it) until the operator excludes it, then completes; node-3's SAs go
 #      from the others once its records leave etcd.
 #   5. A deleted epoch comes back, still active (etcd restored from an
 #      older backup): node-1 and node-2 take new incarnations, so none of
@@ -160,7 +162,21 @@ wait "${AGENT_PID[node-3]}" 2>/dev/null || true
 held3=$(ipn node-3 xfrm state | grep -c '^src' || true)
 check_ge "node-3's agent stopped by SIGTERM left its states in place" "$held3" 4
 check_ge "... and its outbound policies" "$(ipn node-3 xfrm policy | grep -c 'dir out' || true)" 2
+# Still listed by Calico, node-3 publishes no key of a new epoch, and a node
+# installs an epoch only once every listed peer has: the rotation waits, and
+# the leader names node-3. Excluded by the operator, node-3 holds nothing
+# back: the others rotate, with no echo between them lost.
+rotate
+held=$(newest_epoch)
+named() { grep -h "epoch $held pending" "$tmp"/manager-*.log | grep -q 'no live agent to publish a key for it.*node-3'; }
+wait_until 30 "the leader names node-3 (no live agent) as what holds epoch $held back" named || true
+sleep 2
+check_match "epoch $held still pending while node-3 is listed without an agent" "$(ipsec_epochs)" "\"e\":$held,\"s\":\"pending\""
+ipsec_cfg | jq -c '.excluded_nodes = ["node-3"]' | ectl put /calico/ipsec/v1/config >/dev/null
+wait_until 90 "node-3 excluded: epoch $held active, the older ones deleted" only_epoch "$held" || true
+target=$held
 node_leave node-3
+ipsec_cfg | jq -c 'del(.excluded_nodes)' | ectl put /calico/ipsec/v1/config >/dev/null
 has_sa() { # NODE PEER_IP: an ESP state toward PEER_IP exists on NODE
     ip netns exec "$E2E_NS_PREFIX$1" ip xfrm state | grep -q "^src ${NODE_IP[$1]} dst $2"
 }
