@@ -103,8 +103,8 @@ pub enum IpsecStoreError {
 }
 
 pub use super::records::{
-    acked_identities_digest, identities_digest, Cipher, CipherChange, ClusterConfig, EpochRecord, EpochState, Identity,
-    NodeStatus, NodeStatuses, Phase,
+    acked_identities_digest, identities_digest, Cipher, CipherChange, ClusterConfig, EpochRecord,
+    EpochState, Identity, NodeStatus, NodeStatuses, Phase,
 };
 /// Record times (RFC 3339 UTC, Unix seconds), from [`crate::clock`].
 pub use crate::clock::{now_rfc3339, now_unix, parse_rfc3339, rfc3339};

@@ -22,29 +22,17 @@ pub fn pubkeys_prefix(epoch: u32) -> String {
     format!("{PREFIX}pubkeys/{epoch}/")
 }
 
-/// What [`IpsecStore::create_pubkey`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PubkeyWrite {
-    /// This call wrote the record.
-    Wrote,
-    /// The very same record was there already: this node published it in
-    /// a convergence that the caller's snapshot predates (the agent and the
-    /// CNI plugin converge the same node, from the same stored key pair).
-    AlreadyThere,
-    /// Another record is there, or the epoch is gone.
-    Refused,
-}
-
 impl IpsecStore<'_> {
     /// Writes `node`'s public key for `epoch` (of `incarnation`, when
-    /// given) unless a record is there or the epoch is gone.
+    /// given) unless a record is there or the epoch is gone; true when this
+    /// call wrote it.
     pub async fn create_pubkey(
         &self,
         epoch: u32,
         node: &str,
         incarnation: Option<u32>,
         rec: &PubkeyRecord,
-    ) -> Result<PubkeyWrite, IpsecStoreError> {
+    ) -> Result<bool, IpsecStoreError> {
         let key = pubkey_key(epoch, node, incarnation);
         // Only while the epoch exists: a key published after the manager
         // deleted the epoch (with its keys, in one transaction) would
@@ -60,18 +48,6 @@ impl IpsecStore<'_> {
                 ),
             ])
             .and_then([etcd_client::TxnOp::put(key.as_str(), encode(rec), None)]);
-        if self.etcd().txn(&format!("create {key}"), txn).await? {
-            return Ok(PubkeyWrite::Wrote);
-        }
-        // Written once and never changed: the same bytes are this node's
-        // own earlier write, anything else is not ours to accept.
-        let same = self.etcd().get(&key).await?.is_some_and(|kv| {
-            serde_json::from_slice::<PubkeyRecord>(&kv.value).is_ok_and(|r| r == *rec)
-        });
-        Ok(if same {
-            PubkeyWrite::AlreadyThere
-        } else {
-            PubkeyWrite::Refused
-        })
+        Ok(self.etcd().txn(&format!("create {key}"), txn).await?)
     }
 }

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::datastore::calico::{valid_node_name, RESOURCES};
 use crate::datastore::etcd::Kv;
 use crate::datastore::ipsec::{
-    acked_identities_digest, config_key, leader_key, ClusterConfig, EpochRecord, Identity, NodeStatus,
-    NodeStatuses, PREFIX,
+    acked_identities_digest, config_key, leader_key, ClusterConfig, EpochRecord, Identity,
+    NodeStatus, NodeStatuses, PREFIX,
 };
 use crate::datastore::watch::{mark_down, mark_up, Change, WatchMsg};
 

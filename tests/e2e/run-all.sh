@@ -32,19 +32,28 @@ for suite in "$here"/test_*.sh; do
     tail -s 0.2 -n +1 -f --pid="$pid" "$log"
     wait "$pid" || rc=$?
     kill -KILL -- "-$pid" 2>/dev/null || true
+    tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 || true)
     # In the VM /tmp is a tmpfs in the guest's memory: what a suite left
     # there (etcd's data, captures, copies of the binary) would fill it for
-    # the suites after it. Each leaves /tmp as it found it.
+    # the suites after it. Each leaves /tmp as it found it. A suite that
+    # failed first leaves its daemons' logs and its JSON reports (agents,
+    # managers, plugins, traffic) in the run's share, for the host to read.
     if [[ ${E2E_IN_VM:-} == 1 ]]; then
         mapfile -t left < <(comm -13 <(printf '%s\n' "${before[@]}" | sort) \
             <(find /tmp -mindepth 1 -maxdepth 1 -printf '%f\n' | sort) | grep -vxF "$(basename "$log")" || true)
         if ((${#left[@]} > 0)); then
+            if [[ -n ${E2E_OUT:-} ]] && { ((rc != 0)) || ! grep -q ' 0 failed$' <<<"$tally"; }; then
+                kept=$E2E_OUT/failed/${name%.sh}
+                mkdir -p "$kept"
+                (cd /tmp && find "${left[@]}" -maxdepth 2 -type f \( -name '*.log' -o -name '*.json' \) \
+                    -size -8M -exec cp --parents -t "$kept" {} + 2>/dev/null) || true
+                echo "#      kept $name's logs in the run's share: failed/${name%.sh}/ (vm.sh prints where)"
+            fi
             kb=$(cd /tmp && du -sk -- "${left[@]}" 2>/dev/null | awk '{s += $1} END {print s + 0}')
             (cd /tmp && rm -rf -- "${left[@]}")
             echo "#      removed what $name left in /tmp: $((kb / 1024)) MiB"
         fi
     fi
-    tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 || true)
     p=0 f=0
     if [[ -n $tally ]]; then
         read -r p _ f _ <<<"$tally"
