@@ -264,6 +264,16 @@ mod tests {
         s
     }
 
+    /// node-1's revisions, converged with the snapshot's newest record.
+    fn revs_of(
+        revs: &BTreeMap<String, i64>,
+        now: &BTreeMap<String, Identity>,
+        s: &crate::datastore::snapshot::Snapshot,
+        handover: &Handover,
+    ) -> Revs {
+        revisions("node-1", revs, now, s, newest_identity(s), handover)
+    }
+
     #[test]
     fn acked_is_the_newest_record_unless_a_peer_is_kept_at_an_older_incarnation() {
         let s = snap();
@@ -271,7 +281,7 @@ mod tests {
         let mut now = s.identities.clone();
         let none = Handover::default();
         assert_eq!(
-            revisions("node-1", &revs, &now, &s, newest_identity(&s), &none),
+            revs_of(&revs, &now, &s, &none),
             Revs {
                 acked: 40,
                 settled: 40
@@ -280,7 +290,7 @@ mod tests {
         // node-3's new key is not readable yet: kept at incarnation 0.
         now.insert("node-3".into(), ident(0));
         assert_eq!(
-            revisions("node-1", &revs, &now, &s, newest_identity(&s), &none),
+            revs_of(&revs, &now, &s, &none),
             Revs {
                 acked: 29,
                 settled: 29
@@ -290,10 +300,7 @@ mod tests {
         // published a key: a dead node) does not lower it.
         let mut now = s.identities.clone();
         now.remove("node-2");
-        assert_eq!(
-            revisions("node-1", &revs, &now, &s, newest_identity(&s), &none).acked,
-            40
-        );
+        assert_eq!(revs_of(&revs, &now, &s, &none).acked, 40);
     }
 
     #[test]
@@ -323,14 +330,7 @@ mod tests {
         };
         // Waiting on node-2 (20) and node-4 (40): below the older pair.
         assert_eq!(
-            revisions(
-                "node-1",
-                &revs,
-                &now,
-                &s,
-                newest_identity(&s),
-                &waiting(&["node-2", "node-4"])
-            ),
+            revs_of(&revs, &now, &s, &waiting(&["node-2", "node-4"])),
             Revs {
                 acked: 40,
                 settled: 19
@@ -341,14 +341,7 @@ mod tests {
         // is acknowledged.
         revs.insert("node-1".into(), 50);
         assert_eq!(
-            revisions(
-                "node-1",
-                &revs,
-                &now,
-                &s,
-                newest_identity(&s),
-                &waiting(&["node-2"])
-            ),
+            revs_of(&revs, &now, &s, &waiting(&["node-2"])),
             Revs {
                 acked: 40,
                 settled: 40

@@ -66,10 +66,14 @@ pub fn step(from: Phase, to: Phase) -> Phase {
     }
 }
 
-fn names(v: &[&(String, NodeStatus)]) -> String {
-    let mut n: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
-    n.truncate(5);
+/// The first five of `names`, for a wait's reason.
+fn first_five<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
+    let n: Vec<&str> = names.into_iter().take(5).map(String::as_str).collect();
     n.join(", ")
+}
+
+fn names(v: &[&(String, NodeStatus)]) -> String {
+    first_five(v.iter().map(|(n, _)| n))
 }
 
 /// The nodes Calico lists that have no live agent and that the operator has
@@ -97,12 +101,10 @@ pub fn decide(v: &View) -> Action {
     }
     // A step every node must acknowledge waits for nodes we cannot read.
     let unreadable = |what: &str| {
-        let mut n = v.unreadable.clone();
-        n.truncate(5);
         Action::Wait(format!(
             "{what}: {} node(s) publish a status record that cannot be read: {}",
             v.unreadable.len(),
-            n.join(", ")
+            first_five(&v.unreadable)
         ))
     };
     let blocked = !v.unreadable.is_empty();
@@ -120,7 +122,7 @@ pub fn decide(v: &View) -> Action {
                 cfg.phase,
                 cfg.target_phase,
                 absent.len(),
-                absent.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                first_five(&absent)
             ));
         }
         let behind: Vec<&(String, NodeStatus)> = v
@@ -196,7 +198,7 @@ pub fn decide(v: &View) -> Action {
             format!(
                 "; {} node(s) that Calico lists have no live agent to publish a key for it (exclude them by name in excluded_nodes): {}",
                 absent.len(),
-                absent.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                first_five(&absent)
             )
         };
         return Action::Wait(format!(
