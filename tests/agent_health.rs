@@ -196,7 +196,18 @@ fn the_agent_puts_its_entry_back_after_every_rewrite_and_its_probes_tell_the_tru
         slowest,
         reads.load(Ordering::Relaxed)
     );
-    let (_, metrics) = probe::get(a.port, "/metrics").expect("metrics");
+    // The agent counts a repair just after its rename lands, so the file can
+    // show the 100th entry a moment before /metrics counts it: wait a little,
+    // then hold it to exactly 100 (a repair counted twice fails too).
+    let t = Instant::now();
+    let metrics = loop {
+        let (_, metrics) = probe::get(a.port, "/metrics").expect("metrics");
+        let n = metric(&metrics, "calico_ipsec_conflist_repairs_total");
+        if n == Some(100.0) || t.elapsed() > Duration::from_secs(2) {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(
         metric(&metrics, "calico_ipsec_conflist_repairs_total"),
         Some(100.0)
