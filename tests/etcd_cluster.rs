@@ -21,6 +21,7 @@ use calico_ipsec::datastore::ipsec::{
     config_key, encode, nodeid_key, EpochState, Identity, IpsecStore,
 };
 use common::cluster::EtcdCluster;
+use common::etcd::manager_leader;
 use common::*;
 use serde_json::{json, Value};
 
@@ -145,21 +146,6 @@ async fn agent_follows(etcd: &Etcd, k: u16, agent_log: &Path) -> Duration {
         "the agent did not follow etcd within {CURRENT_WITHIN:?}:\n{}",
         tail(agent_log)
     );
-}
-
-/// The manager that holds the leader record (waiting out a lease hand-over).
-async fn manager_leader(etcd: &Etcd) -> String {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(kv)) = etcd.get("/calico/ipsec/v1/manager/leader").await {
-            return String::from_utf8_lossy(&kv.value).into_owned();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no manager leads"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[test]

@@ -404,7 +404,9 @@ fn node_status_vanishes_with_its_lease() {
     rt().block_on(async {
         let etcd = Etcd::connect(&s).await.expect("connect");
         let store = IpsecStore::new(&etcd);
-        let lease = etcd.grant_lease(2).await.expect("lease");
+        // 5 s: long enough that a slow fsync between the grant, the put and
+        // the read below cannot end it first.
+        let lease = etcd.grant_lease(5).await.expect("lease");
         let status = NodeStatus {
             id: 1,
             incarnation: 1,
@@ -432,7 +434,7 @@ fn node_status_vanishes_with_its_lease() {
         let start = Instant::now();
         while !store.statuses().await.expect("statuses").is_empty() {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < Duration::from_secs(20),
                 "status outlived its lease"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -158,12 +158,29 @@ fn garbage_status_records_do_not_stall_the_manager_and_its_probes_tell_the_truth
         !wait_phase(&rt, &etcd, Phase::Encrypt, 2),
         "stepped past a node it cannot read"
     );
-    let why = rt
-        .block_on(calico_ipsec::manager::explain(&etcd))
-        .expect("explain");
+    // The manager says why once it has decided on the new records; a loaded
+    // machine may still show the reason before, so wait for this one.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut why = String::new();
+    while Instant::now() < end {
+        why = rt
+            .block_on(calico_ipsec::manager::explain(&etcd))
+            .expect("explain");
+        if why.contains("node-9") && why.contains("cannot be read") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         why.contains("node-9") && why.contains("cannot be read"),
         "{why}"
+    );
+    assert_eq!(
+        rt.block_on(IpsecStore::new(&etcd).config())
+            .expect("config")
+            .map(|c| c.phase),
+        Some(Phase::Accept),
+        "stepped past a node it cannot read"
     );
     rt.block_on(etcd.revoke_lease(lease9)).expect("revoke");
     assert!(

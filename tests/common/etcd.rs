@@ -291,3 +291,16 @@ impl Drop for EtcdServer {
         self.stop();
     }
 }
+
+/// The manager that holds the leader record, waiting out a brief gap (a
+/// lease hand-over, a tick slowed by a loaded machine) for up to 15 s.
+pub async fn manager_leader(etcd: &calico_ipsec::datastore::etcd::Etcd) -> String {
+    let end = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < end {
+        if let Ok(Some(kv)) = etcd.get("/calico/ipsec/v1/manager/leader").await {
+            return String::from_utf8_lossy(&kv.value).into_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no manager leads within 15 s");
+}
