@@ -454,15 +454,24 @@ impl Reconciler {
     }
 }
 
+/// Whether a convergence that wrote put back drift. The convergence knows
+/// when the kernel held what the last one left (then its writes follow
+/// etcd or the node: a rotation, a peer's new incarnation, even when our
+/// own writes' notifications woke it); without that mark, a kernel
+/// notification since the last convergence is taken as drift.
+fn repaired_drift(report: &Report, noticed: &BTreeSet<KernelEvent>) -> bool {
+    report.kernel_drift.unwrap_or(!noticed.is_empty())
+}
+
 /// Updates what the endpoint reports after a successful convergence, and
-/// logs a repair of drift caused outside calico-ipsec.
+/// logs and counts a repair of drift caused outside calico-ipsec.
 fn record_success(
     state: &Mutex<State>,
     report: &Report,
     noticed: &BTreeSet<KernelEvent>,
     took: Duration,
 ) {
-    if report.writes > 0 && !noticed.is_empty() {
+    if report.writes > 0 && repaired_drift(report, noticed) {
         let kinds: Vec<String> = noticed.iter().map(ToString::to_string).collect();
         tracing::warn!(
             noticed = %kinds.join(", "),
@@ -529,80 +538,5 @@ async fn converge_once(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn kv(key: &str, value: &str) -> Kv {
-        Kv {
-            key: key.into(),
-            value: value.as_bytes().to_vec(),
-            mod_revision: 1,
-            lease: 0,
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_ceiling_and_resets_on_success() {
-        let mut b = Backoff::new();
-        let waits: Vec<Duration> = (0..9).map(|_| b.failed()).collect();
-        assert_eq!(waits[0], RETRY_MIN);
-        assert_eq!(waits[1], RETRY_MIN * 2);
-        assert_eq!(waits[8], RETRY_MAX, "capped: {waits:?}");
-        b.skip();
-        assert!(b.at.is_none(), "new data tries at once");
-        assert_eq!(b.failed(), RETRY_MAX, "but the delay is kept");
-        b.succeeded();
-        assert_eq!(b.failed(), RETRY_MIN);
-    }
-
-    #[test]
-    fn the_cache_is_ready_only_with_every_prefix_and_every_watch_up() {
-        let state = Mutex::new(State::new("node-1".into()));
-        let mut c = WatchCache::new(2);
-        assert!(c.not_ready().is_some());
-        assert!(c.absorb(
-            WatchMsg::Reset {
-                idx: 0,
-                kvs: vec![kv("/a", "1")],
-                revision: 5
-            },
-            &state
-        ));
-        assert!(c.not_ready().is_some(), "the statuses prefix is missing");
-        assert!(c.absorb(
-            WatchMsg::Reset {
-                idx: 1,
-                kvs: vec![],
-                revision: 5
-            },
-            &state
-        ));
-        assert_eq!(c.not_ready(), None);
-        assert!(!c.absorb(
-            WatchMsg::Down {
-                idx: 0,
-                reason: "gone".into()
-            },
-            &state
-        ));
-        assert_eq!(c.not_ready(), Some("an etcd watch is down"));
-        assert!(lock(&state).stale, "a down watch makes the node stale");
-        assert!(c.absorb(WatchMsg::Up { idx: 0 }, &state), "back: converge");
-        assert!(!c.absorb(WatchMsg::Up { idx: 0 }, &state), "already up");
-        assert!(
-            !c.absorb(WatchMsg::Up { idx: 7 }, &state),
-            "an unknown prefix is ignored, never a panic"
-        );
-        assert!(c.absorb(
-            WatchMsg::Changes {
-                idx: 0,
-                changes: vec![Change::Delete("/a".into()), Change::Put(kv("/b", "2"))],
-                revision: 6
-            },
-            &state
-        ));
-        let (rev, map) = c.ranges[0].as_ref().expect("range");
-        assert_eq!(*rev, 6);
-        assert_eq!(map.keys().collect::<Vec<_>>(), vec!["/b"]);
-    }
-}
+#[path = "reconcile_tests.rs"]
+mod tests;

@@ -1,6 +1,12 @@
 //! Step 4 of a convergence, *apply*: the ledger written ahead, the
 //! catch-all in its place around the plan, and the plan applied with keys
 //! derived just in time.
+//!
+//! Around the plan, the node's [`KernelMark`] says what the kernel holds: it
+//! is removed before the first netlink write and written once the plan is
+//! in, so the next convergence, whichever process runs it, can tell a
+//! kernel changed outside calico-ipsec ([`drift`]) from one that holds
+//! exactly what was left (its own changes then come from etcd or the node).
 
 use super::agreement::Agreed;
 use super::decide::Decided;
@@ -8,9 +14,10 @@ use super::error::ConvergeError;
 use super::facts::Facts;
 use super::guard;
 use super::identity::Mine;
+use super::record::{desired_digest, held_digest};
 use crate::datastore::snapshot::Snapshot;
 use crate::keys::SaId;
-use crate::state::NodeState;
+use crate::state::{KernelMark, NodeState};
 use crate::xfrm::kernel::{Applied, Xfrm};
 use crate::xfrm::{Dir, Held, Plan};
 
@@ -42,15 +49,25 @@ pub(super) fn apply(
         }
     }
     if plan.is_empty() {
+        state.keep_kernel_mark(mark(facts, decided));
         return Ok(Applied::default());
     }
     tracing::info!(phase = ?facts.phase, plan = %plan.summary(), "converging XFRM");
     if facts.guard.is_empty() {
         guard::sync(state, facts, true)?;
     }
+    // From the first write until the plan is in, nothing vouches for what
+    // the kernel holds (a crash here leaves no mark).
+    state.keep_kernel_mark(None);
     let snap = &facts.snap;
     match apply_with_keys(snap, agreed, &mut facts.xfrm, plan, &facts.held) {
-        Ok(a) => Ok(a),
+        Ok(a) => {
+            // A refused policy leaves the kernel short of the plan.
+            if a.refused.is_empty() {
+                state.keep_kernel_mark(mark(facts, decided));
+            }
+            Ok(a)
+        }
         Err(e) => {
             if let Err(g) = guard::sync(state, facts, true) {
                 tracing::error!(error = %g, "the nftables catch-all could not be written either");
@@ -58,6 +75,22 @@ pub(super) fn apply(
             Err(e)
         }
     }
+}
+
+/// Whether the kernel, as read at the start of this convergence, differs
+/// from what the last convergence on this node left. `None` when no mark of
+/// this boot says what that was.
+pub(super) fn drift(state: &NodeState, facts: &Facts) -> Option<bool> {
+    let m = state.kernel_mark()?;
+    (!facts.boot.is_empty() && m.boot == facts.boot).then(|| m.digest != held_digest(&facts.held))
+}
+
+/// The mark of a kernel that holds exactly the desired state.
+fn mark(facts: &Facts, decided: &Decided) -> Option<KernelMark> {
+    (!facts.boot.is_empty()).then(|| KernelMark {
+        digest: desired_digest(&decided.desired),
+        boot: facts.boot.clone(),
+    })
 }
 
 /// Applies the plan, deriving each key from its epoch's secret (opened by

@@ -200,6 +200,7 @@ fn report(done: Done<'_>, node: String, t: Timings) -> Report {
         states_by_dir: (states_in, states_out),
         policies_by_dir: by_dir(desired.policies.values().map(|p| p.dir)),
         changes: plan.describe(8),
+        kernel_drift: None,
         identities_digest: identities_digest(&ids_acked),
         acked_rev: revs.acked,
         settled_rev: revs.settled,

@@ -116,10 +116,20 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
         let snap = snapshot::read(&etcd).await?;
         converge_with(cfg, &mut state, &etcd, snap, None, false, node, started).await
     });
-    if result.is_err() {
-        if let Err(e) = state.invalidate() {
-            tracing::warn!(error = %e, "cannot remove the convergence record");
+    match &result {
+        Err(_) => {
+            if let Err(e) = state.invalidate() {
+                tracing::warn!(error = %e, "cannot remove the convergence record");
+            }
         }
+        // The agent logs and counts its own repairs; an ADD that got there
+        // first says so in its log.
+        Ok(r) if r.kernel_drift == Some(true) && r.writes > 0 => tracing::warn!(
+            repaired = %r.changes.join("; "),
+            writes = r.writes,
+            "the kernel's XFRM state drifted outside calico-ipsec; put back"
+        ),
+        Ok(_) => {}
     }
     result
 }
@@ -150,6 +160,7 @@ pub async fn converge_with(
         facts::Read::Follow(f) => f,
         facts::Read::Kept(report) => return Ok(*report),
     };
+    let kernel_drift = apply::drift(state, &facts);
     let t_identity = Instant::now();
     let store = IpsecStore::new(etcd);
     let mut mine = identity::settle(&store, state, &facts, &node, by_agent).await?;
@@ -208,5 +219,6 @@ pub async fn converge_with(
     };
     let mut report = finish::finish(state, done, by_agent, node, timings)?;
     report.refused_epochs = refused_epochs;
+    report.kernel_drift = kernel_drift;
     Ok(report)
 }

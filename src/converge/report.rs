@@ -62,6 +62,11 @@ pub struct Report {
     pub policies_by_dir: (usize, usize, usize),
     /// What the convergence changed, named (at most 8; empty when nothing).
     pub changes: Vec<String>,
+    /// Whether the kernel held something other than what the last
+    /// convergence on this node left (changed outside calico-ipsec: a
+    /// flush, an expiry, another daemon). `None`: unknown (no mark of this
+    /// boot, or the last convergence did not finish its writes).
+    pub kernel_drift: Option<bool>,
     /// The digest of the node identities converged with.
     pub identities_digest: String,
     /// Every identity record up to this etcd revision is converged.

@@ -8,6 +8,7 @@
 //! | `<state_dir>/node/ledger` | the [`Ledger`] of outbound SAs created in this incarnation | before the SAs |
 //! | `<state_dir>/node/cluster` | [`Seen`]: this node has seen the cluster initialised | after the apply |
 //! | `<state_dir>/node/guard`, `guard.nft` | the catch-all's [`GuardMark`] and its script | around the apply |
+//! | `<state_dir>/node/kernel` | the [`KernelMark`]: what the kernel held after the last convergence | removed before a kernel write, written after |
 //! | `<agreement_dir>/<epoch>-<tag>.key` | this node's epoch private keys (tmpfs) | before their public key is published |
 //! | `<state_dir>/<container>_<ifname>.json` | one pod attachment's MTU backup ([`attachment`]) | by ADD, before the MTU changes |
 //!
@@ -56,7 +57,7 @@ mod lock;
 mod records;
 
 pub use lock::NodeLock;
-pub use records::{Converged, GuardMark, Ledger, Seen, CONVERGED_VERSION};
+pub use records::{Converged, GuardMark, KernelMark, Ledger, Seen, CONVERGED_VERSION};
 
 /// The largest record or ledger read (a ledger lists at most a few
 /// thousand peers per epoch).
@@ -146,6 +147,7 @@ pub struct NodeState {
     ledger_digest: String,
     seen: Option<Seen>,
     guard: Option<GuardMark>,
+    kernel: Option<KernelMark>,
     keys: BTreeMap<(u32, String), KeyFile>,
 }
 
@@ -185,6 +187,7 @@ impl NodeState {
             ledger_digest,
             seen: Seen::read(&dir),
             guard: GuardMark::read(&dir),
+            kernel: KernelMark::read(&dir),
             keys: read_keys(agreement_dir)?,
             keys_dir: agreement_dir.to_path_buf(),
             dir,
@@ -305,6 +308,34 @@ impl NodeState {
             tracing::warn!(error = %e, "cannot record the nftables guard; it is written again next time");
         }
         self.guard = mark;
+    }
+
+    /// What the kernel held after the last convergence, as recorded.
+    pub fn kernel_mark(&self) -> Option<&KernelMark> {
+        self.kernel.as_ref()
+    }
+
+    /// Records what the kernel holds now (`None`: unknown, before a write
+    /// to the kernel or after one that did not finish). Writes only a
+    /// change. A failure is logged: it only costs the next convergence
+    /// telling drift apart from a change of its own.
+    pub fn keep_kernel_mark(&mut self, mark: Option<KernelMark>) {
+        if self.kernel == mark {
+            return;
+        }
+        let path = self.dir.join(records::KERNEL);
+        let written = match &mark {
+            Some(m) => write(&path, m.line().as_bytes()),
+            None => remove(&path),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record what the kernel holds; the next convergence cannot tell drift from its own changes");
+            // A mark that may be stale on disk is worse than none.
+            let _ = remove(&path);
+            self.kernel = None;
+            return;
+        }
+        self.kernel = mark;
     }
 
     /// This node's private key for one epoch instance, if stored.

@@ -21,6 +21,8 @@ pub(super) const LEDGER: &str = "ledger";
 pub(super) const SEEN: &str = "cluster";
 /// The guard's mark.
 pub(super) const GUARD: &str = "guard";
+/// What the kernel held after the last convergence.
+pub(super) const KERNEL: &str = "kernel";
 
 /// The convergence record's format; a record of another version is ignored.
 pub const CONVERGED_VERSION: u32 = 2;
@@ -301,6 +303,36 @@ impl GuardMark {
             at: it.next()?.parse().ok()?,
             boot: it.next().unwrap_or_default().to_string(),
         })
+    }
+}
+
+/// What the kernel held (ours, in the terms the plan compares) when the
+/// last convergence on this node finished, whichever process ran it: a
+/// later convergence that finds something else knows the kernel was changed
+/// outside calico-ipsec, and one that finds this knows any change it makes
+/// comes from etcd or the node, not from drift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelMark {
+    /// The digest of what was held (`converge::record::held_digest`).
+    pub digest: String,
+    /// The kernel's boot id then: a mark of another boot says nothing.
+    pub boot: String,
+}
+
+impl KernelMark {
+    pub(super) fn line(&self) -> String {
+        format!("{} {}\n", self.digest, self.boot)
+    }
+
+    pub(super) fn read(dir: &Path) -> Option<Self> {
+        let raw = fsutil::read_state(&dir.join(KERNEL), 512).ok()??;
+        let text = String::from_utf8(raw).ok()?;
+        let mut it = text.split_whitespace();
+        let mark = Self {
+            digest: it.next()?.to_string(),
+            boot: it.next()?.to_string(),
+        };
+        it.next().is_none().then_some(mark)
     }
 }
 

@@ -211,3 +211,44 @@ fn an_epoch_that_left_the_kernel_and_comes_back_counts_as_used() {
     drop(st);
     assert_eq!(open(dir.path()).ledger(), Some(&l));
 }
+
+#[test]
+fn the_kernel_mark_is_0600_written_only_on_change_and_a_damaged_one_says_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("node/kernel");
+    let mut st = open(dir.path());
+    assert_eq!(st.kernel_mark(), None);
+    let m = KernelMark {
+        digest: "ab".repeat(32),
+        boot: "boot-1".into(),
+    };
+    st.keep_kernel_mark(Some(m.clone()));
+    assert_eq!(mode(&path), 0o600);
+    let written = fs::metadata(&path)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    std::thread::sleep(Duration::from_millis(20));
+    st.keep_kernel_mark(Some(m.clone()));
+    assert_eq!(
+        fs::metadata(&path)
+            .expect("stat")
+            .modified()
+            .expect("mtime"),
+        written,
+        "the same mark is not written again"
+    );
+    drop(st);
+    let mut st = open(dir.path());
+    assert_eq!(st.kernel_mark(), Some(&m), "read back");
+    st.keep_kernel_mark(None);
+    assert!(!path.exists(), "forgotten before a kernel write");
+    drop(st);
+    // A damaged mark (a digest alone, extra words, not UTF-8) is no mark:
+    // the next convergence then cannot claim drift either way.
+    for bad in [&b"abcd"[..], b"abcd boot extra", b"\xff\xfe boot"] {
+        fs::write(&path, bad).expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(open(dir.path()).kernel_mark(), None, "{bad:?}");
+    }
+}
