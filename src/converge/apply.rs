@@ -14,7 +14,7 @@ use super::error::ConvergeError;
 use super::facts::Facts;
 use super::guard;
 use super::identity::Mine;
-use super::record::{desired_digest, held_digest};
+use super::record::held_digest;
 use crate::datastore::snapshot::Snapshot;
 use crate::keys::SaId;
 use crate::state::{KernelMark, NodeState};
@@ -88,7 +88,7 @@ pub(super) fn drift(state: &NodeState, facts: &Facts) -> Option<bool> {
 /// The mark of a kernel that holds exactly the desired state.
 fn mark(facts: &Facts, decided: &Decided) -> Option<KernelMark> {
     (!facts.boot.is_empty()).then(|| KernelMark {
-        digest: desired_digest(&decided.desired),
+        digest: decided.digest.clone(),
         boot: facts.boot.clone(),
     })
 }

@@ -16,6 +16,10 @@ use crate::xfrm::{Desired, DesiredError, Dir, Inputs, Plan, SaSpec};
 pub(super) struct Decided {
     /// The desired state.
     pub desired: Desired,
+    /// The digest of `desired` in the terms the plan compares
+    /// ([`super::record::desired_digest`]), computed once for the
+    /// convergence record and the kernel mark.
+    pub digest: String,
     /// The difference with the kernel.
     pub plan: Plan,
     /// How far the hand-over to a new incarnation got.
@@ -150,6 +154,7 @@ pub(super) async fn decide(
         }));
     }
     Ok(Decision::Decided(Box::new(Decided {
+        digest: super::record::desired_digest(&desired),
         desired,
         plan,
         handover,

@@ -10,7 +10,6 @@ use super::error::{ms, ConvergeError};
 use super::facts::Facts;
 use super::guard;
 use super::identity::Mine;
-use super::record::desired_digest;
 use super::report::Report;
 use crate::datastore::calico::Topology;
 use crate::datastore::ipsec::{identities_digest, Phase};
@@ -109,7 +108,7 @@ pub(super) fn finish(
             policies: decided.desired.policies.len(),
             revision: facts.snap.revision,
             fingerprint: facts.snap.fingerprint.clone(),
-            digest: desired_digest(&decided.desired),
+            digest: decided.digest.clone(),
             mtu: facts.mtu.clone(),
             checked: facts.snap.read_at.clone(),
         };
