@@ -477,7 +477,8 @@ fn record_success(
             noticed = %kinds.join(", "),
             repaired = %report.changes.join("; "),
             writes = report.writes,
-            "the kernel's XFRM state drifted outside calico-ipsec; put back"
+            "{}",
+            crate::converge::DRIFT_REPAIRED
         );
         lock(state).kernel_repairs += 1;
     }

@@ -55,6 +55,10 @@ pub use identity::needs_new_incarnation;
 pub use observe::{observe, observe_snapshot, Observed};
 pub use report::Report;
 
+/// What the ADD and the agent log when a convergence put back what changed
+/// in the kernel outside calico-ipsec (tests/e2e grep for it).
+pub const DRIFT_REPAIRED: &str = "the kernel's XFRM state drifted outside calico-ipsec; put back";
+
 /// How long an ADD (or the agent) waits for the node lock before giving up
 /// with "try again later": a holder does one convergence, each etcd request
 /// bounded by `etcd_timeout_ms`, so a longer wait means a stuck holder, and
@@ -127,7 +131,7 @@ pub fn converge(cfg: &PluginConfig) -> Result<Report, ConvergeError> {
         Ok(r) if r.kernel_drift == Some(true) && r.writes > 0 => tracing::warn!(
             repaired = %r.changes.join("; "),
             writes = r.writes,
-            "the kernel's XFRM state drifted outside calico-ipsec; put back"
+            "{DRIFT_REPAIRED}"
         ),
         Ok(_) => {}
     }
