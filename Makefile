@@ -110,14 +110,15 @@ unit:
 podman: deps build
 	tests/podman.sh $(VM_BIN)
 
-## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it.
+## e2e: boots Debian's kernel under qemu and runs tests/e2e inside it, one VM
+## boot per suite (tests/e2e/suites.sh; E2E_TIMEOUT is the budget for them all).
 ## The Rust tier of xfrm/kernel.rs (tests/xfrm_kernel.rs, #[ignore]d on the host) runs first.
 ## The upgrade suite (test_upgrade.sh) also runs the previous release (prev-build).
 e2e: build prev-build
 	exe=$$($(CARGO) test --locked --no-run --test xfrm_kernel --message-format=json 2>/dev/null \
 		| jq -r 'select(.target.name == "xfrm_kernel" and .executable != null) | .executable'); \
 	test -n "$$exe" && CALICO_IPSEC=$(VM_BIN) E2E_TIMEOUT=600 tests/e2e/vm.sh "$$exe" --ignored
-	CALICO_IPSEC=$(VM_BIN) E2E_PREV_BIN=$(CURDIR)/$(PREV_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/vm.sh tests/e2e/run-all.sh
+	CALICO_IPSEC=$(VM_BIN) E2E_PREV_BIN=$(CURDIR)/$(PREV_BIN) E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-1500} E2E_TIMEOUT=$${E2E_TIMEOUT:-3600} tests/e2e/suites.sh
 
 ## validate-manifests: install/*.yaml against the Kubernetes API schemas, with negative cases.
 validate-manifests: deps $(VALIDATOR)
@@ -166,7 +167,7 @@ fips:
 fips-e2e: fips
 	CALICO_IPSEC=$(CURDIR)/target/fips-bin/calico-ipsec E2E_APPEND=fips=1 \
 		E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-900} E2E_TIMEOUT=$${E2E_TIMEOUT:-1200} \
-		tests/e2e/vm.sh tests/e2e/run-all.sh 'test_dataplane.sh'
+		tests/e2e/suites.sh 'test_dataplane.sh'
 
 ## test-long: the soak rounds `make test` leaves out, on the same binary: the
 ## heal suite's agent kills during rotations, E2E_HEAL_ROUNDS rounds (default 5)
@@ -174,7 +175,7 @@ fips-e2e: fips
 test-long: build
 	CALICO_IPSEC=$(VM_BIN) E2E_HEAL_ROUNDS=$${E2E_HEAL_ROUNDS:-5} E2E_HEAL_KILLS=$${E2E_HEAL_KILLS:-60} \
 		E2E_SUITE_TIMEOUT=$${E2E_SUITE_TIMEOUT:-5400} E2E_TIMEOUT=$${E2E_TIMEOUT:-6000} \
-		tests/e2e/vm.sh tests/e2e/run-all.sh 'test_heal.sh'
+		tests/e2e/suites.sh 'test_heal.sh'
 
 ## demo: the main job: a three-node cluster in the VM, pods through [ptp, calico-ipsec],
 ## `calico-ipsec status`, and ESP on the wire while pods ping.

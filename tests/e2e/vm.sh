@@ -13,6 +13,8 @@
 #   CALICO_IPSEC  binary under test (default $repo/target/release/calico-ipsec)
 #   Every CALICO_IPSEC and E2E_* variable is passed into the guest.
 # Logs: target/e2e/last/{console.log,log,rc} (console.log is also streamed).
+# Exit: the script's own code; 124 timeout; 125 the VM ended without an exit
+# code; 126 the guest kernel panicked or locked up (its lines are printed).
 # Needs root on the host: Debian's /boot/vmlinuz-* is readable by root only.
 set -euo pipefail
 
@@ -62,8 +64,8 @@ fi
 # Writable share for results; "last" points at the newest run.
 out=$(mktemp -d "$cache/run.XXXXXX")
 ln -sfn "$(basename "$out")" "$cache/last"
-# Keep the five newest runs.
-find "$cache" -maxdepth 1 -name 'run.*' -type d -printf '%T@ %p\n' | sort -rn | tail -n +6 \
+# Keep the 30 newest runs (tests/e2e/suites.sh boots one VM per suite).
+find "$cache" -maxdepth 1 -name 'run.*' -type d -printf '%T@ %p\n' | sort -rn | tail -n +31 \
     | cut -d' ' -f2- | xargs -r rm -rf
 
 # What the guest runs: cwd, environment, arguments (bash-quoted).
@@ -80,6 +82,14 @@ timeout_s=${E2E_TIMEOUT:-300}
 console=$out/console.log
 echo "vm.sh: kernel $kver, running $script${*:+ $*}, timeout ${timeout_s}s, logs in $out" >&2
 
+# A guest kernel that locks up panics (softlockup_panic) after 60 s
+# (watchdog_thresh=30: twice that, well past a stall of TCG's own) instead
+# of hanging until the timeout. On the way down it takes every CPU's stack
+# (softlockup_all_cpu_backtrace, panic_print 0x40) and replays the kernel
+# log at full verbosity (0x20), which loglevel=3 otherwise keeps off the
+# console. panic=-1 with -no-reboot then ends qemu.
+fail_fast="softlockup_panic=1 softlockup_all_cpu_backtrace=1 panic_print=0x60 watchdog_thresh=30"
+
 start=$(date +%s.%N)
 set +e
 # No NIC: all traffic stays in namespaces inside the guest. stdin is
@@ -91,12 +101,26 @@ timeout -k 10 "$timeout_s" qemu-system-x86_64 \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$work,mount_tag=work,security_model=none,readonly=on,multidevs=remap" \
     -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 e2e.script=$script e2e.work=$work ${E2E_APPEND:-}" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 $fail_fast e2e.script=$script e2e.work=$work ${E2E_APPEND:-}" \
     </dev/null 2>&1 | sed -u $'s/\e\\[[0-9;?]*[A-Za-z]//g; s/\ec//g' | tee "$console"
 status=("${PIPESTATUS[@]}")
 set -e
 elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 
+# The guest kernel itself failed: say so apart from a test's failure or a
+# hang (exit 126; tests/e2e/suites.sh runs such a suite once more).
+if [[ ! -s $out/rc ]] && grep -qE 'Kernel panic - not syncing|BUG: soft lockup|watchdog: BUG' "$console"; then
+    echo "vm.sh: GUEST KERNEL FAILURE after ${elapsed}s (qemu status ${status[0]}); the first report, and another CPU's stack:" >&2
+    # 45 lines from the first report (with the panic's own stack), and 30
+    # from the first other CPU's backtrace, which only the replay shows.
+    tr -d '\r' <"$console" | awk '
+        /Kernel panic - not syncing|BUG: soft lockup/ && !a_done { a = 45; a_done = 1 }
+        /NMI backtrace for cpu/ && !b_done { b = 30; b_done = 1 }
+        a > 0 || b > 0 { print; if (a > 0) a--; if (b > 0) b-- }
+        a == 0 && b == 0 && b_done { exit }' | head -80 | sed 's/^/vm.sh:   /' >&2
+    echo "vm.sh: the whole console, stacks included: $console" >&2
+    exit 126
+fi
 if [[ ${status[0]} -eq 124 || ${status[0]} -eq 137 ]]; then
     echo "vm.sh: TIMEOUT: VM killed after ${timeout_s}s" >&2
     exit 124
