@@ -13,7 +13,8 @@
 #   CALICO_IPSEC  binary under test (default $repo/target/release/calico-ipsec)
 #   Every CALICO_IPSEC and E2E_* variable is passed into the guest.
 # Logs: target/e2e/last/{console.log,log,rc} (console.log is also streamed).
-# Exit: the script's own code; 124 timeout; 125 the VM ended without an exit
+# Exit: the script's own code; 124 timeout (the guest gets an NMI 30 s before,
+# for its stacks); 125 the VM ended without an exit
 # code; 126 the guest kernel panicked or locked up (its lines are printed).
 # Needs root on the host: Debian's /boot/vmlinuz-* is readable by root only.
 set -euo pipefail
@@ -88,7 +89,26 @@ echo "vm.sh: kernel $kver, running $script${*:+ $*}, timeout ${timeout_s}s, logs
 # (softlockup_all_cpu_backtrace, panic_print 0x40) and replays the kernel
 # log at full verbosity (0x20), which loglevel=3 otherwise keeps off the
 # console. panic=-1 with -no-reboot then ends qemu.
-fail_fast="softlockup_panic=1 softlockup_all_cpu_backtrace=1 panic_print=0x60 watchdog_thresh=30"
+#
+# A wedged guest that is no soft lockup (a CPU spinning with interrupts
+# off, say) gets an NMI through qemu's monitor 30 s before the timeout;
+# unknown_nmi_panic turns it into the same panic, stacks and all, and vm.sh
+# reports the timeout with them. (Within the VM, run-all.sh's own per-suite
+# timeout ends a suite that merely hangs long before this.)
+fail_fast="softlockup_panic=1 softlockup_all_cpu_backtrace=1 panic_print=0x60 watchdog_thresh=30 unknown_nmi_panic"
+# The monitor is a pair of FIFOs (a unix socket's path would be limited to
+# 108 bytes, and a clone may sit deeper).
+monitor=$out/monitor
+mkfifo "$monitor.in" "$monitor.out"
+nmi_after=$((timeout_s > 90 ? timeout_s - 30 : timeout_s * 2 / 3))
+(
+    sleep "$nmi_after"
+    echo "vm.sh: the VM is still up after ${nmi_after}s: an NMI, for every CPU's stack" >&2
+    : >"$out/nmi-sent"
+    # shellcheck disable=SC2016   # $1 is the inner shell's
+    timeout 5 bash -c 'echo nmi >"$1"' _ "$monitor.in"
+) &
+watcher=$!
 
 start=$(date +%s.%N)
 set +e
@@ -97,6 +117,7 @@ set +e
 timeout -k 10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg -cpu max -m "${E2E_MEM:-1024}" -smp "${E2E_SMP:-2}" \
     -nographic -nodefaults -serial stdio -no-reboot -nic none \
+    -monitor "pipe:$monitor" \
     -kernel "$kernel" -initrd "$initrd" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$work,mount_tag=work,security_model=none,readonly=on,multidevs=remap" \
@@ -104,22 +125,29 @@ timeout -k 10 "$timeout_s" qemu-system-x86_64 \
     -append "console=ttyS0 quiet loglevel=3 panic=-1 $fail_fast e2e.script=$script e2e.work=$work ${E2E_APPEND:-}" \
     </dev/null 2>&1 | sed -u $'s/\e\\[[0-9;?]*[A-Za-z]//g; s/\ec//g' | tee "$console"
 status=("${PIPESTATUS[@]}")
+pkill -P "$watcher" 2>/dev/null
+kill "$watcher" 2>/dev/null
+rm -f "$monitor.in" "$monitor.out"
 set -e
 elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 
 # The guest kernel itself failed: say so apart from a test's failure or a
 # hang (exit 126; tests/e2e/suites.sh runs such a suite once more).
 if [[ ! -s $out/rc ]] && grep -qE 'Kernel panic - not syncing|BUG: soft lockup|watchdog: BUG' "$console"; then
-    echo "vm.sh: GUEST KERNEL FAILURE after ${elapsed}s (qemu status ${status[0]}); the first report, and another CPU's stack:" >&2
+    what="GUEST KERNEL FAILURE" code=126
+    # The NMI was ours: the guest was wedged at the timeout.
+    [[ -e $out/nmi-sent ]] && what="TIMEOUT: the guest was still up at ${nmi_after}s" code=124
+    echo "vm.sh: $what after ${elapsed}s (qemu status ${status[0]}); the first report, and another CPU's stack:" >&2
     # 45 lines from the first report (with the panic's own stack), and 30
     # from the first other CPU's backtrace, which only the replay shows.
     tr -d '\r' <"$console" | awk '
         /Kernel panic - not syncing|BUG: soft lockup/ && !a_done { a = 45; a_done = 1 }
-        /NMI backtrace for cpu/ && !b_done { b = 30; b_done = 1 }
+        a_done && cpu == "" && match($0, /CPU: [0-9]+ PID/) { cpu = substr($0, RSTART + 5, RLENGTH - 9) }
+        !b_done && match($0, /NMI backtrace for cpu [0-9]+/) && substr($0, RSTART + 22, RLENGTH - 22) != cpu { b = 30; b_done = 1 }
         a > 0 || b > 0 { print; if (a > 0) a--; if (b > 0) b-- }
         a == 0 && b == 0 && b_done { exit }' | head -80 | sed 's/^/vm.sh:   /' >&2
     echo "vm.sh: the whole console, stacks included: $console" >&2
-    exit 126
+    exit "$code"
 fi
 if [[ ${status[0]} -eq 124 || ${status[0]} -eq 137 ]]; then
     echo "vm.sh: TIMEOUT: VM killed after ${timeout_s}s" >&2
