@@ -10,8 +10,8 @@
 # with it, not the ones after it.
 #
 # A guest kernel failure is not a test result. vm.sh boots the guest with
-# softlockup_panic=1, so a kernel that locks up panics within about 20 s
-# (with every CPU's stack on the console) instead of hanging until the VM's
+# softlockup_panic=1, so a kernel that locks up panics after 60 s (with
+# every CPU's stack on the console) instead of hanging until the VM's
 # timeout, and it exits 126 when the console shows a panic or a lockup. The
 # suite then runs once more in a fresh VM, and the log says so, with the
 # kernel's lines. A second kernel failure fails the suite; so does any
@@ -31,19 +31,15 @@ suite_timeout=${E2E_SUITE_TIMEOUT:-420}
 budget=${E2E_TIMEOUT:-3600}
 export E2E_SUITE_TIMEOUT=$suite_timeout
 
-# One VM run of one suite: prints its tally ("P F") on stdout; returns
-# vm.sh's exit code.
+# One VM run of one suite: prints run-all.sh's "N passed, N failed" line
+# (none if the VM died first) on stdout; returns vm.sh's exit code.
 run_one() {
-    local name=$1 left=$2 vm_timeout rc tally
+    local name=$1 left=$2 vm_timeout rc
     vm_timeout=$((suite_timeout + 120))
     ((vm_timeout <= left)) || vm_timeout=$left
     E2E_TIMEOUT=$vm_timeout "$here/vm.sh" "$here/run-all.sh" "$name" >&2
     rc=$?
-    tally=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$repo/target/e2e/last/log" 2>/dev/null | tail -1)
-    if [[ -n $tally ]]; then
-        read -r p _ f _ <<<"$tally"
-        echo "$p $f"
-    fi
+    grep -E '^[0-9]+ passed, [0-9]+ failed$' "$repo/target/e2e/last/log" 2>/dev/null | tail -1
     return "$rc"
 }
 
@@ -56,7 +52,7 @@ for suite in "$here"/test_*.sh; do
     [[ $name == $pattern ]] || continue
     suites=$((suites + 1))
     s=$SECONDS
-    p=0 f=0 note=
+    note=
     for try in 1 2; do
         left=$((budget - (SECONDS - start)))
         if ((left < 60)); then
@@ -67,7 +63,7 @@ for suite in "$here"/test_*.sh; do
         tally=$(run_one "$name" "$left")
         rc=$?
         p=0 f=0
-        [[ -n $tally ]] && read -r p f <<<"$tally"
+        [[ -n $tally ]] && read -r p _ f _ <<<"$tally"
         if ((rc == 126 && try == 1)); then
             reruns=$((reruns + 1))
             echo "#      GUEST KERNEL FAILURE during $name (vm.sh exit 126; the lines are above," \

@@ -138,15 +138,16 @@ elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s 
 
 # The guest kernel itself failed: say so apart from a test's failure or a
 # hang (exit 126; tests/e2e/suites.sh runs such a suite once more).
-if [[ ! -s $out/rc ]] && grep -qE 'Kernel panic - not syncing|BUG: soft lockup|watchdog: BUG' "$console"; then
+kernel_failed='Kernel panic - not syncing|BUG: soft lockup'
+if [[ ! -s $out/rc ]] && grep -qE "$kernel_failed" "$console"; then
     what="GUEST KERNEL FAILURE" code=126
     # The NMI was ours: the guest was wedged at the timeout.
     [[ -e $out/nmi-sent ]] && what="TIMEOUT: the guest was still up at ${nmi_after}s" code=124
     echo "vm.sh: $what after ${elapsed}s (qemu status ${status[0]}); the first report, and another CPU's stack:" >&2
     # 45 lines from the first report (with the panic's own stack), and 30
     # from the first other CPU's backtrace, which only the replay shows.
-    tr -d '\r' <"$console" | awk '
-        /Kernel panic - not syncing|BUG: soft lockup/ && !a_done { a = 45; a_done = 1 }
+    tr -d '\r' <"$console" | awk -v failed="$kernel_failed" '
+        $0 ~ failed && !a_done { a = 45; a_done = 1 }
         a_done && cpu == "" && match($0, /CPU: [0-9]+ PID/) { cpu = substr($0, RSTART + 5, RLENGTH - 9) }
         !b_done && match($0, /NMI backtrace for cpu [0-9]+/) && substr($0, RSTART + 22, RLENGTH - 22) != cpu { b = 30; b_done = 1 }
         a > 0 || b > 0 { print; if (a > 0) a--; if (b > 0) b-- }
